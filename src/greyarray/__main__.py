@@ -1,0 +1,5 @@
+"""Allow ``python -m greyarray``."""
+
+from greyarray.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,302 @@
+"""Command line: ModelArrayIO's two commands, flag for flag, plus GreyArray's own.
+
+User errors end as one line on stderr and the exit code of their kind (errors.py); argparse usage
+errors exit with 64 (EX_USAGE) as the BIDS execution spec recommends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from greyarray import __version__
+from greyarray.errors import GreyArrayError, UsageError
+
+log = logging.getLogger("greyarray")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with exit code 64 for usage errors."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(UsageError.exit_code, f"{self.prog}: error: {message}\n")
+
+
+def default_nprocs() -> int:
+    """The CPUs this process may use (honours taskset/cgroup affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _option(parser, name: str, **kwargs) -> None:
+    """Add ``--some-flag`` with ModelArrayIO's ``--some_flag`` spelling too."""
+    spellings = [name] + (["--" + name[2:].replace("-", "_")] if "-" in name[2:] else [])
+    parser.add_argument(*spellings, **kwargs)
+
+
+def _common(parser) -> None:
+    _option(
+        parser,
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="logging level (WARNING hides progress messages)",
+    )
+
+
+def to_modelarray_parser(prog: str = "greyarray to-modelarray") -> Parser:
+    parser = Parser(
+        prog=prog,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Convert a cohort of CIFTI-2 dscalar/pscalar/pconn files to the HDF5 file "
+        "ModelArray reads. Every file is checked (type, full greyordinate geometry, "
+        "maps) before anything is written.",
+    )
+    _option(
+        parser,
+        "--cohort-file",
+        required=True,
+        type=Path,
+        help="CSV with columns scalar_name and source_file (or --scalar-columns); a relative "
+        "source_file is relative to the CSV's folder, not the current directory",
+    )
+    parser.add_argument(
+        "--output", type=Path, default=Path("modelarray.h5"), help="output HDF5 file"
+    )
+    _option(
+        parser,
+        "--scalar-columns",
+        nargs="+",
+        metavar="COL",
+        help="wide cohort: columns holding each scalar's file paths",
+    )
+    split = parser.add_mutually_exclusive_group()
+    _option(
+        split,
+        "--split-files",
+        dest="split",
+        action="store_true",
+        default=None,
+        help="one HDF5 per scalar, named <scalar>_<output> (default for wide cohorts)",
+    )
+    _option(
+        split,
+        "--no-split-files",
+        dest="split",
+        action="store_false",
+        help="all scalars in one HDF5 (default for long cohorts)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=["hdf5"],
+        default="hdf5",
+        help="storage backend (ModelArrayIO compatibility; only hdf5)",
+    )
+    parser.add_argument(
+        "--dtype", choices=["float32", "float64"], default="float32", help="stored value type"
+    )
+    parser.add_argument(
+        "--compression",
+        choices=["gzip", "lzf", "none"],
+        default="gzip",
+        help="compression filter; lzf needs rhdf5filters in R",
+    )
+    _option(
+        parser,
+        "--compression-level",
+        type=int,
+        default=4,
+        choices=range(10),
+        metavar="0-9",
+        help="gzip level",
+    )
+    parser.add_argument(
+        "--no-shuffle", dest="shuffle", action="store_false", help="disable the shuffle filter"
+    )
+    chunks = parser.add_mutually_exclusive_group()
+    _option(
+        chunks,
+        "--chunk-voxels",
+        type=int,
+        default=0,
+        metavar="N",
+        help="elements per chunk (0: from --target-chunk-mb)",
+    )
+    _option(
+        chunks,
+        "--target-chunk-mb",
+        type=float,
+        default=1.0,
+        metavar="MB",
+        help="chunk size target; at most 1 MiB keeps ModelArray's element-wise reads in "
+        "HDF5's default chunk cache (ModelArrayIO uses 2)",
+    )
+    parser.add_argument(
+        "--map",
+        metavar="NAME|INDEX",
+        help="which map of multi-map dscalar/pscalar files (a name, or a 1-based "
+        "index as wb_command counts)",
+    )
+    parser.add_argument(
+        "--nprocs", type=int, default=default_nprocs(), help="threads for checking and compressing"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _common(parser)
+    return parser
+
+
+def export_results_parser(prog: str = "greyarray export-results") -> Parser:
+    parser = Parser(
+        prog=prog,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Write ModelArray's results (results/<analysis> in the HDF5) as CIFTI-2 files, "
+        "one per result column, with 1m.p.value companions for p-values. The "
+        "geometry stored by to-modelarray is used; a template is optional.",
+    )
+    _option(parser, "--analysis-name", required=True, help="name of the analysis in the HDF5")
+    _option(parser, "--input-hdf5", required=True, type=Path, help="HDF5 file with the results")
+    _option(
+        parser,
+        "--output-dir",
+        required=True,
+        type=Path,
+        help="folder for the CIFTI files (created; listed outputs in it are replaced)",
+    )
+    template = parser.add_mutually_exclusive_group()
+    _option(
+        template,
+        "--cohort-file",
+        type=Path,
+        help="cohort CSV: its first source_file is the template (checked against the "
+        "stored geometry)",
+    )
+    _option(
+        template,
+        "--example-file",
+        type=Path,
+        help="a CIFTI file of the cohort's geometry to use as template",
+    )
+    parser.add_argument(
+        "--no-compress",
+        dest="compress",
+        action="store_false",
+        help="accepted for ModelArrayIO compatibility; CIFTI files are never compressed",
+    )
+    _common(parser)
+    return parser
+
+
+def run_to_modelarray(args: argparse.Namespace) -> int:
+    from greyarray.cohort import load_cohort
+    from greyarray.store import StoreOptions, to_modelarray
+
+    if args.nprocs < 1:
+        raise UsageError("--nprocs must be at least 1")
+    cohort = load_cohort(args.cohort_file, args.scalar_columns)
+    options = StoreOptions(
+        dtype=args.dtype,
+        compression=args.compression,
+        compression_level=args.compression_level,
+        shuffle=args.shuffle,
+        chunk_elements=args.chunk_voxels,
+        target_chunk_mb=args.target_chunk_mb,
+        nprocs=args.nprocs,
+    )
+    split = bool(args.scalar_columns) if args.split is None else args.split
+    to_modelarray(
+        cohort,
+        args.output,
+        options,
+        split=split,
+        wanted_map=args.map,
+        overwrite=args.overwrite,
+        command_line=args.command_line,
+    )
+    return 0
+
+
+def run_export_results(args: argparse.Namespace) -> int:
+    from greyarray.export import export_results
+
+    template = args.example_file
+    if args.cohort_file is not None:
+        from greyarray.cohort import load_cohort
+
+        cohort = load_cohort(args.cohort_file)
+        template = cohort.resolve(cohort.table["source_file"].iloc[0])
+    export_results(args.input_hdf5, args.analysis_name, args.output_dir, template)
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from greyarray.demo import run_demo as demo
+
+    return demo(args.folder, args.subjects, args.overwrite)
+
+
+def demo_parser(prog: str = "greyarray demo") -> Parser:
+    parser = Parser(
+        prog=prog,
+        description="Build a small cohort from the bundled fsLR 91k "
+        "template and convert it: a self-contained first run.",
+    )
+    parser.add_argument("folder", type=Path, help="where to write the demo data and outputs")
+    parser.add_argument("--subjects", type=int, default=20, help="number of subjects")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo")
+    _common(parser)
+    return parser
+
+
+COMMANDS: dict[str, tuple[Callable[[], Parser], Callable[[argparse.Namespace], int]]] = {
+    "to-modelarray": (to_modelarray_parser, run_to_modelarray),
+    "export-results": (export_results_parser, run_export_results),
+    "demo": (demo_parser, run_demo),
+}
+
+
+def top_parser() -> Parser:
+    parser = Parser(
+        prog="greyarray",
+        description="CIFTI-2 greyordinate maps to and from ModelArray's HDF5 layout.",
+        epilog="commands:\n" + "\n".join(f"  greyarray {name} --help" for name in COMMANDS),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"greyarray {__version__}")
+    parser.add_argument("command", choices=list(COMMANDS))
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(levelname)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in COMMANDS:
+            make_parser, run = COMMANDS[argv[0]]
+            args = make_parser().parse_args(argv[1:])
+            args.command_line = shlex.join(["greyarray", *argv])
+            configure_logging(args.log_level)
+            return run(args)
+        top_parser().parse_args(argv)
+        return 0
+    except GreyArrayError as err:
+        print(f"greyarray: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("greyarray: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,105 @@
+"""The cohort CSV: which file holds each subject's map of each scalar.
+
+Long format (ModelArray's): one row per subject and scalar, columns ``scalar_name`` and
+``source_file``, any others free. Wide format (``--scalar-columns``): one row per subject, one
+column of file paths per scalar. The ``source_file`` strings are kept exactly as written, because
+ModelArray matches cohort rows to the HDF5's ``column_names`` by these strings; a relative path
+is opened relative to the CSV's folder, never the current directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from greyarray.errors import DataError, MissingInputError
+
+REQUIRED = ("scalar_name", "source_file")
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """A validated long-format cohort table and the CSV it came from."""
+
+    path: Path
+    table: pd.DataFrame  # columns scalar_name, source_file, then the rest, one row per file
+
+    @property
+    def scalars(self) -> dict[str, list[str]]:
+        """{scalar name: its source_file strings, in cohort order}, scalars in first-seen order."""
+        groups = self.table.groupby("scalar_name", sort=False)["source_file"]
+        return {name: list(files) for name, files in groups}
+
+    def resolve(self, source_file: str) -> Path:
+        """Where a ``source_file`` is on disk: relative paths are relative to the CSV's folder."""
+        path = Path(source_file).expanduser()
+        return path if path.is_absolute() else self.path.parent / path
+
+
+def load_cohort(path: Path, scalar_columns: list[str] | None = None) -> Cohort:
+    """Read and check a cohort CSV; wide cohorts are melted to the long format."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"{path}: cohort file not found")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read as CSV ({str(err).splitlines()[0]})") from None
+    if scalar_columns:
+        table = _melt(path, table, scalar_columns)
+    else:
+        _require(path, table, REQUIRED, "add them, or give --scalar-columns for a wide cohort")
+    _check(path, table)
+    first = list(REQUIRED)
+    return Cohort(path, table[first + [c for c in table.columns if c not in first]])
+
+
+def _require(path: Path, table: pd.DataFrame, columns, hint: str) -> None:
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise DataError(
+            f"{path}: no column {', '.join(map(repr, missing))} "
+            f"(columns: {', '.join(map(repr, table.columns))}); {hint}"
+        )
+
+
+def _melt(path: Path, table: pd.DataFrame, scalar_columns: list[str]) -> pd.DataFrame:
+    _require(path, table, scalar_columns, "check --scalar-columns")
+    rest = [c for c in table.columns if c not in scalar_columns and c not in REQUIRED]
+    long = table.melt(
+        id_vars=rest, value_vars=scalar_columns, var_name="scalar_name", value_name="source_file"
+    )
+    # keep the CSV line of each row for error messages
+    long.index = list(table.index) * len(scalar_columns)
+    return long
+
+
+def _check(path: Path, table: pd.DataFrame) -> None:
+    if table.empty:
+        raise DataError(f"{path}: cohort has no rows")
+    for column in REQUIRED:
+        empty = table.index[table[column].str.strip() == ""]
+        if len(empty):
+            raise DataError(f"{path}: line {empty[0] + 2} has an empty {column}")
+    bad = table.loc[table["scalar_name"].str.contains("/", regex=False), "scalar_name"]
+    if len(bad):
+        raise DataError(
+            f"{path}: scalar name {bad.iloc[0]!r} contains '/' (an HDF5 group separator)"
+        )
+    duplicated = table[table.duplicated(["scalar_name", "source_file"], keep=False)]
+    if len(duplicated):
+        first = duplicated.iloc[0]
+        lines = (
+            duplicated.index[
+                (duplicated["source_file"] == first["source_file"])
+                & (duplicated["scalar_name"] == first["scalar_name"])
+            ]
+            + 2
+        )
+        raise DataError(
+            f"{path}: source_file {first['source_file']!r} is listed twice for scalar "
+            f"{first['scalar_name']!r} (lines {', '.join(map(str, lines))}); ModelArray needs "
+            "one file per subject"
+        )

@@ -1,0 +1,308 @@
+"""Write the HDF5 file ModelArray reads, streaming subjects with bounded memory.
+
+Layout (see DEVELOPERS.md): ``scalars/<s>/values`` (subjects x elements),
+``scalars/<s>/column_names``, ``greyordinates`` or ``parcels/...`` exactly as ModelArrayIO writes
+them, and ``greyarray/`` with the full geometry (the element axis's CIFTI XML plus decoded arrays)
+and provenance.
+
+Chunks hold all subjects for a run of elements and are at most 1 MiB by default: ModelArray in R
+reads one element at a time through HDF5's 1 MiB chunk cache, and a larger chunk is re-read and
+re-inflated for every element. Writing such chunks needs every subject's values for those elements,
+so the matrix is filled in stripes of elements: each stripe reads its slice of every file (a pread
+at the right offset) into a buffer of at most ``STRIPE_BYTES``, whatever the cohort size. For gzip
+and no compression the chunks are encoded here (shuffle + zlib, the same bytes HDF5's filters
+produce) on ``nprocs`` threads and stored with ``write_direct_chunk``; zlib releases the GIL.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import platform
+import re
+import shlex
+import sys
+import zlib
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import nibabel as nb
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from greyarray import __version__
+from greyarray.cifti import Geometry
+from greyarray.cohort import Cohort
+from greyarray.errors import DataError, OutputError
+from greyarray.sources import Source, check_sources
+
+log = logging.getLogger(__name__)
+
+STRIPE_BYTES = 64 * 2**20
+# HDF5 1.10 (R's hdf5r/rhdf5) must read what h5py's HDF5 2.x writes: cap the object formats.
+LIBVER = ("earliest", "v110")
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """How values are stored: ModelArrayIO's flags, with a 1 MiB chunk target (see module doc)."""
+
+    dtype: str = "float32"
+    compression: str = "gzip"  # gzip | lzf | none
+    compression_level: int = 4
+    shuffle: bool = True
+    chunk_elements: int = 0  # 0: derive from target_chunk_mb
+    target_chunk_mb: float = 1.0
+    nprocs: int = 1
+
+    @property
+    def filters(self) -> dict:
+        """h5py create_dataset keywords for the compression filters."""
+        if self.compression == "none":
+            return {}
+        level = self.compression_level if self.compression == "gzip" else None
+        return {"compression": self.compression, "compression_opts": level, "shuffle": self.shuffle}
+
+
+def chunk_shape(n_subjects: int, n_elements: int, itemsize: int, options: StoreOptions):
+    """(all subjects, as many elements as fit the target), as ModelArrayIO computes it."""
+    if options.chunk_elements > 0:
+        width = options.chunk_elements
+    else:
+        width = int(options.target_chunk_mb * 2**20 // (n_subjects * itemsize))
+    return n_subjects, max(1, min(width, n_elements))
+
+
+def safe_name(name: str) -> str:
+    """A name usable in a file name: anything but letters, digits, '.', '-' becomes '_'."""
+    return re.sub(r"[^A-Za-z0-9.\-]", "_", name)
+
+
+def output_plan(cohort: Cohort, output: Path, split: bool) -> dict[Path, list[str]]:
+    """{HDF5 file: scalars it holds}; split files are named ``<scalar>_<output name>``."""
+    scalars = list(cohort.scalars)
+    if not split:
+        return {output: scalars}
+    return {output.with_name(f"{safe_name(s)}_{output.name}"): [s] for s in scalars}
+
+
+def to_modelarray(
+    cohort: Cohort,
+    output: Path,
+    options: StoreOptions,
+    *,
+    split: bool = False,
+    wanted_map: str | None = None,
+    overwrite: bool = False,
+    command_line: str | None = None,
+) -> list[Path]:
+    """Check every cohort file, then write the HDF5 file(s); nothing is written if a check fails."""
+    plan = output_plan(cohort, output, split)
+    existing = [str(path) for path in plan if path.exists()]
+    if existing and not overwrite:
+        raise OutputError(f"{existing[0]}: output exists; use --overwrite to replace it")
+    checked = {}
+    for path, names in plan.items():
+        files = [(name, src) for name in names for src in cohort.scalars[name]]
+        sources = check_sources(
+            [(src, cohort.resolve(src)) for _, src in files],
+            wanted_map,
+            options.nprocs,
+            label=", ".join(names),
+        )
+        checked[path] = {
+            name: [s for (n, _), s in zip(files, sources, strict=True) if n == name]
+            for name in names
+        }
+    for path, scalars in checked.items():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputError(f"{path.parent}: cannot create folder ({err.strerror})") from None
+        write_modelarray(path, scalars, options, command_line)
+        log.info("Wrote %s", path)
+    return list(checked)
+
+
+def write_modelarray(
+    path: Path,
+    scalars: Mapping[str, Sequence[Source]],
+    options: StoreOptions,
+    command_line: str | None = None,
+) -> None:
+    """Write all scalars (which share one geometry) to ``path`` atomically."""
+    geometry = next(iter(scalars.values()))[0].file.geometry
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with h5py.File(tmp, "w", libver=LIBVER) as h5:
+            _write_modelarrayio_geometry(h5, geometry)
+            _write_geometry(h5.create_group("greyarray/geometry"), geometry)
+            _write_provenance(h5["greyarray"], options, command_line or shlex.join(sys.argv))
+            for name, sources in scalars.items():
+                _write_scalar(h5, name, sources, options)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_scalar(h5: h5py.File, name: str, sources: Sequence[Source], options: StoreOptions):
+    dtype = np.dtype(options.dtype)
+    n, g = len(sources), sources[0].file.geometry.n_elements
+    chunks = chunk_shape(n, g, dtype.itemsize, options)
+    log.info(
+        "Writing scalars/%s/values: %d subjects x %d elements, chunks %s, %s",
+        name,
+        n,
+        g,
+        chunks,
+        options.compression,
+    )
+    values = h5.create_dataset(
+        f"scalars/{name}/values", shape=(n, g), dtype=dtype, chunks=chunks, **options.filters
+    )
+    h5.create_dataset(
+        f"scalars/{name}/column_names",
+        data=[s.column_name for s in sources],
+        dtype=h5py.string_dtype(),
+    )
+    prov = h5.create_group(f"greyarray/sources/{name}")
+    prov.create_dataset(
+        "path", data=[str(s.file.path.resolve()) for s in sources], dtype=h5py.string_dtype()
+    )
+    prov.create_dataset("sha256", data=[s.sha256 for s in sources], dtype=h5py.string_dtype())
+    prov.create_dataset("nonfinite_count", data=[s.n_nonfinite for s in sources], dtype="i8")
+    prov.create_dataset("map_name", data=[s.map_name for s in sources], dtype=h5py.string_dtype())
+    _fill(values, sources, options)
+
+
+def _fill(dset: h5py.Dataset, sources: Sequence[Source], options: StoreOptions) -> None:
+    n, g = dset.shape
+    width = dset.chunks[1]
+    stripe = width * max(1, STRIPE_BYTES // (n * width * dset.dtype.itemsize))
+    buffer = np.empty((n, min(stripe, g)), dset.dtype)
+    direct = options.compression in ("gzip", "none")
+    with (
+        ThreadPoolExecutor(max(1, options.nprocs)) as pool,
+        tqdm(
+            total=g,
+            desc=f"Writing {dset.parent.name.rsplit('/', 1)[-1]}",
+            unit="element",
+            disable=None,
+            leave=False,
+        ) as bar,
+    ):
+        for start in range(0, g, stripe):
+            stop = min(start + stripe, g)
+            block = buffer[:, : stop - start]
+            for i, source in enumerate(sources):
+                source.read_into(block[i], start, stop)
+            if direct:
+                _write_chunks(dset, block, start, pool, options)
+            else:  # lzf: let HDF5 filter whole chunks (the stripe is chunk-aligned)
+                dset[:, start:stop] = block
+            bar.update(stop - start)
+
+
+def _write_chunks(dset, block: np.ndarray, start: int, pool, options: StoreOptions) -> None:
+    rows, width = dset.chunks
+    corners = [
+        (r, c) for r in range(0, block.shape[0], rows) for c in range(0, block.shape[1], width)
+    ]
+
+    def encode(corner: tuple[int, int]) -> bytes:
+        r, c = corner
+        piece = block[r : r + rows, c : c + width]
+        if piece.shape != (rows, width):  # edge chunks are stored full size
+            padded = np.zeros((rows, width), block.dtype)
+            padded[: piece.shape[0], : piece.shape[1]] = piece
+            piece = padded
+        piece = np.ascontiguousarray(piece)
+        if options.compression == "none":
+            return piece.tobytes()
+        if options.shuffle:  # HDF5's shuffle filter: byte k of every value, for k in order
+            piece = piece.view(np.uint8).reshape(-1, block.dtype.itemsize).T
+        return zlib.compress(piece.tobytes(), options.compression_level)
+
+    for (r, c), data in zip(corners, pool.map(encode, corners), strict=True):
+        dset.id.write_direct_chunk((r, start + c), data)
+
+
+def _write_modelarrayio_geometry(h5: h5py.File, geometry: Geometry) -> None:
+    """``greyordinates`` / ``parcels`` exactly as ModelArrayIO 26 writes them."""
+    if geometry.kind == "dscalar":
+        codes, names = pd.factorize(geometry.axes[0].name)
+        table = np.vstack([np.arange(len(codes)), codes])
+        dset = h5.create_dataset("greyordinates", data=table)
+        dset.attrs["column_names"] = ["vertex_id", "structure_id"]
+        dset.attrs["structure_names"] = [str(n) for n in names]
+    elif geometry.kind == "pscalar":
+        _strings(h5, "parcels/parcel_id", geometry.axes[0].name)
+    else:
+        _strings(h5, "parcels/parcel_id_from", geometry.axes[0].name)
+        _strings(h5, "parcels/parcel_id_to", geometry.axes[1].name)
+
+
+def _write_geometry(group: h5py.Group, geometry: Geometry) -> None:
+    """The full geometry: the CIFTI XML (what export rebuilds files from) and, for dense data,
+    decoded arrays so R or Python users can map elements without a CIFTI library."""
+    group.attrs["cifti_kind"] = geometry.kind
+    group.attrs["n_elements"] = geometry.n_elements
+    document = geometry.document()  # fixed-length, so gzip applies (91k: 600 KB -> ~100 KB)
+    group.create_dataset(
+        "cifti_xml", data=np.array([document], f"S{len(document)}"), compression="gzip"
+    )
+    if geometry.kind != "dscalar":
+        return
+    axis = geometry.axes[0]
+    codes, names = pd.factorize(axis.name)
+    options = {"compression": "gzip", "shuffle": True}
+    group.create_dataset("structure", data=codes.astype("i2"), **options)
+    group.attrs["structure_names"] = [str(n) for n in names]
+    group.create_dataset("vertex", data=axis.vertex.astype("i4"), **options)
+    group.create_dataset("voxel_ijk", data=axis.voxel.astype("i4"), **options)
+    group.attrs["surface_structures"] = list(axis.nvertices)
+    group.attrs["surface_vertex_counts"] = list(axis.nvertices.values())
+    if axis.volume_shape is not None:
+        group.attrs["volume_shape"] = list(axis.volume_shape)
+        group.attrs["volume_affine"] = axis.affine
+
+
+def _write_provenance(group: h5py.Group, options: StoreOptions, command_line: str) -> None:
+    group.attrs.update(
+        {
+            "greyarray_version": __version__,
+            "command_line": command_line,
+            "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"
+            ),
+            "python": platform.python_version(),
+            "nibabel": nb.__version__,
+            "h5py": h5py.__version__,
+            "hdf5": h5py.version.hdf5_version,
+            "storage": f"{options.dtype}, {options.compression}"
+            f"{f' level {options.compression_level}' if options.compression == 'gzip' else ''}"
+            f"{', shuffle' if options.shuffle and options.compression != 'none' else ''}",
+        }
+    )
+
+
+def _strings(h5: h5py.File, name: str, values) -> None:
+    h5.create_dataset(name, data=[str(v) for v in values], dtype=h5py.string_dtype())
+
+
+def read_geometry(h5: h5py.File) -> Geometry | None:
+    """The geometry GreyArray stored, or None for files written by other tools."""
+    if "greyarray/geometry/cifti_xml" not in h5:
+        return None
+    group = h5["greyarray/geometry"]
+    document = bytes(group["cifti_xml"][0])
+    xml = document[document.index(b"<Matrix>") + len(b"<Matrix>") : document.rindex(b"</Matrix>")]
+    geometry = Geometry(str(group.attrs["cifti_kind"]), xml, int(group.attrs["n_elements"]))
+    if geometry.kind not in ("dscalar", "pscalar", "pconn"):
+        raise DataError(f"{h5.filename}: unknown stored CIFTI kind {geometry.kind!r}")
+    return geometry
