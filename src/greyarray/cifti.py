@@ -10,7 +10,6 @@ straight from their offset, honouring datatype, byte order and scaling.
 from __future__ import annotations
 
 import html
-import io
 import os
 import re
 import struct
@@ -84,8 +83,11 @@ class Geometry:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """Shape of one map's values as nibabel sees it (pconn: rows x columns)."""
-        return tuple(len(axis) for axis in self.axes)
+        """Shape of one map's values as nibabel sees it (pconn: rows x columns), from the XML."""
+        if self.kind != "pconn":
+            return (self.n_elements,)
+        maps = _index_maps(self.document(), "<geometry>")
+        return tuple(len(re.findall(rb"<Parcel[\s>]", maps[dim][1])) for dim in (0, 1))
 
     def document(self) -> bytes:
         """A minimal, valid CIFTI-2 XML document holding only the element axis."""
@@ -417,36 +419,51 @@ def _fmt(value) -> str:
 
 
 class CiftiWriter:
-    """Write many single-map CIFTI files sharing one geometry, serialising the XML once.
+    """Write many single-map CIFTI files sharing one geometry, without nibabel per file.
 
-    nibabel builds the header and XML for a placeholder map name once; each file then only
-    substitutes its map name and writes header + extension + float32 data.
+    The XML is the geometry's element axis verbatim (as the source files had it) after a scalar
+    axis holding the map name; the NIfTI-2 header is built once. Writing a file is a name
+    substitution and three byte strings.
     """
-
-    _TOKEN = "@@GREYARRAY-MAP-NAME@@"
 
     def __init__(self, geometry: Geometry):
         self.geometry = geometry
-        axes = geometry.axes
-        if geometry.kind != "pconn":
-            axes = (cifti2_axes.ScalarAxis([self._TOKEN]), *axes)
-        shape = tuple(len(axis) for axis in axes)
-        image = nb.Cifti2Image(np.zeros(shape, np.float32), header=axes)
-        image.nifti_header.set_intent(INTENTS[geometry.kind][0])
-        image.nifti_header["intent_name"] = INTENTS[geometry.kind][1]
-        buffer = io.BytesIO()
-        image.to_file_map({"image": nb.FileHolder(fileobj=buffer)})
-        blob = buffer.getvalue()
-        self._header = np.frombuffer(blob[:NIFTI2_SIZE], NIFTI2_HEADER, 1).copy()
-        self._xml = _cifti_xml(Path("<template>"), blob, self._header[0], len(blob))
-        self._rows, self._cols = shape
+        self._rows, self._cols = (
+            (1, geometry.n_elements) if geometry.kind != "pconn" else (geometry.shape)
+        )
+        header = nb.Nifti2Header()
+        header.set_data_shape((1, 1, 1, 1, self._rows, self._cols))
+        header.set_data_dtype(np.float32)
+        header["intent_code"], header["intent_name"] = INTENTS[geometry.kind]
+        self._header = np.frombuffer(header.binaryblock, NIFTI2_HEADER, 1).copy()
+        self._header = self._header.astype(NIFTI2_HEADER.newbyteorder("<"))
+
+    def xml(self, name: str) -> bytes:
+        """The CIFTI-2 XML document of a file holding one map called ``name``."""
+        scalars = (
+            b""
+            if self.geometry.kind == "pconn"
+            else (
+                b'<MatrixIndicesMap AppliesToMatrixDimension="0" '
+                b'IndicesMapToDataType="CIFTI_INDEX_TYPE_SCALARS"><NamedMap><MapName>'
+                + escape(name).encode("utf-8")
+                + b"</MapName></NamedMap></MatrixIndicesMap>"
+            )
+        )
+        return (
+            b'<?xml version="1.0" encoding="UTF-8"?>\n<CIFTI Version="2"><Matrix>'
+            + scalars
+            + self.geometry.xml
+            + b"</Matrix></CIFTI>\n"
+        )
 
     def encode(self, values: np.ndarray, name: str = "") -> bytes:
         """The bytes of a CIFTI-2 file holding ``values`` (one map; pconn: rows*cols, row-major)."""
-        values = np.asarray(values, dtype=np.float32)
+        with np.errstate(invalid="ignore"):  # R's NA (a signalling NaN) stays NaN
+            values = np.asarray(values, dtype=np.float32)
         if values.size != self.geometry.n_elements:
             raise ValueError(f"{values.size} values for {self.geometry.n_elements} elements")
-        xml = self._xml.replace(self._TOKEN.encode(), escape(name).encode("utf-8"))
+        xml = self.xml(name)
         pad = -(8 + len(xml)) % 16
         extension = struct.pack("<ii", 8 + len(xml) + pad, CIFTI_ECODE) + xml + b"\x00" * pad
         header = self._header.copy()

@@ -45,6 +45,7 @@ def read_results(h5: h5py.File, analysis: str, n_elements: int) -> Results:
     matrix = group["results_matrix"]
     names = _column_names(group, matrix)
     data = matrix[()].astype(np.float64)
+    data[np.isnan(data)] = np.nan  # R's NA is a signalling NaN: store plain (quiet) NaNs
     if data.ndim != 2 or len(names) not in data.shape:
         raise DataError(
             f"{h5.filename}: results/{analysis}/results_matrix has shape {matrix.shape}, which "
@@ -99,7 +100,7 @@ def _place(filename, analysis: str, names: list[str], data: np.ndarray, n_elemen
             f"{filename}: results/{analysis} element_id spans {ids.min()}..{ids.max()}, outside "
             f"the geometry's 0..{n_elements - 1}"
         )
-    if np.unique(ids).size != ids.size:
+    if ids.size and np.bincount(ids, minlength=n_elements).max() > 1:
         raise DataError(f"{filename}: results/{analysis} element_id has duplicates")
     maps = np.full((data.shape[0], n_elements), np.nan)
     maps[:, ids] = data

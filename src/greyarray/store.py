@@ -28,18 +28,20 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import nibabel as nb
 import numpy as np
-import pandas as pd
 from tqdm import tqdm
 
 from greyarray import __version__
 from greyarray.cifti import Geometry
-from greyarray.cohort import Cohort
 from greyarray.errors import DataError, OutputError
 from greyarray.sources import Source, check_sources
+
+if TYPE_CHECKING:
+    from greyarray.cohort import Cohort
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +237,7 @@ def _write_chunks(dset, block: np.ndarray, start: int, pool, options: StoreOptio
 def _write_modelarrayio_geometry(h5: h5py.File, geometry: Geometry) -> None:
     """``greyordinates`` / ``parcels`` exactly as ModelArrayIO 26 writes them."""
     if geometry.kind == "dscalar":
-        codes, names = pd.factorize(geometry.axes[0].name)
+        codes, names = factorize(geometry.axes[0].name)
         table = np.vstack([np.arange(len(codes)), codes])
         dset = h5.create_dataset("greyordinates", data=table)
         dset.attrs["column_names"] = ["vertex_id", "structure_id"]
@@ -259,7 +261,7 @@ def _write_geometry(group: h5py.Group, geometry: Geometry) -> None:
     if geometry.kind != "dscalar":
         return
     axis = geometry.axes[0]
-    codes, names = pd.factorize(axis.name)
+    codes, names = factorize(axis.name)
     options = {"compression": "gzip", "shuffle": True}
     group.create_dataset("structure", data=codes.astype("i2"), **options)
     group.attrs["structure_names"] = [str(n) for n in names]
@@ -289,6 +291,15 @@ def _write_provenance(group: h5py.Group, options: StoreOptions, command_line: st
             f"{', shuffle' if options.shuffle and options.compression != 'none' else ''}",
         }
     )
+
+
+def factorize(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """(0-based codes, unique values in order of first appearance), as pandas.factorize."""
+    uniques, first, inverse = np.unique(values, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return rank[inverse], [str(u) for u in uniques[order]]
 
 
 def _strings(h5: h5py.File, name: str, values) -> None:
