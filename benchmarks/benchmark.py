@@ -51,15 +51,17 @@ RESULT_NAMES = [
 
 
 def run(cmd: list[str], cwd: Path | None = None) -> dict:
-    """Wall time and peak RSS (from wait4, this child only) of one command."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    stderr = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{cmd} failed:\n{stderr.decode()[-2000:]}")
-    return {"seconds": round(wall, 3), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    """Wall time and peak RSS of one command, measured by GNU time.
+
+    Not wait4 from here: a child forked from this (large) process inherits its peak RSS.
+    """
+    timed = ["/usr/bin/time", "-f", "@@ %e %M", *cmd]
+    done = subprocess.run(timed, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{cmd} failed:\n{done.stderr[-2000:]}")
+    wall, rss_kb = done.stderr.rsplit("@@ ", 1)[1].split()
+    return {"seconds": float(wall), "peak_rss_mb": round(int(rss_kb) / 1024, 1)}
 
 
 def ensure_maio(venv: Path) -> Path:

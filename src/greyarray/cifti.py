@@ -25,6 +25,7 @@ from nibabel.cifti2 import cifti2_axes
 from nibabel.cifti2.parse_cifti2 import Cifti2Extension
 
 from greyarray.errors import DataError, MissingInputError
+from greyarray.fileio import atomic_write
 
 NIFTI2_HEADER = nb.nifti2.header_dtype
 NIFTI2_SIZE = 540
@@ -481,13 +482,3 @@ class CiftiWriter:
     def write(self, path: Path, values: np.ndarray, name: str = "") -> None:
         """Write atomically: a temporary file in the same folder, then a rename."""
         atomic_write(path, self.encode(values, name))
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and rename, so no half file is left."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

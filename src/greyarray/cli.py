@@ -14,7 +14,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from greyarray import __version__
 from greyarray.errors import GreyArrayError, UsageError
 
 log = logging.getLogger("greyarray")
@@ -262,18 +261,6 @@ COMMANDS: dict[str, tuple[Callable[[], Parser], Callable[[argparse.Namespace], i
 }
 
 
-def top_parser() -> Parser:
-    parser = Parser(
-        prog="greyarray",
-        description="CIFTI-2 greyordinate maps to and from ModelArray's HDF5 layout.",
-        epilog="commands:\n" + "\n".join(f"  greyarray {name} --help" for name in COMMANDS),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"greyarray {__version__}")
-    parser.add_argument("command", choices=list(COMMANDS))
-    return parser
-
-
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level),
@@ -292,8 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.command_line = shlex.join(["greyarray", *argv])
             configure_logging(args.log_level)
             return run(args)
-        top_parser().parse_args(argv)
-        return 0
+        from greyarray.bidsapp import main as bids_app
+
+        return bids_app(argv)
     except GreyArrayError as err:
         print(f"greyarray: error: {err}", file=sys.stderr)
         return err.exit_code

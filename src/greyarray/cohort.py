@@ -9,12 +9,16 @@ is opened relative to the CSV's folder, never the current directory.
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from greyarray.errors import DataError, MissingInputError
+
+log = logging.getLogger(__name__)
 
 REQUIRED = ("scalar_name", "source_file")
 
@@ -31,6 +35,14 @@ class Cohort:
         """{scalar name: its source_file strings, in cohort order}, scalars in first-seen order."""
         groups = self.table.groupby("scalar_name", sort=False)["source_file"]
         return {name: list(files) for name, files in groups}
+
+    @classmethod
+    def from_table(cls, path: Path, table: pd.DataFrame) -> Cohort:
+        """A cohort built in memory (the BIDS-App's), checked as a CSV would be; ``path`` is
+        where its CSV goes, so relative source files resolve against that folder."""
+        _check(path, table)
+        first = list(REQUIRED)
+        return cls(path, table[first + [c for c in table.columns if c not in first]])
 
     def resolve(self, source_file: str) -> Path:
         """Where a ``source_file`` is on disk: relative paths are relative to the CSV's folder."""
@@ -51,9 +63,7 @@ def load_cohort(path: Path, scalar_columns: list[str] | None = None) -> Cohort:
         table = _melt(path, table, scalar_columns)
     else:
         _require(path, table, REQUIRED, "add them, or give --scalar-columns for a wide cohort")
-    _check(path, table)
-    first = list(REQUIRED)
-    return Cohort(path, table[first + [c for c in table.columns if c not in first]])
+    return Cohort.from_table(path, table)
 
 
 def _require(path: Path, table: pd.DataFrame, columns, hint: str) -> None:
@@ -102,4 +112,79 @@ def _check(path: Path, table: pd.DataFrame) -> None:
             f"{path}: source_file {first['source_file']!r} is listed twice for scalar "
             f"{first['scalar_name']!r} (lines {', '.join(map(str, lines))}); ModelArray needs "
             "one file per subject"
+        )
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A BIDS TSV (participants.tsv, sessions.tsv) as text, with BIDS's ``n/a`` as missing."""
+    try:
+        return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_values=["n/a"])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read as TSV ({str(err).splitlines()[0]})") from None
+
+
+def build_cohort(
+    scalars: dict[str, list],
+    folder: Path,
+    participants: pd.DataFrame | None,
+    sessions: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """The cohort table GreyArray writes for the user: one row per subject, session and scalar.
+
+    Columns: scalar_name, source_file (relative to ``folder``, where the CSV goes), participant_id,
+    session_id (when there are sessions), then the participants.tsv and sessions.tsv columns
+    (a sessions.tsv column wins over a participants.tsv column of the same name).
+    """
+    rows = [
+        {
+            "scalar_name": name,
+            "source_file": os.path.relpath(item.path, folder),
+            "participant_id": f"sub-{item.subject}",
+            "session_id": f"ses-{item.session}" if item.session else None,
+        }
+        for name, files in scalars.items()
+        for item in files
+    ]
+    table = pd.DataFrame(rows)
+    if table["session_id"].isna().all():
+        table = table.drop(columns="session_id")
+    if participants is not None:
+        participants = participants.assign(
+            participant_id=participants["participant_id"].map(_with_prefix("sub-"))
+        )
+        table = table.merge(
+            participants.drop_duplicates("participant_id"), how="left", on="participant_id"
+        )
+    if sessions is not None and "session_id" in table:
+        sessions = sessions.assign(session_id=sessions["session_id"].map(_with_prefix("ses-")))
+        overlap = [
+            c
+            for c in sessions.columns
+            if c in table.columns and c not in ("participant_id", "session_id")
+        ]
+        table = table.drop(columns=overlap).merge(
+            sessions, how="left", on=["participant_id", "session_id"]
+        )
+    return table.sort_values(
+        ["scalar_name", "participant_id"] + (["session_id"] if "session_id" in table else []),
+        kind="stable",
+    ).reset_index(drop=True)
+
+
+def _with_prefix(prefix: str):
+    return lambda label: label if str(label).startswith(prefix) else f"{prefix}{label}"
+
+
+def report_mismatch(with_files: set[str], with_phenotypes: set[str]) -> None:
+    """Say which participants have maps but no phenotypes, and which have phenotypes only."""
+    if missing := sorted(with_files - with_phenotypes):
+        log.warning(
+            "%d participants have maps but no row in participants.tsv (their phenotype "
+            "columns are empty): %s",
+            len(missing),
+            ", ".join(missing),
+        )
+    if unused := sorted(with_phenotypes - with_files):
+        log.warning(
+            "%d participants in participants.tsv have no maps: %s", len(unused), ", ".join(unused)
         )

@@ -7,6 +7,7 @@ its own map name.
 
 from __future__ import annotations
 
+import json
 import logging
 from importlib.resources import files
 from pathlib import Path
@@ -65,20 +66,54 @@ def write_cohort(folder: Path, n: int, seed: int = 0, template: Path | None = No
     return path
 
 
-def run_demo(folder: Path, n_subjects: int = 20, overwrite: bool = False) -> int:
-    """Build a cohort in ``folder`` and convert it to ``folder/modelarray.h5``."""
-    from greyarray.cli import default_nprocs
-    from greyarray.cohort import load_cohort
-    from greyarray.store import StoreOptions, to_modelarray
+def _description(path: Path, name: str, generated_by: str | None = None) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    info = {"Name": name, "BIDSVersion": "1.10.0"}
+    if generated_by:
+        info.update(DatasetType="derivative", GeneratedBy=[{"Name": generated_by}])
+    (path / "dataset_description.json").write_text(json.dumps(info, indent=2) + "\n")
 
-    log.info("Writing %d synthetic subjects on the fsLR 91k template to %s", n_subjects, folder)
-    cohort = load_cohort(write_cohort(folder / "inputs", n_subjects))
-    output = folder / "modelarray.h5"
-    to_modelarray(cohort, output, StoreOptions(nprocs=default_nprocs()), overwrite=overwrite)
-    print(
-        f"Cohort: {cohort.path}\nHDF5:   {output}\nNext, in R:\n"
-        f'  ma <- ModelArray("{output}", scalar_types = c("thickness"))\n'
-        f'  phen <- read.csv("{cohort.path}")\n'
-        f'  res <- ModelArray.lm(thickness ~ age + sex, ma, phen, "thickness")'
+
+def write_bids_demo(root: Path, n_subjects: int = 20, seed: int = 0) -> Path:
+    """A raw BIDS dataset with participants.tsv and two derivatives on the fsLR 91k grid:
+    fMRIPrep-style cortical thickness and XCP-D-style ALFF (plain and smoothed) maps."""
+    geometry = cifti.read_file(template_path()).geometry
+    writer = cifti.CiftiWriter(geometry)
+    table = phenotypes(n_subjects, seed)
+    _description(root, "GreyArray demo (synthetic)")
+    table.assign(site=np.where(np.arange(n_subjects) % 2, "A", "B")).to_csv(
+        root / "participants.tsv", sep="\t", index=False
     )
-    return 0
+    fmriprep, xcpd = root / "derivatives" / "fmriprep", root / "derivatives" / "xcp_d"
+    _description(fmriprep, "fMRIPrep (synthetic)", "fMRIPrep")
+    _description(xcpd, "XCP-D (synthetic)", "XCP-D")
+    thickness = thickness_maps(geometry.n_elements, table, seed)
+    rng = np.random.default_rng(seed + 2)
+    for subject, values in zip(table["participant_id"], thickness, strict=True):
+        anat = fmriprep / subject / "anat"
+        anat.mkdir(parents=True, exist_ok=True)
+        name = f"{subject}_space-fsLR_den-91k_thickness.dscalar.nii"
+        writer.write(anat / name, values, name)
+        func = xcpd / subject / "func"
+        func.mkdir(parents=True, exist_ok=True)
+        alff = (values * 40 + rng.normal(0, 8, geometry.n_elements)).astype(np.float32)
+        for desc, data in (("", alff), ("_desc-smooth", (alff + values * 10) / 2)):
+            name = f"{subject}_task-rest_space-fsLR_den-91k_stat-alff{desc}_boldmap.dscalar.nii"
+            writer.write(func / name, data, name)
+    return root
+
+
+def run_demo(folder: Path, n_subjects: int = 20, overwrite: bool = False) -> int:
+    """Write a BIDS demo dataset in ``folder/bids`` and run both levels into ``folder/output``."""
+    from greyarray.bidsapp import main as bids_app
+
+    bids = folder / "bids"
+    if not (bids / "dataset_description.json").exists() or overwrite:
+        log.info(
+            "Writing a synthetic BIDS dataset of %d subjects on fsLR 91k to %s", n_subjects, bids
+        )
+        write_bids_demo(bids, n_subjects)
+    output = folder / "output"
+    extra = ["--overwrite"] if overwrite else []
+    bids_app([str(bids), str(output), "participant"])
+    return bids_app([str(bids), str(output), "group", *extra])

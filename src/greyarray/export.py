@@ -158,21 +158,23 @@ def _check_modelarrayio_geometry(h5: h5py.File, geometry: Geometry, template: Pa
                 )
 
 
-def output_files(
-    results: Results, kind: str, output_dir: Path
-) -> dict[Path, tuple[str, np.ndarray]]:
-    """{file: (map name, values)}: each result, and ``1m.p.value`` companions of p-values."""
-    ext = cifti.EXTENSIONS[kind]
-    files = {}
+def result_maps(results: Results) -> list[tuple[str, np.ndarray]]:
+    """(map name, values) of each result, and the ``1m.p.value`` companion (1 - p) of p-values."""
+    maps = []
     for name, values in zip(results.names, results.maps, strict=True):
-        files[output_dir / f"{results.analysis}_{store.safe_name(name)}{ext}"] = (name, values)
+        maps.append((name, values))
         if "p.value" in name:
-            companion = name.replace("p.value", "1m.p.value")
-            files[output_dir / f"{results.analysis}_{store.safe_name(companion)}{ext}"] = (
-                companion,
-                1.0 - values,
-            )
-    return files
+            maps.append((name.replace("p.value", "1m.p.value"), 1.0 - values))
+    return maps
+
+
+def output_files(results: Results, kind: str, output_dir: Path) -> dict[Path, tuple]:
+    """{file: (map name, values)}, named ``<analysis>_<result><ext>`` as ModelArrayIO does."""
+    ext = cifti.EXTENSIONS[kind]
+    return {
+        output_dir / f"{results.analysis}_{store.safe_name(name)}{ext}": (name, values)
+        for name, values in result_maps(results)
+    }
 
 
 def export_results(

@@ -1,0 +1,106 @@
+"""Check what the BIDS-App wrote inside a container; report in the plain 'N passed, N failed' form.
+
+    check_outputs.py OUT TYPE N_SUBJECTS     checks of one container run (TYPE: docker|apptainer)
+    check_outputs.py --lint-def apptainer.def
+    check_outputs.py --total < reports       sums the reports, exits 1 if anything failed
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+KNOWN_SECTIONS = {"setup", "files", "post", "environment", "runscript", "startscript", "test",
+                  "labels", "help", "arguments"}
+
+
+class Report:
+    def __init__(self, label: str):
+        self.label, self.passed, self.failed = label, 0, 0
+
+    def check(self, what: str, test) -> None:
+        try:
+            ok, detail = bool(test()), ""
+        except Exception as err:  # a check that crashes is a failed check
+            ok, detail = False, f" ({type(err).__name__}: {err})"
+        self.passed += ok
+        self.failed += not ok
+        print(f"{'PASS' if ok else 'FAIL'}: {self.label}: {what}{detail}")
+
+    def summary(self) -> int:
+        print(f"{self.passed} passed, {self.failed} failed")
+        return int(self.failed > 0)
+
+
+def outputs(out: Path, kind: str, n: int) -> int:
+    import h5py
+    import pandas as pd
+
+    report = Report(kind)
+    info = lambda: json.loads((out / "dataset_description.json").read_text())  # noqa: E731
+    report.check("dataset_description.json is a derivative by greyarray",
+                 lambda: info()["DatasetType"] == "derivative"
+                 and info()["GeneratedBy"][0]["Name"] == "greyarray")
+    report.check(f"GeneratedBy.Container.Type is {kind}",
+                 lambda: info()["GeneratedBy"][0]["Container"]["Type"] == kind)
+    report.check(f"{n} participant manifests", lambda: len(list(out.glob("sub-*/*_greyarray.json")))
+                 == n)
+    h5_path = out / "group" / "desc-thickness_modelarray.h5"
+    cohort = out / "group" / "desc-thickness_cohort.csv"
+
+    def layout() -> bool:
+        with h5py.File(h5_path, "r") as h5:
+            values = h5["scalars/thickness/values"]
+            names = list(h5["scalars/thickness/column_names"].asstr()[()])
+            return (values.shape == (n, 91282) and values.dtype == "float32"
+                    and values.chunks[0] == n and values.chunks[0] * values.chunks[1] * 4 <= 2**20
+                    and names == list(pd.read_csv(cohort)["source_file"])
+                    and h5["greyordinates"].shape == (2, 91282))
+
+    report.check("HDF5 layout: scalars/thickness/values, column_names = cohort source_file",
+                 layout)
+    report.check(f"cohort CSV: {n} rows with participant_id, age, sex",
+                 lambda: (len(table := pd.read_csv(cohort)) == n)
+                 and {"participant_id", "age", "sex"} <= set(table.columns))
+    report.check("ALFF scalars converted too", lambda: {p.name for p in (out / "group").glob(
+        "*_modelarray.h5")} >= {"desc-alff_modelarray.h5", "desc-alffDescSmooth_modelarray.h5"})
+    report.check("logs/CITATION.md and CITATION.bib",
+                 lambda: (out / "logs" / "CITATION.md").stat().st_size > 500
+                 and (out / "logs" / "CITATION.bib").exists())
+    if kind == "docker":
+        report.check("outputs owned by the -u user (1234), not root",
+                     lambda: h5_path.stat().st_uid == 1234)
+    return report.summary()
+
+
+def lint_def(path: Path) -> int:
+    report = Report(path.name)
+    text = path.read_text()
+    sections = re.findall(r"^%(\w+)", text, re.MULTILINE)
+    report.check("only known sections", lambda: set(sections) <= KNOWN_SECTIONS)
+    report.check("Bootstrap: docker From: debian:bookworm-slim",
+                 lambda: re.search(r"^Bootstrap:\s*docker\s*$", text, re.M)
+                 and re.search(r"^From:\s*debian:bookworm-slim\s*$", text, re.M))
+    report.check('%runscript: exec greyarray "$@"', lambda: 'exec greyarray "$@"' in text)
+    report.check("%test, %help and %labels present",
+                 lambda: {"test", "help", "labels"} <= set(sections))
+    return report.summary()
+
+
+def total() -> int:
+    passed = failed = 0
+    for line in sys.stdin:
+        if match := re.fullmatch(r"(\d+) passed, (\d+) failed\s*", line):
+            passed, failed = passed + int(match[1]), failed + int(match[2])
+    print(f"container checks: {passed} passed, {failed} failed")
+    return int(failed > 0 or passed == 0)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--lint-def":
+        sys.exit(lint_def(Path(sys.argv[2])))
+    if sys.argv[1] == "--total":
+        sys.exit(total())
+    sys.exit(outputs(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])))

@@ -1,0 +1,310 @@
+"""Find the CIFTI maps of a BIDS dataset with pybids, and group them into scalars.
+
+BIDS_DIR may be a derivatives dataset (XCP-D, fMRIPrep, ...) or a raw dataset whose derivatives are
+given with ``--derivatives`` or found in ``derivatives/``. Each dataset is indexed by its own
+BIDSLayout: no validation, no metadata, only the selected subjects, and the derivative entities
+pybids 0.22 does not know (``stat``, ``cohort``) registered so that ``stat-alff`` and
+``stat-reho`` never merge. Names that are not BIDS (HCP's ``100307.thickness.32k_fs_LR...``)
+are found with regular expressions from the config file.
+
+A scalar is one kind of map: by default every distinct combination of entities other than
+subject, session and run, named after its ``stat`` (or suffix) plus whatever entities tell it
+apart from the others (``alff``, ``alff_desc-smooth``, ``thickness_den-32k``); the config or the
+BIDS filter file can instead name scalars and give their queries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from greyarray.errors import DataError, GreyArrayError, MissingInputError
+
+log = logging.getLogger(__name__)
+
+CIFTI_EXTENSIONS = (".dscalar.nii", ".pscalar.nii", ".pconn.nii")
+# Derivative entities pybids 0.22 lacks (re-declaring one it has crashes its database).
+EXTRA_ENTITIES = {
+    "name": "greyarray",
+    "entities": [
+        {"name": "stat", "pattern": "[_/\\\\]+stat-([a-zA-Z0-9+]+)"},
+        {"name": "cohort", "pattern": "[_/\\\\]+cohort-([a-zA-Z0-9+]+)"},
+    ],
+}
+# pybids entity name -> BIDS key, in the BIDS filename order, for readable scalar names
+KEYS = {
+    "task": "task",
+    "acquisition": "acq",
+    "ceagent": "ce",
+    "reconstruction": "rec",
+    "direction": "dir",
+    "echo": "echo",
+    "part": "part",
+    "space": "space",
+    "cohort": "cohort",
+    "atlas": "atlas",
+    "segmentation": "seg",
+    "res": "res",
+    "den": "den",
+    "label": "label",
+    "model": "model",
+    "hemi": "hemi",
+    "roi": "roi",
+    "subset": "subset",
+    "stat": "stat",
+    "desc": "desc",
+}
+IGNORED = {"subject", "session", "run", "datatype", "extension", "suffix", "fmap", "scans"}
+
+
+class NoFilesError(GreyArrayError):
+    """Filters selected no files (BIDS execution spec exit code 18)."""
+
+    exit_code = 18
+
+
+class InvalidDatasetError(GreyArrayError):
+    """The input is not a usable BIDS dataset (exit code 16)."""
+
+    exit_code = 16
+
+
+@dataclass(frozen=True)
+class Found:
+    """One discovered map: where it is and what its name says."""
+
+    path: Path
+    root: Path  # dataset it was found in
+    subject: str
+    session: str | None
+    entities: dict[str, str] = field(hash=False)  # without subject/session
+    scalar: str | None = None  # set when a named query or pattern found it
+
+    @property
+    def relative(self) -> str:
+        return str(self.path.relative_to(self.root))
+
+    def key(self) -> tuple:
+        """What makes two files the same kind of map: entities other than subject/session/run."""
+        kept = {k: v for k, v in self.entities.items() if k not in ("run",)}
+        return tuple(sorted(kept.items()))
+
+
+def strip(label: str, prefix: str) -> str:
+    return label[len(prefix) :] if label.startswith(prefix) else label
+
+
+def participant_labels(values: list[str] | None) -> list[str] | None:
+    """Labels with or without ``sub-``, or a file listing them (whitespace separated)."""
+    if not values:
+        return None
+    if len(values) == 1 and Path(values[0]).is_file():
+        values = Path(values[0]).read_text().split()
+    return sorted({strip(v.strip(), "sub-") for v in values if v.strip()})
+
+
+def load_description(root: Path) -> dict:
+    path = root / "dataset_description.json"
+    if not path.is_file():
+        raise InvalidDatasetError(f"{root}: not a BIDS dataset (no dataset_description.json)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InvalidDatasetError(f"{path}: invalid JSON ({err})") from None
+
+
+def dataset_roots(bids_dir: Path, derivatives: dict[str, Path], plain: bool = False) -> list[Path]:
+    """Datasets to search: BIDS_DIR if it is a derivative, plus --derivatives or derivatives/*.
+
+    ``plain``: BIDS_DIR may be a folder without dataset_description.json (HCP-style data found
+    by config patterns only).
+    """
+    if not bids_dir.is_dir():
+        raise MissingInputError(f"{bids_dir}: BIDS dataset folder not found")
+    if plain and not (bids_dir / "dataset_description.json").exists():
+        return [bids_dir]
+    description = load_description(bids_dir)
+    roots = [bids_dir] if description.get("DatasetType") == "derivative" else []
+    for name, path in derivatives.items():
+        if not path.is_dir():
+            raise MissingInputError(f"{path}: derivatives folder {name!r} not found")
+        load_description(path)
+        roots.append(path)
+    if not roots:
+        found = (bids_dir / "derivatives").glob("*/dataset_description.json")
+        roots = sorted(p.parent for p in found) or [bids_dir]
+    return roots
+
+
+def _query(filters: dict) -> dict:
+    """pybids filters from JSON/YAML: null = entity absent, "*" = any value."""
+    from bids.layout import Query
+
+    special = {None: Query.NONE, "*": Query.ANY}
+    return {
+        key: special.get(value, value) if not isinstance(value, list) else value
+        for key, value in filters.items()
+    }
+
+
+def _layout(root: Path, subjects: list[str] | None, database_dir: Path | None):
+    from bids import BIDSLayout, BIDSLayoutIndexer
+
+    ignore = [re.compile(r"^/(code|sourcedata|derivatives|figures|logs|group|work)(/|$)")]
+    if subjects:
+        wanted = "|".join(re.escape(s) for s in subjects)
+        ignore.append(re.compile(rf"^/sub-(?!({wanted})(/|$))[^/]+"))
+    options = {
+        "validate": False,
+        "config": ["bids", "derivatives", EXTRA_ENTITIES],
+        "indexer": BIDSLayoutIndexer(validate=False, index_metadata=False, ignore=ignore),
+    }
+    if database_dir is not None:
+        signature = _signature(root, subjects)
+        folder = database_dir / hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+        stamp = folder / "greyarray-signature.txt"
+        stale = not stamp.is_file() or stamp.read_text() != signature
+        folder.mkdir(parents=True, exist_ok=True)
+        layout = BIDSLayout(root, database_path=folder, reset_database=stale, **options)
+        stamp.write_text(signature)
+        return layout
+    return BIDSLayout(root, **options)
+
+
+def _signature(root: Path, subjects: list[str] | None) -> str:
+    """Changes when the selection changes or a file is added, removed or renamed anywhere (its
+    folder's mtime changes): then the database is rebuilt."""
+    folders = sorted(f"{top}:{os.stat(top).st_mtime_ns}" for top, _, _ in os.walk(root))
+    return json.dumps([str(root.resolve()), subjects, folders, EXTRA_ENTITIES])
+
+
+def discover(
+    roots: list[Path],
+    subjects: list[str] | None = None,
+    sessions: list[str] | None = None,
+    queries: dict[str, dict] | None = None,
+    patterns: dict[str, str] | None = None,
+    database_dir: Path | None = None,
+) -> list[Found]:
+    """Every CIFTI map of the selected subjects/sessions in ``roots``.
+
+    ``queries`` ({scalar: pybids filters}) replace the default of all dscalar/pscalar/pconn
+    files; ``patterns`` ({scalar: regex with a ``subject`` group}) add non-BIDS files.
+    """
+    found: list[Found] = []
+    for root in roots:
+        if not (root / "dataset_description.json").exists():  # not BIDS: patterns only
+            found += _pattern_files(root, patterns or {}, subjects, sessions)
+            continue
+        layout = _layout(root, subjects, database_dir)
+        for scalar, filters in (queries or {None: {}}).items():
+            selection = {"extension": list(CIFTI_EXTENSIONS), **_query(filters)}
+            if subjects:
+                selection["subject"] = subjects
+            if sessions:
+                selection["session"] = sessions
+            for item in layout.get(return_type="object", **selection):
+                entities = dict(item.get_entities())
+                if "subject" not in entities:
+                    continue  # dataset-level files (atlases, templates) are not subjects' maps
+                subject, session = entities.pop("subject"), entities.pop("session", None)
+                found.append(
+                    Found(
+                        Path(item.path),
+                        root,
+                        str(subject),
+                        None if session is None else str(session),
+                        {k: str(v) for k, v in entities.items()},
+                        scalar,
+                    )
+                )
+        found += _pattern_files(root, patterns or {}, subjects, sessions)
+    return sorted(set(found), key=lambda f: (f.subject, f.session or "", str(f.path)))
+
+
+def _pattern_files(root: Path, patterns: dict[str, str], subjects, sessions) -> list[Found]:
+    out = []
+    if not patterns:
+        return out
+    paths = [p for ext in CIFTI_EXTENSIONS for p in root.rglob(f"*{ext}")]
+    for scalar, pattern in patterns.items():
+        regex = re.compile(pattern)
+        if "subject" not in regex.groupindex:
+            raise DataError(f"pattern for {scalar!r} has no (?P<subject>...) group: {pattern}")
+        for path in paths:
+            match = regex.search(str(path.relative_to(root)))
+            if not match:
+                continue
+            groups = match.groupdict()
+            subject, session = strip(groups["subject"], "sub-"), groups.get("session")
+            if (subjects and subject not in subjects) or (sessions and session not in sessions):
+                continue
+            found = Found(path, root, subject, session, {"extension": _extension(path)}, scalar)
+            out.append(found)
+    return out
+
+
+def _extension(path: Path) -> str:
+    return next(ext for ext in CIFTI_EXTENSIONS if path.name.endswith(ext))
+
+
+def name_scalars(found: list[Found]) -> dict[str, list[Found]]:
+    """{scalar name: its files}: names from queries/patterns kept, the rest named by entities."""
+    named: dict[str, list[Found]] = defaultdict(list)
+    kinds: dict[tuple, list[Found]] = defaultdict(list)
+    for item in found:
+        if item.scalar:
+            named[item.scalar].append(item)
+        else:
+            kinds[item.key()].append(item)
+    scalars = dict(zip(_readable_names([dict(k) for k in kinds]), kinds.values(), strict=True))
+    scalars.update(named)
+    for name, files in scalars.items():
+        _check_one_file_per_visit(name, files)
+    return dict(sorted(scalars.items()))
+
+
+def _readable_names(kinds: list[dict[str, str]]) -> list[str]:
+    """Base name (stat, else suffix) plus the entities that tell kinds with that base apart."""
+    bases = [kind.get("stat") or kind.get("suffix", "map") for kind in kinds]
+    names = []
+    for kind, base in zip(kinds, bases, strict=True):
+        rivals = [k for k, b in zip(kinds, bases, strict=True) if b == base and k is not kind]
+        parts = [base]
+        for entity, key in KEYS.items():
+            if entity == "stat":
+                continue
+            if any(rival.get(entity) != kind.get(entity) for rival in rivals) and entity in kind:
+                parts.append(f"{key}-{kind[entity]}")
+        if any(rival.get("extension") != kind.get("extension") for rival in rivals):
+            parts.append(kind["extension"].split(".")[1])  # dscalar / pscalar / pconn
+        if kind.get("suffix") not in (base, None) and any(
+            rival.get("suffix") != kind.get("suffix") for rival in rivals
+        ):
+            parts.append(kind["suffix"])
+        names.append("_".join(parts))
+    if len(set(names)) != len(names):  # last resort: still ambiguous, number them
+        seen: dict[str, int] = defaultdict(int)
+        for i, name in enumerate(names):
+            seen[name] += 1
+            names[i] = f"{name}_{seen[name]}" if names.count(name) > 1 else name
+    return names
+
+
+def _check_one_file_per_visit(name: str, files: list[Found]) -> None:
+    visits: dict[tuple, Found] = {}
+    for item in files:
+        visit = (item.subject, item.session)
+        if visit in visits:
+            where = f"sub-{item.subject}" + (f" ses-{item.session}" if item.session else "")
+            raise DataError(
+                f"{where} has two files for scalar {name!r}: {visits[visit].path} and {item.path}"
+                " (select one with --bids-filter-file or name scalars in --config)"
+            )
+        visits[visit] = item

@@ -1,0 +1,467 @@
+"""The BIDS-App: discovery with pybids, cohort CSVs, both levels, derivatives, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import nibabel as nb
+import numpy as np
+import pandas as pd
+import pytest
+from bids_datasets import description, hcp, raw_with_fmriprep, xcpd
+from conftest import CONTE32K
+from test_export import NAMES, fake_results, write_results
+
+from greyarray import cifti
+
+
+@pytest.fixture(scope="module")
+def xcpd_data(tmp_path_factory, template):
+    return xcpd(tmp_path_factory.mktemp("xcpd") / "xcp_d", template)
+
+
+@pytest.fixture(scope="module")
+def xcpd_group(xcpd_data, tmp_path_factory):
+    """XCP-D dataset through participant then group (the common case), run once."""
+    from greyarray import cli
+
+    out = tmp_path_factory.mktemp("out") / "greyarray"
+    assert cli.main([str(xcpd_data.root), str(out), "participant"]) == 0
+    assert cli.main([str(xcpd_data.root), str(out), "group"]) == 0
+    return out
+
+
+def snapshot(root: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+def test_xcpd_scalars_are_named_and_never_merge(xcpd_group):
+    names = sorted(p.name for p in (xcpd_group / "group").glob("*_modelarray.h5"))
+    assert names == [
+        "desc-alffDescSmooth_modelarray.h5",
+        "desc-alff_modelarray.h5",
+        "desc-coveragePconn_modelarray.h5",
+        "desc-coveragePscalar_modelarray.h5",
+        "desc-reho_modelarray.h5",
+    ]
+    scalars = {
+        json.loads(p.read_text())["Scalar"]
+        for p in (xcpd_group / "group").glob("*_modelarray.json")
+    }
+    assert scalars == {"alff", "alff_desc-smooth", "reho", "coverage_pscalar", "coverage_pconn"}
+
+
+def test_every_file_lands_in_its_row(xcpd_group, xcpd_data):
+    """Each HDF5 row is exactly the file its column name points to; no decoy is taken."""
+    group = xcpd_group / "group"
+    seen = set()
+    for h5_path in group.glob("*_modelarray.h5"):
+        cohort = pd.read_csv(
+            h5_path.with_name(h5_path.name.replace("_modelarray.h5", "_cohort.csv"))
+        )
+        with h5py.File(h5_path, "r") as h5:
+            (scalar,) = h5["scalars"]
+            names = list(h5[f"scalars/{scalar}/column_names"].asstr()[()])
+            values = h5[f"scalars/{scalar}/values"][()]
+        assert names == list(cohort["source_file"])
+        for name, row in zip(names, values, strict=True):
+            path = (group / name).resolve()
+            assert np.array_equal(row, xcpd_data.values[path])
+            seen.add(path)
+    assert seen == set(xcpd_data.values)  # 3 subjects x 2 sessions x 5 maps, nothing else
+    assert len(seen) == 30
+
+
+def test_cohort_rows_with_sessions(xcpd_group, xcpd_data):
+    table = pd.read_csv(xcpd_group / "group" / "desc-reho_cohort.csv")
+    assert list(table.columns) == ["scalar_name", "source_file", "participant_id", "session_id"]
+    assert list(zip(table["participant_id"], table["session_id"], strict=True)) == [
+        (f"sub-{s}", f"ses-{t}") for s in ("01", "02", "03") for t in ("1", "2")
+    ]
+    assert (table["scalar_name"] == "reho").all()
+    first = table["source_file"][0]
+    assert first.startswith("../") and (xcpd_group / "group" / first).resolve() == (
+        xcpd_data.root / "sub-01/ses-1/func/sub-01_ses-1_task-rest_space-fsLR_den-91k_stat-reho"
+        "_boldmap.dscalar.nii"
+    )
+
+
+def test_dataset_description_and_logs(xcpd_group, xcpd_data):
+    info = json.loads((xcpd_group / "dataset_description.json").read_text())
+    assert info["Name"] and info["BIDSVersion"] == "1.11.1"
+    assert info["DatasetType"] == "derivative"
+    generated = info["GeneratedBy"][0]
+    assert generated["Name"] == "greyarray" and generated["Version"]
+    assert generated["CodeURL"].startswith("https://") and "Container" not in generated
+    assert info["SourceDatasets"] == [{"URL": xcpd_data.root.as_uri()}]
+    assert "ModelArray" in info["HowToAcknowledge"]
+    assert "greyarray" in xcpd_group.name  # GeneratedBy.Name is a substring of the folder name
+    ignore = (xcpd_group / ".bidsignore").read_text().split()
+    assert {"group/", "logs/", "*.h5"} <= set(ignore)
+    citation = (xcpd_group / "logs" / "CITATION.md").read_text()
+    assert (
+        "$" not in citation
+        and "30 CIFTI-2" in citation
+        and "3 participants (6 sessions)" in citation
+    )
+    assert "[@modelarray]" in citation
+    bib = (xcpd_group / "logs" / "CITATION.bib").read_text()
+    assert "10.1016/j.neuroimage.2023.120037" in bib
+    (config,) = (xcpd_group / "logs").glob("config-group-*.yaml")
+    assert "scalars:" in config.read_text()
+    manifest = json.loads((xcpd_group / "sub-02" / "sub-02_greyarray.json").read_text())
+    assert len(manifest["files"]) == 10 and manifest["files"][0]["nonfinite_count"] == 0
+
+
+def test_export_statmaps(xcpd_group, xcpd_data, tmp_path, wb_command):
+    from greyarray import cli
+
+    out = tmp_path / "greyarray"
+    shutil.copytree(xcpd_group, out)
+    h5 = out / "group" / "desc-alff_modelarray.h5"
+    data = fake_results(91282)
+    write_results(h5, "lm", data, "writeResults")
+    assert cli.main([str(xcpd_data.root), str(out), "group", "--analysis-name", "lm"]) == 0
+    name = "task-rest_space-fsLR_den-91k_desc-alffLm_contrast-age_stat-p_statmap"
+    image = nb.load(out / "group" / f"{name}.dscalar.nii")
+    expected = data[NAMES.index("age.p.value")].astype(np.float32)
+    assert np.array_equal(np.asarray(image.dataobj)[0], expected, equal_nan=True)
+    sidecar = json.loads((out / "group" / f"{name}.json").read_text())
+    assert sidecar == {
+        "ModelArrayColumn": "age.p.value",
+        "Scalar": "alff",
+        "Analysis": "lm",
+        "SourceHDF5": "desc-alff_modelarray.h5",
+    }
+    maps = sorted(p.name.split("_desc-")[1] for p in (out / "group").glob("*_statmap.dscalar.nii"))
+    assert "alffLm_contrast-age_stat-1mpfdr_statmap.dscalar.nii" in maps
+    assert "alffLm_contrast-model_stat-nobs_statmap.dscalar.nii" in maps
+    assert "alffLm_contrast-Intercept_stat-effect_statmap.dscalar.nii" in maps
+    assert not any("elementid" in m or "element_id" in m for m in maps)
+    assert len(maps) == len(NAMES) - 1 + 3
+    info = wb_command("-file-information", out / "group" / f"{name}.dscalar.nii", "-only-map-names")
+    assert info.split() == ["age.p.value"]
+
+
+def test_fmriprep_in_raw_dataset_with_phenotypes(tmp_path, template, capsys):
+    from greyarray import cli
+
+    data = raw_with_fmriprep(tmp_path / "bids", template)
+    out = tmp_path / "derivatives_out"
+    before = snapshot(tmp_path / "bids")
+    assert cli.main([str(tmp_path / "bids"), str(out), "group"]) == 0
+    assert snapshot(tmp_path / "bids") == before  # nothing written into the input
+    names = {json.loads(p.read_text())["Scalar"] for p in (out / "group").glob("*.json")}
+    assert names == {
+        "thickness_den-91k",
+        "thickness_den-32k_desc-preproc",
+        "curv",
+        "sulc",
+        "myelinw",
+    }
+    table = pd.read_csv(out / "group" / "desc-curv_cohort.csv", keep_default_na=False)
+    assert list(table.columns) == [
+        "scalar_name",
+        "source_file",
+        "participant_id",
+        "age",
+        "sex",
+        "handedness",
+    ]
+    assert table.to_dict("records")[1] == {
+        "scalar_name": "curv",
+        "source_file": "../../bids/derivatives/fmriprep/sub-02/anat/"
+        "sub-02_space-fsLR_den-91k_curv.dscalar.nii",
+        "participant_id": "sub-02",
+        "age": "NA",
+        "sex": "M",
+        "handedness": "L",
+    }
+    assert table.loc[2, ["participant_id", "age", "sex"]].tolist() == ["sub-03", "NA", "NA"]
+    err = capsys.readouterr().err
+    assert err.count("1 participants have maps but no row in participants.tsv") == 1
+    assert "(their phenotype columns are empty): sub-03" in err
+    assert "participants.tsv have no maps: sub-04" in err
+    with h5py.File(out / "group" / "desc-myelinw_modelarray.h5", "r") as h5:
+        row = h5["scalars/myelinw/values"][2]
+    path = data.root / "sub-03/anat/sub-03_space-fsLR_den-91k_myelinw.dscalar.nii"
+    assert np.array_equal(row, data.values[path])
+
+
+def test_sessions_tsv_columns(tmp_path, template):
+    from greyarray import cli
+
+    xcpd(tmp_path / "xcpd", template, subjects=("01",), sessions=("1", "2"))
+    pd.DataFrame({"session_id": ["ses-1", "ses-2"], "age": ["30", "32"]}).to_csv(
+        tmp_path / "xcpd" / "sub-01" / "sub-01_sessions.tsv", sep="\t", index=False
+    )
+    pd.DataFrame({"participant_id": ["sub-01"], "age": ["29"], "group": ["ctl"]}).to_csv(
+        tmp_path / "xcpd" / "participants.tsv", sep="\t", index=False
+    )
+    assert (
+        cli.main([str(tmp_path / "xcpd"), str(tmp_path / "out"), "group", "--scalar", "reho"]) == 0
+    )
+    table = pd.read_csv(tmp_path / "out" / "group" / "desc-reho_cohort.csv")
+    assert table[["session_id", "age", "group"]].values.tolist() == [
+        ["ses-1", 30, "ctl"],
+        ["ses-2", 32, "ctl"],
+    ]
+    assert [p.name for p in (tmp_path / "out" / "group").glob("*.h5")] == [
+        "desc-reho_modelarray.h5"
+    ]
+
+
+def test_filters_labels_and_queries(tmp_path, xcpd_data):
+    from greyarray import cli
+
+    labels = tmp_path / "labels.txt"
+    labels.write_text("sub-01\n03\n")
+    filters = tmp_path / "filter.json"
+    filters.write_text(
+        json.dumps(
+            {
+                "alffraw": {"stat": "alff", "desc": None, "extension": ".dscalar.nii"},
+                "anystat": {"stat": "*", "desc": "smooth"},
+            }
+        )
+    )
+    out = tmp_path / "out"
+    assert (
+        cli.main(
+            [
+                str(xcpd_data.root),
+                str(out),
+                "group",
+                "--participant_label",
+                str(labels),
+                "--session-label",
+                "ses-2",
+                "--bids-filter-file",
+                str(filters),
+            ]
+        )
+        == 0
+    )
+    table = pd.read_csv(out / "group" / "desc-alffraw_cohort.csv")
+    assert list(table["participant_id"]) == ["sub-01", "sub-03"]
+    assert list(table["session_id"]) == ["ses-2", "ses-2"]
+    assert all("stat-alff_boldmap" in f for f in table["source_file"])
+    smooth = pd.read_csv(out / "group" / "desc-anystat_cohort.csv")
+    assert all("desc-smooth" in f for f in smooth["source_file"]) and len(smooth) == 2
+
+
+def test_config_patterns_for_hcp_names(tmp_path, template):
+    from greyarray import cli
+
+    data = hcp(tmp_path / "hcp", template)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "patterns:\n  thickness: '(?P<subject>\\d+)/MNINonLinear/fsaverage_LR32k/"
+        "\\d+\\.thickness\\.32k_fs_LR\\.dscalar\\.nii$'\n"
+    )
+    assert (
+        cli.main([str(tmp_path / "hcp"), str(tmp_path / "out"), "group", "--config", str(config)])
+        == 0
+    )
+    with h5py.File(tmp_path / "out" / "group" / "desc-thickness_modelarray.h5", "r") as h5:
+        assert np.array_equal(
+            h5["scalars/thickness/values"][1], data.values[sorted(data.values)[1]]
+        )
+    table = pd.read_csv(tmp_path / "out" / "group" / "desc-thickness_cohort.csv")
+    assert list(table["participant_id"]) == ["sub-100307", "sub-100408"]
+
+
+def test_database_dir_is_reused_and_refreshed(tmp_path, template):
+    from greyarray import cli
+
+    data = xcpd(tmp_path / "xcpd", template, subjects=("01",), sessions=("1",))
+    db = tmp_path / "db"
+    args = [
+        str(data.root),
+        str(tmp_path / "out"),
+        "group",
+        "--bids-database-dir",
+        str(db),
+        "--scalar",
+        "reho",
+        "--overwrite",
+    ]
+    assert cli.main(args) == 0
+    assert any(db.rglob("*.sqlite"))
+    data.write(
+        "sub-02/ses-1/func/sub-02_ses-1_task-rest_space-fsLR_den-91k_stat-reho_boldmap.dscalar.nii",
+        template,
+    )
+    assert cli.main(args) == 0  # the new subject is seen: the stale index was rebuilt
+    table = pd.read_csv(tmp_path / "out" / "group" / "desc-reho_cohort.csv")
+    assert list(table["participant_id"]) == ["sub-01", "sub-02"]
+
+
+def test_participant_jobs_in_parallel(tmp_path, template):
+    """Four participant jobs start together on one OUTPUT_DIR, then group uses their manifests."""
+    data = xcpd(tmp_path / "xcpd", template, subjects=("01", "02", "03", "04"), sessions=("1",))
+    out = tmp_path / "out"
+    jobs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "greyarray",
+                str(data.root),
+                str(out),
+                "participant",
+                "--participant-label",
+                label,
+                "--scalar",
+                "reho",
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for label in ("01", "sub-02", "03", "04")
+    ]
+    for job in jobs:
+        assert job.wait() == 0, job.stderr.read()
+    assert sorted(p.name for p in out.glob("sub-*/*_greyarray.json")) == [
+        f"sub-0{i}_greyarray.json" for i in range(1, 5)
+    ]
+    assert json.loads((out / "dataset_description.json").read_text())["DatasetType"] == "derivative"
+    assert len(list((out / "logs").glob("greyarray-participant-*.log"))) == 4
+    done = subprocess.run(
+        [sys.executable, "-m", "greyarray", str(data.root), str(out), "group", "--scalar", "reho"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Using the manifests of 4 participants" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["{bids}", "{out}", "session"], 17, "unknown analysis level 'session'"),
+        (
+            ["{bids}", "{out}", "group", "--participant-label", "07"],
+            18,
+            "participant 07 was not found in",
+        ),
+        (
+            ["{bids}", "{out}", "group", "--bids-filter-file", "{filters}"],
+            18,
+            "filters matched no files",
+        ),
+        (["{bids}", "{out}", "group", "--scalar", "falff"], 18, "no scalar 'falff' (found: alff,"),
+        (["{bids}", "{bids}", "group"], 64, "OUTPUT_DIR must not be BIDS_DIR"),
+        (["{bids}", "{out}", "group", "--nope"], 64, "unrecognized arguments: --nope"),
+        (["{bids}/missing", "{out}", "group"], 66, "BIDS dataset folder not found"),
+        (["{empty}", "{out}", "group"], 16, "not a BIDS dataset (no dataset_description.json)"),
+        (["{bids}", "{file}/out", "group"], 73, "cannot create output"),
+    ],
+)
+def test_exit_codes(tmp_path, xcpd_data, args, code, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("")
+    (tmp_path / "filters.json").write_text(json.dumps({"x": {"stat": "nothing"}}))
+    values = {
+        "bids": xcpd_data.root,
+        "out": tmp_path / "out",
+        "empty": tmp_path / "empty",
+        "file": tmp_path / "file",
+        "filters": tmp_path / "filters.json",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "greyarray", *[a.format(**values) for a in args]],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == code, done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_mismatched_greyordinates_exit_65(tmp_path, template):
+    data = xcpd(tmp_path / "xcpd", template, subjects=("01", "02"), sessions=("1",))
+    bad = data.root / (
+        "sub-02/ses-1/func/sub-02_ses-1_task-rest_space-fsLR_den-91k_stat-reho_boldmap.dscalar.nii"
+    )
+    cifti.CiftiWriter(cifti.read_file(CONTE32K).geometry).write(bad, np.zeros(60951))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "greyarray",
+            str(data.root),
+            str(tmp_path / "o"),
+            "group",
+            "--scalar",
+            "reho",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 65
+    assert (
+        "sub-02_ses-1_task-rest_space-fsLR_den-91k_stat-reho_boldmap.dscalar.nii: does not "
+        "match the first file" in done.stderr
+    )
+    assert not list((tmp_path / "o" / "group").glob("*.h5"))
+
+
+def test_group_outputs_need_overwrite(xcpd_group, xcpd_data, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "greyarray", str(xcpd_data.root), str(xcpd_group), "group"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 73 and "use --overwrite" in done.stderr
+
+
+def test_two_files_for_one_visit(tmp_path, template):
+    from greyarray import cli
+
+    data = xcpd(tmp_path / "xcpd", template, subjects=("01",), sessions=("1",))
+    data.write(
+        "sub-01/ses-1/func/sub-01_ses-1_task-rest_run-2_space-fsLR_den-91k_stat-reho"
+        "_boldmap.dscalar.nii",
+        template,
+    )
+    assert cli.main([str(data.root), str(tmp_path / "o"), "group"]) == 65
+
+
+def test_container_field(tmp_path, xcpd_data, monkeypatch):
+    from greyarray import cli
+
+    monkeypatch.setenv("GREYARRAY_CONTAINER_TYPE", "docker")
+    monkeypatch.setenv("GREYARRAY_CONTAINER_TAG", "greyarray:0.1.0")
+    assert (
+        cli.main(
+            [str(xcpd_data.root), str(tmp_path / "out"), "participant", "--participant-label", "01"]
+        )
+        == 0
+    )
+    info = json.loads((tmp_path / "out" / "dataset_description.json").read_text())
+    assert info["GeneratedBy"][0]["Container"] == {"Type": "docker", "Tag": "greyarray:0.1.0"}
+
+
+def test_raw_dataset_without_derivatives_folder_names_no_files(tmp_path):
+    description(tmp_path / "raw")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "greyarray",
+            str(tmp_path / "raw"),
+            str(tmp_path / "out"),
+            "participant",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert done.returncode == 18 and "filters matched no files" in done.stderr
