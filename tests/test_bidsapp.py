@@ -110,7 +110,10 @@ def test_dataset_description_and_logs(xcpd_group, xcpd_data):
         and "30 CIFTI-2" in citation
         and "3 participants (6 sessions)" in citation
     )
-    assert "[@modelarray]" in citation
+    assert (
+        "[@modelarray]" in citation
+        and "non-finite values were\ncounted (none were found)" in citation
+    )
     bib = (xcpd_group / "logs" / "CITATION.bib").read_text()
     assert "10.1016/j.neuroimage.2023.120037" in bib
     (config,) = (xcpd_group / "logs").glob("config-group-*.yaml")
@@ -145,6 +148,8 @@ def test_export_statmaps(xcpd_group, xcpd_data, tmp_path, wb_command):
     assert "alffLm_contrast-Intercept_stat-effect_statmap.dscalar.nii" in maps
     assert not any("elementid" in m or "element_id" in m for m in maps)
     assert len(maps) == len(NAMES) - 1 + 3
+    citation = (out / "logs" / "CITATION.md").read_text()
+    assert 'analysis "lm" were exported back to CIFTI-2' in citation and "$" not in citation
     info = wb_command("-file-information", out / "group" / f"{name}.dscalar.nii", "-only-map-names")
     assert info.split() == ["age.p.value"]
 

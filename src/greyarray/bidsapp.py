@@ -320,6 +320,8 @@ class App:
 
     # ---- group level -----------------------------------------------------------------------
     def group(self, scalars: dict[str, list[discover.Found]]) -> int:
+        import h5py
+
         from greyarray.cohort import Cohort, build_cohort, report_mismatch
         from greyarray.store import StoreOptions, to_modelarray
 
@@ -337,7 +339,7 @@ class App:
         existing = [str(p) for p in planned.values() if p.exists()]
         if existing and not self.args.overwrite:
             raise OutputError(f"{existing[0]}: output exists; use --overwrite to replace it")
-        written = {}
+        written, nonfinite = {}, []
         for name, files in scalars.items():
             h5 = planned[name]
             csv = h5.with_name(h5.name.replace("_modelarray.h5", "_cohort.csv"))
@@ -352,6 +354,8 @@ class App:
                 command_line=self.command_line,
             )
             atomic_write(csv, table.to_csv(index=False, na_rep="NA").encode())
+            with h5py.File(h5, "r") as stored:
+                nonfinite += list(stored[f"greyarray/sources/{name}/nonfinite_count"][()])
             sidecar = {
                 "Scalar": name,
                 "Entities": _common_entities(files),
@@ -362,7 +366,7 @@ class App:
             }
             atomic_write(h5.with_suffix(".json"), (json.dumps(sidecar, indent=1) + "\n").encode())
             written[name] = (csv, h5, table)
-        self._write_logs(scalars, options)
+        self._write_logs(scalars, options, nonfinite)
         self._summary(written)
         return 0
 
@@ -388,7 +392,7 @@ class App:
             sessions_table = pd.concat(tables, ignore_index=True)
         return participants, sessions_table
 
-    def _write_logs(self, scalars: dict[str, list[discover.Found]], options, analysis=None):
+    def _write_logs(self, scalars: dict[str, list[discover.Found]], options, nonfinite: list):
         import h5py
         import nibabel
         from bids import __version__ as pybids_version
@@ -438,11 +442,12 @@ class App:
             "kinds_text": " or ".join(f"CIFTI-2 {k}" for k in sorted(kinds)),
             "space_text": space or "greyordinate space of the inputs",
             "n_elements": " or ".join(f"{n:,}" for n in elements),
-            "nonfinite_text": "",
-            "storage_text": "float32, gzip level 4 with shuffle, chunks of at most 1 MiB holding "
-            "all participants",
+            "nonfinite_text": _nonfinite_text(nonfinite),
+            "storage_text": f"{options.description}, chunks of at most 1 MiB holding all "
+            "participants",
         }
-        derivatives.write_citation(logs, facts, analysis)
+        atomic_write(logs / "citation-facts.json", json.dumps(facts, indent=1).encode())
+        derivatives.write_citation(logs, facts)
 
     def _log_to_file(self) -> None:
         logs = self.output_dir / "logs"
@@ -500,6 +505,13 @@ class App:
                 f"{group_dir}: no HDF5 holds results/{self.args.analysis_name} "
                 "(run ModelArray and writeResults first)"
             )
+        facts = self.output_dir / "logs" / "citation-facts.json"
+        if facts.is_file():  # the group run's methods text, now with the analysis
+            derivatives.write_citation(
+                facts.parent,
+                json.loads(facts.read_text()),
+                {"analysis": self.args.analysis_name, "n_maps": len(done)},
+            )
         print(f"Exported {len(done)} statistical maps to {group_dir}")
         return 0
 
@@ -537,6 +549,16 @@ class App:
             )
             out.append(path)
         return out
+
+
+def _nonfinite_text(counts: list[int]) -> str:
+    bad = [c for c in counts if c]
+    if not bad:
+        return " (none were found)"
+    return (
+        f" ({len(bad)} of {len(counts)} maps held {sum(bad):,} non-finite values, which "
+        "ModelArray treats as missing participants for those elements)"
+    )
 
 
 def _prefixed(label: str) -> str:

@@ -63,6 +63,13 @@ class StoreOptions:
     nprocs: int = 1
 
     @property
+    def description(self) -> str:
+        """E.g. ``float32, gzip level 4, shuffle`` (provenance and methods text)."""
+        level = f" level {self.compression_level}" if self.compression == "gzip" else ""
+        shuffle = ", shuffle" if self.shuffle and self.compression != "none" else ""
+        return f"{self.dtype}, {self.compression}{level}{shuffle}"
+
+    @property
     def filters(self) -> dict:
         """h5py create_dataset keywords for the compression filters."""
         if self.compression == "none":
@@ -286,9 +293,7 @@ def _write_provenance(group: h5py.Group, options: StoreOptions, command_line: st
             "nibabel": nb.__version__,
             "h5py": h5py.__version__,
             "hdf5": h5py.version.hdf5_version,
-            "storage": f"{options.dtype}, {options.compression}"
-            f"{f' level {options.compression_level}' if options.compression == 'gzip' else ''}"
-            f"{', shuffle' if options.shuffle and options.compression != 'none' else ''}",
+            "storage": options.description,
         }
     )
 
