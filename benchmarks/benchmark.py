@@ -56,8 +56,9 @@ def run(cmd: list[str], cwd: Path | None = None) -> dict:
     Not wait4 from here: a child forked from this (large) process inherits its peak RSS.
     """
     timed = ["/usr/bin/time", "-f", "@@ %e %M", *cmd]
-    done = subprocess.run(timed, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
+    done = subprocess.run(
+        timed, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     if done.returncode != 0:
         raise RuntimeError(f"{cmd} failed:\n{done.stderr[-2000:]}")
     wall, rss_kb = done.stderr.rsplit("@@ ", 1)[1].split()
@@ -234,6 +235,57 @@ def measure(n: int, work: Path, maio: Path | None, template: Path) -> dict:
     return row
 
 
+def measure_lm(work: Path, template: Path, n: int = 1000) -> dict:
+    """fit-lm on N subjects x 91,282 elements, 5 terms; clean, then with 1% scattered NaNs (so
+    nearly every element has its own missing pattern)."""
+    folder = work / f"n{n}"
+    csv = build_cohort(folder / "cohort", n, template)
+    table = pd.read_csv(csv)
+    table["site"] = np.where(np.arange(n) % 3, "B", "A")
+    table.to_csv(csv.with_name("cohort_site.csv"), index=False)
+    h5 = folder / "lm.h5"
+    h5.unlink(missing_ok=True)
+    greyarray = [sys.executable, "-m", "greyarray"]
+    run(
+        [
+            *greyarray,
+            "to-modelarray",
+            "--cohort-file",
+            str(csv.with_name("cohort_site.csv")),
+            "--output",
+            str(h5),
+            "--log-level",
+            "WARNING",
+        ]
+    )
+    fit = [
+        *greyarray,
+        "fit-lm",
+        "--input-hdf5",
+        str(h5),
+        "--cohort-file",
+        str(csv.with_name("cohort_site.csv")),
+        "--formula",
+        "thickness ~ age + sex + site + age:sex",
+        "--overwrite",
+        "--log-level",
+        "WARNING",
+    ]
+    row = {"n_subjects": n, "n_terms": 5, "clean": run(fit)}
+    with h5py.File(h5, "a") as f:
+        values = f["scalars/thickness/values"]
+        rng = np.random.default_rng(0)
+        for start in range(0, values.shape[1], 8192):
+            block = values[:, start : start + 8192]
+            block[rng.uniform(size=block.shape) < 0.01] = np.nan
+            values[:, start : start + 8192] = block
+    row["scattered_nan"] = run(fit)
+    modelarray_s = 91282 * 0.045  # ModelArray.lm: ~45 ms per element (quoted, not measured here)
+    row["modelarray_lm_quoted_s"] = modelarray_s
+    row["speedup_vs_quoted"] = round(modelarray_s / row["clean"]["seconds"], 0)
+    return row
+
+
 def ratios(row: dict) -> dict:
     out = {
         "vs_floor": round(row["greyarray"]["seconds"] / row["floor"]["seconds"], 2),
@@ -277,6 +329,16 @@ def markdown(rows: list[dict], machine: str) -> str:
     return f"Machine: {machine}\n\n" + head + "\n".join(lines) + "\n"
 
 
+def lm_markdown(row: dict) -> str:
+    clean, nan = row["clean"], row["scattered_nan"]
+    return (
+        f"\nfit-lm, {row['n_subjects']} subjects x 91,282 elements x {row['n_terms']} terms: "
+        f"{clean['seconds']} s, {clean['peak_rss_mb']:.0f} MB; with 1% scattered missing values "
+        f"{nan['seconds']} s, {nan['peak_rss_mb']:.0f} MB (ModelArray.lm: ~45 ms per element, "
+        f"~{row['modelarray_lm_quoted_s'] / 60:.0f} min: {row['speedup_vs_quoted']:.0f}x)\n"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 500, 2000])
@@ -284,6 +346,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/greyarray-bench"))
     parser.add_argument("--maio-venv", type=Path, default=Path("/tmp/greyarray-bench/maio-venv"))
     parser.add_argument("--skip-modelarrayio", action="store_true")
+    parser.add_argument("--lm-only", action="store_true", help="only the fit-lm measurement")
     parser.add_argument(
         "--template",
         type=Path,
@@ -301,16 +364,20 @@ def main() -> int:
         f"h5py {h5py.__version__} (HDF5 {h5py.version.hdf5_version})"
     )
     rows = []
-    for n in sizes:
+    lm_row = measure_lm(args.work, args.template, 100 if args.quick else 1000)
+    print(json.dumps({"fit_lm": lm_row}), flush=True)
+    for n in [] if args.lm_only else sizes:
         row = measure(n, args.work, maio, args.template)
         row["ratios"] = ratios(row)
         rows.append(row)
         print(json.dumps(row), flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(
-        json.dumps({"machine": machine, "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1)
-    )
-    table = markdown(rows, machine)
+    if args.lm_only:  # keep the conversion rows of the last full run
+        previous = json.loads(args.output.read_text()) if args.output.exists() else {}
+        rows = previous.get("rows", [])
+    result = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "rows": rows, "fit_lm": lm_row}
+    args.output.write_text(json.dumps(result, indent=1))
+    table = markdown(rows, machine) + lm_markdown(lm_row)
     args.output.with_suffix(".md").write_text(table)
     print(table)
     return 0

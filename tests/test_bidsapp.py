@@ -470,3 +470,26 @@ def test_raw_dataset_without_derivatives_folder_names_no_files(tmp_path):
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert done.returncode == 18 and "filters matched no files" in done.stderr
+
+
+def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
+    """The README's first command: BIDS demo -> participant -> group -> lm -> BIDS statmaps."""
+    from greyarray import cli
+
+    assert cli.main(["demo", str(tmp_path / "demo"), "--subjects", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "GreyArray group level done" in out and "Model thickness ~ age + sex" in out
+    group = tmp_path / "demo" / "output" / "group"
+    stem = "space-fsLR_den-91k_desc-thicknessLm_contrast-age_stat-effect_statmap"
+    slope = np.asarray(nb.load(group / f"{stem}.dscalar.nii").dataobj)[0]
+    with h5py.File(group / "desc-thickness_modelarray.h5", "r") as h5:
+        names = list(h5["results/lm/column_names"].asstr()[()])
+        table = h5["results/lm/results_matrix"][()]
+    assert np.array_equal(slope, table[names.index("age.estimate")].astype(np.float32))
+    assert np.nanmedian(slope) < 0  # the demo's thickness thins with age
+    assert json.loads((group / f"{stem}.json").read_text())["ModelArrayColumn"] == "age.estimate"
+    citation = (tmp_path / "demo" / "output" / "logs" / "CITATION.md").read_text()
+    assert "the linear model `thickness ~ age + sex` was fitted" in citation
+    assert "[@bh1995]" in citation and "$" not in citation
+    code = cli.main(["demo", str(tmp_path / "demo"), "--subjects", "12"])
+    assert code == 73  # outputs exist: --overwrite is needed to redo them

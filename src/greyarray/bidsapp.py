@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import yaml
 from tqdm import tqdm
 
@@ -126,15 +127,23 @@ def build_parser() -> Parser:
     run.add_argument(
         "--analysis-name",
         metavar="NAME",
-        help="group: export ModelArray's results of this analysis as BIDS maps",
+        help="group: export ModelArray's results of this analysis as BIDS maps (with --model: "
+        "the name of the fitted analysis, default lm)",
+    )
+    run.add_argument(
+        "--model",
+        metavar="FORMULA",
+        help="group: fit this linear model at every element (e.g. 'thickness ~ age + sex', "
+        "the response being a scalar), as ModelArray.lm does, and export the maps",
     )
     run.add_argument("-v", "--verbose", action="count", default=0, help="more messages (-vv)")
+    run.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     return parser
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.INFO
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s", force=True)
     if args.analysis_level not in ("participant", "group"):
         raise UnknownLevelError(
@@ -178,12 +187,13 @@ class App:
         except OSError as err:
             raise OutputError(f"{self.output_dir}: cannot create output ({err.strerror})") from None
         self._log_to_file()
-        if self.args.analysis_level == "group" and self.args.analysis_name:
-            return self.export()
-        scalars = self.find(roots)
         if self.args.analysis_level == "participant":
-            return self.participant(scalars)
-        return self.group(scalars)
+            return self.participant(self.find(roots))
+        if self.args.model:
+            return self.model(roots)
+        if self.args.analysis_name:
+            return self.export()
+        return self.group(self.find(roots))
 
     # ---- discovery -------------------------------------------------------------------------
     def find(self, roots: list[Path]) -> dict[str, list[discover.Found]]:
@@ -319,7 +329,7 @@ class App:
         return {"queries": self.queries, "patterns": self.patterns, "sessions": self.sessions}
 
     # ---- group level -----------------------------------------------------------------------
-    def group(self, scalars: dict[str, list[discover.Found]]) -> int:
+    def group(self, scalars: dict[str, list[discover.Found]], summary: bool = True) -> int:
         import h5py
 
         from greyarray.cohort import Cohort, build_cohort, report_mismatch
@@ -367,7 +377,8 @@ class App:
             atomic_write(h5.with_suffix(".json"), (json.dumps(sidecar, indent=1) + "\n").encode())
             written[name] = (csv, h5, table)
         self._write_logs(scalars, options, nonfinite)
-        self._summary(written)
+        if summary:
+            self._summary(written)
         return 0
 
     def _phenotypes(self):
@@ -483,8 +494,51 @@ class App:
         ]
         print("\n".join(lines))
 
+    # ---- group --model ---------------------------------------------------------------------
+    def model(self, roots: list[Path]) -> int:
+        """Convert (unless the response's HDF5 exists), fit, export: the whole pipeline."""
+        from greyarray.lm import fit_lm, parse_formula
+
+        response, _ = parse_formula(self.args.model)
+        self.args.analysis_name = self.args.analysis_name or "lm"
+        h5 = self.output_dir / "group" / f"desc-{derivatives.label(response)}_modelarray.h5"
+        if h5.exists() and not self.args.overwrite:
+            log.info("Using %s (converted earlier)", h5)
+        else:
+            scalars = self.find(roots)
+            if response not in scalars:
+                raise UsageError(
+                    f"the model's response {response!r} is not a scalar "
+                    f"(scalars: {', '.join(scalars)})"
+                )
+            self.group({response: scalars[response]}, summary=False)
+        cohort = h5.with_name(h5.name.replace("_modelarray.h5", "_cohort.csv"))
+        columns = fit_lm(
+            h5, cohort, self.args.model, self.args.analysis_name, overwrite=self.args.overwrite
+        )
+        self.args.scalar = [response]
+        code = self.export({"model_text": _model_text(self.args.model)})
+        self._model_summary(h5, columns)
+        return code
+
+    def _model_summary(self, h5_path: Path, columns: list[str]) -> None:
+        import h5py
+
+        with h5py.File(h5_path, "r") as h5:
+            table = h5[f"results/{self.args.analysis_name}/results_matrix"][()]
+        fitted = int(np.isfinite(table[1]).sum())
+        lines = [f"\nModel {self.args.model}: fitted at {fitted:,} of {table.shape[1]:,} elements"]
+        if fitted < table.shape[1]:
+            lines[0] += " (the others have too few participants with finite values)"
+        for i, name in enumerate(columns):
+            if name.endswith(".p.value.fdr"):
+                significant = int((table[i] < 0.05).sum())
+                term = name.removesuffix(".p.value.fdr")
+                lines.append(f"  {term}: {significant:,} elements with FDR-corrected p < 0.05")
+        print("\n".join(lines))
+
     # ---- group --analysis-name -------------------------------------------------------------
-    def export(self) -> int:
+    def export(self, about: dict | None = None) -> int:
         import h5py
 
         group_dir = self.output_dir / "group"
@@ -510,7 +564,12 @@ class App:
             derivatives.write_citation(
                 facts.parent,
                 json.loads(facts.read_text()),
-                {"analysis": self.args.analysis_name, "n_maps": len(done)},
+                {
+                    "model_text": "",
+                    **(about or {}),
+                    "analysis": self.args.analysis_name,
+                    "n_maps": len(done),
+                },
             )
         print(f"Exported {len(done)} statistical maps to {group_dir}")
         return 0
@@ -549,6 +608,16 @@ class App:
             )
             out.append(path)
         return out
+
+
+def _model_text(formula: str) -> str:
+    return (
+        f"At every element, the linear model `{formula}` was fitted by ordinary least squares "
+        "with GreyArray, following ModelArray.lm's rules [@modelarray]: an element was fitted "
+        "only when more than max(10, 0.2 N) of the N participants had a finite value, "
+        "participants with a missing phenotype were left out, and p-values were corrected "
+        "for the false discovery rate over elements [@bh1995].\n"
+    )
 
 
 def _nonfinite_text(counts: list[int]) -> str:

@@ -235,10 +235,79 @@ def run_export_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def fit_lm_parser(prog: str = "greyarray fit-lm") -> Parser:
+    parser = Parser(
+        prog=prog,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Fit a linear model at every element, with ModelArray.lm's rules and "
+        "outputs, and write results/<analysis> into the HDF5 as ModelArray's writeResults "
+        "does. R formula syntax: numeric and categorical variables (treatment contrasts, R's "
+        "column names such as sexM), interactions (age:sex, age*sex), I(age^2), factor(x), "
+        "intercept removal (0 + ... or - 1).",
+    )
+    _option(parser, "--input-hdf5", required=True, type=Path, help="HDF5 from to-modelarray")
+    _option(
+        parser,
+        "--cohort-file",
+        required=True,
+        type=Path,
+        help="cohort CSV whose source_file values are the HDF5's subject names",
+    )
+    parser.add_argument(
+        "--formula",
+        required=True,
+        help="R formula; its response is the scalar, e.g. 'thickness ~ age + sex'",
+    )
+    _option(parser, "--analysis-name", default="lm", help="results/<name> in the HDF5")
+    parser.add_argument("--scalar", help="scalar to model (default: the formula's response)")
+    _option(
+        parser,
+        "--full-outputs",
+        action="store_true",
+        help="also std.error and the model's r.squared, sigma, statistic, df, logLik, AIC, "
+        "BIC, deviance, df.residual, nobs (ModelArray's full.outputs=TRUE)",
+    )
+    parser.add_argument(
+        "--num-subj-lthr-abs",
+        type=float,
+        default=10,
+        help="fit an element only with more valid subjects than this ...",
+    )
+    parser.add_argument(
+        "--num-subj-lthr-rel",
+        type=float,
+        default=0.2,
+        help="... and more than this fraction of all subjects",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace results/<name>")
+    _common(parser)
+    return parser
+
+
+def run_fit_lm(args: argparse.Namespace) -> int:
+    from greyarray.lm import fit_lm
+
+    columns = fit_lm(
+        args.input_hdf5,
+        args.cohort_file,
+        args.formula,
+        args.analysis_name,
+        scalar=args.scalar,
+        full_outputs=args.full_outputs,
+        lthr_abs=args.num_subj_lthr_abs,
+        lthr_rel=args.num_subj_lthr_rel,
+        overwrite=args.overwrite,
+    )
+    log.info(
+        "Wrote results/%s (%d columns) to %s", args.analysis_name, len(columns), args.input_hdf5
+    )
+    return 0
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from greyarray.demo import run_demo as demo
 
-    return demo(args.folder, args.subjects, args.overwrite)
+    return demo(args.folder, args.subjects, args.overwrite, args.log_level != "INFO")
 
 
 def demo_parser(prog: str = "greyarray demo") -> Parser:
@@ -257,6 +326,7 @@ def demo_parser(prog: str = "greyarray demo") -> Parser:
 COMMANDS: dict[str, tuple[Callable[[], Parser], Callable[[argparse.Namespace], int]]] = {
     "to-modelarray": (to_modelarray_parser, run_to_modelarray),
     "export-results": (export_results_parser, run_export_results),
+    "fit-lm": (fit_lm_parser, run_fit_lm),
     "demo": (demo_parser, run_demo),
 }
 

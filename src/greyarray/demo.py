@@ -103,7 +103,9 @@ def write_bids_demo(root: Path, n_subjects: int = 20, seed: int = 0) -> Path:
     return root
 
 
-def run_demo(folder: Path, n_subjects: int = 20, overwrite: bool = False) -> int:
+def run_demo(
+    folder: Path, n_subjects: int = 20, overwrite: bool = False, quiet: bool = False
+) -> int:
     """Write a BIDS demo dataset in ``folder/bids`` and run both levels into ``folder/output``."""
     from greyarray.bidsapp import main as bids_app
 
@@ -114,6 +116,9 @@ def run_demo(folder: Path, n_subjects: int = 20, overwrite: bool = False) -> int
         )
         write_bids_demo(bids, n_subjects)
     output = folder / "output"
-    extra = ["--overwrite"] if overwrite else []
-    bids_app([str(bids), str(output), "participant"])
-    return bids_app([str(bids), str(output), "group", *extra])
+    flags = ["--quiet"] if quiet else []
+    again = ["--overwrite"] if overwrite else []
+    bids_app([str(bids), str(output), "participant", *flags])
+    bids_app([str(bids), str(output), "group", *flags, *again])
+    model = ["--model", "thickness ~ age + sex"]
+    return bids_app([str(bids), str(output), "group", *model, *flags, *again])

@@ -21,6 +21,7 @@ import yaml
 
 from greyarray import __version__
 from greyarray.fileio import atomic_write, locked
+from greyarray.lm import MODEL_STATS, TERM_STATS
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +37,7 @@ BIDSIGNORE = [
 ]
 # ModelArray column suffix -> BIDS statistic label (others: non-alphanumerics dropped)
 STATS = {"estimate": "effect", "std.error": "se", "statistic": "statistic", "p.value": "p"}
-KNOWN = [
-    "estimate",
-    "std.error",
-    "statistic",
-    "p.value",
-    "adj.r.squared",
-    "r.squared",
-    "sigma",
-    "df",
-    "logLik",
-    "AIC",
-    "BIC",
-    "deviance",
-    "df.residual",
-    "nobs",
-    "edf",
-    "ref.df",
-    "dev.expl",
-]
+KNOWN = [*TERM_STATS, *MODEL_STATS, "edf", "ref.df", "dev.expl"]  # + GAM statistics
 
 
 def container() -> dict | None:
