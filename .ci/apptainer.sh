@@ -31,7 +31,7 @@ echo root:100000:65536 > /etc/subuid; echo root:100000:65536 > /etc/subgid
 sed -e 's#^Bootstrap:.*#Bootstrap: docker-archive#' -e 's#^From:.*#From: /ctx/base.tar#' \
     -e '/^%post/a\    [ -s /mnt/ca.crt ] \&\& export PIP_CERT=/mnt/ca.crt' /src/apptainer.def > /tmp/ci.def
 cp -r /src /tmp/src && cd /tmp/src
-apptainer build --fakeroot --bind /ctx/ca:/mnt /tmp/app.sif /tmp/ci.def
+apptainer build --notest --fakeroot --bind /ctx/ca:/mnt /tmp/app.sif /tmp/ci.def
 apptainer test --fakeroot /tmp/app.sif
 run() { apptainer run --cleanenv --fakeroot --bind /data:/data:ro --bind /out:/out /tmp/app.sif "$@"; }
 run --version
