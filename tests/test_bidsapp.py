@@ -493,3 +493,37 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     assert "[@bh1995]" in citation and "$" not in citation
     code = cli.main(["demo", str(tmp_path / "demo"), "--subjects", "12"])
     assert code == 73  # outputs exist: --overwrite is needed to redo them
+
+
+def test_derivatives_and_participants_file_options(tmp_path, template):
+    """Derivatives outside BIDS_DIR/derivatives, and phenotypes from another file."""
+    from greyarray import cli
+
+    description(tmp_path / "raw")
+    data = xcpd(tmp_path / "elsewhere" / "xcpd", template, subjects=("01", "02"), sessions=("1",))
+    pd.DataFrame({"participant_id": ["01", "sub-02"], "iq": ["100", "n/a"]}).to_csv(
+        tmp_path / "pheno.tsv", sep="\t", index=False
+    )
+    args = [
+        str(tmp_path / "raw"),
+        str(tmp_path / "out"),
+        "group",
+        "--derivatives",
+        f"xcpd={data.root}",
+        "--participants-file",
+        str(tmp_path / "pheno.tsv"),
+        "--scalar",
+        "reho",
+    ]
+    assert cli.main(args) == 0
+    table = pd.read_csv(tmp_path / "out" / "group" / "desc-reho_cohort.csv")
+    assert table["participant_id"].tolist() == ["sub-01", "sub-02"]
+    assert table["iq"].tolist()[0] == 100 and np.isnan(table["iq"].tolist()[1])
+    missing = [
+        str(tmp_path / "raw"),
+        str(tmp_path / "o2"),
+        "group",
+        "--derivatives",
+        f"x={tmp_path / 'nowhere'}",
+    ]
+    assert cli.main(missing) == 66

@@ -65,7 +65,14 @@ def fixture_h5(tmp_path):
 def test_equals_stored_r_output(fixture_h5):
     """tests/data/lm/expected.csv was made once by tests/r/lm_reference.R (R 4.2 lm)."""
     h5, _, _ = fixture_h5
-    lm.fit_lm(h5, h5.parent / "cohort.csv", f"y ~ {RHS}", "lm", full_outputs=True)
+    lm.fit_lm(
+        h5,
+        h5.parent / "cohort.csv",
+        f"y ~ {RHS}",
+        "lm",
+        term_stats=lm.TERM_STATS,
+        model_stats=lm.MODEL_STATS,
+    )
     expected = pd.read_csv(LM_DATA / "expected.csv")
     ours = read_results(h5)
     assert_like_r(ours, expected)
@@ -133,7 +140,14 @@ def test_equals_live_r_on_fresh_data(tmp_path):
             capture_output=True,
         )
         h5 = make_h5(tmp_path, phenotypes, values)
-        lm.fit_lm(h5, tmp_path / "cohort.csv", f"y ~ {rhs}", "lm", full_outputs=True)
+        lm.fit_lm(
+            h5,
+            tmp_path / "cohort.csv",
+            f"y ~ {rhs}",
+            "lm",
+            term_stats=lm.TERM_STATS,
+            model_stats=lm.MODEL_STATS,
+        )
         assert_like_r(read_results(h5), pd.read_csv(tmp_path / "r.csv"))
 
 
@@ -151,7 +165,14 @@ def test_equals_independent_numpy_ols(tmp_path):
     values = rng.normal(size=(n, g)).astype(np.float32)
     values[rng.uniform(size=values.shape) < 0.15] = np.nan
     h5 = make_h5(tmp_path, phenotypes, values)
-    lm.fit_lm(h5, tmp_path / "cohort.csv", "y ~ age + sex", "lm", full_outputs=True)
+    lm.fit_lm(
+        h5,
+        tmp_path / "cohort.csv",
+        "y ~ age + sex",
+        "lm",
+        term_stats=lm.TERM_STATS,
+        model_stats=lm.MODEL_STATS,
+    )
     ours = read_results(h5)
     x_all = np.column_stack([np.ones(n), phenotypes["age"], phenotypes["sex"] == "M"])
     for j in range(g):

@@ -264,8 +264,34 @@ def fit_lm_parser(prog: str = "greyarray fit-lm") -> Parser:
         parser,
         "--full-outputs",
         action="store_true",
-        help="also std.error and the model's r.squared, sigma, statistic, df, logLik, AIC, "
-        "BIC, deviance, df.residual, nobs (ModelArray's full.outputs=TRUE)",
+        help="every statistic below (ModelArray's full.outputs=TRUE)",
+    )
+    parser.add_argument(
+        "--var-terms",
+        nargs="+",
+        default=["estimate", "statistic", "p.value"],
+        choices=["estimate", "std.error", "statistic", "p.value"],
+        help="statistics of each term (ModelArray's var.terms)",
+    )
+    parser.add_argument(
+        "--var-model",
+        nargs="+",
+        default=["adj.r.squared", "p.value"],
+        choices=[
+            "r.squared",
+            "adj.r.squared",
+            "sigma",
+            "statistic",
+            "p.value",
+            "df",
+            "logLik",
+            "AIC",
+            "BIC",
+            "deviance",
+            "df.residual",
+            "nobs",
+        ],
+        help="statistics of the model (ModelArray's var.model)",
     )
     parser.add_argument(
         "--num-subj-lthr-abs",
@@ -285,7 +311,7 @@ def fit_lm_parser(prog: str = "greyarray fit-lm") -> Parser:
 
 
 def run_fit_lm(args: argparse.Namespace) -> int:
-    from greyarray.lm import fit_lm
+    from greyarray.lm import MODEL_STATS, TERM_STATS, fit_lm
 
     columns = fit_lm(
         args.input_hdf5,
@@ -293,7 +319,8 @@ def run_fit_lm(args: argparse.Namespace) -> int:
         args.formula,
         args.analysis_name,
         scalar=args.scalar,
-        full_outputs=args.full_outputs,
+        term_stats=TERM_STATS if args.full_outputs else args.var_terms,
+        model_stats=MODEL_STATS if args.full_outputs else args.var_model,
         lthr_abs=args.num_subj_lthr_abs,
         lthr_rel=args.num_subj_lthr_rel,
         overwrite=args.overwrite,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,8 +58,6 @@ BLOCK_BYTES = 32 * 2**20  # float64 values of one block of elements, all subject
 class Design:
     """The model matrix of the subjects with complete phenotypes, with R's column names."""
 
-    formula: str
-    response: str
     matrix: np.ndarray  # (n_complete, p)
     columns: list[str]  # R names: (Intercept) -> Intercept, sexM, age:sexM, I(age^2)
     rows: np.ndarray  # indices (in HDF5 subject order) of the subjects in ``matrix``
@@ -106,7 +105,7 @@ def build_design(formula: str, phenotypes: pd.DataFrame) -> Design:
     from formulaic import model_matrix
     from formulaic.errors import FormulaicError
 
-    response, rhs = parse_formula(formula)
+    _, rhs = parse_formula(formula)
     try:
         matrix = model_matrix(_to_formulaic(rhs), phenotypes, na_action="drop")
     except (FormulaicError, NameError, KeyError, SyntaxError, ValueError, TypeError) as err:
@@ -125,8 +124,6 @@ def build_design(formula: str, phenotypes: pd.DataFrame) -> Design:
             rhs,
         )
     return Design(
-        formula,
-        response,
         np.asarray(matrix, dtype=np.float64),
         columns,
         rows,
@@ -330,12 +327,16 @@ def fit_lm(
     analysis: str,
     *,
     scalar: str | None = None,
-    full_outputs: bool = False,
+    term_stats: Sequence[str] = DEFAULT_TERM_STATS,
+    model_stats: Sequence[str] = DEFAULT_MODEL_STATS,
     lthr_abs: float = 10,
     lthr_rel: float = 0.2,
     overwrite: bool = False,
 ) -> list[str]:
-    """Fit ``formula`` at every element of ``h5_path`` and write results/<analysis>."""
+    """Fit ``formula`` at every element of ``h5_path`` and write results/<analysis>.
+
+    ``term_stats`` and ``model_stats`` are ModelArray.lm's ``var.terms`` and ``var.model``.
+    """
     if not h5_path.is_file():
         raise MissingInputError(f"{h5_path}: HDF5 file not found")
     if not cohort_path.is_file():
@@ -354,8 +355,6 @@ def fit_lm(
         names = list(h5[f"scalars/{scalar}/column_names"].asstr()[()])
         phenotypes = match_cohort(cohort, names, scalar, cohort_path)
         design = build_design(formula, phenotypes)
-        term_stats = TERM_STATS if full_outputs else DEFAULT_TERM_STATS
-        model_stats = MODEL_STATS if full_outputs else DEFAULT_MODEL_STATS
         values = h5[f"scalars/{scalar}/values"]
         fitter = Fitter(design, len(names), values.shape[1], lthr_abs, lthr_rel)
         log.info(
