@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from greyarray import __version__, cifti, derivatives, discover, export, sources
+from greyarray import __version__, cifti, derivatives, discover, sources
 from greyarray.cli import Parser, default_nprocs
 from greyarray.errors import DataError, GreyArrayError, MissingInputError, OutputError, UsageError
 from greyarray.fileio import atomic_write
@@ -368,7 +368,7 @@ class App:
                 nonfinite += list(stored[f"greyarray/sources/{name}/nonfinite_count"][()])
             sidecar = {
                 "Scalar": name,
-                "Entities": _common_entities(files),
+                "Entities": discover.common_entities(files),
                 "Participants": table["participant_id"].nunique(),
                 "Files": len(files),
                 "CohortFile": csv.name,
@@ -432,7 +432,7 @@ class App:
         files = [f for fs in scalars.values() for f in fs]
         n_sessions = len({(f.subject, f.session) for f in files if f.session})
         kinds = Counter(_kind(f.path) for f in files)
-        entities = _common_entities(files)
+        entities = discover.common_entities(files)
         space = " ".join(f"{k}-{v}" for k, v in entities.items() if k in ("space", "den", "seg"))
         elements = sorted(
             {cifti.read_file(fs[0].path).geometry.n_elements for fs in scalars.values()}
@@ -553,7 +553,7 @@ class App:
             with h5py.File(h5_path, "r") as h5:
                 if self.args.analysis_name not in h5.get("results", {}):
                     continue
-            done += self._export_one(h5_path, meta)
+            done += derivatives.write_statmaps(h5_path, meta, self.args.analysis_name)
         if not done:
             raise DataError(
                 f"{group_dir}: no HDF5 holds results/{self.args.analysis_name} "
@@ -573,41 +573,6 @@ class App:
             )
         print(f"Exported {len(done)} statistical maps to {group_dir}")
         return 0
-
-    def _export_one(self, h5_path: Path, meta: dict) -> list[Path]:
-        import h5py
-
-        analysis = self.args.analysis_name
-        with h5py.File(h5_path, "r") as h5:
-            geometry = export.resolve_geometry(h5, None)
-            results = export.read_results(h5, analysis, geometry.n_elements)
-        entities = "_".join(
-            f"{discover.KEYS[k]}-{v}"
-            for k, v in meta["Entities"].items()
-            if k not in ("stat", "desc")
-        )
-        writer = cifti.CiftiWriter(geometry)
-        out = []
-        for column, values in export.result_maps(results):
-            name = derivatives.statmap_name(
-                entities, meta["Scalar"], analysis, column, cifti.EXTENSIONS[geometry.kind]
-            )
-            path = h5_path.parent / name
-            writer.write(path, values, column)
-            sidecar = {
-                "ModelArrayColumn": column,
-                "Scalar": meta["Scalar"],
-                "Analysis": analysis,
-                "SourceHDF5": h5_path.name,
-            }
-            if ".1m." in f".{column}":
-                sidecar["Description"] = "1 - p-value, for display"
-            atomic_write(
-                path.with_name(path.name.split(".")[0] + ".json"),
-                (json.dumps(sidecar, indent=1) + "\n").encode(),
-            )
-            out.append(path)
-        return out
 
 
 def _model_text(formula: str) -> str:
@@ -642,16 +607,6 @@ def _sha(data: bytes) -> str:
 
 def _kind(path: Path) -> str:
     return next(ext[1:-4] for ext in cifti.EXTENSIONS.values() if path.name.endswith(ext))
-
-
-def _common_entities(files: list[discover.Found]) -> dict[str, str]:
-    """Entities every file of a scalar shares, in BIDS order (for names and sidecars)."""
-    first = files[0].entities
-    return {
-        k: first[k]
-        for k in discover.KEYS
-        if k in first and all(f.entities.get(k) == first[k] for f in files)
-    }
 
 
 def _find_participants(bids_dir: Path) -> Path | None:

@@ -148,3 +148,39 @@ def statmap_name(entities: str, scalar: str, analysis: str, column: str, ext: st
     desc = label(scalar) + label(analysis)[:1].upper() + label(analysis)[1:]
     prefix = f"{entities}_" if entities else ""
     return f"{prefix}desc-{desc}_contrast-{contrast}_stat-{stat_label}_statmap{ext}"
+
+
+def write_statmaps(h5_path: Path, meta: dict, analysis: str) -> list[Path]:
+    """Export results/<analysis> of a group HDF5 as BIDS statistical maps beside it, each with a
+    JSON sidecar naming its ModelArray column; ``meta`` is the HDF5's sidecar (scalar, entities)."""
+    import h5py
+
+    from greyarray import cifti, export
+    from greyarray.discover import KEYS
+
+    with h5py.File(h5_path, "r") as h5:
+        geometry = export.resolve_geometry(h5, None)
+        results = export.read_results(h5, analysis, geometry.n_elements)
+    entities = "_".join(
+        f"{KEYS[k]}-{v}" for k, v in meta["Entities"].items() if k not in ("stat", "desc")
+    )
+    writer = cifti.CiftiWriter(geometry)
+    paths = []
+    for column, values in export.result_maps(results):
+        ext = cifti.EXTENSIONS[geometry.kind]
+        path = h5_path.parent / statmap_name(entities, meta["Scalar"], analysis, column, ext)
+        writer.write(path, values, column)
+        sidecar = {
+            "ModelArrayColumn": column,
+            "Scalar": meta["Scalar"],
+            "Analysis": analysis,
+            "SourceHDF5": h5_path.name,
+        }
+        if ".1m." in f".{column}":
+            sidecar["Description"] = "1 - p-value, for display"
+        atomic_write(
+            path.with_name(path.name.split(".")[0] + ".json"),
+            (json.dumps(sidecar, indent=1) + "\n").encode(),
+        )
+        paths.append(path)
+    return paths

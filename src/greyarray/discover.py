@@ -308,3 +308,13 @@ def _check_one_file_per_visit(name: str, files: list[Found]) -> None:
                 " (select one with --bids-filter-file or name scalars in --config)"
             )
         visits[visit] = item
+
+
+def common_entities(files: list[Found]) -> dict[str, str]:
+    """Entities every file of a scalar shares, in BIDS order (for names and sidecars)."""
+    first = files[0].entities
+    return {
+        k: first[k]
+        for k in KEYS
+        if k in first and all(f.entities.get(k) == first[k] for f in files)
+    }
