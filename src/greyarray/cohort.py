@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
@@ -30,7 +31,7 @@ class Cohort:
     path: Path
     table: pd.DataFrame  # columns scalar_name, source_file, then the rest, one row per file
 
-    @property
+    @cached_property
     def scalars(self) -> dict[str, list[str]]:
         """{scalar name: its source_file strings, in cohort order}, scalars in first-seen order."""
         groups = self.table.groupby("scalar_name", sort=False)["source_file"]
