@@ -527,3 +527,18 @@ def test_derivatives_and_participants_file_options(tmp_path, template):
         f"x={tmp_path / 'nowhere'}",
     ]
     assert cli.main(missing) == 66
+
+
+def test_output_inside_derivatives_is_not_an_input(tmp_path, template, capsys):
+    """OUTPUT_DIR = BIDS_DIR/derivatives/greyarray, the usual place, is never indexed as input,
+    although it is a derivatives dataset after the first run."""
+    from greyarray import cli
+
+    raw_with_fmriprep(tmp_path / "bids", template)
+    out = tmp_path / "bids" / "derivatives" / "greyarray"
+    args = [str(tmp_path / "bids"), str(out), "group", "--scalar", "curv"]
+    assert cli.main(args) == 0
+    assert cli.main([*args, "--overwrite"]) == 0
+    err = capsys.readouterr().err
+    assert f"Indexing {tmp_path / 'bids' / 'derivatives' / 'fmriprep'}" in err
+    assert f"Indexing {out}" not in err

@@ -182,6 +182,7 @@ class App:
 
     def run(self) -> int:
         roots = discover.dataset_roots(self.bids_dir, self.derivatives, bool(self.patterns))
+        roots = [root for root in roots if root != self.output_dir]  # e.g. derivatives/greyarray
         try:
             derivatives.init_dataset(self.output_dir, [self.bids_dir])
         except OSError as err:
