@@ -27,7 +27,7 @@ from tqdm import tqdm
 from greyarray import __version__, cifti, derivatives, discover, sources
 from greyarray.cli import Parser, default_nprocs
 from greyarray.errors import DataError, GreyArrayError, MissingInputError, OutputError, UsageError
-from greyarray.fileio import atomic_write
+from greyarray.fileio import atomic_write, write_json
 
 log = logging.getLogger("greyarray")
 
@@ -295,10 +295,7 @@ class App:
             }
             folder = self.output_dir / f"sub-{subject}"
             folder.mkdir(exist_ok=True)
-            atomic_write(
-                folder / f"sub-{subject}_greyarray.json",
-                (json.dumps(manifest, indent=1) + "\n").encode(),
-            )
+            write_json(folder / f"sub-{subject}_greyarray.json", manifest)
         print(
             f"Checked {sum(len(v) for v in by_subject.values())} files of "
             f"{len(by_subject)} participant(s); manifests in {self.output_dir}/sub-*/"
@@ -375,7 +372,7 @@ class App:
                 "CohortFile": csv.name,
                 "Sources": sorted({str(f.root) for f in files}),
             }
-            atomic_write(h5.with_suffix(".json"), (json.dumps(sidecar, indent=1) + "\n").encode())
+            write_json(h5.with_suffix(".json"), sidecar)
             written[name] = (csv, h5, table)
         self._write_logs(scalars, options, nonfinite)
         if summary:
@@ -458,7 +455,7 @@ class App:
             "storage_text": f"{options.description}, chunks of at most 1 MiB holding all "
             "participants",
         }
-        atomic_write(logs / "citation-facts.json", json.dumps(facts, indent=1).encode())
+        write_json(logs / "citation-facts.json", facts)
         derivatives.write_citation(logs, facts)
 
     def _log_to_file(self) -> None:

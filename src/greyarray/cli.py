@@ -236,6 +236,8 @@ def run_export_results(args: argparse.Namespace) -> int:
 
 
 def fit_lm_parser(prog: str = "greyarray fit-lm") -> Parser:
+    from greyarray import lm  # scipy and formulaic: imported only for this command
+
     parser = Parser(
         prog=prog,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -269,28 +271,15 @@ def fit_lm_parser(prog: str = "greyarray fit-lm") -> Parser:
     parser.add_argument(
         "--var-terms",
         nargs="+",
-        default=["estimate", "statistic", "p.value"],
-        choices=["estimate", "std.error", "statistic", "p.value"],
+        default=list(lm.DEFAULT_TERM_STATS),
+        choices=lm.TERM_STATS,
         help="statistics of each term (ModelArray's var.terms)",
     )
     parser.add_argument(
         "--var-model",
         nargs="+",
-        default=["adj.r.squared", "p.value"],
-        choices=[
-            "r.squared",
-            "adj.r.squared",
-            "sigma",
-            "statistic",
-            "p.value",
-            "df",
-            "logLik",
-            "AIC",
-            "BIC",
-            "deviance",
-            "df.residual",
-            "nobs",
-        ],
+        default=list(lm.DEFAULT_MODEL_STATS),
+        choices=lm.MODEL_STATS,
         help="statistics of the model (ModelArray's var.model)",
     )
     parser.add_argument(

@@ -9,7 +9,6 @@ naming fitlins and nilearn use: ``contrast-<term>_stat-<statistic>_statmap``).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -20,7 +19,7 @@ from string import Template
 import yaml
 
 from greyarray import __version__
-from greyarray.fileio import atomic_write, locked
+from greyarray.fileio import atomic_write, locked, write_json
 from greyarray.lm import MODEL_STATS, TERM_STATS
 
 log = logging.getLogger(__name__)
@@ -78,7 +77,7 @@ def init_dataset(output_dir: Path, sources: list[Path]) -> None:
     with locked(output_dir / ".greyarray.lock"):
         path = output_dir / "dataset_description.json"
         if not path.exists():
-            atomic_write(path, (json.dumps(description(sources), indent=2) + "\n").encode())
+            write_json(path, description(sources), indent=2)
         ignore = output_dir / ".bidsignore"
         lines = ignore.read_text().splitlines() if ignore.exists() else []
         missing = [entry for entry in BIDSIGNORE if entry not in lines]
@@ -178,9 +177,6 @@ def write_statmaps(h5_path: Path, meta: dict, analysis: str) -> list[Path]:
         }
         if ".1m." in f".{column}":
             sidecar["Description"] = "1 - p-value, for display"
-        atomic_write(
-            path.with_name(path.name.split(".")[0] + ".json"),
-            (json.dumps(sidecar, indent=1) + "\n").encode(),
-        )
+        write_json(path.with_name(path.name.split(".")[0] + ".json"), sidecar)
         paths.append(path)
     return paths

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 import platform
 import re
 import shlex
@@ -38,6 +37,7 @@ from tqdm import tqdm
 from greyarray import __version__
 from greyarray.cifti import Geometry
 from greyarray.errors import DataError, OutputError
+from greyarray.fileio import replacing
 from greyarray.sources import Source, check_sources
 
 if TYPE_CHECKING:
@@ -146,17 +146,12 @@ def write_modelarray(
 ) -> None:
     """Write all scalars (which share one geometry) to ``path`` atomically."""
     geometry = next(iter(scalars.values()))[0].file.geometry
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with h5py.File(tmp, "w", libver=LIBVER) as h5:
-            _write_modelarrayio_geometry(h5, geometry)
-            _write_geometry(h5.create_group("greyarray/geometry"), geometry)
-            _write_provenance(h5["greyarray"], options, command_line or shlex.join(sys.argv))
-            for name, sources in scalars.items():
-                _write_scalar(h5, name, sources, options)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replacing(path) as tmp, h5py.File(tmp, "w", libver=LIBVER) as h5:
+        _write_modelarrayio_geometry(h5, geometry)
+        _write_geometry(h5.create_group("greyarray/geometry"), geometry)
+        _write_provenance(h5["greyarray"], options, command_line or shlex.join(sys.argv))
+        for name, sources in scalars.items():
+            _write_scalar(h5, name, sources, options)
 
 
 def _write_scalar(h5: h5py.File, name: str, sources: Sequence[Source], options: StoreOptions):
@@ -174,18 +169,12 @@ def _write_scalar(h5: h5py.File, name: str, sources: Sequence[Source], options: 
     values = h5.create_dataset(
         f"scalars/{name}/values", shape=(n, g), dtype=dtype, chunks=chunks, **options.filters
     )
-    h5.create_dataset(
-        f"scalars/{name}/column_names",
-        data=[s.column_name for s in sources],
-        dtype=h5py.string_dtype(),
-    )
-    prov = h5.create_group(f"greyarray/sources/{name}")
-    prov.create_dataset(
-        "path", data=[str(s.file.path.resolve()) for s in sources], dtype=h5py.string_dtype()
-    )
-    prov.create_dataset("sha256", data=[s.sha256 for s in sources], dtype=h5py.string_dtype())
-    prov.create_dataset("nonfinite_count", data=[s.n_nonfinite for s in sources], dtype="i8")
-    prov.create_dataset("map_name", data=[s.map_name for s in sources], dtype=h5py.string_dtype())
+    _strings(h5, f"scalars/{name}/column_names", [s.column_name for s in sources])
+    prov = f"greyarray/sources/{name}"
+    _strings(h5, f"{prov}/path", [s.file.path.resolve() for s in sources])
+    _strings(h5, f"{prov}/sha256", [s.sha256 for s in sources])
+    _strings(h5, f"{prov}/map_name", [s.map_name for s in sources])
+    h5.create_dataset(f"{prov}/nonfinite_count", data=[s.n_nonfinite for s in sources], dtype="i8")
     _fill(values, sources, options)
 
 
