@@ -31,7 +31,8 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from greyarray import __version__, cifti
+from greyarray import __version__
+from greyarray.io import cifti
 from greyarray.demo import phenotypes, template_path, thickness_maps
 
 HERE = Path(__file__).resolve().parent

@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from greyarray import cifti, cli
+from greyarray import cli
 from greyarray.demo import template_path
+from greyarray.io import cifti
 
 DATA = Path(__file__).parent / "data"
 CONTE91K = DATA / "Conte69.MyelinAndCorrThickness.91k_fs_LR.dscalar.nii"

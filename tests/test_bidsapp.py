@@ -18,7 +18,7 @@ from bids_datasets import description, hcp, raw_with_fmriprep, xcpd
 from conftest import CONTE32K
 from test_export import NAMES, fake_results, write_results
 
-from greyarray import cifti
+from greyarray.io import cifti
 
 
 @pytest.fixture(scope="module")

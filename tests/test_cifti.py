@@ -10,8 +10,8 @@ import pytest
 from conftest import CONTE32K, CONTE91K, PCONN, PSCALAR, WRONG_TYPES
 from nibabel.cifti2 import cifti2_axes
 
-from greyarray import cifti
 from greyarray.errors import DataError, MissingInputError
+from greyarray.io import cifti
 
 
 @pytest.mark.parametrize("path", [CONTE91K, CONTE32K, PSCALAR, PCONN], ids=lambda p: p.name)

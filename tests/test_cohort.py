@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from greyarray.cohort import load_cohort
 from greyarray.errors import DataError
+from greyarray.io.cohort import load_cohort
 
 
 def test_long_cohort_keeps_strings_and_resolves_against_csv_folder(tmp_path):

@@ -9,11 +9,11 @@ import pytest
 from conftest import CONTE32K, PCONN, PSCALAR, subject_values, write_cohort
 from test_cifti import shifted_geometry
 
-from greyarray import cifti
-from greyarray.cohort import load_cohort
 from greyarray.errors import DataError
-from greyarray.export import export_results
-from greyarray.store import StoreOptions, to_modelarray
+from greyarray.io import cifti
+from greyarray.io.cohort import load_cohort
+from greyarray.io.export import export_results
+from greyarray.io.store import StoreOptions, to_modelarray
 
 NAMES = [
     "element_id",

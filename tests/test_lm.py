@@ -12,7 +12,8 @@ import pytest
 from conftest import require
 from scipy import stats
 
-from greyarray import cli, lm
+from greyarray import cli
+from greyarray.stats import lm
 
 LM_DATA = Path(__file__).parent / "data" / "lm"
 R_SCRIPT = Path(__file__).parent / "r" / "lm_reference.R"

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from conftest import require, subject_values, write_cohort
 
-from greyarray.cohort import load_cohort
-from greyarray.export import export_results
-from greyarray.store import StoreOptions, to_modelarray
+from greyarray.io.cohort import load_cohort
+from greyarray.io.export import export_results
+from greyarray.io.store import StoreOptions, to_modelarray
 
 SCRIPT = Path(__file__).parent / "r" / "modelarray_io.R"
 

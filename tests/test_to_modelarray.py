@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 from conftest import CONTE91K, PCONN, PSCALAR, subject_values, write_cohort
 
-from greyarray import cifti, cli, store
-from greyarray.cohort import load_cohort
-from greyarray.store import StoreOptions, to_modelarray
+from greyarray import cli
+from greyarray.io import cifti, store
+from greyarray.io.cohort import load_cohort
+from greyarray.io.store import StoreOptions, to_modelarray
 
 N = 30
 

@@ -8,41 +8,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from greyarray.errors import GreyArrayError, UsageError
+from greyarray.options import Parser, default_nprocs, option
 
 log = logging.getLogger("greyarray")
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with exit code 64 for usage errors."""
-
-    def error(self, message: str):
-        self.print_usage(sys.stderr)
-        self.exit(UsageError.exit_code, f"{self.prog}: error: {message}\n")
-
-
-def default_nprocs() -> int:
-    """The CPUs this process may use (honours taskset/cgroup affinity)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _option(parser, name: str, **kwargs) -> None:
-    """Add ``--some-flag`` with ModelArrayIO's ``--some_flag`` spelling too."""
-    spellings = [name] + (["--" + name[2:].replace("-", "_")] if "-" in name[2:] else [])
-    parser.add_argument(*spellings, **kwargs)
-
-
 def _common(parser) -> None:
-    _option(
+    option(
         parser,
         "--log-level",
         default="INFO",
@@ -59,7 +37,7 @@ def to_modelarray_parser(prog: str = "greyarray to-modelarray") -> Parser:
         "ModelArray reads. Every file is checked (type, full greyordinate geometry, "
         "maps) before anything is written.",
     )
-    _option(
+    option(
         parser,
         "--cohort-file",
         required=True,
@@ -70,7 +48,7 @@ def to_modelarray_parser(prog: str = "greyarray to-modelarray") -> Parser:
     parser.add_argument(
         "--output", type=Path, default=Path("modelarray.h5"), help="output HDF5 file"
     )
-    _option(
+    option(
         parser,
         "--scalar-columns",
         nargs="+",
@@ -78,7 +56,7 @@ def to_modelarray_parser(prog: str = "greyarray to-modelarray") -> Parser:
         help="wide cohort: columns holding each scalar's file paths",
     )
     split = parser.add_mutually_exclusive_group()
-    _option(
+    option(
         split,
         "--split-files",
         dest="split",
@@ -86,7 +64,7 @@ def to_modelarray_parser(prog: str = "greyarray to-modelarray") -> Parser:
         default=None,
         help="one HDF5 per scalar, named <scalar>_<output> (default for wide cohorts)",
     )
-    _option(
+    option(
         split,
         "--no-split-files",
         dest="split",
@@ -108,7 +86,7 @@ def to_modelarray_parser(prog: str = "greyarray to-modelarray") -> Parser:
         default="gzip",
         help="compression filter; lzf needs rhdf5filters in R",
     )
-    _option(
+    option(
         parser,
         "--compression-level",
         type=int,
@@ -121,7 +99,7 @@ def to_modelarray_parser(prog: str = "greyarray to-modelarray") -> Parser:
         "--no-shuffle", dest="shuffle", action="store_false", help="disable the shuffle filter"
     )
     chunks = parser.add_mutually_exclusive_group()
-    _option(
+    option(
         chunks,
         "--chunk-voxels",
         type=int,
@@ -129,7 +107,7 @@ def to_modelarray_parser(prog: str = "greyarray to-modelarray") -> Parser:
         metavar="N",
         help="elements per chunk (0: from --target-chunk-mb)",
     )
-    _option(
+    option(
         chunks,
         "--target-chunk-mb",
         type=float,
@@ -160,9 +138,9 @@ def export_results_parser(prog: str = "greyarray export-results") -> Parser:
         "one per result column, with 1m.p.value companions for p-values. The "
         "geometry stored by to-modelarray is used; a template is optional.",
     )
-    _option(parser, "--analysis-name", required=True, help="name of the analysis in the HDF5")
-    _option(parser, "--input-hdf5", required=True, type=Path, help="HDF5 file with the results")
-    _option(
+    option(parser, "--analysis-name", required=True, help="name of the analysis in the HDF5")
+    option(parser, "--input-hdf5", required=True, type=Path, help="HDF5 file with the results")
+    option(
         parser,
         "--output-dir",
         required=True,
@@ -170,14 +148,14 @@ def export_results_parser(prog: str = "greyarray export-results") -> Parser:
         help="folder for the CIFTI files (created; listed outputs in it are replaced)",
     )
     template = parser.add_mutually_exclusive_group()
-    _option(
+    option(
         template,
         "--cohort-file",
         type=Path,
         help="cohort CSV: its first source_file is the template (checked against the "
         "stored geometry)",
     )
-    _option(
+    option(
         template,
         "--example-file",
         type=Path,
@@ -194,8 +172,8 @@ def export_results_parser(prog: str = "greyarray export-results") -> Parser:
 
 
 def run_to_modelarray(args: argparse.Namespace) -> int:
-    from greyarray.cohort import load_cohort
-    from greyarray.store import StoreOptions, to_modelarray
+    from greyarray.io.cohort import load_cohort
+    from greyarray.io.store import StoreOptions, to_modelarray
 
     if args.nprocs < 1:
         raise UsageError("--nprocs must be at least 1")
@@ -223,11 +201,11 @@ def run_to_modelarray(args: argparse.Namespace) -> int:
 
 
 def run_export_results(args: argparse.Namespace) -> int:
-    from greyarray.export import export_results
+    from greyarray.io.export import export_results
 
     template = args.example_file
     if args.cohort_file is not None:
-        from greyarray.cohort import load_cohort
+        from greyarray.io.cohort import load_cohort
 
         cohort = load_cohort(args.cohort_file)
         template = cohort.resolve(cohort.table["source_file"].iloc[0])
@@ -236,7 +214,7 @@ def run_export_results(args: argparse.Namespace) -> int:
 
 
 def fit_lm_parser(prog: str = "greyarray fit-lm") -> Parser:
-    from greyarray import lm  # scipy and formulaic: imported only for this command
+    from greyarray.stats import lm  # scipy and formulaic: imported only for this command
 
     parser = Parser(
         prog=prog,
@@ -247,8 +225,8 @@ def fit_lm_parser(prog: str = "greyarray fit-lm") -> Parser:
         "column names such as sexM), interactions (age:sex, age*sex), I(age^2), factor(x), "
         "intercept removal (0 + ... or - 1).",
     )
-    _option(parser, "--input-hdf5", required=True, type=Path, help="HDF5 from to-modelarray")
-    _option(
+    option(parser, "--input-hdf5", required=True, type=Path, help="HDF5 from to-modelarray")
+    option(
         parser,
         "--cohort-file",
         required=True,
@@ -260,9 +238,9 @@ def fit_lm_parser(prog: str = "greyarray fit-lm") -> Parser:
         required=True,
         help="R formula; its response is the scalar, e.g. 'thickness ~ age + sex'",
     )
-    _option(parser, "--analysis-name", default="lm", help="results/<name> in the HDF5")
+    option(parser, "--analysis-name", default="lm", help="results/<name> in the HDF5")
     parser.add_argument("--scalar", help="scalar to model (default: the formula's response)")
-    _option(
+    option(
         parser,
         "--full-outputs",
         action="store_true",
@@ -300,7 +278,7 @@ def fit_lm_parser(prog: str = "greyarray fit-lm") -> Parser:
 
 
 def run_fit_lm(args: argparse.Namespace) -> int:
-    from greyarray.lm import MODEL_STATS, TERM_STATS, fit_lm
+    from greyarray.stats.lm import MODEL_STATS, TERM_STATS, fit_lm
 
     columns = fit_lm(
         args.input_hdf5,
@@ -365,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.command_line = shlex.join(["greyarray", *argv])
             configure_logging(args.log_level)
             return run(args)
-        from greyarray.bidsapp import main as bids_app
+        from greyarray.bids.app import main as bids_app
 
         return bids_app(argv)
     except GreyArrayError as err:

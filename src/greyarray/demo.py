@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from greyarray import cifti
+from greyarray.io import cifti
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def run_demo(
     folder: Path, n_subjects: int = 20, overwrite: bool = False, quiet: bool = False
 ) -> int:
     """Write a BIDS demo dataset in ``folder/bids`` and run both levels into ``folder/output``."""
-    from greyarray.bidsapp import main as bids_app
+    from greyarray.bids.app import main as bids_app
 
     bids = folder / "bids"
     if not (bids / "dataset_description.json").exists() or overwrite:

@@ -16,9 +16,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from greyarray import cifti, store
-from greyarray.cifti import CiftiWriter, Geometry
 from greyarray.errors import DataError, MissingInputError, OutputError
+from greyarray.io import cifti, store
+from greyarray.io.cifti import CiftiWriter, Geometry
 
 log = logging.getLogger(__name__)
 

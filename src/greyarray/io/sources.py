@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from greyarray import cifti
 from greyarray.errors import DataError
+from greyarray.io import cifti
 
 log = logging.getLogger(__name__)
 

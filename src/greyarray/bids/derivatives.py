@@ -19,8 +19,8 @@ from string import Template
 import yaml
 
 from greyarray import __version__
-from greyarray.fileio import atomic_write, locked, write_json
-from greyarray.lm import MODEL_STATS, TERM_STATS
+from greyarray.io.fileio import atomic_write, locked, write_json
+from greyarray.stats.lm import MODEL_STATS, TERM_STATS
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +154,8 @@ def write_statmaps(h5_path: Path, meta: dict, analysis: str) -> list[Path]:
     JSON sidecar naming its ModelArray column; ``meta`` is the HDF5's sidecar (scalar, entities)."""
     import h5py
 
-    from greyarray import cifti, export
-    from greyarray.discover import KEYS
+    from greyarray.bids.discover import KEYS
+    from greyarray.io import cifti, export
 
     with h5py.File(h5_path, "r") as h5:
         geometry = export.resolve_geometry(h5, None)

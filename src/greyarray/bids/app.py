@@ -24,10 +24,12 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from greyarray import __version__, cifti, derivatives, discover, sources
-from greyarray.cli import Parser, default_nprocs
+from greyarray import __version__
+from greyarray.bids import derivatives, discover
 from greyarray.errors import DataError, GreyArrayError, MissingInputError, OutputError, UsageError
-from greyarray.fileio import atomic_write, write_json
+from greyarray.io import cifti, sources
+from greyarray.io.fileio import atomic_write, write_json
+from greyarray.options import Parser, default_nprocs
 
 log = logging.getLogger("greyarray")
 
@@ -330,8 +332,8 @@ class App:
     def group(self, scalars: dict[str, list[discover.Found]], summary: bool = True) -> int:
         import h5py
 
-        from greyarray.cohort import Cohort, build_cohort, report_mismatch
-        from greyarray.store import StoreOptions, to_modelarray
+        from greyarray.io.cohort import Cohort, build_cohort, report_mismatch
+        from greyarray.io.store import StoreOptions, to_modelarray
 
         group_dir = self.output_dir / "group"
         group_dir.mkdir(exist_ok=True)
@@ -380,7 +382,7 @@ class App:
         return 0
 
     def _phenotypes(self):
-        from greyarray.cohort import read_table
+        from greyarray.io.cohort import read_table
 
         path = self.args.participants_file or _find_participants(self.bids_dir)
         if self.args.participants_file and not path.is_file():
@@ -495,7 +497,7 @@ class App:
     # ---- group --model ---------------------------------------------------------------------
     def model(self, roots: list[Path]) -> int:
         """Convert (unless the response's HDF5 exists), fit, export: the whole pipeline."""
-        from greyarray.lm import fit_lm, parse_formula
+        from greyarray.stats.lm import fit_lm, parse_formula
 
         response, _ = parse_formula(self.args.model)
         self.args.analysis_name = self.args.analysis_name or "lm"

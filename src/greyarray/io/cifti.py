@@ -25,7 +25,7 @@ from nibabel.cifti2 import cifti2_axes
 from nibabel.cifti2.parse_cifti2 import Cifti2Extension
 
 from greyarray.errors import DataError, MissingInputError
-from greyarray.fileio import atomic_write
+from greyarray.io.fileio import atomic_write
 
 NIFTI2_HEADER = nb.nifti2.header_dtype
 NIFTI2_SIZE = 540

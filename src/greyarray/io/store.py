@@ -35,13 +35,13 @@ import numpy as np
 from tqdm import tqdm
 
 from greyarray import __version__
-from greyarray.cifti import Geometry
 from greyarray.errors import DataError, OutputError
-from greyarray.fileio import replacing
-from greyarray.sources import Source, check_sources
+from greyarray.io.cifti import Geometry
+from greyarray.io.fileio import replacing
+from greyarray.io.sources import Source, check_sources
 
 if TYPE_CHECKING:
-    from greyarray.cohort import Cohort
+    from greyarray.io.cohort import Cohort
 
 log = logging.getLogger(__name__)
 

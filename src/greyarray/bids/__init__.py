@@ -1,0 +1,1 @@
+"""The BIDS-App: discovery, cohort tables, levels, derivatives."""

@@ -1,0 +1,1 @@
+"""Statistics on the subjects x elements matrix: linear models (ModelArray.lm)."""
