@@ -47,14 +47,15 @@ def test_xcpd_scalars_are_named_and_never_merge(xcpd_group):
         "desc-alffDescSmooth_modelarray.h5",
         "desc-alff_modelarray.h5",
         "desc-coveragePconn_modelarray.h5",
-        "desc-coveragePscalar_modelarray.h5",
+        "desc-coverage_modelarray.h5",
         "desc-reho_modelarray.h5",
     ]
     scalars = {
         json.loads(p.read_text())["Scalar"]
         for p in (xcpd_group / "group").glob("*_modelarray.json")
     }
-    assert scalars == {"alff", "alff_desc-smooth", "reho", "coverage_pscalar", "coverage_pconn"}
+    # the primary variant of a name (most participants, dense before parcellated) keeps it plain
+    assert scalars == {"alff", "alff_desc-smooth", "reho", "coverage", "coverage_pconn"}
 
 
 def test_every_file_lands_in_its_row(xcpd_group, xcpd_data):
@@ -103,7 +104,8 @@ def test_dataset_description_and_logs(xcpd_group, xcpd_data):
     assert "ModelArray" in info["HowToAcknowledge"]
     assert "greyarray" in xcpd_group.name  # GeneratedBy.Name is a substring of the folder name
     ignore = (xcpd_group / ".bidsignore").read_text().split()
-    assert {"group/", "logs/", "*.h5"} <= set(ignore)
+    assert {"logs/", "*.h5", "*_cohort.csv", ".greyarray.lock"} <= set(ignore)
+    assert "group/" not in ignore  # it would hide the BIDS statistical maps
     citation = (xcpd_group / "logs" / "CITATION.md").read_text()
     assert (
         "$" not in citation
@@ -138,9 +140,16 @@ def test_export_statmaps(xcpd_group, xcpd_data, tmp_path, wb_command):
     sidecar = json.loads((out / "group" / f"{name}.json").read_text())
     assert sidecar == {
         "ModelArrayColumn": "age.p.value",
+        "Description": "p-value (uncorrected)",
         "Scalar": "alff",
         "Analysis": "lm",
         "SourceHDF5": "desc-alff_modelarray.h5",
+        "CohortFile": "desc-alff_cohort.csv",
+        "Model": "not recorded (fitted outside GreyArray, e.g. by ModelArray in R)",
+        "FittedBy": "not recorded",
+        "NumberOfRows": 6,
+        "ElementThreshold": "ModelArray's default: an element is fitted only where more than "
+        "max(10, 0.2 x 6) participants have a finite value",
     }
     maps = sorted(p.name.split("_desc-")[1] for p in (out / "group").glob("*_statmap.dscalar.nii"))
     assert "alffLm_contrast-age_stat-1mpfdr_statmap.dscalar.nii" in maps
@@ -149,7 +158,8 @@ def test_export_statmaps(xcpd_group, xcpd_data, tmp_path, wb_command):
     assert not any("elementid" in m or "element_id" in m for m in maps)
     assert len(maps) == len(NAMES) - 1 + 3
     citation = (out / "logs" / "CITATION.md").read_text()
-    assert 'analysis "lm" were exported back to CIFTI-2' in citation and "$" not in citation
+    assert 'analysis "lm" of alff were exported back to CIFTI-2' in citation
+    assert "$" not in citation
     info = wb_command("-file-information", out / "group" / f"{name}.dscalar.nii", "-only-map-names")
     assert info.split() == ["age.p.value"]
 
@@ -163,8 +173,8 @@ def test_fmriprep_in_raw_dataset_with_phenotypes(tmp_path, template, capsys):
     assert cli.main([str(tmp_path / "bids"), str(out), "group"]) == 0
     assert snapshot(tmp_path / "bids") == before  # nothing written into the input
     names = {json.loads(p.read_text())["Scalar"] for p in (out / "group").glob("*.json")}
-    assert names == {
-        "thickness_den-91k",
+    assert names == {  # equal coverage: the variant with fewer entities keeps the plain name
+        "thickness",
         "thickness_den-32k_desc-preproc",
         "curv",
         "sulc",
@@ -418,13 +428,32 @@ def test_mismatched_greyordinates_exit_65(tmp_path, template):
     assert not list((tmp_path / "o" / "group").glob("*.h5"))
 
 
-def test_group_outputs_need_overwrite(xcpd_group, xcpd_data, tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "greyarray", str(xcpd_data.root), str(xcpd_group), "group"],
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 73 and "use --overwrite" in done.stderr
+def test_group_rerun_keeps_unchanged_outputs_and_refuses_changed_ones(
+    xcpd_group, xcpd_data, tmp_path
+):
+    out = tmp_path / "out"
+    shutil.copytree(xcpd_group, out)
+    before = {p: p.stat().st_mtime_ns for p in (out / "group").glob("*.h5")}
+    command = [sys.executable, "-m", "greyarray", str(xcpd_data.root), str(out), "group"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "inputs unchanged; kept as it is" in done.stderr
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    changed = next(p for p in xcpd_data.values if "stat-reho" in p.name)
+    data = xcpd_data.values[changed] + np.float32(1)
+    cifti.CiftiWriter(cifti.read_file(changed).geometry).write(changed, data, "changed")
+    try:
+        done = subprocess.run([*command, "--scalar", "reho"], capture_output=True, text=True)
+        assert done.returncode == 73 and "inputs changed (1 of 6 files changed)" in done.stderr
+        assert "use --overwrite" in done.stderr
+        done = subprocess.run(
+            [*command, "--scalar", "reho", "--overwrite"], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+    finally:
+        cifti.CiftiWriter(cifti.read_file(changed).geometry).write(
+            changed, xcpd_data.values[changed], changed.name
+        )
 
 
 def test_two_files_for_one_visit(tmp_path, template):

@@ -61,7 +61,7 @@ def test_both_flag_spellings_and_help(run_cli, cohort, tmp_path):
     )
     assert code == 0 and err == ""
     code, out, _ = run_cli("to-modelarray", "--help")
-    assert code == 0 and "relative to the CSV's folder" in " ".join(out.split())
+    assert code == 0 and "in the CSV's folder, then in the current folder" in " ".join(out.split())
     code, out, _ = run_cli("--version")
     assert code == 0 and out.startswith("greyarray ")
     code, _, err = run_cli("export-results", "--analysis-name", "x")

@@ -1,7 +1,10 @@
-"""Command line: ModelArrayIO's two commands, flag for flag, plus GreyArray's own.
+"""Command line: ModelArrayIO's two commands, flag for flag, GreyArray's own, and the BIDS-App.
 
-User errors end as one line on stderr and the exit code of their kind (errors.py); argparse usage
-errors exit with 64 (EX_USAGE) as the BIDS execution spec recommends.
+Every run ends in one of three ways, each a single line on stderr and the exit code of its kind:
+a user error (errors.py: 64 usage, 65 bad data, 66 missing input, 73 cannot write output), a
+signal (SIGINT 130, SIGHUP 129, SIGTERM 143: what SLURM and ``docker stop`` send; temporary files
+are removed on the way out), or, as a last resort, a bug (exit 1, the traceback in the log file).
+Each command imports only what it needs, so ``--version`` and small exports start fast.
 """
 
 from __future__ import annotations
@@ -9,33 +12,29 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from greyarray.errors import GreyArrayError, UsageError
-from greyarray.options import Parser, default_nprocs, option
+from greyarray.errors import GreyArrayError, Interrupted, UsageError
+from greyarray.options import Parser, add_logging, add_nprocs, option, reference_levels
 
 log = logging.getLogger("greyarray")
+SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 
 
-def _common(parser) -> None:
-    option(
-        parser,
-        "--log-level",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
-        help="logging level (WARNING hides progress messages)",
-    )
-
-
+# ---- to-modelarray ---------------------------------------------------------------------------
 def to_modelarray_parser(prog: str = "greyarray to-modelarray") -> Parser:
     parser = Parser(
         prog=prog,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Convert a cohort of CIFTI-2 dscalar/pscalar/pconn files to the HDF5 file "
-        "ModelArray reads. Every file is checked (type, full greyordinate geometry, "
-        "maps) before anything is written.",
+        "ModelArray reads. Every file is checked (type, full greyordinate geometry, maps) "
+        "before anything is written. The flags are ModelArrayIO's.",
     )
     option(
         parser,
@@ -43,7 +42,7 @@ def to_modelarray_parser(prog: str = "greyarray to-modelarray") -> Parser:
         required=True,
         type=Path,
         help="CSV with columns scalar_name and source_file (or --scalar-columns); a relative "
-        "source_file is relative to the CSV's folder, not the current directory",
+        "source_file is looked up in the CSV's folder, then in the current folder",
     )
     parser.add_argument(
         "--output", type=Path, default=Path("modelarray.h5"), help="output HDF5 file"
@@ -62,20 +61,19 @@ def to_modelarray_parser(prog: str = "greyarray to-modelarray") -> Parser:
         dest="split",
         action="store_true",
         default=None,
-        help="one HDF5 per scalar, named <scalar>_<output> (default for wide cohorts)",
+        help="one HDF5 per scalar, named <scalar>_<output> (the default for wide cohorts)",
     )
     option(
         split,
         "--no-split-files",
         dest="split",
         action="store_false",
-        help="all scalars in one HDF5 (default for long cohorts)",
+        help="all scalars in one HDF5 (the default for long cohorts)",
     )
     parser.add_argument(
         "--backend",
-        choices=["hdf5"],
         default="hdf5",
-        help="storage backend (ModelArrayIO compatibility; only hdf5)",
+        help="storage backend: hdf5 (ModelArrayIO's tiledb is not supported)",
     )
     parser.add_argument(
         "--dtype", choices=["float32", "float64"], default="float32", help="stored value type"
@@ -96,7 +94,10 @@ def to_modelarray_parser(prog: str = "greyarray to-modelarray") -> Parser:
         help="gzip level",
     )
     parser.add_argument(
-        "--no-shuffle", dest="shuffle", action="store_false", help="disable the shuffle filter"
+        "--no-shuffle",
+        dest="shuffle",
+        action="store_false",
+        help="do not apply HDF5's shuffle filter (shuffle is on by default: smaller files)",
     )
     chunks = parser.add_mutually_exclusive_group()
     option(
@@ -119,64 +120,66 @@ def to_modelarray_parser(prog: str = "greyarray to-modelarray") -> Parser:
     parser.add_argument(
         "--map",
         metavar="NAME|INDEX",
-        help="which map of multi-map dscalar/pscalar files (a name, or a 1-based "
-        "index as wb_command counts)",
+        help="which map of multi-map dscalar/pscalar files: a name, or a 1-based index as "
+        "wb_command counts (required when files hold several maps)",
     )
-    parser.add_argument(
-        "--nprocs", type=int, default=default_nprocs(), help="threads for checking and compressing"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    _common(parser)
-    return parser
-
-
-def export_results_parser(prog: str = "greyarray export-results") -> Parser:
-    parser = Parser(
-        prog=prog,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Write ModelArray's results (results/<analysis> in the HDF5) as CIFTI-2 files, "
-        "one per result column, with 1m.p.value companions for p-values. The "
-        "geometry stored by to-modelarray is used; a template is optional.",
-    )
-    option(parser, "--analysis-name", required=True, help="name of the analysis in the HDF5")
-    option(parser, "--input-hdf5", required=True, type=Path, help="HDF5 file with the results")
+    add_nprocs(parser, "threads for checking and compressing")
     option(
         parser,
-        "--output-dir",
-        required=True,
-        type=Path,
-        help="folder for the CIFTI files (created; listed outputs in it are replaced)",
-    )
-    template = parser.add_mutually_exclusive_group()
-    option(
-        template,
-        "--cohort-file",
-        type=Path,
-        help="cohort CSV: its first source_file is the template (checked against the "
-        "stored geometry)",
+        "--workers",
+        type=int,
+        metavar="N",
+        help="accepted for ModelArrayIO compatibility (TileDB writers); no effect on HDF5",
     )
     option(
-        template,
-        "--example-file",
-        type=Path,
-        help="a CIFTI file of the cohort's geometry to use as template",
+        parser,
+        "--s3-workers",
+        type=int,
+        metavar="N",
+        help="accepted for ModelArrayIO compatibility (s3:// downloads); no effect",
     )
+    _unsupported_modalities(parser)
     parser.add_argument(
-        "--no-compress",
-        dest="compress",
-        action="store_false",
-        help="accepted for ModelArrayIO compatibility; CIFTI files are never compressed",
+        "--overwrite",
+        action="store_true",
+        help="replace existing outputs (an output that is one of the inputs is never replaced)",
     )
-    _common(parser)
+    add_logging(parser)
     return parser
+
+
+def _unsupported_modalities(parser) -> None:
+    """ModelArrayIO's NIfTI and fixel flags: recognised, so the error can say why."""
+    for name in ("--mask", "--index-file", "--directions-file"):
+        option(
+            parser,
+            name,
+            type=Path,
+            metavar="FILE",
+            help="ModelArrayIO's NIfTI/fixel option: not supported (GreyArray converts CIFTI-2)",
+        )
+
+
+def _refuse_unsupported(args: argparse.Namespace) -> None:
+    for flag in ("mask", "index_file", "directions_file"):
+        if getattr(args, flag, None) is not None:
+            raise UsageError(
+                f"--{flag.replace('_', '-')} is for NIfTI or fixel data, which GreyArray does "
+                "not convert yet; it converts CIFTI-2 dscalar/pscalar/pconn files"
+            )
+    if getattr(args, "backend", "hdf5") != "hdf5":
+        raise UsageError(
+            f"--backend {args.backend} is not supported yet; GreyArray writes HDF5 (--backend hdf5)"
+        )
+    if getattr(args, "workers", None) is not None or getattr(args, "s3_workers", None) is not None:
+        log.info("--workers/--s3-workers have no effect on HDF5 output; --nprocs sets threads")
 
 
 def run_to_modelarray(args: argparse.Namespace) -> int:
     from greyarray.io.cohort import load_cohort
     from greyarray.io.store import StoreOptions, to_modelarray
 
-    if args.nprocs < 1:
-        raise UsageError("--nprocs must be at least 1")
+    _refuse_unsupported(args)
     cohort = load_cohort(args.cohort_file, args.scalar_columns)
     options = StoreOptions(
         dtype=args.dtype,
@@ -200,25 +203,68 @@ def run_to_modelarray(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- export-results --------------------------------------------------------------------------
+def export_results_parser(prog: str = "greyarray export-results") -> Parser:
+    parser = Parser(
+        prog=prog,
+        description="Write ModelArray's results (results/<analysis> in the HDF5) as CIFTI-2 files, "
+        "one per result column, with 1m.p.value companions for p-values. The geometry stored "
+        "by to-modelarray is used; a template is optional. The flags are ModelArrayIO's.",
+    )
+    option(parser, "--analysis-name", required=True, help="name of the analysis in the HDF5")
+    option(parser, "--input-hdf5", required=True, type=Path, help="HDF5 file with the results")
+    option(
+        parser,
+        "--output-dir",
+        required=True,
+        type=Path,
+        help="folder for the CIFTI files (created if needed; files of the same names in it are "
+        "replaced, others are left alone)",
+    )
+    template = parser.add_mutually_exclusive_group()
+    option(
+        template,
+        "--cohort-file",
+        type=Path,
+        help="cohort CSV: its first source_file is the template (checked against the "
+        "stored geometry)",
+    )
+    option(
+        template,
+        "--example-file",
+        type=Path,
+        help="a CIFTI file of the cohort's geometry to use as template",
+    )
+    parser.add_argument(
+        "--no-compress",
+        dest="compress",
+        action="store_false",
+        help="accepted for ModelArrayIO compatibility; CIFTI files are never compressed",
+    )
+    _unsupported_modalities(parser)
+    add_logging(parser)
+    return parser
+
+
 def run_export_results(args: argparse.Namespace) -> int:
     from greyarray.io.export import export_results
 
+    _refuse_unsupported(args)
     template = args.example_file
     if args.cohort_file is not None:
-        from greyarray.io.cohort import load_cohort
+        from greyarray.io.cohort import first_source
 
-        cohort = load_cohort(args.cohort_file)
-        template = cohort.resolve(cohort.table["source_file"].iloc[0])
+        template = first_source(args.cohort_file)
     export_results(args.input_hdf5, args.analysis_name, args.output_dir, template)
     return 0
 
 
+# ---- fit-lm ----------------------------------------------------------------------------------
 def fit_lm_parser(prog: str = "greyarray fit-lm") -> Parser:
-    from greyarray.stats import lm  # scipy and formulaic: imported only for this command
+    from greyarray.stats import names
 
     parser = Parser(
         prog=prog,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Fit a linear model at every element, with ModelArray.lm's rules and "
         "outputs, and write results/<analysis> into the HDF5 as ModelArray's writeResults "
         "does. R formula syntax: numeric and categorical variables (treatment contrasts, R's "
@@ -242,43 +288,59 @@ def fit_lm_parser(prog: str = "greyarray fit-lm") -> Parser:
     parser.add_argument("--scalar", help="scalar to model (default: the formula's response)")
     option(
         parser,
+        "--reference-level",
+        nargs="+",
+        default=[],
+        metavar="COLUMN=LEVEL",
+        help="reference level of a factor, e.g. sex=F (default: the first level in R's "
+        "order, which ignores case as R does in UTF-8 locales)",
+    )
+    option(
+        parser,
         "--full-outputs",
         action="store_true",
-        help="every statistic below (ModelArray's full.outputs=TRUE)",
+        help="every statistic of --var-terms and --var-model (ModelArray's full.outputs=TRUE)",
     )
-    parser.add_argument(
+    option(
+        parser,
         "--var-terms",
         nargs="+",
-        default=list(lm.DEFAULT_TERM_STATS),
-        choices=lm.TERM_STATS,
+        default=list(names.DEFAULT_TERM_STATS),
+        choices=names.TERM_STATS,
         help="statistics of each term (ModelArray's var.terms)",
     )
-    parser.add_argument(
+    option(
+        parser,
         "--var-model",
         nargs="+",
-        default=list(lm.DEFAULT_MODEL_STATS),
-        choices=lm.MODEL_STATS,
+        default=list(names.DEFAULT_MODEL_STATS),
+        choices=names.MODEL_STATS,
         help="statistics of the model (ModelArray's var.model)",
     )
-    parser.add_argument(
+    option(
+        parser,
         "--num-subj-lthr-abs",
         type=float,
         default=10,
-        help="fit an element only with more valid subjects than this ...",
+        help="fit an element only with more subjects with a finite value than this",
     )
-    parser.add_argument(
+    option(
+        parser,
         "--num-subj-lthr-rel",
         type=float,
         default=0.2,
         help="... and more than this fraction of all subjects",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace results/<name>")
-    _common(parser)
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing results/<name>"
+    )
+    add_logging(parser)
     return parser
 
 
 def run_fit_lm(args: argparse.Namespace) -> int:
-    from greyarray.stats.lm import MODEL_STATS, TERM_STATS, fit_lm
+    from greyarray.stats.lm import fit_lm
+    from greyarray.stats.names import MODEL_STATS, TERM_STATS
 
     columns = fit_lm(
         args.input_hdf5,
@@ -291,11 +353,29 @@ def run_fit_lm(args: argparse.Namespace) -> int:
         lthr_abs=args.num_subj_lthr_abs,
         lthr_rel=args.num_subj_lthr_rel,
         overwrite=args.overwrite,
+        reference_levels=reference_levels(args.reference_level),
     )
     log.info(
         "Wrote results/%s (%d columns) to %s", args.analysis_name, len(columns), args.input_hdf5
     )
     return 0
+
+
+# ---- demo ------------------------------------------------------------------------------------
+def demo_parser(prog: str = "greyarray demo") -> Parser:
+    parser = Parser(
+        prog=prog,
+        description="Write a small synthetic BIDS dataset on the real fsLR 91k greyordinates "
+        "and run the whole pipeline on it (participant, group, group --model): a "
+        "self-contained first run.",
+    )
+    parser.add_argument("folder", type=Path, help="where to write the demo data and outputs")
+    parser.add_argument("--subjects", type=int, default=20, help="number of participants")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the outputs of an earlier demo"
+    )
+    add_logging(parser)
+    return parser
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -304,27 +384,27 @@ def run_demo(args: argparse.Namespace) -> int:
     return demo(args.folder, args.subjects, args.overwrite, args.log_level != "INFO")
 
 
-def demo_parser(prog: str = "greyarray demo") -> Parser:
-    parser = Parser(
-        prog=prog,
-        description="Build a small cohort from the bundled fsLR 91k "
-        "template and convert it: a self-contained first run.",
-    )
-    parser.add_argument("folder", type=Path, help="where to write the demo data and outputs")
-    parser.add_argument("--subjects", type=int, default=20, help="number of subjects")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo")
-    _common(parser)
-    return parser
-
-
-COMMANDS: dict[str, tuple[Callable[[], Parser], Callable[[argparse.Namespace], int]]] = {
-    "to-modelarray": (to_modelarray_parser, run_to_modelarray),
-    "export-results": (export_results_parser, run_export_results),
-    "fit-lm": (fit_lm_parser, run_fit_lm),
-    "demo": (demo_parser, run_demo),
+COMMANDS: dict[str, tuple[Callable[[], Parser], Callable[[argparse.Namespace], int], str]] = {
+    "to-modelarray": (
+        to_modelarray_parser,
+        run_to_modelarray,
+        "convert a cohort CSV of CIFTI-2 maps to ModelArray's HDF5 (ModelArrayIO's flags)",
+    ),
+    "export-results": (
+        export_results_parser,
+        run_export_results,
+        "write ModelArray's results as CIFTI-2 maps (ModelArrayIO's flags)",
+    ),
+    "fit-lm": (
+        fit_lm_parser,
+        run_fit_lm,
+        "ModelArray.lm's linear model at every element, in seconds",
+    ),
+    "demo": (demo_parser, run_demo, "run the whole pipeline on a synthetic demo dataset"),
 }
 
 
+# ---- running ---------------------------------------------------------------------------------
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level),
@@ -334,21 +414,94 @@ def configure_logging(level: str) -> None:
     )
 
 
+def _raise_interrupted(signum: int, _frame) -> None:
+    raise Interrupted(signum, SIGNALS.get(signum, f"signal {signum}"))
+
+
+@contextmanager
+def signals_end_the_run() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the run as Ctrl-C does: by an exception, so cleanup runs."""
+    previous = {}
+    for signum in SIGNALS:
+        with suppress(ValueError):  # not the main thread (e.g. a test's thread)
+            previous[signum] = signal.signal(signum, _raise_interrupted)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _file_handlers() -> list[logging.FileHandler]:
+    return [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+
+
+def _log_outcome(message: str, code: int, crash: bool) -> str | None:
+    """Record the outcome, with the traceback, in the run's log files (a crash report of its own
+    for a bug in a stand-alone command); return where it was written."""
+    handlers: list[logging.Handler] = list(_file_handlers())
+    if crash and not handlers:
+        with tempfile.NamedTemporaryFile(
+            "w", prefix="greyarray-crash-", suffix=".log", delete=False
+        ) as handle:
+            handlers = [logging.FileHandler(handle.name)]
+    record = logging.LogRecord(
+        "greyarray",
+        logging.ERROR,
+        __file__,
+        0,
+        "%s (exit code %d)",
+        (message, code),
+        sys.exc_info(),
+    )
+    for handler in handlers:
+        handler.handle(record)
+    return getattr(handlers[0], "baseFilename", None) if handlers else None
+
+
+def fail(message: str, code: int, unexpected: bool = False) -> int:
+    """One line for the user; the traceback in the log (and on stderr with DEBUG logging)."""
+    where = _log_outcome(message, code, crash=unexpected)
+    if unexpected and logging.getLogger().isEnabledFor(logging.DEBUG):
+        traceback.print_exc()
+    suffix = f" (details in {where})" if where and unexpected else ""
+    print(f"greyarray: error: {message}{suffix}", file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv and argv[0] in COMMANDS:
-            make_parser, run = COMMANDS[argv[0]]
-            args = make_parser().parse_args(argv[1:])
-            args.command_line = shlex.join(["greyarray", *argv])
-            configure_logging(args.log_level)
-            return run(args)
-        from greyarray.bids.app import main as bids_app
+    if argv in (["--version"], ["-V"]):  # answered before anything is imported
+        from greyarray import __version__
 
-        return bids_app(argv)
-    except GreyArrayError as err:
-        print(f"greyarray: error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("greyarray: interrupted", file=sys.stderr)
-        return 130
+        print(f"greyarray {__version__}")
+        return 0
+    started = time.monotonic()
+    with signals_end_the_run():
+        try:
+            return _dispatch(argv, started)
+        except GreyArrayError as err:
+            return fail(str(err), err.exit_code)
+        except Interrupted as sig:
+            return fail(f"interrupted by {sig.name}; temporary files removed", sig.exit_code)
+        except KeyboardInterrupt:
+            return fail("interrupted (SIGINT); temporary files removed", 130)
+        except MemoryError:
+            return fail("out of memory", 1, unexpected=True)
+        except Exception as err:  # the safety net: a bug, not the user's fault
+            return fail(f"unexpected {type(err).__name__}: {err}", 1, unexpected=True)
+
+
+def _dispatch(argv: list[str], started: float) -> int:
+    if argv and argv[0] in COMMANDS:
+        make_parser, run, _ = COMMANDS[argv[0]]
+        args = make_parser().parse_args(argv[1:])
+        args.command_line = shlex.join(["greyarray", *argv])
+        configure_logging(args.log_level)
+        code = run(args)
+        log.debug("Done in %.1f s", time.monotonic() - started)
+        return code
+    from greyarray.bids.app import main as bids_app
+
+    commands = "\n".join(f"  {name:15} {about}" for name, (_, _, about) in COMMANDS.items())
+    return bids_app(argv, commands)

@@ -108,17 +108,26 @@ def run_demo(
 ) -> int:
     """Write a BIDS demo dataset in ``folder/bids`` and run both levels into ``folder/output``."""
     from greyarray.bids.app import main as bids_app
+    from greyarray.errors import OutputError, UsageError
 
-    bids = folder / "bids"
+    if n_subjects < 12:
+        raise UsageError(
+            f"--subjects {n_subjects}: the demo needs at least 12 (ModelArray's "
+            "threshold fits an element only with more than 10 participants)"
+        )
+    bids, output = folder / "bids", folder / "output"
+    if output.exists() and not overwrite:
+        raise OutputError(f"{folder}: holds an earlier demo; use --overwrite to run it again")
     if not (bids / "dataset_description.json").exists() or overwrite:
         log.info(
             "Writing a synthetic BIDS dataset of %d subjects on fsLR 91k to %s", n_subjects, bids
         )
         write_bids_demo(bids, n_subjects)
-    output = folder / "output"
     flags = ["--quiet"] if quiet else []
     again = ["--overwrite"] if overwrite else []
-    bids_app([str(bids), str(output), "participant", *flags])
-    bids_app([str(bids), str(output), "group", *flags, *again])
+    for level in (["participant"], ["group", *again]):
+        code = bids_app([str(bids), str(output), *level, *flags])
+        if code:
+            return code
     model = ["--model", "thickness ~ age + sex"]
     return bids_app([str(bids), str(output), "group", *model, *flags, *again])

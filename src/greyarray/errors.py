@@ -33,3 +33,19 @@ class OutputError(GreyArrayError):
     """An output cannot be created (exists without --overwrite, not writable, ...)."""
 
     exit_code = 73
+
+
+class Interrupted(BaseException):
+    """A signal that ends the run (SIGTERM from SLURM or ``docker stop``, SIGHUP, SIGINT).
+
+    A BaseException, like KeyboardInterrupt, so that ``except Exception`` never swallows it and
+    every ``finally`` (temporary files, HDF5 handles) runs on the way out.
+    """
+
+    def __init__(self, signum: int, name: str):
+        super().__init__(name)
+        self.signum, self.name = signum, name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

@@ -5,12 +5,37 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 
 from greyarray.errors import UsageError
 
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows a default only where it tells something: never for switches or None, never twice."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text.lower()
+            or not action.option_strings
+            or default in (None, False, True, argparse.SUPPRESS)
+            or action.nargs == 0
+        ):
+            return text
+        if isinstance(default, (list, tuple)):
+            default = " ".join(map(str, default))
+        return f"{text} (default: {str(default).replace('%', '%%')})"
+
 
 class Parser(argparse.ArgumentParser):
-    """argparse with exit code 64 for usage errors."""
+    """argparse with exit code 64 for usage errors and GreyArray's help layout."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.print_usage(sys.stderr)
@@ -29,3 +54,47 @@ def option(parser, name: str, **kwargs) -> None:
     """Add ``--some-flag`` with ModelArrayIO's ``--some_flag`` spelling too."""
     spellings = [name] + (["--" + name[2:].replace("-", "_")] if "-" in name[2:] else [])
     parser.add_argument(*spellings, **kwargs)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--nprocs``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1")
+    return value
+
+
+def add_nprocs(parser, what: str) -> None:
+    parser.add_argument(
+        "--nprocs",
+        "--n-cpus",
+        "--n_cpus",
+        type=positive_int,
+        default=default_nprocs(),
+        metavar="N",
+        help=f"{what} (default: the CPUs this process may use, here {default_nprocs()})",
+    )
+
+
+def add_logging(parser) -> None:
+    option(
+        parser,
+        "--log-level",
+        default="INFO",
+        choices=LOG_LEVELS,
+        help="logging level (WARNING hides progress messages; DEBUG also prints tracebacks)",
+    )
+
+
+def reference_levels(items: Sequence[str]) -> dict[str, str]:
+    """``["sex=F", "site=b"]`` -> ``{"sex": "F", "site": "b"}``."""
+    levels = {}
+    for item in items or []:
+        column, sep, level = item.partition("=")
+        if not sep or not column.strip():
+            raise UsageError(f"--reference-level {item!r}: expected COLUMN=LEVEL, e.g. sex=F")
+        levels[column.strip()] = level
+    return levels

@@ -1,10 +1,10 @@
 """Make OUTPUT_DIR a BIDS derivatives dataset (BIDS 1.11.1).
 
 ``dataset_description.json`` (written once, under a lock, because parallel participant jobs start
-together), ``.bidsignore`` for what BIDS has no rule for (HDF5, cohort CSVs, manifests), ``logs/``
-with the run's configuration and the methods boilerplate assembled from the templates in the
-top-level ``boilerplate/`` folder, and BIDS names for exported statistical maps (the statistics
-naming fitlins and nilearn use: ``contrast-<term>_stat-<statistic>_statmap``).
+together), ``.bidsignore`` for what BIDS has no rule for (HDF5, cohort CSVs, manifests, reports;
+never the statistical maps), ``logs/`` with each run's configuration, and BIDS names and sidecars
+for exported statistical maps (the statistics naming fitlins and nilearn use:
+``contrast-<term>_stat-<statistic>_statmap``). The methods text is citation.py's.
 """
 
 from __future__ import annotations
@@ -12,31 +12,54 @@ from __future__ import annotations
 import logging
 import os
 import re
-from importlib.resources import files
 from pathlib import Path
-from string import Template
 
 import yaml
 
 from greyarray import __version__
-from greyarray.io.fileio import atomic_write, locked, write_json
-from greyarray.stats.lm import MODEL_STATS, TERM_STATS
+from greyarray.io.fileio import atomic_write, locked, make_folder, write_json
+from greyarray.stats.names import MODEL_STATS, TERM_STATS
 
 log = logging.getLogger(__name__)
 
 BIDS_VERSION = "1.11.1"
 CODE_URL = "https://github.com/greyarray/greyarray"
+LOCK = ".greyarray.lock"
 BIDSIGNORE = [
-    "group/",
+    LOCK,
     "logs/",
     "sub-*/*_greyarray.json",
     "*.h5",
     "*_cohort.csv",
     "*_modelarray.json",
+    "*.html",
 ]
-# ModelArray column suffix -> BIDS statistic label (others: non-alphanumerics dropped)
-STATS = {"estimate": "effect", "std.error": "se", "statistic": "statistic", "p.value": "p"}
-KNOWN = [*TERM_STATS, *MODEL_STATS, "edf", "ref.df", "dev.expl"]  # + GAM statistics
+LEGACY_BIDSIGNORE = ["group/"]  # hid the statistical maps (GreyArray 0.1.0)
+# ModelArray statistic (after "<term>.") -> BIDS stat label; others: label() of the name
+STAT_LABELS = {
+    "estimate": "effect",
+    "std.error": "se",
+    "statistic": "statistic",
+    "p.value": "p",
+    "p.value.fdr": "pfdr",
+    "p.value.fwe": "pfwe",
+    "tfce": "tfce",
+    "tfce.p.value.fwe": "tfcepfwe",
+}
+KNOWN = sorted(
+    {
+        *TERM_STATS,
+        *MODEL_STATS,
+        *STAT_LABELS,
+        "edf",
+        "ref.df",
+        "dev.expl",
+        "delta.adj.rsq",
+        "partial.rsq",
+    },
+    key=len,
+    reverse=True,
+)
 
 
 def container() -> dict | None:
@@ -73,47 +96,25 @@ def description(sources: list[Path]) -> dict:
 
 def init_dataset(output_dir: Path, sources: list[Path]) -> None:
     """dataset_description.json and .bidsignore, created once even when jobs start together."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with locked(output_dir / ".greyarray.lock"):
+    make_folder(output_dir)
+    with locked(output_dir / LOCK):
         path = output_dir / "dataset_description.json"
         if not path.exists():
             write_json(path, description(sources), indent=2)
         ignore = output_dir / ".bidsignore"
         lines = ignore.read_text().splitlines() if ignore.exists() else []
-        missing = [entry for entry in BIDSIGNORE if entry not in lines]
-        if missing:
-            atomic_write(ignore, ("\n".join(lines + missing) + "\n").encode())
+        kept = [line for line in lines if line not in LEGACY_BIDSIGNORE]
+        missing = [entry for entry in BIDSIGNORE if entry not in kept]
+        if missing or kept != lines:
+            atomic_write(ignore, ("\n".join(kept + missing) + "\n").encode())
 
 
 def write_config(logs_dir: Path, name: str, config: dict) -> Path:
     """The run's resolved options as YAML, for the record."""
-    logs_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(logs_dir)
     path = logs_dir / name
     atomic_write(path, yaml.safe_dump(config, sort_keys=False).encode())
     return path
-
-
-def _template(name: str) -> str:
-    return (files("greyarray") / "boilerplate" / name).read_text(encoding="utf-8")
-
-
-def write_citation(logs_dir: Path, facts: dict, analysis: dict | None = None) -> Path:
-    """logs/CITATION.md (methods text filled from the run) and logs/CITATION.bib."""
-    logs_dir.mkdir(parents=True, exist_ok=True)
-    facts = {
-        **facts,
-        "analysis_text": Template(_template("analysis.md")).substitute(analysis)
-        if analysis
-        else "",
-    }
-    text = Template(_template("methods.md")).substitute(facts) + _template("copyright.md")
-    bib = _template("references.bib")
-    keys = re.findall(r"@\w+\{([^,]+),", bib)
-    cited = [key for key in keys if f"@{key}" in text]
-    text += "".join(f"- [@{key}]\n" for key in cited)
-    atomic_write(logs_dir / "CITATION.md", text.encode())
-    atomic_write(logs_dir / "CITATION.bib", bib.encode())
-    return logs_dir / "CITATION.md"
 
 
 def label(text: str) -> str:
@@ -124,7 +125,7 @@ def label(text: str) -> str:
 
 def split_column(column: str) -> tuple[str, str]:
     """ModelArray's ``<term>.<statistic>`` column name -> (term, statistic)."""
-    for stat in sorted(KNOWN, key=len, reverse=True):
+    for stat in KNOWN:
         for prefix in ("1m.", ""):
             key = f".{prefix}{stat}"
             if key in column:
@@ -138,9 +139,7 @@ def statmap_name(entities: str, scalar: str, analysis: str, column: str, ext: st
     """``<entities>_desc-<scalar><Analysis>_contrast-<term>_stat-<stat>_statmap<ext>``."""
     term, stat = split_column(column)
     base = stat.removeprefix("1m.")
-    stat_label = STATS.get(base) or label(base.replace("p.value", "p"))
-    for method in re.findall(r"p\.value\.(\w+)", base):
-        stat_label = f"p{method}"
+    stat_label = STAT_LABELS.get(base) or label(base.replace("p.value", "p"))
     if stat.startswith("1m."):
         stat_label = f"1m{stat_label}"
     contrast = label(term.replace(":", "X"))
@@ -149,34 +148,82 @@ def statmap_name(entities: str, scalar: str, analysis: str, column: str, ext: st
     return f"{prefix}desc-{desc}_contrast-{contrast}_stat-{stat_label}_statmap{ext}"
 
 
-def write_statmaps(h5_path: Path, meta: dict, analysis: str) -> list[Path]:
+def describe_column(column: str) -> str:
+    """What a statistical map holds, in words, for its sidecar."""
+    _, stat = split_column(column)
+    words = {
+        "p.value": "p-value (uncorrected)",
+        "p.value.fdr": "p-value corrected for the false discovery rate over elements "
+        "(Benjamini-Hochberg)",
+        "p.value.fwe": "p-value corrected for the family-wise error rate over elements "
+        "(permutations, maximum statistic)",
+        "tfce.p.value.fwe": "family-wise error corrected p-value of the TFCE score",
+        "tfce": "threshold-free cluster enhancement score",
+        "estimate": "estimate (effect size in the scalar's units per unit of the term)",
+        "statistic": "test statistic",
+    }
+    base = stat.removeprefix("1m.")
+    text = words.get(base, base)
+    return f"1 - {text}, for display" if stat.startswith("1m.") else text
+
+
+def statmap_path(folder: Path, meta: dict, analysis: str, column: str, kind: str) -> Path:
+    from greyarray.bids.discover import KEYS
+    from greyarray.io import cifti
+
+    entities = "_".join(
+        f"{KEYS[k]}-{v}" for k, v in meta["Entities"].items() if k not in ("stat", "desc")
+    )
+    name = statmap_name(entities, meta["Scalar"], analysis, column, cifti.EXTENSIONS[kind])
+    return folder / name
+
+
+def sidecar_of(path: Path) -> Path:
+    return path.with_name(path.name.split(".")[0] + ".json")
+
+
+def write_statmaps(h5_path: Path, meta: dict, analysis: str, about: dict) -> list[Path]:
     """Export results/<analysis> of a group HDF5 as BIDS statistical maps beside it, each with a
-    JSON sidecar naming its ModelArray column; ``meta`` is the HDF5's sidecar (scalar, entities)."""
+    JSON sidecar saying what it holds and where it comes from. ``meta`` is the HDF5's sidecar
+    (scalar, entities); ``about`` adds what the caller knows (model, counts, threshold rule)."""
     import h5py
 
-    from greyarray.bids.discover import KEYS
     from greyarray.io import cifti, export
+    from greyarray.io.names import unique_files
 
     with h5py.File(h5_path, "r") as h5:
         geometry = export.resolve_geometry(h5, None)
         results = export.read_results(h5, analysis, geometry.n_elements)
-    entities = "_".join(
-        f"{KEYS[k]}-{v}" for k, v in meta["Entities"].items() if k not in ("stat", "desc")
+    maps = dict(export.result_maps(results))
+    files = unique_files(
+        maps, lambda c: statmap_path(h5_path.parent, meta, analysis, c, geometry.kind), "columns"
     )
     writer = cifti.CiftiWriter(geometry)
-    paths = []
-    for column, values in export.result_maps(results):
-        ext = cifti.EXTENSIONS[geometry.kind]
-        path = h5_path.parent / statmap_name(entities, meta["Scalar"], analysis, column, ext)
-        writer.write(path, values, column)
+    for path, column in files.items():
+        writer.write(path, maps[column], column)
         sidecar = {
             "ModelArrayColumn": column,
+            "Description": describe_column(column),
             "Scalar": meta["Scalar"],
             "Analysis": analysis,
             "SourceHDF5": h5_path.name,
+            "CohortFile": meta.get("CohortFile"),
+            **about,
         }
-        if ".1m." in f".{column}":
-            sidecar["Description"] = "1 - p-value, for display"
-        write_json(path.with_name(path.name.split(".")[0] + ".json"), sidecar)
-        paths.append(path)
-    return paths
+        write_json(sidecar_of(path), sidecar)
+    return list(files)
+
+
+def exported_statmaps(folder: Path, h5_name: str, analyses: set[str]) -> list[Path]:
+    """The statistical maps (and sidecars) exported from these analyses of one HDF5."""
+    import json
+
+    found = []
+    for sidecar in folder.glob("*_statmap.json"):
+        try:
+            info = json.loads(sidecar.read_text())
+        except (OSError, ValueError):
+            continue
+        if info.get("SourceHDF5") == h5_name and info.get("Analysis") in analyses:
+            found += [sidecar, *sidecar.parent.glob(sidecar.name[: -len(".json")] + ".*.nii")]
+    return found

@@ -85,6 +85,7 @@ class Found:
     session: str | None
     entities: dict[str, str] = field(hash=False)  # without subject/session
     scalar: str | None = None  # set when a named query or pattern found it
+    recorded_name: str | None = field(default=None, compare=False)  # name in a manifest
 
     @property
     def relative(self) -> str:
@@ -92,8 +93,13 @@ class Found:
 
     def key(self) -> tuple:
         """What makes two files the same kind of map: entities other than subject/session/run."""
-        kept = {k: v for k, v in self.entities.items() if k not in ("run",)}
-        return tuple(sorted(kept.items()))
+        return key_of(self.entities)
+
+
+def key_of(entities: dict[str, str]) -> tuple:
+    """The sorted (entity, value) pairs of a file's entities but subject, session and run."""
+    ignored = ("subject", "session", "run")
+    return tuple(sorted((k, str(v)) for k, v in entities.items() if k not in ignored))
 
 
 def strip(label: str, prefix: str) -> str:
@@ -243,6 +249,13 @@ def _pattern_files(root: Path, patterns: dict[str, str], subjects, sessions) -> 
             if not match:
                 continue
             groups = match.groupdict()
+            for group in ("subject", "session"):
+                if groups.get(group) and not re.fullmatch(r"[A-Za-z0-9+-]+", groups[group]):
+                    raise DataError(
+                        f"pattern for {scalar!r}: its {group} group captured "
+                        f"{groups[group]!r} in {path.relative_to(root)}; a {group} label is "
+                        "letters and digits only (e.g. (?P<subject>[0-9]+))"
+                    )
             subject, session = strip(groups["subject"], "sub-"), groups.get("session")
             if (subjects and subject not in subjects) or (sessions and session not in sessions):
                 continue
@@ -255,47 +268,143 @@ def _extension(path: Path) -> str:
     return next(ext for ext in CIFTI_EXTENSIONS if path.name.endswith(ext))
 
 
-def name_scalars(found: list[Found]) -> dict[str, list[Found]]:
-    """{scalar name: its files}: names from queries/patterns kept, the rest named by entities."""
+Key = tuple  # sorted (entity, value) pairs: what makes two files the same kind of map
+KIND_ORDER = {".dscalar.nii": 0, ".pscalar.nii": 1, ".pconn.nii": 2}
+
+
+@dataclass(frozen=True)
+class Naming:
+    """Scalars and their files, plus the rare variants left out (reported, not converted)."""
+
+    scalars: dict[str, list[Found]]
+    skipped: dict[str, list[Found]]
+
+
+def name_scalars(
+    found: list[Found],
+    coverage: dict[Key, int] | None = None,
+    known: dict[str, Key] | None = None,
+    wanted: list[str] | None = None,
+) -> Naming:
+    """{scalar name: its files}. Names from queries/patterns are kept; the others are named
+    after their entities, so that a name does not depend on unrelated files:
+
+    - a name given in an earlier run (``known``: name -> entity key) is kept;
+    - among the variants of one base name (stat, else suffix), the primary one (most
+      participants in ``coverage``, then dscalar before parcellated, then fewest entities)
+      gets the plain base name, e.g. ``alff``; each other variant gets the base plus the
+      entities in which it differs from the primary, e.g. ``alff_desc-smooth``;
+    - a variant (not the primary) of fewer than 2 participants or under 10% of the primary's
+      is skipped and reported, unless asked for by name in ``wanted``.
+    """
     named: dict[str, list[Found]] = defaultdict(list)
-    kinds: dict[tuple, list[Found]] = defaultdict(list)
+    kinds: dict[Key, list[Found]] = defaultdict(list)
     for item in found:
         if item.scalar:
             named[item.scalar].append(item)
         else:
             kinds[item.key()].append(item)
-    scalars = dict(zip(_readable_names([dict(k) for k in kinds]), kinds.values(), strict=True))
+    counts = {key: len({f.subject for f in files}) for key, files in kinds.items()}
+    counts.update({k: v for k, v in (coverage or {}).items() if k in kinds})
+    names, skipped_keys = _entity_names(list(kinds), counts, known or {})
+    scalars = {names[key]: files for key, files in kinds.items()}
+    skipped = {
+        names[key]: kinds[key]
+        for key in skipped_keys
+        if names[key] not in (wanted or []) and names[key] not in (known or {})
+    }
+    for name in skipped:
+        del scalars[name]
     scalars.update(named)
     for name, files in scalars.items():
         _check_one_file_per_visit(name, files)
-    return dict(sorted(scalars.items()))
+    return Naming(dict(sorted(scalars.items())), skipped)
 
 
-def _readable_names(kinds: list[dict[str, str]]) -> list[str]:
-    """Base name (stat, else suffix) plus the entities that tell kinds with that base apart."""
-    bases = [kind.get("stat") or kind.get("suffix", "map") for kind in kinds]
-    names = []
-    for kind, base in zip(kinds, bases, strict=True):
-        rivals = [k for k, b in zip(kinds, bases, strict=True) if b == base and k is not kind]
-        parts = [base]
-        for entity, key in KEYS.items():
-            if entity == "stat":
+def _base(key: Key) -> str:
+    entities = dict(key)
+    return entities.get("stat") or entities.get("suffix", "map")
+
+
+def _entity_names(
+    keys: list[Key], counts: dict[Key, int], known: dict[str, Key]
+) -> tuple[dict[Key, str], list[Key]]:
+    """({key: name}, keys of rare variants)."""
+    names = {key: name for name, key in known.items() if key in keys}
+    skipped = []
+    bases: dict[str, list[Key]] = defaultdict(list)
+    for key in keys:
+        bases[_base(key)].append(key)
+    for base, variants in bases.items():
+        variants.sort(
+            key=lambda k: (-counts[k], KIND_ORDER.get(dict(k).get("extension"), 3), len(k), k)
+        )
+        primary = dict(variants[0])
+        for key in variants:
+            if key in names:
                 continue
-            if any(rival.get(entity) != kind.get(entity) for rival in rivals) and entity in kind:
-                parts.append(f"{key}-{kind[entity]}")
-        if any(rival.get("extension") != kind.get("extension") for rival in rivals):
-            parts.append(kind["extension"].split(".")[1])  # dscalar / pscalar / pconn
-        if kind.get("suffix") not in (base, None) and any(
-            rival.get("suffix") != kind.get("suffix") for rival in rivals
-        ):
-            parts.append(kind["suffix"])
-        names.append("_".join(parts))
-    if len(set(names)) != len(names):  # last resort: still ambiguous, number them
-        seen: dict[str, int] = defaultdict(int)
-        for i, name in enumerate(names):
-            seen[name] += 1
-            names[i] = f"{name}_{seen[name]}" if names.count(name) > 1 else name
-    return names
+            names[key] = _variant_name(base, dict(key), primary, set(names.values()))
+            rare = counts[key] < 2 or counts[key] < 0.1 * counts[variants[0]]
+            if key != variants[0] and rare:
+                skipped.append(key)
+    return names, skipped
+
+
+def _variant_name(base: str, kind: dict, primary: dict, taken: set[str]) -> str:
+    """The base, plus the entities (and CIFTI kind) in which ``kind`` differs from ``primary``;
+    more of its entities, then a number, if that name is taken."""
+    differing = [
+        f"{key}-{kind[entity]}"
+        for entity, key in KEYS.items()
+        if entity != "stat" and entity in kind and kind.get(entity) != primary.get(entity)
+    ]
+    if kind.get("extension") != primary.get("extension"):
+        differing.append(kind["extension"].split(".")[1])  # pscalar / pconn
+    if kind.get("suffix") not in (base, None) and kind.get("suffix") != primary.get("suffix"):
+        differing.append(kind["suffix"])
+    name = "_".join([base, *differing])
+    extra = [f"{key}-{kind[e]}" for e, key in KEYS.items() if e != "stat" and e in kind]
+    for entity in extra:
+        if name not in taken:
+            break
+        if entity not in name:
+            name = f"{name}_{entity}"
+    candidate, number = name, 2
+    while candidate in taken:
+        candidate, number = f"{name}_{number}", number + 1
+    return candidate
+
+
+def coverage(roots: list[Path]) -> dict[Key, int]:
+    """Participants per kind of map over whole datasets, from file names only (a participant
+    job sees one participant, but names must be those the group level chooses). Names that
+    differ only in their subject and session labels are parsed once."""
+    from bids.layout import parse_file_entities
+    from bids.layout.models import Config
+
+    config = [Config.load(c) for c in ("bids", "derivatives", EXTRA_ENTITIES)]
+    parsed: dict[str, dict] = {}
+    participants: dict[Key, set[str]] = defaultdict(set)
+    for root in roots:
+        if not (root / "dataset_description.json").exists():
+            continue
+        for folder in sorted(root.glob("sub-*")):
+            for top, _, files in os.walk(folder):
+                for name in files:
+                    if not name.endswith(CIFTI_EXTENSIONS):
+                        continue
+                    path = os.path.join(top, name)
+                    pattern = re.sub(r"(?<=sub-)[^_/]+|(?<=ses-)[^_/]+", "*", path)
+                    if pattern not in parsed:
+                        parsed[pattern] = parse_file_entities(path, config=config)
+                    entities = {
+                        k: str(v)
+                        for k, v in parsed[pattern].items()
+                        if k not in ("subject", "session", "run")
+                    }
+                    if "subject" in parsed[pattern]:
+                        participants[tuple(sorted(entities.items()))].add(folder.name)
+    return {key: len(subjects) for key, subjects in participants.items()}
 
 
 def _check_one_file_per_visit(name: str, files: list[Found]) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from greyarray.errors import DataError, MissingInputError
+from greyarray.io.names import check_data_name
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,53 @@ class Cohort:
         return cls(path, table[first + [c for c in table.columns if c not in first]])
 
     def resolve(self, source_file: str) -> Path:
-        """Where a ``source_file`` is on disk: relative paths are relative to the CSV's folder."""
-        path = Path(source_file).expanduser()
-        return path if path.is_absolute() else self.path.parent / path
+        """Where a ``source_file`` is on disk (see ``resolve_source``)."""
+        return resolve_source(self.path, source_file)
+
+
+def source_candidates(csv: Path, source_file: str) -> list[Path]:
+    """Where a ``source_file`` may be: as written if absolute, else in the CSV's folder, then in
+    the current folder (ModelArrayIO's rule, so its cohorts work unchanged)."""
+    path = Path(source_file).expanduser()
+    if path.is_absolute():
+        return [path]
+    return [csv.parent / path, Path.cwd() / path]
+
+
+def resolve_source(csv: Path, source_file: str) -> Path:
+    """The first candidate that exists; the CSV-relative one when none does."""
+    candidates = source_candidates(csv, source_file)
+    return next((c for c in candidates if os.path.lexists(c)), candidates[0])
+
+
+def missing_source(csv: Path, source_file: str) -> str:
+    """The one-line message for a source_file found nowhere, naming every place looked in."""
+    places = " nor ".join(str(c) for c in source_candidates(csv, source_file))
+    return f"{csv}: source_file {source_file!r} not found (neither {places})"
+
+
+def first_source(csv: Path) -> Path:
+    """The first ``source_file`` of a cohort CSV, without pandas (export's template: a small
+    export must start fast)."""
+    import csv as csvlib
+
+    table = Path(csv)
+    if not table.is_file():
+        raise MissingInputError(f"{table}: cohort file not found")
+    try:
+        with open(table, newline="", encoding="utf-8-sig") as handle:
+            reader = csvlib.DictReader(handle)
+            if not reader.fieldnames or "source_file" not in reader.fieldnames:
+                raise DataError(f"{table}: no column 'source_file'")
+            row = next(reader, None)
+    except (UnicodeDecodeError, csvlib.Error) as err:
+        raise DataError(f"{table}: cannot read as CSV ({err})") from None
+    if row is None or not (row["source_file"] or "").strip():
+        raise DataError(f"{table}: cohort has no source_file in its first row")
+    path = resolve_source(table, row["source_file"])
+    if not path.exists():
+        raise MissingInputError(missing_source(table, row["source_file"]))
+    return path
 
 
 def load_cohort(path: Path, scalar_columns: list[str] | None = None) -> Cohort:
@@ -94,11 +139,8 @@ def _check(path: Path, table: pd.DataFrame) -> None:
         empty = table.index[table[column].str.strip() == ""]
         if len(empty):
             raise DataError(f"{path}: line {empty[0] + 2} has an empty {column}")
-    bad = table.loc[table["scalar_name"].str.contains("/", regex=False), "scalar_name"]
-    if len(bad):
-        raise DataError(
-            f"{path}: scalar name {bad.iloc[0]!r} contains '/' (an HDF5 group separator)"
-        )
+    for name in table["scalar_name"].unique():
+        check_data_name("scalar", name, str(path))
     duplicated = table[table.duplicated(["scalar_name", "source_file"], keep=False)]
     if len(duplicated):
         first = duplicated.iloc[0]
@@ -113,79 +155,4 @@ def _check(path: Path, table: pd.DataFrame) -> None:
             f"{path}: source_file {first['source_file']!r} is listed twice for scalar "
             f"{first['scalar_name']!r} (lines {', '.join(map(str, lines))}); ModelArray needs "
             "one file per subject"
-        )
-
-
-def read_table(path: Path) -> pd.DataFrame:
-    """A BIDS TSV (participants.tsv, sessions.tsv) as text, with BIDS's ``n/a`` as missing."""
-    try:
-        return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_values=["n/a"])
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read as TSV ({str(err).splitlines()[0]})") from None
-
-
-def build_cohort(
-    scalars: dict[str, list],
-    folder: Path,
-    participants: pd.DataFrame | None,
-    sessions: pd.DataFrame | None = None,
-) -> pd.DataFrame:
-    """The cohort table GreyArray writes for the user: one row per subject, session and scalar.
-
-    Columns: scalar_name, source_file (relative to ``folder``, where the CSV goes), participant_id,
-    session_id (when there are sessions), then the participants.tsv and sessions.tsv columns
-    (a sessions.tsv column wins over a participants.tsv column of the same name).
-    """
-    rows = [
-        {
-            "scalar_name": name,
-            "source_file": os.path.relpath(item.path, folder),
-            "participant_id": f"sub-{item.subject}",
-            "session_id": f"ses-{item.session}" if item.session else None,
-        }
-        for name, files in scalars.items()
-        for item in files
-    ]
-    table = pd.DataFrame(rows)
-    if table["session_id"].isna().all():
-        table = table.drop(columns="session_id")
-    if participants is not None:
-        participants = participants.assign(
-            participant_id=participants["participant_id"].map(_with_prefix("sub-"))
-        )
-        table = table.merge(
-            participants.drop_duplicates("participant_id"), how="left", on="participant_id"
-        )
-    if sessions is not None and "session_id" in table:
-        sessions = sessions.assign(session_id=sessions["session_id"].map(_with_prefix("ses-")))
-        overlap = [
-            c
-            for c in sessions.columns
-            if c in table.columns and c not in ("participant_id", "session_id")
-        ]
-        table = table.drop(columns=overlap).merge(
-            sessions, how="left", on=["participant_id", "session_id"]
-        )
-    return table.sort_values(
-        ["scalar_name", "participant_id"] + (["session_id"] if "session_id" in table else []),
-        kind="stable",
-    ).reset_index(drop=True)
-
-
-def _with_prefix(prefix: str):
-    return lambda label: label if str(label).startswith(prefix) else f"{prefix}{label}"
-
-
-def report_mismatch(with_files: set[str], with_phenotypes: set[str]) -> None:
-    """Say which participants have maps but no phenotypes, and which have phenotypes only."""
-    if missing := sorted(with_files - with_phenotypes):
-        log.warning(
-            "%d participants have maps but no row in participants.tsv (their phenotype "
-            "columns are empty): %s",
-            len(missing),
-            ", ".join(missing),
-        )
-    if unused := sorted(with_phenotypes - with_files):
-        log.warning(
-            "%d participants in participants.tsv have no maps: %s", len(unused), ", ".join(unused)
         )

@@ -19,6 +19,7 @@ import numpy as np
 from greyarray.errors import DataError, MissingInputError, OutputError
 from greyarray.io import cifti, store
 from greyarray.io.cifti import CiftiWriter, Geometry
+from greyarray.io.names import safe_name, unique_files
 
 log = logging.getLogger(__name__)
 
@@ -169,12 +170,14 @@ def result_maps(results: Results) -> list[tuple[str, np.ndarray]]:
 
 
 def output_files(results: Results, kind: str, output_dir: Path) -> dict[Path, tuple]:
-    """{file: (map name, values)}, named ``<analysis>_<result><ext>`` as ModelArrayIO does."""
+    """{file: (map name, values)}, named ``<analysis>_<result><ext>`` as ModelArrayIO does; two
+    columns that would share a file name are an error naming both."""
     ext = cifti.EXTENSIONS[kind]
-    return {
-        output_dir / f"{results.analysis}_{store.safe_name(name)}{ext}": (name, values)
-        for name, values in result_maps(results)
-    }
+    maps = dict(result_maps(results))
+    files = unique_files(
+        maps, lambda name: output_dir / f"{results.analysis}_{safe_name(name)}{ext}", "columns"
+    )
+    return {path: (name, maps[name]) for path, name in files.items()}
 
 
 def export_results(

@@ -1,35 +1,170 @@
-"""Writing outputs safely: whole files or nothing; one writer at a time in a shared folder."""
+"""Writing outputs safely: whole files or nothing, never through a planted link, never over a
+file another run published meanwhile; one writer at a time in a shared folder.
+
+Every output is written inside a private temporary folder beside it (created by ``mkdtemp``:
+mode 0700, unpredictable name, so nobody else can plant a symlink inside) and then renamed into
+place. Without ``overwrite`` the last step is a hard link, which fails if the target appeared in
+the meantime (two runs racing to create one output), instead of a rename, which would replace it.
+The folder's name records host and PID, so a later run on the same host removes what a killed
+process (kill -9) left behind.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import re
+import shutil
+import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from greyarray.errors import OutputError
+
+TMP_PREFIX = ".greyarray-tmp"
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+_STALE = re.compile(rf"^{re.escape(TMP_PREFIX)}-(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-\w+$")
+# errno values that mean "this output cannot be written here", not a bug
+OUTPUT_ERRNOS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EFBIG: "file too large",
+    errno.EIO: "input/output error",
+    errno.ENOTDIR: "a parent is not a folder",
+    errno.EISDIR: "is a folder",
+    errno.ENAMETOOLONG: "name too long",
+}
+
+
+def output_errno(err: BaseException) -> int | None:
+    """The errno of an OSError, also when h5py/HDF5 only wrote it into the message."""
+    if isinstance(err, OSError) and err.errno:
+        return err.errno
+    match = re.search(r"errno\s*=\s*(\d+)", str(err))
+    if match:
+        return int(match.group(1))
+    for code in OUTPUT_ERRNOS:
+        if os.strerror(code).lower() in str(err).lower():
+            return code
+    return None
+
+
+def output_failure(path: Path, err: BaseException) -> OutputError | None:
+    """An OutputError (exit 73) for ``err`` when it means ``path`` cannot be written."""
+    code = output_errno(err)
+    if code in OUTPUT_ERRNOS:
+        return OutputError(f"{path}: cannot write ({OUTPUT_ERRNOS[code]})")
+    return None
+
+
+def make_folder(folder: Path) -> None:
+    """mkdir -p, with a one-line error naming the folder."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputError(f"{folder}: cannot create output folder (a file is in the way)") from None
+    except OSError as err:
+        code = output_errno(err)
+        reason = OUTPUT_ERRNOS.get(code) or err.strerror
+        raise OutputError(f"{folder}: cannot create output folder ({reason})") from None
+
+
+def check_output(path: Path, overwrite: bool) -> None:
+    """Fail early (before any work) when ``path`` cannot be an output file."""
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; give a file name")
+    if not overwrite and (path.exists() or path.is_symlink()):
+        raise OutputError(f"{path}: output exists; use --overwrite to replace it")
+
 
 @contextlib.contextmanager
-def replacing(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path``, renamed to it when the block succeeds, removed if not:
-    readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def replacing(path: Path, overwrite: bool = True) -> Iterator[Path]:
+    """A temporary path for ``path``, published when the block succeeds, removed if not.
+
+    Readers never see half a file. Errors of the file system (disk full, read-only, no
+    permission) become one-line OutputErrors naming ``path``.
+    """
+    check_output(path, overwrite)
+    make_folder(path.parent)
     try:
-        yield tmp
-        os.replace(tmp, path)
+        private = Path(
+            tempfile.mkdtemp(prefix=f"{TMP_PREFIX}-{_HOST}-{os.getpid()}-", dir=path.parent)
+        )
+    except OSError as err:
+        raise output_failure(path, err) or OutputError(
+            f"{path}: cannot write ({err.strerror})"
+        ) from None
+    tmp = private / path.name
+    try:
+        try:
+            yield tmp
+            _publish(tmp, path, overwrite)
+        except OSError as err:
+            raise output_failure(path, err) or err from None
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(private, ignore_errors=True)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; give a file name")
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # fails if another run published ``path`` meanwhile
+    except FileExistsError:
+        raise OutputError(
+            f"{path}: output exists (another run wrote it meanwhile); use --overwrite to replace it"
+        ) from None
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        if path.exists():  # no hard links on this file system: check, then rename
+            raise OutputError(f"{path}: output exists; use --overwrite to replace it") from None
+        os.replace(tmp, path)
+
+
+def atomic_write(path: Path, data: bytes, overwrite: bool = True) -> None:
     """Write ``data`` to ``path`` whole or not at all."""
-    with replacing(path) as tmp:
-        tmp.write_bytes(data)
+    with replacing(path, overwrite) as tmp, open(tmp, "xb") as handle:
+        handle.write(data)
 
 
 def write_json(path: Path, content: object, indent: int = 1) -> None:
     atomic_write(path, (json.dumps(content, indent=indent) + "\n").encode())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporary folders that dead processes of this host left in ``folder``."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _STALE.match(entry.name)
+        if match and match["host"] == _HOST and not _alive(int(match["pid"])):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+    return removed
 
 
 @contextlib.contextmanager

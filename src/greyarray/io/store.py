@@ -19,12 +19,10 @@ from __future__ import annotations
 import datetime
 import logging
 import platform
-import re
 import shlex
 import sys
 import zlib
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,10 +33,12 @@ import numpy as np
 from tqdm import tqdm
 
 from greyarray import __version__
-from greyarray.errors import DataError, OutputError
+from greyarray.errors import DataError
 from greyarray.io.cifti import Geometry
-from greyarray.io.fileio import replacing
+from greyarray.io.fileio import check_output, remove_stale_temporaries, replacing
+from greyarray.io.names import refuse_inputs, safe_name, unique_files
 from greyarray.io.sources import Source, check_sources
+from greyarray.io.threads import thread_pool
 
 if TYPE_CHECKING:
     from greyarray.io.cohort import Cohort
@@ -87,17 +87,15 @@ def chunk_shape(n_subjects: int, n_elements: int, itemsize: int, options: StoreO
     return n_subjects, max(1, min(width, n_elements))
 
 
-def safe_name(name: str) -> str:
-    """A name usable in a file name: anything but letters, digits, '.', '-' becomes '_'."""
-    return re.sub(r"[^A-Za-z0-9.\-]", "_", name)
-
-
 def output_plan(cohort: Cohort, output: Path, split: bool) -> dict[Path, list[str]]:
     """{HDF5 file: scalars it holds}; split files are named ``<scalar>_<output name>``."""
     scalars = list(cohort.scalars)
     if not split:
         return {output: scalars}
-    return {output.with_name(f"{safe_name(s)}_{output.name}"): [s] for s in scalars}
+    files = unique_files(
+        scalars, lambda s: output.with_name(f"{safe_name(s)}_{output.name}"), "scalars"
+    )
+    return {path: [scalar] for path, scalar in files.items()}
 
 
 def to_modelarray(
@@ -110,11 +108,16 @@ def to_modelarray(
     overwrite: bool = False,
     command_line: str | None = None,
 ) -> list[Path]:
-    """Check every cohort file, then write the HDF5 file(s); nothing is written if a check fails."""
+    """Check every cohort file, then write the HDF5 file(s); nothing is written if a check fails.
+
+    Without ``overwrite``, an output that appears while this runs (another run) is not replaced.
+    """
     plan = output_plan(cohort, output, split)
-    existing = [str(path) for path in plan if path.exists()]
-    if existing and not overwrite:
-        raise OutputError(f"{existing[0]}: output exists; use --overwrite to replace it")
+    sources = (cohort.resolve(s) for s in cohort.table["source_file"])
+    refuse_inputs(plan, [cohort.path, *sources])
+    for path in plan:
+        check_output(path, overwrite)
+        remove_stale_temporaries(path.parent)
     checked = {}
     for path, names in plan.items():
         files = [(name, src) for name in names for src in cohort.scalars[name]]
@@ -129,11 +132,7 @@ def to_modelarray(
             for name in names
         }
     for path, scalars in checked.items():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise OutputError(f"{path.parent}: cannot create folder ({err.strerror})") from None
-        write_modelarray(path, scalars, options, command_line)
+        write_modelarray(path, scalars, options, command_line, overwrite)
         log.info("Wrote %s", path)
     return list(checked)
 
@@ -143,10 +142,11 @@ def write_modelarray(
     scalars: Mapping[str, Sequence[Source]],
     options: StoreOptions,
     command_line: str | None = None,
+    overwrite: bool = True,
 ) -> None:
     """Write all scalars (which share one geometry) to ``path`` atomically."""
     geometry = next(iter(scalars.values()))[0].file.geometry
-    with replacing(path) as tmp, h5py.File(tmp, "w", libver=LIBVER) as h5:
+    with replacing(path, overwrite) as tmp, h5py.File(tmp, "w", libver=LIBVER) as h5:
         _write_modelarrayio_geometry(h5, geometry)
         _write_geometry(h5.create_group("greyarray/geometry"), geometry)
         _write_provenance(h5["greyarray"], options, command_line or shlex.join(sys.argv))
@@ -185,7 +185,7 @@ def _fill(dset: h5py.Dataset, sources: Sequence[Source], options: StoreOptions) 
     buffer = np.empty((n, min(stripe, g)), dset.dtype)
     direct = options.compression in ("gzip", "none")
     with (
-        ThreadPoolExecutor(max(1, options.nprocs)) as pool,
+        thread_pool(options.nprocs) as pool,
         tqdm(
             total=g,
             desc=f"Writing {dset.parent.name.rsplit('/', 1)[-1]}",
@@ -298,6 +298,47 @@ def factorize(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
 
 def _strings(h5: h5py.File, name: str, values) -> None:
     h5.create_dataset(name, data=[str(v) for v in values], dtype=h5py.string_dtype())
+
+
+@dataclass(frozen=True)
+class StoredInputs:
+    """What an existing HDF5 was converted from, and the analyses written into it since."""
+
+    column_names: list[str]
+    sha256: list[str]
+    storage: str
+    analyses: list[str]
+
+    def difference(self, sources: Sequence[Source], storage: str) -> str | None:
+        """None when ``sources`` (stored as ``storage``) are what this file holds, else how
+        they differ, in words."""
+        names = [s.column_name for s in sources]
+        if storage != self.storage:
+            return f"storage {storage}, the file has {self.storage}"
+        if names != self.column_names:
+            added = len(set(names) - set(self.column_names))
+            removed = len(set(self.column_names) - set(names))
+            return f"{added} files added, {removed} removed" if added or removed else "new order"
+        if len(self.sha256) != len(names):
+            return "the file records no checksums of its sources"
+        changed = sum(s.sha256 != old for s, old in zip(sources, self.sha256, strict=True))
+        return f"{changed} of {len(names)} files changed" if changed else None
+
+
+def stored_inputs(h5_path: Path, scalar: str) -> StoredInputs:
+    """The sources of ``scalars/<scalar>`` recorded at conversion, and results/ analyses."""
+    with h5py.File(h5_path, "r") as h5:
+        prov = f"greyarray/sources/{scalar}"
+        names = list(h5[f"scalars/{scalar}/column_names"].asstr()[()])
+        sha = list(h5[f"{prov}/sha256"].asstr()[()]) if f"{prov}/sha256" in h5 else []
+        storage = str(h5["greyarray"].attrs.get("storage", "")) if "greyarray" in h5 else ""
+        results = h5.get("results")
+        analyses = (
+            sorted(name for name in (results or {}) if not name.startswith("."))
+            if isinstance(results, h5py.Group)
+            else []
+        )
+    return StoredInputs(names, sha, storage, analyses)
 
 
 def read_geometry(h5: h5py.File) -> Geometry | None:

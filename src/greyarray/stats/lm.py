@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -31,26 +32,16 @@ from scipy import special
 from tqdm import tqdm
 
 from greyarray.errors import DataError, MissingInputError, OutputError, UsageError
+from greyarray.io.names import check_name
+from greyarray.stats.names import (
+    DEFAULT_MODEL_STATS,
+    DEFAULT_TERM_STATS,
+    MODEL_STATS,
+    TERM_STATS,
+)
 
 log = logging.getLogger(__name__)
 
-TERM_STATS = ("estimate", "std.error", "statistic", "p.value")
-MODEL_STATS = (
-    "r.squared",
-    "adj.r.squared",
-    "sigma",
-    "statistic",
-    "p.value",
-    "df",
-    "logLik",
-    "AIC",
-    "BIC",
-    "deviance",
-    "df.residual",
-    "nobs",
-)
-DEFAULT_TERM_STATS = ("estimate", "statistic", "p.value")
-DEFAULT_MODEL_STATS = ("adj.r.squared", "p.value")
 BLOCK_BYTES = 32 * 2**20  # float64 values of one block of elements, all subjects
 
 
@@ -62,6 +53,7 @@ class Design:
     columns: list[str]  # R names: (Intercept) -> Intercept, sexM, age:sexM, I(age^2)
     rows: np.ndarray  # indices (in HDF5 subject order) of the subjects in ``matrix``
     intercept: bool
+    references: dict[str, str] = field(default_factory=dict)  # factor -> reference level
 
 
 def parse_formula(formula: str) -> tuple[str, str]:
@@ -100,14 +92,80 @@ def r_name(column: str) -> str:
     return ":".join(parts)
 
 
-def build_design(formula: str, phenotypes: pd.DataFrame) -> Design:
-    """The design matrix of ``formula`` on ``phenotypes`` (rows in HDF5 subject order)."""
+# ICU's root collation (what R's sort() uses in UTF-8 locales) for ASCII punctuation and symbols
+_ICU_PUNCTUATION = "\t\n\v\f\r _-,;:!?.'\"()[]{}@*/\\&#%`^+<=>|~$"
+
+
+def r_sort_key(text: str) -> tuple:
+    """A sort key ordering strings as R does in UTF-8 locales (ICU collation): punctuation, then
+    digits, then letters compared ignoring case and accents; then accents; then lowercase before
+    uppercase. So ``female`` < ``Male`` in R, where Python's sort puts ``Male`` first."""
+    primary, secondary, tertiary = [], [], []
+    for char in unicodedata.normalize("NFD", str(text)):
+        if unicodedata.combining(char):
+            if secondary:
+                secondary[-1] += char
+            continue
+        base = char.casefold()
+        if char.isalpha():
+            weight = (3, base)
+        elif char.isdigit():
+            weight = (2, base)
+        elif char in _ICU_PUNCTUATION:
+            weight = (0, str(_ICU_PUNCTUATION.index(char)).zfill(3))
+        else:
+            weight = (1, char)
+        primary.append(weight)
+        secondary.append("")
+        tertiary.append(char != base)
+    return primary, secondary, tertiary
+
+
+def r_factors(
+    formula: str, phenotypes: pd.DataFrame, references: dict[str, str] | None = None
+) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Text columns as factors with R's level order (the first level is the reference unless
+    ``references`` names another); returns the table and {factor used in formula: reference}."""
+    references = dict(references or {})
+    unknown = sorted(set(references) - set(phenotypes.columns))
+    if unknown:
+        raise UsageError(
+            f"--reference-level: no column {', '.join(map(repr, unknown))} in the cohort "
+            f"(columns: {', '.join(phenotypes.columns)})"
+        )
+    table, chosen = phenotypes.copy(), {}
+    _, rhs = parse_formula(formula)
+    for column in phenotypes.columns:
+        values = phenotypes[column]
+        if pd.api.types.is_numeric_dtype(values) and column not in references:
+            continue
+        levels = sorted({str(v) for v in values.dropna()}, key=r_sort_key)
+        if column in references:
+            reference = references[column]
+            if reference not in levels:
+                raise UsageError(
+                    f"--reference-level {column}={reference}: no such level "
+                    f"(levels: {', '.join(levels)})"
+                )
+            levels = [reference] + [level for level in levels if level != reference]
+        table[column] = pd.Categorical(values.map(lambda v: v if pd.isna(v) else str(v)), levels)
+        if levels and re.search(rf"(?<![\w.]){re.escape(column)}(?![\w.])", rhs):
+            chosen[column] = levels[0]
+    return table, chosen
+
+
+def build_design(
+    formula: str, phenotypes: pd.DataFrame, references: dict[str, str] | None = None
+) -> Design:
+    """The design matrix of ``formula`` on ``phenotypes`` (rows in HDF5 subject order), factors
+    with R's levels and treatment contrasts."""
     from formulaic import model_matrix
     from formulaic.errors import FormulaicError
 
     _, rhs = parse_formula(formula)
+    table, chosen = r_factors(formula, phenotypes, references)
     try:
-        matrix = model_matrix(_to_formulaic(rhs), phenotypes, na_action="drop")
+        matrix = model_matrix(_to_formulaic(rhs), table, na_action="drop")
     except (FormulaicError, NameError, KeyError, SyntaxError, ValueError, TypeError) as err:
         names = ", ".join(phenotypes.columns)
         raise DataError(
@@ -123,11 +181,10 @@ def build_design(formula: str, phenotypes: pd.DataFrame) -> Design:
             len(phenotypes),
             rhs,
         )
+    for factor, level in chosen.items():
+        log.info("Factor %s: reference level %r (R's order)", factor, level)
     return Design(
-        np.asarray(matrix, dtype=np.float64),
-        columns,
-        rows,
-        "Intercept" in columns,
+        np.asarray(matrix, dtype=np.float64), columns, rows, "Intercept" in columns, chosen
     )
 
 
@@ -332,6 +389,7 @@ def fit_lm(
     lthr_abs: float = 10,
     lthr_rel: float = 0.2,
     overwrite: bool = False,
+    reference_levels: dict[str, str] | None = None,
 ) -> list[str]:
     """Fit ``formula`` at every element of ``h5_path`` and write results/<analysis>.
 
@@ -341,8 +399,7 @@ def fit_lm(
         raise MissingInputError(f"{h5_path}: HDF5 file not found")
     if not cohort_path.is_file():
         raise MissingInputError(f"{cohort_path}: cohort file not found")
-    if "/" in analysis or not analysis:
-        raise UsageError(f"analysis name {analysis!r} must be non-empty and without '/'")
+    check_name("analysis", analysis)
     response, _ = parse_formula(formula)
     scalar = scalar or response
     cohort = pd.read_csv(cohort_path)
@@ -354,7 +411,7 @@ def fit_lm(
             raise OutputError(f"{h5_path}: results/{analysis} exists; use --overwrite")
         names = list(h5[f"scalars/{scalar}/column_names"].asstr()[()])
         phenotypes = match_cohort(cohort, names, scalar, cohort_path)
-        design = build_design(formula, phenotypes)
+        design = build_design(formula, phenotypes, reference_levels)
         values = h5[f"scalars/{scalar}/values"]
         fitter = Fitter(design, len(names), values.shape[1], lthr_abs, lthr_rel)
         log.info(
@@ -380,13 +437,39 @@ def fit_lm(
             fitter.rank_deficient,
         )
     columns = output_columns(design, term_stats, model_stats)
-    write_results(h5_path, analysis, columns, fitter.table(term_stats, model_stats))
+    about = {
+        "method": "lm",
+        "formula": formula,
+        "reference_levels": design.references,
+        "n_subjects": len(names),
+        "n_with_phenotypes": len(design.rows),
+        "threshold": threshold_rule(lthr_abs, lthr_rel, len(names)),
+        "cohort_file": str(cohort_path),
+    }
+    write_results(h5_path, analysis, columns, fitter.table(term_stats, model_stats), about)
     return columns
 
 
-def write_results(h5_path: Path, analysis: str, columns: list[str], table: np.ndarray) -> None:
+def threshold_rule(lthr_abs: float, lthr_rel: float, n: int) -> str:
+    """ModelArray's element threshold, in words (for sidecars and the methods text)."""
+    return (
+        f"an element is fitted only where more than max({lthr_abs:g}, {lthr_rel:g} x {n}) = "
+        f"{max(lthr_abs, lthr_rel * n):g} participants have a finite value"
+    )
+
+
+def write_results(
+    h5_path: Path,
+    analysis: str,
+    columns: list[str],
+    table: np.ndarray,
+    about: dict | None = None,
+) -> None:
     """results/<analysis>/results_matrix (columns x elements, float64) and column_names, as
-    ModelArray's writeResults stores them; replaced as a whole (written, then renamed)."""
+    ModelArray's writeResults stores them; replaced as a whole (written, then renamed). ``about``
+    (model, counts) is kept as the JSON attribute ``greyarray_about``, which R ignores."""
+    import json
+
     with h5py.File(h5_path, "a") as h5:
         results = h5.require_group("results")
         staging = f".{analysis}.incomplete"
@@ -403,6 +486,8 @@ def write_results(h5_path: Path, analysis: str, columns: list[str], table: np.nd
             shuffle=True,
         )
         group.create_dataset("column_names", data=columns, dtype=h5py.string_dtype())
+        if about:
+            group.attrs["greyarray_about"] = json.dumps(about)
         if analysis in results:
             del results[analysis]
         results.move(staging, analysis)

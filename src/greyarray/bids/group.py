@@ -1,0 +1,275 @@
+"""The group level: one cohort CSV and one ModelArray HDF5 per scalar, under OUTPUT_DIR/group/.
+
+A re-run never destroys a user's work. An HDF5 whose inputs are unchanged (same files, same
+sha256, same storage) is kept as it is, with whatever ModelArray wrote into it. One whose inputs
+changed is replaced only with ``--overwrite``, and, if it holds results (hours of fitting in R),
+only with ``--discard-results``, which also removes the maps exported from those results. Every
+decision is taken, and every file checked, before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from greyarray.bids import citation, derivatives, discover
+from greyarray.bids.cohort import build_cohort, load_phenotypes, report_mismatch
+from greyarray.bids.run import Run
+from greyarray.errors import OutputError
+from greyarray.io.cohort import Cohort
+from greyarray.io.fileio import atomic_write, write_json
+from greyarray.io.sources import Source, check_sources
+from greyarray.io.store import StoreOptions, stored_inputs, write_modelarray
+
+log = logging.getLogger("greyarray")
+
+
+@dataclass
+class Plan:
+    """One scalar's conversion: its files, table, checked sources and what to do."""
+
+    name: str
+    files: list[discover.Found]
+    h5: Path
+    table: pd.DataFrame
+    sources: list[Source] = field(default_factory=list)
+    action: str = "write"  # write | keep | discard (rewrite, dropping results)
+    analyses: list[str] = field(default_factory=list)  # results/ of the existing file
+
+    @property
+    def csv(self) -> Path:
+        return self.h5.with_name(self.h5.name.replace("_modelarray.h5", "_cohort.csv"))
+
+
+def h5_path(settings: Run, scalar: str) -> Path:
+    return settings.group_dir / f"desc-{derivatives.label(scalar)}_modelarray.h5"
+
+
+def run(settings: Run) -> int:
+    plans = convert(settings, settings.find("group"))
+    return settings.finish(summary(plans) + r_hint(settings, plans[0]))
+
+
+def convert(
+    settings: Run,
+    naming: discover.Naming,
+    check_table: Callable[[pd.DataFrame], None] | None = None,
+    mode: str = "group",
+) -> list[Plan]:
+    """Check everything, decide per scalar, then write: the group level's conversion."""
+    options = StoreOptions(nprocs=settings.args.nprocs)
+    participants, sessions = load_phenotypes(settings.args.participants_file, settings.bids_dir)
+    if participants is not None:
+        subjects = {f"sub-{f.subject}" for files in naming.scalars.values() for f in files}
+        ids = {i if i.startswith("sub-") else f"sub-{i}" for i in participants["participant_id"]}
+        report_mismatch(subjects, ids)
+    plans = []
+    for name, files in naming.scalars.items():
+        h5 = h5_path(settings, name)
+        table = build_cohort({name: files}, settings.group_dir, participants, sessions)
+        if check_table is not None:
+            check_table(table)
+        plans.append(Plan(name, files, h5, table))
+    for plan in plans:  # group/ may not exist yet: open the files by their found paths
+        Cohort.from_table(plan.csv, plan.table)
+        paths = {os.path.relpath(f.path, settings.group_dir): f.path for f in plan.files}
+        plan.sources = check_sources(
+            [(s, paths[s]) for s in plan.table["source_file"]],
+            settings.args.map,
+            options.nprocs,
+            label=plan.name,
+        )
+    for plan in plans:
+        _decide(settings, plan, options)
+    settings.open_output(mode, {"scalars": [plan.name for plan in plans]})
+    for plan in plans:
+        _execute(settings, plan, options)
+    citation.update(settings.logs, facts=methods_facts(settings, plans, options))
+    return plans
+
+
+def _decide(settings: Run, plan: Plan, options: StoreOptions) -> None:
+    if not plan.h5.exists():
+        return
+    try:
+        stored = stored_inputs(plan.h5, plan.name)
+    except (OSError, KeyError) as err:
+        if "lock" in str(err).lower():
+            raise OutputError(f"{plan.h5}: is in use by another process; try again later") from None
+        if not settings.args.overwrite:
+            raise OutputError(
+                f"{plan.h5}: exists but is not a GreyArray HDF5 of scalar {plan.name!r}; use "
+                "--overwrite to replace it"
+            ) from None
+        return
+    change = stored.difference(plan.sources, options.description)
+    plan.analyses = stored.analyses
+    if change is None:
+        plan.action = "keep"
+    elif stored.analyses and not settings.args.discard_results:
+        raise OutputError(
+            f"{plan.h5}: holds ModelArray results ({', '.join(stored.analyses)}) and its inputs "
+            f"changed ({change}); it was left as it is. Use --discard-results to convert "
+            "again (removing those results and the maps exported from them), or move it away"
+        )
+    elif stored.analyses:
+        plan.action = "discard"
+    elif not settings.args.overwrite:
+        raise OutputError(
+            f"{plan.h5}: output exists and its inputs changed ({change}); use --overwrite to "
+            "replace it"
+        )
+
+
+def _execute(settings: Run, plan: Plan, options: StoreOptions) -> None:
+    if plan.action == "keep":
+        kept = f", with its results ({', '.join(plan.analyses)})" if plan.analyses else ""
+        log.info("%s: inputs unchanged; kept as it is%s", plan.h5, kept)
+    else:
+        write_modelarray(plan.h5, {plan.name: plan.sources}, options, settings.command_line)
+        log.info("Wrote %s", plan.h5)
+    if plan.action == "discard":
+        removed = derivatives.exported_statmaps(plan.h5.parent, plan.h5.name, set(plan.analyses))
+        for path in removed:
+            path.unlink(missing_ok=True)
+        log.warning(
+            "%s: inputs changed; results %s discarded (--discard-results), with the %d "
+            "statistical map files exported from them",
+            plan.h5,
+            ", ".join(plan.analyses),
+            len(removed),
+        )
+    atomic_write(plan.csv, plan.table.to_csv(index=False, na_rep="NA").encode())
+    sidecar = {
+        "Scalar": plan.name,
+        "Entities": discover.common_entities(plan.files),
+        "Key": [list(pair) for pair in plan.files[0].key()] if not plan.files[0].scalar else None,
+        "Participants": int(plan.table["participant_id"].nunique()),
+        "Files": len(plan.files),
+        "CohortFile": plan.csv.name,
+        "Sources": sorted({str(f.root) for f in plan.files}),
+    }
+    write_json(plan.h5.with_suffix(".json"), sidecar)
+
+
+def methods_facts(settings: Run, plans: list[Plan], options: StoreOptions) -> dict:
+    """The values the methods template (boilerplate/methods.md) is filled with."""
+    import h5py
+    import nibabel
+    from bids import __version__ as pybids_version
+
+    from greyarray import __version__
+
+    files = [f for plan in plans for f in plan.files]
+    sources = [s for plan in plans for s in plan.sources]
+    n_sessions = len({(f.subject, f.session) for f in files if f.session})
+    kinds = Counter(s.file.kind for s in sources)
+    entities = discover.common_entities(files)
+    space = " ".join(f"{k}-{v}" for k, v in entities.items() if k in ("space", "den", "seg"))
+    elements = sorted({plan.sources[0].file.geometry.n_elements for plan in plans})
+    described = [r for r in settings.roots if (r / "dataset_description.json").is_file()]
+    versions = sorted(
+        {str(discover.load_description(r).get("BIDSVersion", "")) for r in described} - {""}
+    )
+    rows = sum(len(plan.table) for plan in plans)
+    return {
+        "greyarray_version": __version__,
+        "nibabel_version": nibabel.__version__,
+        "h5py_version": h5py.__version__,
+        "hdf5_version": h5py.version.hdf5_version,
+        "pybids_version": pybids_version,
+        "n_files": len(files),
+        "n_participants": len({f.subject for f in files}),
+        "sessions_text": f" ({n_sessions} sessions)" if n_sessions else "",
+        "datasets": ", ".join(sorted({str(f.root.name) for f in files})),
+        "input_bids_text": f"BIDS {' and '.join(versions)}" if versions else "BIDS",
+        "n_scalars": len(plans),
+        "scalars_text": ", ".join(plan.name for plan in plans),
+        "kinds_text": " or ".join(f"CIFTI-2 {k}" for k in sorted(kinds)),
+        "space_text": space or "greyordinate space of the inputs",
+        "n_elements": " or ".join(f"{n:,}" for n in elements),
+        "nonfinite_text": _nonfinite_text([s.n_nonfinite for s in sources]),
+        "matrix_text": (
+            "a matrix with one row per session of each participant and one column per element"
+            if n_sessions
+            else "a participants-by-elements matrix"
+        )
+        + f" ({rows:,} rows in all)",
+        "sessions_table_text": " and `sessions.tsv` files" if n_sessions else "",
+        "storage_text": f"{options.description}, chunks of at most 1 MiB holding all rows",
+    }
+
+
+def _nonfinite_text(counts: list[int]) -> str:
+    bad = [c for c in counts if c]
+    if not bad:
+        return " (none were found)"
+    return (
+        f" ({len(bad)} of {len(counts)} maps held {sum(bad):,} non-finite values, which "
+        "ModelArray treats as missing participants for those elements)"
+    )
+
+
+def summary(plans: list[Plan]) -> list[str]:
+    lines = ["", "GreyArray group level done", ""]
+    for plan in plans:
+        table = plan.table
+        sessions = table["session_id"].nunique() if "session_id" in table else 0
+        state = {"keep": "kept (inputs unchanged)", "discard": "rewritten, results discarded"}
+        lines.append(
+            f"  {plan.name}: {table['participant_id'].nunique()} participants"
+            f"{f', {sessions} sessions' if sessions else ''}, {len(table)} files; "
+            f"HDF5 {state.get(plan.action, 'written')}"
+        )
+        lines.append(f"    cohort: {plan.csv}\n    HDF5:   {plan.h5}")
+    return lines
+
+
+def suggested_formula(plan: Plan) -> str:
+    """A formula the cohort can fit: age and sex when present, else its first phenotypes."""
+    ignored = {"scalar_name", "source_file", "participant_id", "session_id"}
+    columns = [c for c in plan.table.columns if c not in ignored]
+    chosen = [c for c in ("age", "sex") if c in columns] or columns[:2]
+    rhs = " + ".join(f"`{c}`" if not c.isidentifier() else c for c in chosen) or "1"
+    return f"{plan.name if plan.name.isidentifier() else '`' + plan.name + '`'} ~ {rhs}"
+
+
+def r_hint(settings: Run, plan: Plan) -> list[str]:
+    formula = suggested_formula(plan)
+    repeated = "session_id" in plan.table and plan.table["participant_id"].duplicated().any()
+    analysis = "gam" if repeated else "lm"
+    lines = [
+        "",
+        "Next, in R:",
+        "  library(ModelArray)",
+        f'  ma <- ModelArray("{plan.h5}", scalar_types = "{plan.name}")',
+        f'  phen <- read.csv("{plan.csv}")',
+    ]
+    if repeated:
+        lines += [
+            "  # Participants have several sessions: rows are not independent, so a plain lm",
+            "  # is not valid. A random intercept per participant (or a mixed model through",
+            "  # ModelArray.wrap and lme4) accounts for it:",
+            "  phen$participant_id <- factor(phen$participant_id)",
+            f'  res <- ModelArray.gam({formula} + s(participant_id, bs = "re"), ma, phen, '
+            f'"{plan.name}")',
+        ]
+    else:
+        lines.append(f'  res <- ModelArray.lm({formula}, ma, phen, "{plan.name}")')
+    lines += [
+        f'  writeResults("{plan.h5}", df.output = res, analysis_name = "{analysis}")',
+        "Then export the maps:",
+        f"  greyarray {settings.bids_dir} {settings.output_dir} group --analysis-name {analysis}",
+    ]
+    if not repeated:
+        lines += [
+            "Or fit the same model here, in seconds, and export it:",
+            f'  greyarray {settings.bids_dir} {settings.output_dir} group --model "{formula}"',
+        ]
+    return [*lines, ""]

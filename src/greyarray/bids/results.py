@@ -1,0 +1,196 @@
+"""The group level's analyses: ``--model`` fits at every element, ``--analysis-name`` exports.
+
+``group --model FORMULA`` converts the response scalar (with the group level's rules: nothing of
+the user's is replaced), fits, and exports BIDS statistical maps. ``group --analysis-name NAME``
+exports what ModelArray's ``writeResults`` (or GreyArray) wrote into ``results/NAME``. Each
+analysis adds its section to the methods text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from greyarray.bids import citation, derivatives, group
+from greyarray.bids.run import Run
+from greyarray.errors import DataError, MissingInputError, OutputError, UsageError
+
+log = logging.getLogger("greyarray")
+
+
+def model(settings: Run) -> int:
+    """Convert (unless the response's HDF5 exists), fit, export: the whole pipeline."""
+    from greyarray.stats.lm import build_design, fit_lm, parse_formula
+
+    formula = settings.args.model
+    response, _ = parse_formula(formula)
+    analysis = settings.args.analysis_name or "lm"
+    references = settings.reference_levels
+    h5 = group.h5_path(settings, response)
+    if h5.exists() and not settings.args.overwrite:
+        log.info("Using %s (converted earlier; --overwrite checks its inputs again)", h5)
+        _check_can_fit(h5, response, analysis, settings.args.overwrite)
+        settings.open_output("model")
+    else:
+        naming = settings.find("group")
+        if response not in naming.scalars:
+            raise UsageError(
+                f"the model's response {response!r} is not a scalar "
+                f"(scalars: {', '.join(naming.scalars)})"
+            )
+        only = type(naming)({response: naming.scalars[response]}, naming.skipped)
+        group.convert(
+            settings, only, lambda table: build_design(formula, table, references), "model"
+        )
+    cohort = h5.with_name(h5.name.replace("_modelarray.h5", "_cohort.csv"))
+    columns = fit_lm(
+        h5,
+        cohort,
+        formula,
+        analysis,
+        overwrite=settings.args.overwrite,
+        reference_levels=references,
+    )
+    maps = _export(settings, analysis, {response})
+    return settings.finish(
+        [
+            f"Exported {len(maps)} statistical maps to {settings.group_dir}",
+            *_significance(h5, analysis, formula, columns),
+        ]
+    )
+
+
+def _check_can_fit(h5: Path, scalar: str, analysis: str, overwrite: bool) -> None:
+    """Fail before anything is written when the fit could not be stored."""
+    import h5py
+
+    try:
+        with h5py.File(h5, "r") as file:
+            if f"scalars/{scalar}/values" not in file:
+                raise DataError(f"{h5}: holds no scalar {scalar!r}")
+            if f"results/{analysis}" in file and not overwrite:
+                raise OutputError(
+                    f"{h5}: results/{analysis} exists; use --overwrite to fit it again, or "
+                    "--analysis-name to keep both"
+                )
+    except OSError as err:
+        raise DataError(f"{h5}: cannot read as HDF5 ({err})") from None
+
+
+def export(settings: Run) -> int:
+    maps = _export(settings, settings.args.analysis_name, set(settings.args.scalar or []))
+    return settings.finish([f"Exported {len(maps)} statistical maps to {settings.group_dir}"])
+
+
+def _export(settings: Run, analysis: str, scalars: set[str]) -> list[Path]:
+    """Statistical maps of results/<analysis> of every group HDF5 that has it."""
+    import h5py
+
+    found = []
+    for h5_path in sorted(settings.group_dir.glob("desc-*_modelarray.h5")):
+        meta = _sidecar(h5_path)
+        if scalars and meta["Scalar"] not in scalars:
+            continue
+        try:
+            with h5py.File(h5_path, "r") as h5:
+                if analysis in h5.get("results", {}):
+                    found.append((h5_path, meta, _about(h5, analysis, meta)))
+        except OSError as err:
+            raise DataError(f"{h5_path}: cannot read as HDF5 ({err})") from None
+    if not found:
+        if not settings.group_dir.is_dir() or not any(settings.group_dir.glob("*.h5")):
+            raise MissingInputError(
+                f"{settings.group_dir}: no *_modelarray.h5; run the group level first"
+            )
+        raise DataError(
+            f"{settings.group_dir}: no HDF5 holds results/{analysis} "
+            "(run ModelArray and writeResults first)"
+        )
+    if settings.log_file is None:
+        settings.open_output("export")
+    paths = []
+    for h5_path, meta, about in found:
+        maps = derivatives.write_statmaps(h5_path, meta, analysis, about)
+        paths += maps
+        citation.update(settings.logs, analysis=_section(meta, analysis, about, len(maps)))
+    return paths
+
+
+def _sidecar(h5_path: Path) -> dict:
+    try:
+        return json.loads(h5_path.with_suffix(".json").read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{h5_path.with_suffix('.json')}: cannot read ({err})") from None
+
+
+def _about(h5, analysis: str, meta: dict) -> dict:
+    """What the sidecars say about the fit: from GreyArray's record, else what the file shows."""
+    group_ = h5["results"][analysis]
+    record = {}
+    if "greyarray_about" in group_.attrs:
+        try:
+            record = json.loads(group_.attrs["greyarray_about"])
+        except (TypeError, ValueError):
+            record = {}
+    n = h5[f"scalars/{meta['Scalar']}/values"].shape[0]
+    about = {
+        "Model": record.get(
+            "formula", "not recorded (fitted outside GreyArray, e.g. by ModelArray in R)"
+        ),
+        "FittedBy": "GreyArray" if record else "not recorded",
+        "NumberOfRows": n,
+        "ElementThreshold": record.get("threshold")
+        or f"ModelArray's default: an element is fitted only where more than max(10, 0.2 x "
+        f"{n}) participants have a finite value",
+    }
+    if "n_with_phenotypes" in record:
+        about["NumberOfRowsWithPhenotypes"] = record["n_with_phenotypes"]
+    if record.get("reference_levels"):
+        about["ReferenceLevels"] = record["reference_levels"]
+    return about
+
+
+def _section(meta: dict, analysis: str, about: dict, n_maps: int) -> dict:
+    model_text = ""
+    if about.get("FittedBy") == "GreyArray":
+        levels = about.get("ReferenceLevels") or {}
+        reference = (
+            " Factors were coded with treatment contrasts against the reference levels "
+            + ", ".join(f"{k} = {v}" for k, v in levels.items())
+            + " (R's level order unless chosen)."
+            if levels
+            else ""
+        )
+        model_text = (
+            f"At every element, the linear model `{about['Model']}` was fitted by ordinary "
+            "least squares with GreyArray, following ModelArray.lm's rules [@modelarray]: "
+            f"{about['ElementThreshold']}, participants with a missing phenotype were left out, "
+            "and p-values were corrected for the false discovery rate over elements "
+            f"[@bh1995].{reference}\n"
+        )
+    return {
+        "scalar": meta["Scalar"],
+        "analysis": analysis,
+        "model_text": model_text,
+        "n_maps": n_maps,
+    }
+
+
+def _significance(h5_path: Path, analysis: str, formula: str, columns: list[str]) -> list[str]:
+    import h5py
+
+    with h5py.File(h5_path, "r") as h5:
+        table = h5[f"results/{analysis}/results_matrix"][()]
+    fitted = int(np.isfinite(table[1]).sum())
+    lines = [f"\nModel {formula}: fitted at {fitted:,} of {table.shape[1]:,} elements"]
+    if fitted < table.shape[1]:
+        lines[0] += " (the others have too few participants with finite values)"
+    for i, name in enumerate(columns):
+        if name.endswith(".p.value.fdr"):
+            significant = int((table[i] < 0.05).sum())
+            term = name.removesuffix(".p.value.fdr")
+            lines.append(f"  {term}: {significant:,} elements with FDR-corrected p < 0.05")
+    return lines

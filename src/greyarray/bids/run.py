@@ -1,0 +1,339 @@
+"""One run of the BIDS-App: its resolved options, what it finds, and its output folder.
+
+Everything that can be checked without writing is checked before the output folder is touched
+(paths, configuration files, labels, discovery, the files themselves): a run that fails its
+checks leaves no skeleton behind. Log messages are buffered until the output is opened, so the
+run's log file still holds them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import logging.handlers
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from greyarray import __version__
+from greyarray.bids import derivatives, discover
+from greyarray.errors import MissingInputError, UsageError
+from greyarray.io.fileio import make_folder, remove_stale_temporaries
+from greyarray.io.names import check_name
+
+log = logging.getLogger("greyarray")
+MANIFEST = "sub-{0}/sub-{0}_greyarray.json"
+
+
+@dataclass
+class Run:
+    """The resolved options of one run (``from_args`` checks them all)."""
+
+    args: argparse.Namespace
+    command_line: str
+    bids_dir: Path
+    output_dir: Path
+    roots: list[Path]
+    queries: dict
+    patterns: dict
+    subjects: list[str] | None
+    sessions: list[str] | None
+    derivatives: dict[str, Path]
+    database_dir: Path | None
+    started: float = field(default_factory=time.monotonic)
+    stamp: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S"))
+    log_file: Path | None = None
+    reference_levels: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, command_line: str) -> Run:
+        bids_dir, output_dir = args.bids_dir.resolve(), args.output_dir.resolve()
+        if output_dir == bids_dir:
+            raise UsageError("OUTPUT_DIR must not be BIDS_DIR: outputs would mix with inputs")
+        if args.work_dir and args.work_dir.resolve().is_relative_to(bids_dir):
+            raise UsageError(f"{args.work_dir}: the work folder must not be inside BIDS_DIR")
+        if output_dir.exists() and not output_dir.is_dir():
+            raise UsageError(f"{args.output_dir}: OUTPUT_DIR exists and is not a folder")
+        if args.analysis_name is not None:
+            check_name("analysis", args.analysis_name)
+        if args.participants_file and not args.participants_file.is_file():
+            raise MissingInputError(f"{args.participants_file}: participants file not found")
+        config = _load_yaml(args.config) if args.config else {}
+        queries = {**config.get("scalars", {}), **_load_json(args.bids_filter_file)}
+        for name in queries:
+            check_name("scalar", name, str(args.bids_filter_file or args.config))
+        patterns = config.get("patterns", {})
+        derivs = _named_paths(args.derivatives)
+        roots = discover.dataset_roots(bids_dir, derivs, bool(patterns))
+        work = args.work_dir.resolve() / "bids_db" if args.work_dir else None
+        return cls(
+            args=args,
+            command_line=command_line,
+            bids_dir=bids_dir,
+            output_dir=output_dir,
+            roots=[root for root in roots if root != output_dir],  # e.g. derivatives/greyarray
+            queries=queries,
+            patterns=patterns,
+            subjects=discover.participant_labels(args.participant_label),
+            sessions=sorted({discover.strip(s, "ses-") for s in args.session_label or []}) or None,
+            derivatives=derivs,
+            database_dir=args.bids_database_dir or work,
+        )
+
+    @property
+    def logs(self) -> Path:
+        return self.output_dir / "logs"
+
+    @property
+    def group_dir(self) -> Path:
+        return self.output_dir / "group"
+
+    def selection(self) -> dict:
+        return {"queries": self.queries, "patterns": self.patterns, "sessions": self.sessions}
+
+    # ---- discovery -------------------------------------------------------------------------
+    def find(self, level: str) -> discover.Naming:
+        """The selected maps, grouped and named (names stable across runs, see discover)."""
+        found = self._from_manifests() if level == "group" else None
+        if found is None:
+            found = []
+            for root in self.roots:
+                log.info("Indexing %s", root)
+                found += discover.discover(
+                    [root],
+                    self.subjects,
+                    self.sessions,
+                    self.queries or None,
+                    self.patterns,
+                    self.database_dir,
+                )
+        self._check_selection(found)
+        wanted = self.args.scalar or []
+        naming = discover.name_scalars(
+            found, discover.coverage(self.roots), self.known_names(found), wanted
+        )
+        for name, files in naming.skipped.items():
+            subjects = sorted({f"sub-{f.subject}" for f in files})
+            log.warning(
+                "Skipped scalar %s: a rare variant (%d participant(s): %s), e.g. %s; ask for it "
+                "with --scalar %s",
+                name,
+                len(subjects),
+                ", ".join(subjects[:5]),
+                files[0].relative,
+                name,
+            )
+        if wanted:
+            unknown = sorted(set(wanted) - set(naming.scalars))
+            if unknown:
+                raise discover.NoFilesError(
+                    f"no scalar {', '.join(map(repr, unknown))} "
+                    f"(found: {', '.join(naming.scalars)})"
+                )
+            naming = discover.Naming({n: naming.scalars[n] for n in wanted}, naming.skipped)
+        for name, files in naming.scalars.items():
+            log.info("Scalar %s: %d files, e.g. %s", name, len(files), files[0].relative)
+        return naming
+
+    def known_names(self, found: list[discover.Found]) -> dict[str, tuple]:
+        """Names earlier runs gave to kinds of maps: the group outputs' first, then the
+        participant manifests'. R scripts use these names: they must not change."""
+        known: dict[str, tuple] = {}
+        for item in found:
+            if item.recorded_name and item.recorded_name not in known:
+                known[item.recorded_name] = item.key()
+        for sidecar in sorted(self.group_dir.glob("desc-*_modelarray.json")):
+            try:
+                meta = json.loads(sidecar.read_text())
+                known[meta["Scalar"]] = tuple(tuple(pair) for pair in meta["Key"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # written by GreyArray 0.1.0 (no key) or damaged: not binding
+        return known
+
+    def _from_manifests(self) -> list[discover.Found] | None:
+        """The participant level's findings, if every subject folder of the inputs has a
+        manifest made with the same selection; None means: discover again."""
+        subjects = self.subjects or sorted(
+            {p.name[4:] for root in self.roots for p in root.glob("sub-*") if p.is_dir()}
+        )
+        paths = [self.output_dir / MANIFEST.format(s) for s in subjects]
+        if not paths or not all(p.is_file() for p in paths):
+            return None
+        found = []
+        for path in paths:
+            try:
+                manifest = json.loads(path.read_text())
+            except (OSError, ValueError):
+                log.info("%s cannot be read: discovering again", path)
+                return None
+            if manifest.get("selection") != self.selection():
+                log.info("%s was made with other filters: discovering again", path)
+                return None
+            for entry in manifest["files"]:
+                item = discover.Found(
+                    Path(entry["dataset"]) / entry["path"],
+                    Path(entry["dataset"]),
+                    manifest["participant_id"][4:],
+                    entry["session"],
+                    entry["entities"],
+                    entry["query"],
+                    entry.get("scalar") if entry["query"] is None else None,
+                )
+                if not item.path.is_file():
+                    log.info("%s is gone: discovering again", item.path)
+                    return None
+                found.append(item)
+        log.info("Using the manifests of %d participants (participant level)", len(paths))
+        return found
+
+    def _check_selection(self, found: list[discover.Found]) -> None:
+        where = ", ".join(map(str, self.roots))
+        for subject in self.subjects or []:
+            mine = [item for item in found if item.subject == subject]
+            if not mine and self.sessions:
+                raise discover.NoFilesError(
+                    f"participant {subject} has no maps in session(s) "
+                    f"{', '.join(self.sessions)} in {where}"
+                )
+            if not mine:
+                raise discover.NoFilesError(f"participant {subject} was not found in {where}")
+        for session in self.sessions or []:
+            if not any(item.session == session for item in found):
+                raise discover.NoFilesError(f"session {session} was not found in {where}")
+        if not found:
+            filters = {
+                "participant_label": self.subjects,
+                "session_label": self.sessions,
+                "queries": self.queries or "all dscalar/pscalar/pconn files",
+                "patterns": self.patterns or None,
+            }
+            raise discover.NoFilesError(
+                f"filters matched no files in {where}: "
+                f"{json.dumps({k: v for k, v in filters.items() if v})}"
+            )
+
+    # ---- output ----------------------------------------------------------------------------
+    def open_output(self, mode: str, extra: dict | None = None) -> None:
+        """Create OUTPUT_DIR as a derivatives dataset, start the log file (with what was logged
+        so far), remove what killed runs left, and record the configuration."""
+        derivatives.init_dataset(self.output_dir, [self.bids_dir])
+        make_folder(self.logs)
+        for folder in (self.output_dir, self.logs, self.group_dir):
+            for stale in remove_stale_temporaries(folder):
+                log.info("Removed %s, left by a process that no longer runs", stale)
+        level = self.args.analysis_level
+        self.log_file = self.logs / f"greyarray-{level}-{self.stamp}-{os.getpid()}.log"
+        start_log_file(self.log_file)
+        derivatives.write_config(
+            self.logs,
+            f"config-{level}-{self.stamp}-{os.getpid()}.yaml",
+            {**self.config(mode), **(extra or {})},
+        )
+
+    def config(self, mode: str) -> dict:
+        args = {
+            k: str(v) if isinstance(v, Path) else v
+            for k, v in vars(self.args).items()
+            if k not in ("bids_dir", "output_dir")
+        }
+        return {
+            "command_line": self.command_line,
+            "greyarray_version": __version__,
+            "level": self.args.analysis_level,
+            "mode": mode,
+            "bids_dir": str(self.bids_dir),
+            "output_dir": str(self.output_dir),
+            "datasets": [str(r) for r in self.roots],
+            "participant_label": self.subjects,
+            "session_label": self.sessions,
+            "queries": self.queries,
+            "patterns": self.patterns,
+            "options": args,
+        }
+
+    def finish(self, lines: list[str]) -> int:
+        """Print the run's summary and record it, with the time taken, in the log."""
+        text = "\n".join(lines)
+        print(text)
+        log.debug("Summary:\n%s", text)
+        for line in lines:
+            if line.strip():
+                _to_file(logging.INFO, line)
+        _to_file(logging.INFO, f"Done in {time.monotonic() - self.started:.1f} s (exit code 0)")
+        return 0
+
+
+# ---- the log file: messages are buffered until the output folder may be written --------------
+_BUFFER = logging.handlers.MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1)
+
+
+def buffer_log(level: int) -> None:
+    """Keep messages of ``level`` and above until ``start_log_file``."""
+    _BUFFER.setLevel(level)
+    _BUFFER.buffer.clear()
+    logging.getLogger().addHandler(_BUFFER)
+
+
+def start_log_file(path: Path) -> None:
+    handler = logging.FileHandler(path)
+    handler.setLevel(_BUFFER.level)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s"))
+    for record in _BUFFER.buffer:
+        handler.handle(record)
+    _BUFFER.buffer.clear()
+    root = logging.getLogger()
+    root.removeHandler(_BUFFER)
+    root.addHandler(handler)
+
+
+def _to_file(level: int, message: str) -> None:
+    record = logging.LogRecord("greyarray", level, __file__, 0, "%s", (message,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def _named_paths(items: list[str]) -> dict[str, Path]:
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = Path(item).name, item
+        out[name] = Path(path).resolve()
+    return out
+
+
+def _load_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise MissingInputError(f"{path}: config file not found")
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{path}: expected a mapping with keys scalars and/or patterns")
+    unknown = set(config) - {"scalars", "patterns"}
+    if unknown:
+        raise UsageError(f"{path}: unknown keys {sorted(unknown)} (known: scalars, patterns)")
+    for key in ("scalars", "patterns"):
+        if not isinstance(config.get(key, {}), dict):
+            raise UsageError(f"{path}: {key} must be a mapping of names")
+    return config
+
+
+def _load_json(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise MissingInputError(f"{path}: BIDS filter file not found")
+    try:
+        filters = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path}: invalid JSON ({err})") from None
+    if not isinstance(filters, dict) or not all(isinstance(v, dict) for v in filters.values()):
+        raise UsageError(f'{path}: expected {{"<scalar>": {{"<entity>": value, ...}}, ...}}')
+    return filters
