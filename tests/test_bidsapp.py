@@ -520,6 +520,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     citation = (tmp_path / "demo" / "output" / "logs" / "CITATION.md").read_text()
     assert "the linear model `thickness ~ age + sex` was fitted" in citation
     assert "[@bh1995]" in citation and "$" not in citation
+    assert "a participants-by-elements matrix" in citation  # no sessions
     code = cli.main(["demo", str(tmp_path / "demo"), "--subjects", "12"])
     assert code == 73  # outputs exist: --overwrite is needed to redo them
 

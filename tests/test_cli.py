@@ -154,7 +154,8 @@ def test_missing_source_file(run_cli, cohort, tmp_path):
         run_cli,
         convert(csv, tmp_path / "o.h5"),
         66,
-        r"maps/sub-009_thickness.dscalar.nii: file not found",
+        r"cohort.csv: source_file 'maps/sub-009_thickness.dscalar.nii' not found \(neither .*"
+        r"/maps/sub-009_thickness.dscalar.nii nor .*/maps/sub-009_thickness.dscalar.nii\)$",
         tmp_path,
     )
 

@@ -248,8 +248,10 @@ def export_results_parser(prog: str = "greyarray export-results") -> Parser:
 
 def run_export_results(args: argparse.Namespace) -> int:
     from greyarray.io.export import export_results
+    from greyarray.io.names import check_name
 
     _refuse_unsupported(args)
+    check_name("analysis", args.analysis_name)
     template = args.example_file
     if args.cohort_file is not None:
         from greyarray.io.cohort import first_source
@@ -485,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Interrupted as sig:
             return fail(f"interrupted by {sig.name}; temporary files removed", sig.exit_code)
         except KeyboardInterrupt:
-            return fail("interrupted (SIGINT); temporary files removed", 130)
+            return fail("interrupted by SIGINT; temporary files removed", 130)
         except MemoryError:
             return fail("out of memory", 1, unexpected=True)
         except Exception as err:  # the safety net: a bug, not the user's fault

@@ -224,7 +224,7 @@ def summary(plans: list[Plan]) -> list[str]:
         state = {"keep": "kept (inputs unchanged)", "discard": "rewritten, results discarded"}
         lines.append(
             f"  {plan.name}: {table['participant_id'].nunique()} participants"
-            f"{f', {sessions} sessions' if sessions else ''}, {len(table)} files; "
+            f"{f', {sessions} session(s)' if sessions else ''}, {len(table)} files; "
             f"HDF5 {state.get(plan.action, 'written')}"
         )
         lines.append(f"    cohort: {plan.csv}\n    HDF5:   {plan.h5}")

@@ -25,12 +25,17 @@ def run(settings: Run) -> int:
     for name, files in naming.scalars.items():
         for item in files:
             by_subject.setdefault(item.subject, []).append((name, item))
+    skipped: dict[str, list[tuple[str, discover.Found]]] = {}
+    for name, files in naming.skipped.items():
+        for item in files:
+            skipped.setdefault(item.subject, []).append((name, item))
     manifests = {
         subject: {
             "participant_id": f"sub-{subject}",
             "greyarray_version": __version__,
             "selection": settings.selection(),
             "files": [_check(settings, name, item) for name, item in items],
+            "skipped": [_entry(name, item) for name, item in skipped.get(subject, [])],
         }
         for subject, items in sorted(by_subject.items())
     }
@@ -48,12 +53,7 @@ def run(settings: Run) -> int:
     )
 
 
-def _check(settings: Run, name: str, item: discover.Found) -> dict:
-    source = sources.inspect(item.path, item.relative, settings.args.map)
-    if source.n_nonfinite:
-        log.warning(
-            "%s: %d non-finite values (missing for ModelArray)", item.path, source.n_nonfinite
-        )
+def _entry(name: str, item: discover.Found) -> dict:
     return {
         "scalar": name,
         "query": item.scalar,
@@ -61,6 +61,17 @@ def _check(settings: Run, name: str, item: discover.Found) -> dict:
         "dataset": str(item.root),
         "session": item.session,
         "entities": item.entities,
+    }
+
+
+def _check(settings: Run, name: str, item: discover.Found) -> dict:
+    source = sources.inspect(item.path, item.relative, settings.args.map)
+    if source.n_nonfinite:
+        log.warning(
+            "%s: %d non-finite values (missing for ModelArray)", item.path, source.n_nonfinite
+        )
+    return {
+        **_entry(name, item),
         "kind": source.file.kind,
         "n_elements": source.file.geometry.n_elements,
         "map": source.map_name,

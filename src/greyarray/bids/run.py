@@ -173,7 +173,9 @@ class Run:
             if manifest.get("selection") != self.selection():
                 log.info("%s was made with other filters: discovering again", path)
                 return None
-            for entry in manifest["files"]:
+            entries = [(e, True) for e in manifest["files"]]
+            entries += [(e, False) for e in manifest.get("skipped", [])]
+            for entry, checked in entries:
                 item = discover.Found(
                     Path(entry["dataset"]) / entry["path"],
                     Path(entry["dataset"]),
@@ -181,7 +183,7 @@ class Run:
                     entry["session"],
                     entry["entities"],
                     entry["query"],
-                    entry.get("scalar") if entry["query"] is None else None,
+                    entry["scalar"] if entry["query"] is None and checked else None,
                 )
                 if not item.path.is_file():
                     log.info("%s is gone: discovering again", item.path)

@@ -113,6 +113,7 @@ def to_modelarray(
     Without ``overwrite``, an output that appears while this runs (another run) is not replaced.
     """
     plan = output_plan(cohort, output, split)
+    cohort.require_files()
     sources = (cohort.resolve(s) for s in cohort.table["source_file"])
     refuse_inputs(plan, [cohort.path, *sources])
     for path in plan:
