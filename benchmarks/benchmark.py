@@ -32,8 +32,8 @@ import numpy as np
 import pandas as pd
 
 from greyarray import __version__
-from greyarray.io import cifti
 from greyarray.demo import phenotypes, template_path, thickness_maps
+from greyarray.io import cifti
 
 HERE = Path(__file__).resolve().parent
 RESULT_NAMES = [
@@ -188,6 +188,8 @@ def measure(n: int, work: Path, maio: Path | None, template: Path) -> dict:
             str(ours),
             "--output-dir",
             str(out / "g_exp"),
+            "--cohort-file",
+            str(csv),
             "--log-level",
             "WARNING",
         ]
@@ -287,6 +289,15 @@ def measure_lm(work: Path, template: Path, n: int = 1000) -> dict:
     return row
 
 
+def start_up(repeats: int = 7) -> dict:
+    """Median wall time of ``greyarray --version`` (the console script, as users run it)."""
+    exe = shutil.which("greyarray") or sys.executable
+    cmd = [exe, "--version"] if exe != sys.executable else [exe, "-m", "greyarray", "--version"]
+    times = sorted(run(cmd)["seconds"] for _ in range(repeats))
+    python = sorted(run([sys.executable, "-c", "pass"])["seconds"] for _ in range(repeats))
+    return {"greyarray_version_s": times[repeats // 2], "python_startup_s": python[repeats // 2]}
+
+
 def ratios(row: dict) -> dict:
     out = {
         "vs_floor": round(row["greyarray"]["seconds"] / row["floor"]["seconds"], 2),
@@ -365,6 +376,8 @@ def main() -> int:
         f"h5py {h5py.__version__} (HDF5 {h5py.version.hdf5_version})"
     )
     rows = []
+    startup = start_up()
+    print(json.dumps({"start_up": startup}), flush=True)
     lm_row = measure_lm(args.work, args.template, 100 if args.quick else 1000)
     print(json.dumps({"fit_lm": lm_row}), flush=True)
     for n in [] if args.lm_only else sizes:
@@ -376,9 +389,19 @@ def main() -> int:
     if args.lm_only:  # keep the conversion rows of the last full run
         previous = json.loads(args.output.read_text()) if args.output.exists() else {}
         rows = previous.get("rows", [])
-    result = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "rows": rows, "fit_lm": lm_row}
+    result = {
+        "machine": machine,
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+        "fit_lm": lm_row,
+        "start_up": startup,
+    }
     args.output.write_text(json.dumps(result, indent=1))
     table = markdown(rows, machine) + lm_markdown(lm_row)
+    table += (
+        f"\n`greyarray --version`: {startup['greyarray_version_s']} s (Python itself: "
+        f"{startup['python_startup_s']} s)\n"
+    )
     args.output.with_suffix(".md").write_text(table)
     print(table)
     return 0
