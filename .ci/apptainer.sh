@@ -33,7 +33,12 @@ sed -e 's#^Bootstrap:.*#Bootstrap: docker-archive#' -e 's#^From:.*#From: /ctx/ba
 cp -r /src /tmp/src && cd /tmp/src
 apptainer build --notest --fakeroot --bind /ctx/ca:/mnt /tmp/app.sif /tmp/ci.def
 apptainer test --fakeroot /tmp/app.sif
-run() { apptainer run --cleanenv --fakeroot --bind /data:/data:ro --bind /out:/out /tmp/app.sif "$@"; }
+apptainer inspect --labels /tmp/app.sif | grep org.opencontainers.image.version > /out/labels.txt
+# As on HPC: an ordinary user (uid 1234), no fakeroot, outputs owned by that user.
+useradd --uid 1234 --no-create-home runner
+chmod 755 /tmp/app.sif
+run() { setpriv --reuid=1234 --regid=1234 --clear-groups env HOME=/tmp \
+  apptainer run --cleanenv --bind /data:/data:ro --bind /out:/out /tmp/app.sif "$@"; }
 run --version
 run /data /out participant --participant-label 001 002
 run /data /out participant --participant-label 003 004

@@ -69,9 +69,27 @@ def outputs(out: Path, kind: str, n: int) -> int:
     report.check("logs/CITATION.md and CITATION.bib",
                  lambda: (out / "logs" / "CITATION.md").stat().st_size > 500
                  and (out / "logs" / "CITATION.bib").exists())
-    if kind == "docker":
-        report.check("outputs owned by the -u user (1234), not root",
-                     lambda: h5_path.stat().st_uid == 1234)
+    owner = "the -u user (1234)" if kind == "docker" else "the user who ran apptainer (1234)"
+    report.check(f"outputs owned by {owner}, not root",
+                 lambda: all(p.stat().st_uid == 1234 for p in out.rglob("*")
+                             if p.name != "labels.txt"))
+    if kind == "apptainer":
+        pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+        version = re.search(r'version = "([^"]+)"', pyproject)[1]
+        report.check(f"image label version {version} (read from pyproject.toml)",
+                     lambda: version in (out / "labels.txt").read_text())
+    return report.summary()
+
+
+def stopped(out: Path, code: str, seconds: str, last_line: Path) -> int:
+    """`docker stop` during a group run: SIGTERM handled, temporaries removed, within seconds."""
+    report = Report("docker stop")
+    report.check(f"exit code 143 (SIGTERM), got {code}", lambda: code == "143")
+    report.check(f"stopped within 10 s ({seconds} s)", lambda: float(seconds) < 10)
+    report.check("one line saying the run was interrupted",
+                 lambda: "interrupted by SIGTERM" in last_line.read_text())
+    report.check("no temporary files left",
+                 lambda: not [p for p in out.rglob("*") if "greyarray-tmp" in p.name])
     return report.summary()
 
 
@@ -86,6 +104,9 @@ def lint_def(path: Path) -> int:
     report.check('%runscript: exec greyarray "$@"', lambda: 'exec greyarray "$@"' in text)
     report.check("%test, %help and %labels present",
                  lambda: {"test", "help", "labels"} <= set(sections))
+    report.check("%test and %post run under set -eu (a failing check fails the build)",
+                 lambda: all(re.search(rf"^%{s}\n(\s*#.*\n)*\s+set -eu", text, re.M)
+                             for s in ("test", "post")))
     return report.summary()
 
 
@@ -103,4 +124,6 @@ if __name__ == "__main__":
         sys.exit(lint_def(Path(sys.argv[2])))
     if sys.argv[1] == "--total":
         sys.exit(total())
+    if sys.argv[1] == "--stopped":
+        sys.exit(stopped(Path(sys.argv[2]), sys.argv[3], sys.argv[4], Path(sys.argv[5])))
     sys.exit(outputs(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])))

@@ -67,7 +67,8 @@ def container() -> dict | None:
     kind = os.environ.get("GREYARRAY_CONTAINER_TYPE")
     if not kind:
         return None
-    info = {"Type": kind, "Tag": os.environ.get("GREYARRAY_CONTAINER_TAG", __version__)}
+    default = f"greyarray-{__version__}.sif" if kind == "apptainer" else f"greyarray:{__version__}"
+    info = {"Type": kind, "Tag": os.environ.get("GREYARRAY_CONTAINER_TAG", default)}
     if uri := os.environ.get("GREYARRAY_CONTAINER_URI"):
         info["URI"] = uri
     return info
