@@ -9,6 +9,7 @@ is opened relative to the CSV's folder, never the current directory.
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from greyarray.errors import DataError, MissingInputError
+from greyarray.errors import DataError
+from greyarray.io import inputs
 
 log = logging.getLogger(__name__)
 
@@ -47,24 +49,52 @@ class Cohort:
 
     def resolve(self, source_file: str) -> Path:
         """Where a ``source_file`` is on disk: relative paths are relative to the CSV's folder."""
-        path = Path(source_file).expanduser()
-        return path if path.is_absolute() else self.path.parent / path
+        return Path(self._resolve(source_file))
+
+    def _resolve(self, source_file: str) -> str:
+        if source_file.startswith("~"):
+            source_file = os.path.expanduser(source_file)
+        return os.path.join(self._folder, source_file)  # an absolute path stays as it is
+
+    def check_files(self) -> int:
+        """Stat every source file before any is opened, so a cohort whose files are missing
+        fails at once naming how many and the first (strings, not Path objects: a million
+        files take ~2.5 s). Returns the number of files."""
+        return inputs.check_present(map(self._resolve, self.table["source_file"]))
+
+    @cached_property
+    def _folder(self) -> str:
+        return str(self.path.parent)
 
 
 def load_cohort(path: Path, scalar_columns: list[str] | None = None) -> Cohort:
     """Read and check a cohort CSV; wide cohorts are melted to the long format."""
     path = Path(path)
-    if not path.is_file():
-        raise MissingInputError(f"{path}: cohort file not found")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read as CSV ({str(err).splitlines()[0]})") from None
+    table = read_csv_table(path, "cohort file", dtype=str, keep_default_na=False)
     if scalar_columns:
         table = _melt(path, table, scalar_columns)
     else:
         _require(path, table, REQUIRED, "add them, or give --scalar-columns for a wide cohort")
     return Cohort.from_table(path, table)
+
+
+def read_csv_table(
+    path: Path, what: str = "file", *, sep: str = ",", allow_empty: bool = False, **options
+) -> pd.DataFrame:
+    """A CSV (or TSV) read by pandas, with one-line errors every command shares: missing or not
+    a regular file (66); empty, garbled or not UTF-8 (65). ``options`` go to pandas.read_csv."""
+    kind = "TSV" if sep == "\t" else "CSV"
+    with inputs.open_regular(Path(path), what) as (fd, _), os.fdopen(os.dup(fd), "rb") as handle:
+        try:
+            table = pd.read_csv(handle, sep=sep, encoding="utf-8", **options)
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: cannot read as {kind} (not UTF-8 text)") from None
+        except (ValueError, csv.Error) as err:  # pandas' ParserError, EmptyDataError
+            reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+            raise DataError(f"{path}: cannot read as {kind} ({reason})") from None
+    if table.empty and not allow_empty:
+        raise DataError(f"{path}: {'cohort' if 'cohort' in what else kind} has no rows")
+    return table
 
 
 def _require(path: Path, table: pd.DataFrame, columns, hint: str) -> None:
@@ -118,10 +148,9 @@ def _check(path: Path, table: pd.DataFrame) -> None:
 
 def read_table(path: Path) -> pd.DataFrame:
     """A BIDS TSV (participants.tsv, sessions.tsv) as text, with BIDS's ``n/a`` as missing."""
-    try:
-        return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_values=["n/a"])
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read as TSV ({str(err).splitlines()[0]})") from None
+    return read_csv_table(
+        path, sep="\t", allow_empty=True, dtype=str, keep_default_na=False, na_values=["n/a"]
+    )
 
 
 def build_cohort(
