@@ -27,6 +27,7 @@ from conftest import PCONN, PSCALAR
 from test_export import NAMES, fake_results, write_results
 
 from greyarray.demo import template_path
+from greyarray.errors import MissingInputError
 from greyarray.io import cifti, export, store
 from greyarray.io.cohort import load_cohort
 
@@ -167,6 +168,10 @@ XML_CASES = {
             b'<!--<MatrixIndicesMap AppliesToMatrixDimension="1"',
         ),
         "MatrixIndicesMap inside a comment",
+    ),
+    "deeply-nested-element-axis": (
+        sub(b"</BrainModel>", b"<a>" * 100_000 + b"</a>" * 100_000 + b"</BrainModel>"),
+        "unexpected <a> in <BrainModel>",
     ),
     "namespace": (
         XML.replace(b'<CIFTI Version="2">', b'<CIFTI xmlns="urn:x" Version="2">'),
@@ -428,12 +433,12 @@ def test_not_a_regular_file(tmp_path, results_file, case):
 
 
 def test_sparse_file_reads_only_what_the_header_promises(run_cli, tmp_path):
-    """A file 1 TB longer than its header says (sparse): only header and data are read and
+    """A file 64 GiB longer than its header says (sparse): only header and data are read and
     hashed; the trailing bytes are ignored, as nibabel and Workbench ignore them."""
     csv, inputs = cohort(tmp_path / "in", ("sparse", TEMPLATE.read_bytes()))
     sparse = inputs[2]
     with open(sparse, "r+b") as handle:
-        handle.truncate(2**40)
+        handle.truncate(2**36)
     start = time.perf_counter()
     code, _, err = run_cli(*convert(csv, tmp_path / "out"), "--log-level", "ERROR")
     assert code == 0 and err == "" and time.perf_counter() - start < 10
@@ -800,3 +805,6 @@ def test_missing_files_reported_at_once(run_cli, tmp_path, n_rows, present):
         out,
     )
     assert time.perf_counter() - start < 15
+    with pytest.raises(MissingInputError) as raised:  # the up-front check store may call first
+        load_cohort(csv).check_files()
+    assert f"greyarray: error: {raised.value}" == result[1].strip()

@@ -110,6 +110,15 @@ class Elements:
     clean: bytes
 
 
+# what each element of an element axis may contain (anything else is refused, which also
+# bounds the depth of the tree that is re-serialised for nibabel)
+CHILDREN = {
+    "BRAIN_MODELS": {"BrainModel", "Volume"},
+    "PARCELS": {"Surface", "Parcel", "Volume"},
+    "BrainModel": {"VertexIndices", "VoxelIndicesIJK"},
+    "Parcel": {"Vertices", "VoxelIndicesIJK"},
+    "Volume": {"TransformationMatrixVoxelIndicesIJKtoXYZ"},
+}
 EXPECTED_TYPES = {
     "dscalar": ("BRAIN_MODELS",),
     "pscalar": ("PARCELS",),
@@ -140,8 +149,17 @@ def check_elements(kind: str, document: bytes) -> Elements:
         found = mim.get("IndicesMapToDataType", "").removeprefix("CIFTI_INDEX_TYPE_")
         if found != expected:
             raise XmlProblem(f"dimension {dim} is {found}, expected {expected} for a {kind} file")
+        _check_children(mim, expected)
         counts.append(_brain_models(mim) if expected == "BRAIN_MODELS" else _parcels(mim))
     return Elements(tuple(counts), ET.tostring(root))
+
+
+def _check_children(element: ET.Element, kind: str) -> None:
+    allowed = CHILDREN.get(kind, set())
+    for child in element:
+        if child.tag not in allowed:
+            raise XmlProblem(f"unexpected <{str(child.tag)[:40]}> in <{element.tag}>")
+        _check_children(child, child.tag)
 
 
 def _uint(element: ET.Element, name: str, where: str, positive: bool = False) -> int:
