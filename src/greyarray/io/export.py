@@ -119,6 +119,8 @@ def read_results(h5: h5py.File, analysis: str, n_elements: int) -> Results:
 
 def _column_names(group: h5py.Group, matrix: h5py.Dataset, where: str) -> list[str]:
     if "colnames" in matrix.attrs:
+        if int(np.prod(matrix.attrs.get_id("colnames").shape)) > MAX_COLUMNS:
+            raise DataError(f"{where}/results_matrix colnames has more than {MAX_COLUMNS} names")
         try:
             value = matrix.attrs["colnames"]
         except (OSError, TypeError, ValueError):
