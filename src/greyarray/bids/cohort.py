@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from greyarray.errors import DataError, MissingInputError
+from greyarray.io.cohort import read_csv_table
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,9 @@ def load_phenotypes(
 
 def read_table(path: Path) -> pd.DataFrame:
     """A BIDS TSV (participants.tsv, sessions.tsv) as text, with BIDS's ``n/a`` as missing."""
-    try:
-        return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_values=["n/a"])
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read as TSV ({str(err).splitlines()[0]})") from None
+    return read_csv_table(
+        path, sep="\t", allow_empty=True, dtype=str, keep_default_na=False, na_values=["n/a"]
+    )
 
 
 def build_cohort(

@@ -9,6 +9,7 @@ for exported statistical maps (the statistics naming fitlins and nilearn use:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -186,39 +187,44 @@ def sidecar_of(path: Path) -> Path:
 def write_statmaps(h5_path: Path, meta: dict, analysis: str, about: dict) -> list[Path]:
     """Export results/<analysis> of a group HDF5 as BIDS statistical maps beside it, each with a
     JSON sidecar saying what it holds and where it comes from. ``meta`` is the HDF5's sidecar
-    (scalar, entities); ``about`` adds what the caller knows (model, counts, threshold rule)."""
-    import h5py
-
+    (scalar, entities); ``about`` adds what the caller knows (model, counts, threshold rule).
+    The set appears whole or not at all (written in a private folder, then moved)."""
     from greyarray.io import cifti, export
+    from greyarray.io.fileio import staging
+    from greyarray.io.inputs import open_hdf5
     from greyarray.io.names import unique_files
 
-    with h5py.File(h5_path, "r") as h5:
+    with open_hdf5(h5_path) as h5:
         geometry = export.resolve_geometry(h5, None)
         results = export.read_results(h5, analysis, geometry.n_elements)
-    maps = dict(export.result_maps(results))
+    folder = h5_path.parent
     files = unique_files(
-        maps, lambda c: statmap_path(h5_path.parent, meta, analysis, c, geometry.kind), "columns"
+        export.output_names(results),
+        lambda c: statmap_path(folder, meta, analysis, c, geometry.kind),
+        f"{h5_path}: results/{analysis} columns",
     )
+    paths = {column: path for path, column in files.items()}
     writer = cifti.CiftiWriter(geometry)
-    for path, column in files.items():
-        writer.write(path, maps[column], column)
-        sidecar = {
-            "ModelArrayColumn": column,
-            "Description": describe_column(column),
-            "Scalar": meta["Scalar"],
-            "Analysis": analysis,
-            "SourceHDF5": h5_path.name,
-            "CohortFile": meta.get("CohortFile"),
-            **about,
-        }
-        write_json(sidecar_of(path), sidecar)
+    with staging(folder) as private:
+        for column, values in export.result_maps(results):
+            path = paths[column]
+            (private / path.name).write_bytes(writer.encode(values, column))
+            sidecar = {
+                "ModelArrayColumn": column,
+                "Description": describe_column(column),
+                "Scalar": meta["Scalar"],
+                "Analysis": analysis,
+                "SourceHDF5": h5_path.name,
+                "CohortFile": meta.get("CohortFile"),
+                **about,
+            }
+            text = json.dumps(sidecar, indent=1) + "\n"
+            (private / sidecar_of(path).name).write_text(text)
     return list(files)
 
 
 def exported_statmaps(folder: Path, h5_name: str, analyses: set[str]) -> list[Path]:
     """The statistical maps (and sidecars) exported from these analyses of one HDF5."""
-    import json
-
     found = []
     for sidecar in folder.glob("*_statmap.json"):
         try:

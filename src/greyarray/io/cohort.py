@@ -9,6 +9,7 @@ is opened relative to the CSV's folder, never the current directory.
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from greyarray.errors import DataError, MissingInputError, UsageError
+from greyarray.io import inputs
 from greyarray.io.names import check_data_name
 
 log = logging.getLogger(__name__)
@@ -47,52 +49,54 @@ class Cohort:
         return cls(path, table[first + [c for c in table.columns if c not in first]])
 
     def resolve(self, source_file: str) -> Path:
-        """Where a ``source_file`` is on disk (see ``resolve_source``)."""
-        return resolve_source(self.path, source_file)
+        """Where a ``source_file`` is on disk: as written if absolute, else in the CSV's folder,
+        then in the current folder (ModelArrayIO's rule, so its cohorts work unchanged)."""
+        return Path(self._resolve(source_file))
 
-    def require_files(self) -> None:
-        """Every source file exists, else one line with the count and the first missing one.
-        Plain string paths and os.stat: a million rows take seconds, not minutes."""
-        folder, cwd = str(self.path.parent), os.getcwd()
+    def _candidates(self, source_file: str) -> tuple[str, ...]:
+        return source_candidates(self._folder, source_file)
+
+    def _resolve(self, source_file: str) -> str:
+        return resolve_source(self._folder, source_file)
+
+    def check_files(self) -> int:
+        """Stat every source file before any is opened, so a cohort whose files are missing
+        fails at once naming how many, the first and where it was looked for (strings, not
+        Path objects: a million files take seconds). Returns the number of files."""
         missing, first = 0, None
         for source in self.table["source_file"]:
-            path = os.path.expanduser(source)
-            places = (
-                (path,)
-                if os.path.isabs(path)
-                else (os.path.join(folder, path), os.path.join(cwd, path))
-            )
-            if not any(os.path.lexists(place) for place in places):
-                missing += 1
-                first = first or source
-        if missing == 1:
-            raise MissingInputError(missing_source(self.path, first))
+            if not any(os.path.lexists(c) for c in self._candidates(source)):
+                missing, first = missing + 1, first or source
         if missing:
-            raise MissingInputError(
-                f"{missing_source(self.path, first)}; {missing:,} of {len(self.table):,} "
-                "source files are missing"
-            )
+            message = missing_source(self.path, first, self._candidates(first))
+            count = f"; {missing:,} of {len(self.table):,} source files are missing"
+            raise MissingInputError(message + (count if missing > 1 else ""))
+        return inputs.check_present(map(self._resolve, self.table["source_file"]))
+
+    @cached_property
+    def _folder(self) -> str:
+        return str(self.path.parent)
 
 
-def source_candidates(csv: Path, source_file: str) -> list[Path]:
-    """Where a ``source_file`` may be: as written if absolute, else in the CSV's folder, then in
-    the current folder (ModelArrayIO's rule, so its cohorts work unchanged)."""
-    path = Path(source_file).expanduser()
-    if path.is_absolute():
-        return [path]
-    return [csv.parent / path, Path.cwd() / path]
-
-
-def resolve_source(csv: Path, source_file: str) -> Path:
-    """The first candidate that exists; the CSV-relative one when none does."""
-    candidates = source_candidates(csv, source_file)
-    return next((c for c in candidates if os.path.lexists(c)), candidates[0])
-
-
-def missing_source(csv: Path, source_file: str) -> str:
+def missing_source(csv: Path, source_file: str, places: tuple[str, ...]) -> str:
     """The one-line message for a source_file found nowhere, naming every place looked in."""
-    places = " nor ".join(str(c) for c in source_candidates(csv, source_file))
-    return f"{csv}: source_file {source_file!r} not found (neither {places})"
+    where = f"neither {' nor '.join(places)}" if len(places) > 1 else places[0]
+    return f"{csv}: source_file {source_file!r} not found ({where})"
+
+
+def source_candidates(folder: str, source_file: str) -> tuple[str, ...]:
+    """Where a source_file may be: as written if absolute, else in the CSV's ``folder``, then
+    in the current folder."""
+    path = os.path.expanduser(source_file) if source_file.startswith("~") else source_file
+    if os.path.isabs(path):
+        return (path,)
+    return os.path.join(folder, path), os.path.join(os.getcwd(), path)
+
+
+def resolve_source(folder: str, source_file: str) -> str:
+    """The first place where ``source_file`` exists; the CSV-relative one when none does."""
+    candidates = source_candidates(folder, source_file)
+    return next((c for c in candidates if os.path.lexists(c)), candidates[0])
 
 
 def first_source(csv: Path) -> Path:
@@ -113,26 +117,42 @@ def first_source(csv: Path) -> Path:
         raise DataError(f"{table}: cannot read as CSV ({err})") from None
     if row is None or not (row["source_file"] or "").strip():
         raise DataError(f"{table}: cohort has no source_file in its first row")
-    path = resolve_source(table, row["source_file"])
+    folder = str(table.parent)
+    path = Path(resolve_source(folder, row["source_file"]))
     if not path.exists():
-        raise MissingInputError(missing_source(table, row["source_file"]))
+        places = source_candidates(folder, row["source_file"])
+        raise MissingInputError(missing_source(table, row["source_file"], places))
     return path
 
 
 def load_cohort(path: Path, scalar_columns: list[str] | None = None) -> Cohort:
     """Read and check a cohort CSV; wide cohorts are melted to the long format."""
     path = Path(path)
-    if not path.is_file():
-        raise MissingInputError(f"{path}: cohort file not found")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read as CSV ({str(err).splitlines()[0]})") from None
+    table = read_csv_table(path, "cohort file", dtype=str, keep_default_na=False)
     if scalar_columns:
         table = _melt(path, table, scalar_columns)
     else:
         _require(path, table, REQUIRED, "add them, or give --scalar-columns for a wide cohort")
     return Cohort.from_table(path, table)
+
+
+def read_csv_table(
+    path: Path, what: str = "file", *, sep: str = ",", allow_empty: bool = False, **options
+) -> pd.DataFrame:
+    """A CSV (or TSV) read by pandas, with one-line errors every command shares: missing or not
+    a regular file (66); empty, garbled or not UTF-8 (65). ``options`` go to pandas.read_csv."""
+    kind = "TSV" if sep == "\t" else "CSV"
+    with inputs.open_regular(Path(path), what) as (fd, _), os.fdopen(os.dup(fd), "rb") as handle:
+        try:
+            table = pd.read_csv(handle, sep=sep, encoding="utf-8", **options)
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: cannot read as {kind} (not UTF-8 text)") from None
+        except (ValueError, csv.Error) as err:  # pandas' ParserError, EmptyDataError
+            reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+            raise DataError(f"{path}: cannot read as {kind} ({reason})") from None
+    if table.empty and not allow_empty:
+        raise DataError(f"{path}: {'cohort' if 'cohort' in what else kind} has no rows")
+    return table
 
 
 def _require(path: Path, table: pd.DataFrame, columns, hint: str) -> None:

@@ -5,113 +5,193 @@ writer) leave it: either orientation, names in the ``colnames`` attribute or the
 dataset, fixed- or variable-length strings. ``element_id`` places the rows (a partial fit from
 ``element.subset`` gets NaN elsewhere) and is not exported itself. The geometry comes from what
 GreyArray stored at conversion, or from a template file, which must then match it.
+
+Memory stays bounded whatever the file declares: every shape, type and name is checked before
+any value is read, and values are read one result column at a time (a 64 MiB chunk cache keeps
+re-reading a chunked matrix cheap).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from greyarray.errors import DataError, MissingInputError, OutputError
+from greyarray.errors import DataError
 from greyarray.io import cifti, store
 from greyarray.io.cifti import CiftiWriter, Geometry
-from greyarray.io.names import safe_name, unique_files
+from greyarray.io.fileio import remove_stale_temporaries, staging
+from greyarray.io.inputs import open_hdf5
+from greyarray.io.names import refuse_inputs, safe_name, unique_files
 
 log = logging.getLogger(__name__)
+
+MAX_COLUMNS = 100_000  # result columns (and factor levels) an analysis may have
+CACHE = {"rdcc_nbytes": 64 * 2**20, "rdcc_nslots": 100_003}
 
 
 @dataclass(frozen=True)
 class Results:
-    """One analysis's result columns, each a full-length map (NaN where not fitted)."""
+    """One analysis's result columns, checked but not read: ``columns`` reads them one by one
+    (it reopens ``path``, so a Results outlives the h5py.File it was read from)."""
 
+    path: Path
     analysis: str
-    names: list[str]
-    maps: np.ndarray  # (n_results, n_elements) float64
+    names: list[str]  # exported columns, element_id excluded
     levels: dict[str, list[str]]  # factor columns' lookup tables (lut_forcol<i>)
+    n_elements: int
+    index: dict[str, int]  # name -> position in the matrix's column dimension
+    transposed: bool  # matrix is (rows, columns) instead of (columns, rows)
+    element_ids: np.ndarray | None  # where each row goes (partial fits), None: row i = element i
+
+    def columns(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(name, full-length float64 map, NaN where not fitted), one column at a time."""
+        with open_hdf5(self.path, **CACHE) as h5:
+            matrix = h5[f"results/{self.analysis}/results_matrix"]
+            for name in self.names:
+                yield name, self._place(_column(matrix, self.index[name], self.transposed))
+
+    def _place(self, values: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore"):
+            values = values.astype(np.float64)
+        values[np.isnan(values)] = np.nan  # R's NA is a signalling NaN: store plain (quiet) NaNs
+        if self.element_ids is None:
+            return values
+        placed = np.full(self.n_elements, np.nan)
+        placed[self.element_ids] = values
+        return placed
+
+
+def _column(matrix: h5py.Dataset, i: int, transposed: bool) -> np.ndarray:
+    return matrix[:, i] if transposed else matrix[i, :]
 
 
 def read_results(h5: h5py.File, analysis: str, n_elements: int) -> Results:
-    """The analysis's results, rows placed by ``element_id``; every inconsistency is an error."""
-    analyses = sorted(h5["results"]) if "results" in h5 else []
+    """The analysis's results, checked (shapes, types, names, element_id) without reading more
+    than the names and the element_id column."""
+    where = f"{h5.filename}: results/{analysis}"
+    results = h5.get("results")
+    analyses = sorted(results) if isinstance(results, h5py.Group) else []
     if analysis not in analyses:
         present = ", ".join(analyses) if analyses else "none"
         raise DataError(f"{h5.filename}: no analysis {analysis!r} (analyses present: {present})")
-    group = h5["results"][analysis]
-    if "results_matrix" not in group:
-        raise DataError(f"{h5.filename}: results/{analysis} has no results_matrix")
-    matrix = group["results_matrix"]
-    names = _column_names(group, matrix)
-    data = matrix[()].astype(np.float64)
-    data[np.isnan(data)] = np.nan  # R's NA is a signalling NaN: store plain (quiet) NaNs
-    if data.ndim != 2 or len(names) not in data.shape:
+    group = results[analysis]
+    if not isinstance(group, h5py.Group):
+        raise DataError(f"{where} is a dataset, not a group holding results_matrix")
+    matrix = group.get("results_matrix")
+    if not isinstance(matrix, h5py.Dataset):
+        raise DataError(f"{where} has no results_matrix dataset")
+    dtype = _dtype(matrix, f"{where}/results_matrix")
+    if dtype.kind not in "fiu" or dtype.names is not None:
+        raise DataError(f"{where}/results_matrix holds {dtype}, not numbers")
+    names = _column_names(group, matrix, where)
+    shape = matrix.shape
+    if len(shape) != 2 or len(names) not in shape:
         raise DataError(
-            f"{h5.filename}: results/{analysis}/results_matrix has shape {matrix.shape}, which "
-            f"fits none of its {len(names)} column names"
+            f"{where}/results_matrix has shape {shape}, which fits none of its {len(names)} "
+            "column names"
         )
-    if data.shape[0] != len(names):  # the transposed orientation
-        data = data.T
-    maps = _place(h5.filename, analysis, names, data, n_elements)
+    transposed = shape[0] != len(names)
+    n_rows = shape[0] if transposed else shape[1]
+    index = {name: i for i, name in enumerate(names)}
+    ids = None
+    if n_rows > n_elements:  # checked before reading anything: the shape may be a lie
+        raise DataError(
+            f"{where} has {n_rows} rows, more than the geometry's {n_elements} elements"
+        )
+    if "element_id" in index:
+        ids = _element_ids(_column(matrix, index["element_id"], transposed), where, n_elements)
+    elif n_rows != n_elements:
+        raise DataError(
+            f"{where} has {n_rows} rows but the geometry has {n_elements} elements, and no "
+            "element_id column says where they go"
+        )
     levels = {
-        names[i - 1]: _decode(group[f"lut_forcol{i}"][()])
+        names[i - 1]: _strings(group[f"lut_forcol{i}"], f"{where}/lut_forcol{i}")
         for i in range(1, len(names) + 1)
         if f"lut_forcol{i}" in group
     }
-    keep = [i for i, name in enumerate(names) if name != "element_id"]
-    return Results(analysis, [names[i] for i in keep], maps[keep], levels)
+    kept = [name for name in names if name != "element_id"]
+    return Results(Path(h5.filename), analysis, kept, levels, n_elements, index, transposed, ids)
 
 
-def _column_names(group: h5py.Group, matrix: h5py.Dataset) -> list[str]:
+def _column_names(group: h5py.Group, matrix: h5py.Dataset, where: str) -> list[str]:
     if "colnames" in matrix.attrs:
-        return _decode(matrix.attrs["colnames"])
-    if "column_names" in group:
-        return _decode(group["column_names"][()])
-    raise DataError(
-        f"{group.file.filename}: {group.name} has no column names "
-        "(neither a colnames attribute nor a column_names dataset)"
-    )
+        if int(np.prod(matrix.attrs.get_id("colnames").shape)) > MAX_COLUMNS:
+            raise DataError(f"{where}/results_matrix colnames has more than {MAX_COLUMNS} names")
+        try:
+            value = matrix.attrs["colnames"]
+        except (OSError, TypeError, ValueError):
+            raise DataError(f"{where}/results_matrix colnames cannot be read as strings") from None
+        names = _decode(value, f"{where}/results_matrix colnames")
+    elif "column_names" in group:
+        names = _strings(group["column_names"], f"{where}/column_names")
+    else:
+        raise DataError(
+            f"{where} has no column names (neither a colnames attribute nor a column_names dataset)"
+        )
+    if not names or "" in names:
+        raise DataError(f"{where} has an empty column name")
+    twice = {n for n in names if names.count(n) > 1} if len(set(names)) < len(names) else set()
+    if twice:
+        raise DataError(f"{where} names column {sorted(twice)[0]!r} twice")
+    return names
 
 
-def _decode(values) -> list[str]:
+def _strings(dataset, where: str) -> list[str]:
+    """A 1-D dataset of at most MAX_COLUMNS strings, checked before it is read."""
+    if not isinstance(dataset, h5py.Dataset):
+        raise DataError(f"{where} is a group, not a dataset of names")
+    if dataset.size > MAX_COLUMNS or len(dataset.shape) > 1:
+        raise DataError(f"{where} has shape {dataset.shape}, not a list of names")
+    dtype = _dtype(dataset, where)
+    if dtype.kind != "S" and h5py.check_string_dtype(dtype) is None:
+        raise DataError(f"{where} holds {dtype}, not strings")
+    return _decode(dataset[()], where)
+
+
+def _dtype(dataset: h5py.Dataset, where: str) -> np.dtype:
+    try:
+        return dataset.dtype
+    except TypeError:  # an HDF5 type NumPy has no equivalent for
+        raise DataError(f"{where} has a data type that is not numbers or strings") from None
+
+
+def _decode(values, where: str) -> list[str]:
     """Strings from vlen or fixed-length (NUL-padded) HDF5 strings, trimmed as ModelArray does."""
     out = []
     for value in np.atleast_1d(values).ravel():
-        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-        out.append(text.rstrip("\x00").strip())
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        if not isinstance(value, str):
+            raise DataError(f"{where} holds {type(value).__name__} values, not strings")
+        out.append(value.rstrip("\x00").strip())
     return out
 
 
-def _place(filename, analysis: str, names: list[str], data: np.ndarray, n_elements: int):
-    if "element_id" not in names:
-        if data.shape[1] != n_elements:
-            raise DataError(
-                f"{filename}: results/{analysis} has {data.shape[1]} rows but the geometry has "
-                f"{n_elements} elements, and no element_id column says where they go"
-            )
-        return data
-    ids = data[names.index("element_id")]
+def _element_ids(column: np.ndarray, where: str, n_elements: int) -> np.ndarray:
+    """Where each result row goes: distinct integer element indices inside the geometry."""
+    with np.errstate(invalid="ignore"):
+        ids = column.astype(np.float64)
     if not np.isfinite(ids).all() or (ids != np.round(ids)).any():
-        raise DataError(f"{filename}: results/{analysis} element_id has non-integer values")
+        raise DataError(f"{where} element_id has non-integer values")
     ids = ids.astype(np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= n_elements):
         raise DataError(
-            f"{filename}: results/{analysis} element_id spans {ids.min()}..{ids.max()}, outside "
-            f"the geometry's 0..{n_elements - 1}"
+            f"{where} element_id spans {ids.min()}..{ids.max()}, outside the geometry's "
+            f"0..{n_elements - 1}"
         )
     if ids.size and np.bincount(ids, minlength=n_elements).max() > 1:
-        raise DataError(f"{filename}: results/{analysis} element_id has duplicates")
-    maps = np.full((data.shape[0], n_elements), np.nan)
-    maps[:, ids] = data
-    return maps
+        raise DataError(f"{where} element_id has duplicates")
+    return ids
 
 
 def load_template(path: Path) -> Geometry:
     """The geometry of a template CIFTI file (``--example-file`` or the cohort's first file)."""
-    if not path.is_file():
-        raise MissingInputError(f"{path}: template file not found")
     return cifti.read_file(path).geometry
 
 
@@ -140,8 +220,11 @@ def resolve_geometry(h5: h5py.File, template: Path | None) -> Geometry:
 def _check_modelarrayio_geometry(h5: h5py.File, geometry: Geometry, template: Path) -> None:
     """Files from ModelArrayIO record element counts and names: the template must agree."""
     if "greyordinates" in h5:
-        count = h5["greyordinates"].shape[-1]
-        names = _decode(h5["greyordinates"].attrs.get("structure_names", []))
+        table = h5["greyordinates"]
+        if not isinstance(table, h5py.Dataset) or len(table.shape) != 2:
+            raise DataError(f"{h5.filename}: greyordinates is not a 2-D dataset")
+        count = table.shape[-1]
+        names = _decode(table.attrs.get("structure_names", []), f"{h5.filename}: greyordinates")
         if (
             geometry.kind != "dscalar"
             or count != geometry.n_elements
@@ -152,59 +235,61 @@ def _check_modelarrayio_geometry(h5: h5py.File, geometry: Geometry, template: Pa
             )
     for key in ("parcel_id", "parcel_id_from"):
         if f"parcels/{key}" in h5:
-            names = _decode(h5[f"parcels/{key}"][()])
+            names = _strings(h5[f"parcels/{key}"], f"{h5.filename}: parcels/{key}")
             if list(map(str, geometry.axes[0].name)) != names:
                 raise DataError(
                     f"{template}: its parcels differ from those stored in {h5.filename}"
                 )
 
 
-def result_maps(results: Results) -> list[tuple[str, np.ndarray]]:
-    """(map name, values) of each result, and the ``1m.p.value`` companion (1 - p) of p-values."""
-    maps = []
-    for name, values in zip(results.names, results.maps, strict=True):
-        maps.append((name, values))
+def result_maps(results: Results) -> Iterator[tuple[str, np.ndarray]]:
+    """(map name, values) of each result, and the ``1m.p.value`` companion (1 - p) of p-values;
+    read one column at a time."""
+    for name, values in results.columns():
+        yield name, values
         if "p.value" in name:
-            maps.append((name.replace("p.value", "1m.p.value"), 1.0 - values))
-    return maps
+            yield name.replace("p.value", "1m.p.value"), 1.0 - values
 
 
-def output_files(results: Results, kind: str, output_dir: Path) -> dict[Path, tuple]:
-    """{file: (map name, values)}, named ``<analysis>_<result><ext>`` as ModelArrayIO does; two
-    columns that would share a file name are an error naming both."""
+def output_names(results: Results) -> list[str]:
+    """Names of the maps ``result_maps`` yields, in order (without reading values)."""
+    names = []
+    for name in results.names:
+        names.append(name)
+        if "p.value" in name:
+            names.append(name.replace("p.value", "1m.p.value"))
+    return names
+
+
+def output_files(results: Results, kind: str, output_dir: Path) -> dict[str, Path]:
+    """{map name: file}, named ``<analysis>_<result><ext>`` as ModelArrayIO does; two names
+    that would share a file are an error naming both."""
     ext = cifti.EXTENSIONS[kind]
-    maps = dict(result_maps(results))
     files = unique_files(
-        maps, lambda name: output_dir / f"{results.analysis}_{safe_name(name)}{ext}", "columns"
+        output_names(results),
+        lambda name: output_dir / f"{results.analysis}_{safe_name(name)}{ext}",
+        f"{results.path}: results/{results.analysis} columns",
     )
-    return {path: (name, maps[name]) for path, name in files.items()}
+    return {name: path for path, name in files.items()}
 
 
 def export_results(
     h5_path: Path, analysis: str, output_dir: Path, template: Path | None = None
 ) -> list[Path]:
     """Write every result of ``analysis`` as a CIFTI file in ``output_dir``; return the paths."""
-    if not h5_path.is_file():
-        raise MissingInputError(f"{h5_path}: HDF5 file not found")
-    try:
-        with h5py.File(h5_path, "r") as h5:
-            geometry = resolve_geometry(h5, template)
-            results = read_results(h5, analysis, geometry.n_elements)
-    except OSError as err:
-        raise DataError(f"{h5_path}: cannot read as HDF5 ({err})") from None
+    with open_hdf5(h5_path) as h5:
+        geometry = resolve_geometry(h5, template)
+        results = read_results(h5, analysis, geometry.n_elements)
     for name, levels in results.levels.items():
         log.info("%s is a factor; values are codes 1..%d for %s", name, len(levels), levels)
+    files = output_files(results, geometry.kind, output_dir)
+    refuse_inputs(files.values(), [h5_path, *([template] if template else [])])
     if output_dir.exists():
         log.warning("Output directory exists: %s", output_dir)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(
-            f"{output_dir}: cannot create output directory ({err.strerror})"
-        ) from None
+    remove_stale_temporaries(output_dir)
     writer = CiftiWriter(geometry)
-    files = output_files(results, geometry.kind, output_dir)
-    for path, (name, values) in files.items():
-        writer.write(path, values, name)
+    with staging(output_dir) as private:
+        for name, values in result_maps(results):
+            (private / files[name].name).write_bytes(writer.encode(values, name))
     log.info("Wrote %d files to %s", len(files), output_dir)
-    return list(files)
+    return list(files.values())

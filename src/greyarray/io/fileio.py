@@ -132,6 +132,31 @@ def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
         os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def staging(folder: Path) -> Iterator[Path]:
+    """A private temporary folder for a set of outputs: what is written into it moves into
+    ``folder`` (replacing files of the same names) only when the whole block succeeds, so a
+    full disk or a signal midway leaves the earlier set of files as it was."""
+    make_folder(folder)
+    try:
+        private = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}-{_HOST}-{os.getpid()}-", dir=folder))
+    except OSError as err:
+        raise output_failure(folder, err) or OutputError(
+            f"{folder}: cannot write ({err.strerror})"
+        ) from None
+    try:
+        try:
+            yield private
+            for entry in sorted(private.iterdir()):
+                if (folder / entry.name).is_dir():
+                    raise OutputError(f"{folder / entry.name}: is a folder; cannot replace it")
+                os.replace(entry, folder / entry.name)
+        except OSError as err:
+            raise output_failure(folder, err) or err from None
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
 def atomic_write(path: Path, data: bytes, overwrite: bool = True) -> None:
     """Write ``data`` to ``path`` whole or not at all."""
     with replacing(path, overwrite) as tmp, open(tmp, "xb") as handle:

@@ -1,15 +1,18 @@
 """Check every file of a cohort before anything is written, and remember how to read it.
 
-One pass over the files: parse each header (cifti.parse), compare its element axis with the first
-file's (raw bytes first; nibabel only for headers whose bytes differ, once per distinct header),
-hash it for provenance and count its non-finite values (ModelArray treats them as missing).
+First every path is stat'ed (a cohort of missing files fails at once). Then one pass over the
+files: parse each header (cifti.parse), compare its element axis with the first file's (raw bytes
+first; nibabel only for headers whose bytes differ, once per distinct header), hash what is read
+for provenance and count non-finite values (ModelArray treats them as missing). Each file's
+identity is recorded, and the write pass reads only a file that is still the one checked.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,9 +21,11 @@ import numpy as np
 from tqdm import tqdm
 
 from greyarray.errors import DataError
-from greyarray.io import cifti
+from greyarray.io import cifti, inputs
 
 log = logging.getLogger(__name__)
+
+BLOCK_BYTES = 16 * 2**20  # data read per call while checking (memory bound per thread)
 
 
 @dataclass(frozen=True)
@@ -32,24 +37,40 @@ class Source:
     map_index: int
     sha256: str
     n_nonfinite: int
+    stamp: inputs.FileStamp | None = None  # the file's identity when checked
 
     @property
     def map_name(self) -> str:
         return self.file.map_names[self.map_index] if self.file.map_names else ""
 
     def read_into(self, out: np.ndarray, start: int, stop: int) -> None:
-        """Fill ``out`` with elements [start, stop), cast to its dtype."""
-        out[:] = self.file.elements(cifti.pread_from(self.file.path), self.map_index, start, stop)
+        """Fill ``out`` with elements [start, stop), cast to its dtype, from the file as it was
+        checked (a changed, truncated or deleted file is an error)."""
+        out[:] = self.file.elements(self._read, self.map_index, start, stop)
+
+    def _read(self, offset: int, size: int) -> bytes:
+        if self.stamp is None:
+            return cifti.pread_from(self.file.path)(offset, size)
+        return inputs.read_checked(self.file.path, self.stamp, offset, size)
 
 
 def inspect(path: Path, column_name: str, wanted_map: str | None) -> Source:
-    """Parse, hash and scan one file (the whole file is read once, from the page cache)."""
-    blob = cifti.read_bytes(path)
-    parsed = cifti.parse(path, blob)
-    index = parsed.select_map(wanted_map)
-    values = parsed.elements(cifti.bytes_reader(blob), index, 0, parsed.geometry.n_elements)
-    n_bad = int(values.size - np.count_nonzero(np.isfinite(values)))
-    return Source(column_name, parsed, index, hashlib.sha256(blob).hexdigest(), n_bad)
+    """Parse, hash and scan one file, reading only what its header promises (header and
+    extensions, then the data block), in blocks of bounded size."""
+    with inputs.open_regular(path) as (fd, stamp):
+        head = cifti.read_head(fd, path, stamp.size)
+        parsed = cifti.parse(path, head, stamp.size)
+        index = parsed.select_map(wanted_map)
+        digest = hashlib.sha256(head)
+        n_bad = 0
+        step = parsed.block_unit * max(1, BLOCK_BYTES // parsed.block_unit)
+        for start in range(0, parsed.data_size, step):
+            size = min(step, parsed.data_size - start)
+            raw = inputs.pread_exact(fd, size, parsed.offset + start, path)
+            digest.update(raw)
+            n_bad += parsed.count_nonfinite(raw, index)
+        inputs.verify(path, fd, stamp)  # not rewritten while being read
+    return Source(column_name, parsed, index, digest.hexdigest(), n_bad, stamp)
 
 
 class GeometryCheck:
@@ -82,22 +103,42 @@ def check_sources(
 ) -> list[Source]:
     """Inspect (column name, path) pairs in parallel; all must share the first file's geometry."""
     files = list(files)
+    inputs.check_present(path for _, path in files)
     sources: list[Source] = []
     check: GeometryCheck | None = None
-    with ThreadPoolExecutor(max(1, nprocs)) as pool:
-        jobs = pool.map(lambda item: inspect(item[1], item[0], wanted_map), files)
-        for source in tqdm(
-            jobs,
-            total=len(files),
-            desc=f"Checking {label}".strip(),
-            unit="file",
-            disable=None,
-            leave=False,
-        ):
-            check = check or GeometryCheck(source)
-            sources.append(check(source))
+    for source in tqdm(
+        _inspect_all(files, wanted_map, max(1, nprocs)),
+        total=len(files),
+        desc=f"Checking {label}".strip(),
+        unit="file",
+        disable=None,
+        leave=False,
+    ):
+        if check is None:
+            check = GeometryCheck(source)
+            source.file.geometry.axes  # noqa: B018 (nibabel's verdict before anything is written)
+        sources.append(check(source))
     _report_nonfinite(sources, label)
     return sources
+
+
+def _inspect_all(
+    files: list[tuple[str, Path]], wanted_map: str | None, nprocs: int
+) -> Iterator[Source]:
+    """Sources in order, at most a few files ahead of the consumer: the first error stops the
+    pass at once (queued files are cancelled, not inspected)."""
+    with ThreadPoolExecutor(nprocs) as pool:
+        queue: deque = deque()
+        try:
+            for name, path in files:
+                queue.append(pool.submit(inspect, path, name, wanted_map))
+                if len(queue) >= 4 * nprocs:
+                    yield queue.popleft().result()
+            while queue:
+                yield queue.popleft().result()
+        finally:
+            for job in queue:
+                job.cancel()
 
 
 def _report_nonfinite(sources: list[Source], label: str) -> None:

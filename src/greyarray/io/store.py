@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from greyarray import __version__
 from greyarray.errors import DataError
+from greyarray.io import ciftixml
 from greyarray.io.cifti import Geometry
 from greyarray.io.fileio import check_output, remove_stale_temporaries, replacing
 from greyarray.io.names import refuse_inputs, safe_name, unique_files
@@ -113,7 +114,7 @@ def to_modelarray(
     Without ``overwrite``, an output that appears while this runs (another run) is not replaced.
     """
     plan = output_plan(cohort, output, split)
-    cohort.require_files()
+    cohort.check_files()
     sources = (cohort.resolve(s) for s in cohort.table["source_file"])
     refuse_inputs(plan, [cohort.path, *sources])
     for path in plan:
@@ -343,13 +344,41 @@ def stored_inputs(h5_path: Path, scalar: str) -> StoredInputs:
 
 
 def read_geometry(h5: h5py.File) -> Geometry | None:
-    """The geometry GreyArray stored, or None for files written by other tools."""
-    if "greyarray/geometry/cifti_xml" not in h5:
+    """The geometry GreyArray stored, or None for files written by other tools.
+
+    Checked as a source file's XML is, and against the stored element count: export writes
+    this XML into every file, so a damaged one must stop it, not produce invalid CIFTI files.
+    """
+    top = h5.get("greyarray")
+    group = top.get("geometry") if isinstance(top, h5py.Group) else None
+    where = f"{h5.filename}: greyarray/geometry"
+    if group is not None and not isinstance(group, h5py.Group):
+        raise DataError(f"{where} is not a group (damaged file?)")
+    if group is None or "cifti_xml" not in group:
         return None
-    group = h5["greyarray/geometry"]
-    document = bytes(group["cifti_xml"][0])
-    xml = document[document.index(b"<Matrix>") + len(b"<Matrix>") : document.rindex(b"</Matrix>")]
-    geometry = Geometry(str(group.attrs["cifti_kind"]), xml, int(group.attrs["n_elements"]))
-    if geometry.kind not in ("dscalar", "pscalar", "pconn"):
-        raise DataError(f"{h5.filename}: unknown stored CIFTI kind {geometry.kind!r}")
+    dataset = group["cifti_xml"]
+    if (
+        not isinstance(dataset, h5py.Dataset)
+        or dataset.shape != (1,)
+        or dataset.dtype.kind != "S"
+        or dataset.dtype.itemsize > ciftixml.MAX_XML_BYTES
+    ):
+        raise DataError(f"{where}/cifti_xml is not one CIFTI XML string (damaged file?)")
+    document = bytes(dataset[0])
+    head, tail = b'<CIFTI Version="2"><Matrix>', b"</Matrix></CIFTI>"
+    if not (document.startswith(head) and document.endswith(tail)):
+        raise DataError(f"{where}/cifti_xml is not the CIFTI XML GreyArray stores (damaged?)")
+    kind = group.attrs.get("cifti_kind")
+    kind = kind.decode(errors="replace") if isinstance(kind, bytes) else str(kind)
+    if kind not in ("dscalar", "pscalar", "pconn"):
+        raise DataError(f"{where}: unknown stored CIFTI kind {kind[:40]!r}")
+    count = group.attrs.get("n_elements")
+    if not isinstance(count, (int, np.integer)) or isinstance(count, (bool, np.bool_)):
+        raise DataError(f"{where}: n_elements {str(count)[:40]!r} is not an integer")
+    geometry = Geometry.checked(kind, document[len(head) : -len(tail)], f"{where}/cifti_xml")
+    if geometry.n_elements != count:
+        raise DataError(
+            f"{where}: n_elements is {count} but its CIFTI XML defines {geometry.n_elements} "
+            "elements"
+        )
     return geometry

@@ -31,7 +31,9 @@ import pandas as pd
 from scipy import special
 from tqdm import tqdm
 
-from greyarray.errors import DataError, MissingInputError, OutputError, UsageError
+from greyarray.errors import DataError, OutputError, UsageError
+from greyarray.io.cohort import read_csv_table
+from greyarray.io.inputs import open_hdf5
 from greyarray.io.names import check_name
 from greyarray.stats.names import (
     DEFAULT_MODEL_STATS,
@@ -395,15 +397,11 @@ def fit_lm(
 
     ``term_stats`` and ``model_stats`` are ModelArray.lm's ``var.terms`` and ``var.model``.
     """
-    if not h5_path.is_file():
-        raise MissingInputError(f"{h5_path}: HDF5 file not found")
-    if not cohort_path.is_file():
-        raise MissingInputError(f"{cohort_path}: cohort file not found")
     check_name("analysis", analysis)
     response, _ = parse_formula(formula)
     scalar = scalar or response
-    cohort = pd.read_csv(cohort_path)
-    with h5py.File(h5_path, "r") as h5:
+    cohort = read_csv_table(cohort_path, "cohort file")
+    with open_hdf5(h5_path) as h5:
         if f"scalars/{scalar}/values" not in h5:
             present = ", ".join(h5["scalars"]) if "scalars" in h5 else "none"
             raise DataError(f"{h5_path}: no scalar {scalar!r} (scalars: {present})")
