@@ -457,7 +457,8 @@ def test_participant_report_in_chromium(tmp_path):
 
 # ---- parcellated data and the command line -----------------------------------------------------
 def parcellated_cohort(folder: Path, template: Path, n: int = 14, scrambled: int = 3) -> Path:
-    """A converted cohort of ``template``'s geometry with one scrambled subject; the HDF5."""
+    """A converted cohort of ``template``'s geometry, two sessions per participant, one
+    scrambled map (sub-01, ses-2); the HDF5."""
     geometry = cifti.read_file(template).geometry
     writer = cifti.CiftiWriter(geometry)
     rng = np.random.default_rng(2)
@@ -471,7 +472,8 @@ def parcellated_cohort(folder: Path, template: Path, n: int = 14, scrambled: int
             {
                 "scalar_name": "fc",
                 "source_file": name,
-                "participant_id": f"sub-{i:02d}",
+                "participant_id": f"sub-{i // 2:02d}",
+                "session_id": f"ses-{i % 2 + 1}",
                 "age": 20 + i,
             }
         )
@@ -494,7 +496,10 @@ def test_parcellated_group_report(tmp_path, parcels, kind):
     page = report.path.read_text()
     assert report.analyses == ["lm"] and "fc: analysis lm" in page
     assert f"({kind})" in page
-    assert [o.subject for o in report.outliers] == ["sub-03"]
+    assert [o.subject for o in report.outliers] == ["sub-01 ses-2"]
+    assert (
+        "<th>session</th>" in page and "<td>2 distinct labels, 14 rows with a session</td>" in page
+    )
     images = embedded_images(page)
     assert len(images) >= 6
     for picture, width in images:
@@ -548,7 +553,7 @@ def test_cli_report_flags(tmp_path, parcels, run_cli):
         tmp_path / "fit.html",
     )
     assert code == 0, err
-    assert "Subject unlike the cohort (kept): fc: sub-03: correlation" in err
+    assert "Subject unlike the cohort (kept): fc: sub-01 ses-2: correlation" in err
     assert 'id="fc-analysis-cli"' in (tmp_path / "fit.html").read_text()
     code, _, err = run_cli(
         "export-results",

@@ -3,11 +3,10 @@
 ``participant_report`` draws each of a participant's maps; ``group_report`` summarises every
 scalar of the group HDF5 files (cohort, coverage, mean/SD, subjects unlike the others, carpet)
 and every analysis in their ``results/`` groups, and returns the flagged subjects.
+
+Figures use matplotlib's object API with the Agg canvas (never pyplot): headless, and the
+global backend of a user's session is left alone.
 """
-
-import matplotlib
-
-matplotlib.use("Agg")  # headless, whatever the environment says; figures use the object API
 
 from greyarray.report.group import GroupInput, GroupReport, Outlier, Thresholds, group_report
 from greyarray.report.participant import MapFile, participant_report

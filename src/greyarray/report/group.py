@@ -200,6 +200,8 @@ def scalar_section(
     thresholds: Thresholds = Thresholds(),
     surface_kind: str = "inflated",
 ) -> tuple[Section, list[Outlier]]:
+    if f"scalars/{scalar}/values" not in h5 or f"scalars/{scalar}/column_names" not in h5:
+        raise DataError(f"{h5.filename}: scalars/{scalar} lacks values or column_names")
     values = h5[f"scalars/{scalar}/values"]
     names = list(h5[f"scalars/{scalar}/column_names"].asstr()[()])
     n, g = values.shape
@@ -231,7 +233,7 @@ def scalar_section(
     flagged = [
         Outlier(
             scalar,
-            labels[i] + (f" ses-{sessions[i]}" if sessions[i] else ""),
+            labels[i] + (f" {_prefixed(sessions[i], 'ses-')}" if sessions[i] else ""),
             names[i],
             tuple(checks.reasons[i]),
         )
@@ -332,9 +334,9 @@ def _list(items: list[str], limit: int = 30) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def _prefixed(label: object) -> str:
+def _prefixed(label: object, prefix: str = "sub-") -> str:
     text = str(label)
-    return text if text.startswith("sub-") else f"sub-{text}"
+    return text if text.startswith(prefix) else f"{prefix}{text}"
 
 
 def _describe(column: pd.Series, name: str) -> list[str]:
@@ -371,6 +373,9 @@ def coverage_section(stats, layout: Layout, minimum: float, n: int, anchors, whe
             ]
         )
     )
+    if complete == len(stats.valid):  # a uniform map would show nothing
+        section.add(Text(f"Every element has all {n:,} subjects finite.", "ok"))
+        return section
     style = figures.Style.sequential(stats.valid, "valid (finite) subjects", vmin=0, vmax=n)
     picture, note = figures.brain_map(
         layout, stats.valid, style, f"{where}: valid subjects per element", kind
@@ -416,7 +421,7 @@ def outlier_section(stats, checks: qc.SubjectChecks, labels, sessions, anchors, 
                 f"{int(flagged.sum())} flagged: "
                 + _list(
                     [
-                        labels[i] + (f" ses-{sessions[i]}" if sessions[i] else "")
+                        labels[i] + (f" {_prefixed(sessions[i], 'ses-')}" if sessions[i] else "")
                         for i in np.flatnonzero(flagged)
                     ]
                 ),

@@ -61,7 +61,8 @@ def map_section(item: MapFile, anchors: Anchors, surface_kind: str = "inflated")
         cifti.pread_from(parsed.path), index, 0, parsed.geometry.n_elements
     ).astype(np.float64)
     layout = layout_of(parsed.geometry)
-    title = item.scalar + (f", ses-{item.session}" if item.session else "")
+    session = str(item.session or "")
+    title = item.scalar + (f", ses-{session.removeprefix('ses-')}" if session else "")
     finite = values[np.isfinite(values)]
     n_bad = values.size - finite.size
     section = Section(title, anchors(title), summary=f"{n_bad:,} non-finite" if n_bad else "")

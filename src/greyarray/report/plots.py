@@ -89,23 +89,16 @@ def outliers(stats: CohortStats, checks: qc.SubjectChecks, labels: list[str], ti
     right.scatter(stats.subject_mean, stats.subject_sd, c=np.where(flagged, FLAG, BLUE), s=12)
     right.set_xlabel("subject mean", fontsize=9)
     right.set_ylabel("subject SD", fontsize=9)
-    for i in np.flatnonzero(flagged)[:12]:
+    for k, i in enumerate(np.flatnonzero(flagged)[:12]):
+        offset = {"xytext": (4, 2 + 9 * (k % 6)), "textcoords": "offset points"}  # no overlap
         position = int(np.flatnonzero(order == i)[0])
-        left.annotate(
-            labels[i],
-            (position, stats.correlation[i]),
-            fontsize=7,
-            color=FLAG,
-            xytext=(4, 2),
-            textcoords="offset points",
-        )
+        left.annotate(labels[i], (position, stats.correlation[i]), fontsize=7, color=FLAG, **offset)
         right.annotate(
             labels[i],
             (stats.subject_mean[i], stats.subject_sd[i]),
             fontsize=7,
             color=FLAG,
-            xytext=(4, 2),
-            textcoords="offset points",
+            **offset,
         )
     for axes in (left, right):
         axes.tick_params(labelsize=8)
