@@ -28,6 +28,26 @@ log = logging.getLogger("greyarray")
 SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 
 
+def _report_option(parser) -> None:
+    parser.add_argument(
+        "--report",
+        type=Path,
+        metavar="FILE.html",
+        help="also write an HTML report of the HDF5 file: cohort, coverage, mean/SD maps, "
+        "subjects unlike the others, and every analysis in it",
+    )
+
+
+def write_report(h5: Path, cohort: Path | None, report: Path, thresholds=None) -> None:
+    """The group report of one HDF5 file; flagged subjects are logged (never dropped)."""
+    from greyarray.report import GroupInput, Thresholds, group_report
+
+    done = group_report(report, [GroupInput(h5, cohort)], thresholds=thresholds or Thresholds())
+    for outlier in done.outliers:
+        log.warning("Subject unlike the cohort (kept): %s", outlier)
+    log.info("Wrote report %s", report)
+
+
 # ---- to-modelarray ---------------------------------------------------------------------------
 def to_modelarray_parser(prog: str = "greyarray to-modelarray") -> Parser:
     parser = Parser(
@@ -242,6 +262,7 @@ def export_results_parser(prog: str = "greyarray export-results") -> Parser:
         help="accepted for ModelArrayIO compatibility; CIFTI files are never compressed",
     )
     _unsupported_modalities(parser)
+    _report_option(parser)
     add_logging(parser)
     return parser
 
@@ -258,6 +279,8 @@ def run_export_results(args: argparse.Namespace) -> int:
 
         template = first_source(args.cohort_file)
     export_results(args.input_hdf5, args.analysis_name, args.output_dir, template)
+    if args.report:
+        write_report(args.input_hdf5, args.cohort_file, args.report)
     return 0
 
 
@@ -336,6 +359,7 @@ def fit_lm_parser(prog: str = "greyarray fit-lm") -> Parser:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing results/<name>"
     )
+    _report_option(parser)
     add_logging(parser)
     return parser
 
@@ -360,6 +384,11 @@ def run_fit_lm(args: argparse.Namespace) -> int:
     log.info(
         "Wrote results/%s (%d columns) to %s", args.analysis_name, len(columns), args.input_hdf5
     )
+    if args.report:
+        from greyarray.report import Thresholds
+
+        thresholds = Thresholds(args.num_subj_lthr_abs, args.num_subj_lthr_rel)
+        write_report(args.input_hdf5, args.cohort_file, args.report, thresholds)
     return 0
 
 
