@@ -199,6 +199,20 @@ def test_non_cifti_nifti(run_cli, cohort, tmp_path):
     )
 
 
+def test_gzipped_nifti_is_named_as_such(run_cli, cohort, tmp_path):
+    import nibabel as nb
+
+    nb.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)).to_filename(tmp_path / "t.nii.gz")
+    csv = with_row(cohort, tmp_path, "t.nii.gz")
+    expect_error(
+        run_cli,
+        convert(csv, tmp_path / "o.h5"),
+        65,
+        r"t.nii.gz: is gzip-compressed \(a .nii.gz\); gzipped NIfTI is not CIFTI-2",
+        tmp_path,
+    )
+
+
 def test_cifti1(run_cli, cohort, tmp_path, template, wb_command):
     wb_command(
         "-file-convert", "-cifti-version-convert", template, "1", tmp_path / "v1.dscalar.nii"

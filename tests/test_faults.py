@@ -354,3 +354,52 @@ def test_a_bug_gives_one_line_and_a_log_with_the_traceback(tmp_path, template):
     text = log.read_text()
     assert "Traceback" in text and "planted bug (exit code 1)" in text
     assert log.parent == tmp_path / "out" / "logs"
+
+
+# ---- two runs on one HDF5 --------------------------------------------------------------------
+def test_fit_lm_waits_for_another_process_holding_the_file(exported, tmp_path):
+    """A writer (another fit-lm, ModelArray in R) holds the HDF5: fit-lm says it waits, then
+    finishes; with a short wait limit it fails in one line (75, try again)."""
+    h5, cohort = exported
+    hold = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import h5py, sys, time; f = h5py.File({str(h5)!r}, 'a'); "
+            "print('held', flush=True); time.sleep(4)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert hold.stdout.readline().strip() == "held"
+    fit = ["fit-lm", "--input-hdf5", h5, "--cohort-file", cohort, "--formula", "thickness ~ age"]
+    short = run(*fit, "--analysis-name", "short", env={**os.environ, "GREYARRAY_LOCK_WAIT": "0.5"})
+    assert short.returncode == 75
+    assert "in use by another process for more than 0 s" in one_error_line(short.stderr)
+    done = run(*fit, "--analysis-name", "waited")
+    hold.wait()
+    assert done.returncode == 0, done.stderr
+    assert "is in use by another process: waiting for it to finish" in done.stderr
+
+
+def test_two_fit_lm_runs_on_one_file(exported):
+    """Run together, both analyses land; the same analysis twice: the later one is refused."""
+    h5, cohort = exported
+    fit = ["fit-lm", "--input-hdf5", h5, "--cohort-file", cohort, "--log-level", "ERROR"]
+    jobs = [
+        subprocess.Popen(
+            [*GREYARRAY, *map(str, fit), "--formula", "thickness ~ age", "--analysis-name", name],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("one", "two", "two")
+    ]
+    results = [(job.wait(), job.stderr.read()) for job in jobs]
+    assert [code for code, _ in results[:1]] == [0]
+    assert sorted(code for code, _ in results[1:]) == [0, 73]
+    refused = next(err for code, err in results if code == 73)
+    assert "results/two exists; use --overwrite" in one_error_line(refused)
+    import h5py
+
+    with h5py.File(h5) as file:
+        assert {"one", "two"} <= set(file["results"])

@@ -35,6 +35,12 @@ class OutputError(GreyArrayError):
     exit_code = 73
 
 
+class BusyError(GreyArrayError):
+    """A file is held by another process for longer than we wait (EX_TEMPFAIL: try again)."""
+
+    exit_code = 75
+
+
 class Interrupted(BaseException):
     """A signal that ends the run (SIGTERM from SLURM or ``docker stop``, SIGHUP, SIGINT).
 

@@ -339,6 +339,11 @@ def read_file(path: Path) -> CiftiFile:
 def _nifti2_header(path: Path, blob: bytes) -> np.ndarray:
     if len(blob) < 4:
         raise DataError(f"{path}: file is empty or truncated (not a NIfTI file)")
+    if blob[:2] == b"\x1f\x8b":
+        raise DataError(
+            f"{path}: is gzip-compressed (a .nii.gz); gzipped NIfTI is not CIFTI-2, whose files "
+            "are never compressed (a volumetric NIfTI map cannot be converted)"
+        )
     for order in "<>":
         size = struct.unpack(order + "i", blob[:4])[0]
         if size == 348:

@@ -444,7 +444,8 @@ def fit_lm(
         "threshold": threshold_rule(lthr_abs, lthr_rel, len(names)),
         "cohort_file": str(cohort_path),
     }
-    write_results(h5_path, analysis, columns, fitter.table(term_stats, model_stats), about)
+    table = fitter.table(term_stats, model_stats)
+    write_results(h5_path, analysis, columns, table, about, overwrite=overwrite)
     return columns
 
 
@@ -462,13 +463,16 @@ def write_results(
     columns: list[str],
     table: np.ndarray,
     about: dict | None = None,
+    overwrite: bool = True,
 ) -> None:
     """results/<analysis>/results_matrix (columns x elements, float64) and column_names, as
     ModelArray's writeResults stores them; replaced as a whole (written, then renamed). ``about``
     (model, counts) is kept as the JSON attribute ``greyarray_about``, which R ignores."""
     import json
 
-    with h5py.File(h5_path, "a") as h5:
+    with open_hdf5(h5_path, "a") as h5:
+        if f"results/{analysis}" in h5 and not overwrite:  # written meanwhile by another run
+            raise OutputError(f"{h5_path}: results/{analysis} exists; use --overwrite")
         results = h5.require_group("results")
         staging = f".{analysis}.incomplete"
         if staging in results:
