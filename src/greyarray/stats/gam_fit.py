@@ -48,6 +48,7 @@ class Design:
     R: np.ndarray = field(init=False)
     Rinv: np.ndarray = field(init=False)
     St: list[np.ndarray] = field(init=False)  # R^-T S_j R^-1 (p x p) per penalty
+    Lt: list[np.ndarray] = field(init=False)  # (r_j x p): St_j = Lt_j' Lt_j
     ranks: list[int] = field(init=False)
     log_det_S: float = field(init=False)  # sum_j log|S_j|+
     log_det_R: float = field(init=False)
@@ -69,20 +70,24 @@ class Design:
         self.Rinv = np.linalg.inv(self.R)
         self.log_det_R = float(np.log(diag).sum())
         self.col_sums = self.X.sum(axis=0)
-        self.St, self.ranks, log_det = [], [], 0.0
+        self.Lt, self.St, self.ranks, log_det = [], [], [], 0.0
         for block in self.penalised:
-            full = np.zeros((p, p))
-            full[block.cols, block.cols] = block.S
-            self.St.append(self.Rinv.T @ full @ self.Rinv)
-            values = np.linalg.eigvalsh(block.S)
+            values, vectors = np.linalg.eigh(block.S)
             keep = values > values.max() * EPS**0.75
+            root = np.sqrt(values[keep])[:, None] * vectors[:, keep].T  # S = root' root
+            Lt = root @ self.Rinv[block.cols]  # R^-T S R^-1 = Lt' Lt, exactly rank r
+            self.Lt.append(Lt)
+            self.St.append(Lt.T @ Lt)
             self.ranks.append(int(keep.sum()))
             log_det += float(np.log(values[keep]).sum())
         self.log_det_S = log_det
         self.Mp = p - sum(self.ranks)
         self.rho0 = np.log(initial_sp(self.X, self.penalised))
-        if len(self.St) == 1:  # one penalty: fit in the eigenbasis where A is diagonal
-            self.eigen_s, self.eigen_U = np.linalg.eigh(self.St[0])
+        if len(self.St) == 1:  # one penalty: its eigenbasis makes A diagonal; exact zeros
+            _, sv, vt = np.linalg.svd(self.Lt[0], full_matrices=True)
+            self.eigen_s = np.zeros(p)
+            self.eigen_s[: sv.size] = sv**2
+            self.eigen_U = vt.T
 
     @property
     def penalised(self) -> list[SmoothBlock]:
@@ -224,16 +229,13 @@ class Evaluator:
         """Several penalties: p x p algebra."""
         lam = np.exp(rho)
         Bs = [lam[j] * St for j, St in enumerate(self.d.St)]
-        A = np.eye(self.yt.size) + sum(Bs)
-        Ai = np.linalg.inv(A)
-        Ai = (Ai + Ai.T) / 2
+        Ai, logdetA = _stable_inverse(self.d.Lt, lam)
         yt = self.yt
         beta = Ai @ yt
         r = yt - beta
         Dp = self.rss0 + float(yt @ r)
         D = self.rss0 + float(r @ r)
         tau = float(np.trace(Ai))
-        logdetA = float(np.linalg.slogdet(A)[1])
         if not deriv:
             return Dp, None, None, logdetA, None, None, D, None, None, tau, None, None
         m = len(Bs)
@@ -400,6 +402,79 @@ def mgcv_newton(ev: Evaluator, lsp: np.ndarray, conv_tol=1e-6, max_nstep=5.0, ma
     return lsp, score
 
 
+def mgcv_magic(ev: Evaluator, sp0: np.ndarray, tol=1e-7, max_half=15) -> tuple[np.ndarray, float]:
+    """mgcv 1.8-41's C ``magic()`` optimiser, which ``gam`` uses for GCV.Cp with a gaussian
+    additive model (its performance iteration: one call), statement by statement: Newton with
+    step halving backed by steepest descent, its convergence test, then up to five steps of 2
+    in each log smoothing parameter towards +-infinity while the score keeps falling."""
+    sp0 = sp0.copy()
+    mp = sp0.size
+    min_score = ev(sp0, False).value
+    grad = np.zeros(mp)
+    n_step = np.zeros(mp)
+    sd_step = np.zeros(mp)
+    use_sd = False
+    d_score = 1e10
+    iteration = 0
+    while True:
+        iteration += 1
+        if iteration > 400:
+            break
+        ok = iteration > 1
+        tries = 0
+        step = sd_step if use_sd else n_step
+        while ok:
+            tries += 1
+            if tries == 4 and not use_sd:
+                use_sd = True
+                step = sd_step
+            nsp = sp0 + step
+            score = ev(nsp, False).value
+            if score < min_score:
+                ok = False
+                d_score = min_score - score
+                min_score = score
+                sp0 = nsp
+            else:
+                step /= 2
+            if tries == max_half - 1 and ok:
+                step[:] = 0.0
+            if tries == max_half:
+                ok = False
+        converged = False
+        if iteration > 3:
+            converged = True
+            if d_score > tol * (1 + min_score):
+                converged = False
+            if math.sqrt(grad @ grad) > tol ** (1 / 3) * (1 + abs(min_score)):
+                converged = False
+            if tries == max_half:
+                converged = True
+        fit = ev(sp0, True)
+        grad, hess = fit.grad, fit.hess
+        ev_h, U = np.linalg.eigh(hess)
+        use_sd = bool((ev_h < 0).any())
+        if not use_sd:
+            n_step = -(U @ ((U.T @ grad) / ev_h))
+            longest = np.abs(n_step).max()
+            if longest > 5.0:
+                n_step = n_step * (5.0 / longest)
+        sd_step = -grad / np.abs(grad).max()
+        if converged:
+            break
+    for k in range(mp):  # are optima at +-infinity?
+        sign = 1.0 if grad[k] < 0.0 else -1.0
+        for _ in range(5):
+            sp0[k] += sign * 2.0
+            score = ev(sp0, False).value
+            if score < min_score:
+                min_score = score
+            else:
+                sp0[k] -= sign * 2.0
+                break
+    return sp0, ev(sp0, False).value
+
+
 def fit_smoothing(design: Design, yt, rss0, y_null_scale, n, method):
     """Smoothing parameters (b, m) and mgcv's final score (b,) for every element."""
     b, m = yt.shape[0], len(design.St)
@@ -408,28 +483,41 @@ def fit_smoothing(design: Design, yt, rss0, y_null_scale, n, method):
     if m == 0:
         return rho, scores
     for e in range(b):
-        lsp = design.rho0.copy()
-        if method == "REML":
-            lsp = np.append(lsp, math.log(y_null_scale[e] / 10))
         ev = Evaluator(design, yt[e], float(rss0[e]), n, method)
-        lsp, scores[e] = mgcv_newton(ev, lsp)
+        if method == "REML":
+            lsp = np.append(design.rho0, math.log(y_null_scale[e] / 10))
+            lsp, scores[e] = mgcv_newton(ev, lsp)
+        else:
+            lsp, scores[e] = mgcv_magic(ev, design.rho0)
         rho[e] = lsp[:m]
     return rho, scores
 
 
+def _stable_inverse(Lt: list[np.ndarray], lam: np.ndarray):
+    """A^-1 and log|A| for A = I + sum_j lam_j Lt_j' Lt_j, from the SVD of [I; sqrt(lam_j) Lt_j]
+    (as mgcv's magic does), accurate however large the smoothing parameters."""
+    p = Lt[0].shape[1]
+    M = np.vstack([np.eye(p)] + [math.sqrt(lam[j]) * L for j, L in enumerate(Lt)])
+    _, d, vt = np.linalg.svd(M, full_matrices=False)
+    return (vt.T / d**2) @ vt, float(2 * np.log(d).sum())
+
+
 def _solve_parts(design: Design, rho: np.ndarray, yt: np.ndarray):
-    """A^-1, the B_j = lambda_j R^-T S_j R^-1 and beta~ for a batch: rho (b, m), yt (b, p)."""
+    """A^-1 and beta~ for a batch: rho (b, m), yt (b, p); stable for huge smoothing
+    parameters (eigenbasis for one penalty, SVD of the augmented matrix for several)."""
     lam = np.exp(rho)
-    p = yt.shape[1]
-    A = np.broadcast_to(np.eye(p), (rho.shape[0], p, p)).copy()
-    Bs = []
-    for j, St in enumerate(design.St):
-        Bj = lam[:, j, None, None] * St
-        A += Bj
-        Bs.append(Bj)
-    Ai = np.linalg.inv(A)
-    Ai = (Ai + np.swapaxes(Ai, 1, 2)) / 2
-    return Ai, Bs, np.einsum("bij,bj->bi", Ai, yt)
+    b, p = yt.shape
+    if len(design.St) == 1:
+        U, s = design.eigen_U, design.eigen_s
+        Ai = np.einsum("ik,bk,jk->bij", U, 1 / (1 + lam[:, :1] * s), U)
+    else:
+        eye = np.broadcast_to(np.eye(p), (b, p, p))
+        M = np.concatenate(
+            [eye] + [np.sqrt(lam[:, j, None, None]) * L for j, L in enumerate(design.Lt)], axis=1
+        )
+        _, d, vt = np.linalg.svd(M, full_matrices=False)
+        Ai = np.einsum("bki,bk,bkj->bij", vt, 1 / d**2, vt)
+    return Ai, None, np.einsum("bij,bj->bi", Ai, yt)
 
 
 # --- summary.gam -----------------------------------------------------------------------------
