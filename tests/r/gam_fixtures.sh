@@ -11,4 +11,4 @@ run fx_reml 'y ~ s(age, k = 4, fx = TRUE) + sex' REML 1 0
 run tp_reml_rsq 'y ~ s(age) + sex' REML 0 1
 run tp_reml_full 'y ~ s(age) + sex' REML 1 0
 run cr_gcv 'y ~ s(age, bs = "cr") + s(x2)' GCV.Cp 1 0
-run shrink_reml 'y ~ s(age, bs = "ts") + s(x2, bs = "cs", k = 6) + sex' REML 1 0
+run shrink_reml 'y ~ s(age, bs = "ts") + s(x2, k = 6) + sex' REML 1 0
