@@ -32,8 +32,8 @@ import numpy as np
 import pandas as pd
 
 from greyarray import __version__
-from greyarray.io import cifti
 from greyarray.demo import phenotypes, template_path, thickness_maps
+from greyarray.io import cifti
 
 HERE = Path(__file__).resolve().parent
 RESULT_NAMES = [

@@ -298,6 +298,85 @@ def run_fit_lm(args: argparse.Namespace) -> int:
     return 0
 
 
+def fit_gam_parser(prog: str = "greyarray fit-gam") -> Parser:
+    parser = Parser(
+        prog=prog,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Fit a GAM (mgcv::gam, gaussian) at every element with ModelArray.gam's "
+        "rules and outputs, and write results/<analysis> into the HDF5. Smooth terms "
+        "s(x, k=, fx=, bs=) with bs tp, ts, cr or cs, plus parametric terms as in fit-lm.",
+    )
+    option(parser, "--input-hdf5", required=True, type=Path, help="HDF5 from to-modelarray")
+    option(
+        parser,
+        "--cohort-file",
+        required=True,
+        type=Path,
+        help="cohort CSV whose source_file values are the HDF5's subject names",
+    )
+    parser.add_argument(
+        "--formula", required=True, help="e.g. 'thickness ~ s(age, k=4, fx=TRUE) + sex'"
+    )
+    option(parser, "--analysis-name", default="gam", help="results/<name> in the HDF5")
+    parser.add_argument("--scalar", help="scalar to model (default: the formula's response)")
+    parser.add_argument(
+        "--method",
+        choices=["REML", "GCV.Cp"],
+        default="GCV.Cp",
+        help="smoothing parameter selection (mgcv's and ModelArray's default: GCV.Cp)",
+    )
+    option(
+        parser,
+        "--changed-rsq-term",
+        metavar="TERM",
+        help="a term, e.g. 's(age)': add its delta adjusted R-squared and partial R-squared "
+        "from the model without it (ModelArray's changed.rsq.term.index), and signed versions",
+    )
+    option(
+        parser,
+        "--full-outputs",
+        action="store_true",
+        help="every statistic (ModelArray's full.outputs=TRUE)",
+    )
+    parser.add_argument(
+        "--num-subj-lthr-abs",
+        type=float,
+        default=10,
+        help="fit an element only with more valid subjects than this ...",
+    )
+    parser.add_argument(
+        "--num-subj-lthr-rel",
+        type=float,
+        default=0.2,
+        help="... and more than this fraction of all subjects",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace results/<name>")
+    _common(parser)
+    return parser
+
+
+def run_fit_gam(args: argparse.Namespace) -> int:
+    from greyarray.stats.gam import fit_gam  # scipy and formulaic: only for this command
+
+    columns = fit_gam(
+        args.input_hdf5,
+        args.cohort_file,
+        args.formula,
+        args.analysis_name,
+        scalar=args.scalar,
+        method=args.method,
+        changed_rsq_term=args.changed_rsq_term,
+        full_outputs=args.full_outputs,
+        lthr_abs=args.num_subj_lthr_abs,
+        lthr_rel=args.num_subj_lthr_rel,
+        overwrite=args.overwrite,
+    )
+    log.info(
+        "Wrote results/%s (%d columns) to %s", args.analysis_name, len(columns), args.input_hdf5
+    )
+    return 0
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from greyarray.demo import run_demo as demo
 
@@ -321,6 +400,7 @@ COMMANDS: dict[str, tuple[Callable[[], Parser], Callable[[argparse.Namespace], i
     "to-modelarray": (to_modelarray_parser, run_to_modelarray),
     "export-results": (export_results_parser, run_export_results),
     "fit-lm": (fit_lm_parser, run_fit_lm),
+    "fit-gam": (fit_gam_parser, run_fit_gam),
     "demo": (demo_parser, run_demo),
 }
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,7 @@ def data_folder() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
-@lru_cache(maxsize=None)
+@cache
 def surface(hemisphere: str, kind: str = "inflated") -> Mesh:
     """The S1200 fsLR 32k surface of hemisphere ``L`` or ``R``."""
     import nibabel as nb
@@ -70,7 +70,7 @@ def triangle_areas(mesh: Mesh) -> np.ndarray:
     return np.sqrt((cross**2).sum(axis=1)) / 2
 
 
-@lru_cache(maxsize=None)
+@cache
 def vertex_areas(hemisphere: str) -> np.ndarray:
     """Area (mm^2) per vertex of the midthickness surface: a third of each adjacent triangle."""
     mesh = surface(hemisphere, "midthickness")

@@ -25,6 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pandas as pd
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from greyarray.errors import DataError, MissingInputError, OutputError, UsageError
@@ -139,9 +140,7 @@ def _smooth_spec(term: str, formula: str) -> SmoothSpec:
     args = {"k": 10, "fx": False, "bs": "tp"}
     for kw in call.keywords:
         if kw.arg not in args or not isinstance(kw.value, (ast.Constant, ast.Name)):
-            raise UsageError(
-                f"formula {formula!r}: {term!r}: only k=, fx= and bs= are supported"
-            )
+            raise UsageError(f"formula {formula!r}: {term!r}: only k=, fx= and bs= are supported")
         value = kw.value.id if isinstance(kw.value, ast.Name) else kw.value.value
         args[kw.arg] = {"T": True, "F": False}.get(value, value) if kw.arg == "fx" else value
     if args["bs"] not in BASES:
@@ -213,7 +212,7 @@ class GamModel:
     def _build(self, used: np.ndarray) -> gam_fit.Design | None:
         parts = [self.param_matrix[used]]
         blocks, start = [], parts[0].shape[1]
-        for spec, values in zip(self.formula.smooths, self.covariates):
+        for spec, values in zip(self.formula.smooths, self.covariates, strict=True):
             try:
                 smooth = smooth_term(values[used], spec.bs, spec.k, spec.fx)
             except DataError as err:
@@ -443,22 +442,25 @@ def fit_gam(
         )
         step = max(64, BLOCK_BYTES // (8 * len(names)))
         skipped = 0
-        for start in tqdm(
-            range(0, n_elements, step),
-            desc=f"Fitting {analysis}",
-            unit="block",
-            disable=None,
-            leave=False,
-        ):
-            block = values[:, start : start + step]
-            for model, result in zip(models, results):
-                skipped += fit_block(model, result, start, block, threshold)
+        # the work is thousands of small matrices: BLAS threads only add contention
+        with threadpool_limits(limits=1, user_api="blas"):
+            for start in tqdm(
+                range(0, n_elements, step),
+                desc=f"Fitting {analysis}",
+                unit="block",
+                disable=None,
+                leave=False,
+            ):
+                block = values[:, start : start + step]
+                for model, result in zip(models, results, strict=True):
+                    skipped += fit_block(model, result, start, block, threshold)
     if skipped:
         log.warning(
             "%d element fits were skipped (rank-deficient design or too few distinct "
             "covariate values among their valid subjects): their results are NaN",
             skipped,
         )
-    columns, matrix = table(request, models[0], results[0], results[1] if len(results) > 1 else None)
+    reduced = results[1] if len(results) > 1 else None
+    columns, matrix = table(request, models[0], results[0], reduced)
     write_results(h5_path, analysis, columns, matrix)
     return columns

@@ -220,9 +220,18 @@ class Evaluator:
         tau2 = tau1 + 2 * float((q * q / A).sum())
         del lam
         return (
-            Dp, np.array([Dp1]), np.array([[Dp2]]), logdetA, np.array([tr1]),
-            np.array([[tr2]]), D, np.array([D1]), np.array([[D2]]), tau,
-            np.array([tau1]), np.array([[tau2]]),
+            Dp,
+            np.array([Dp1]),
+            np.array([[Dp2]]),
+            logdetA,
+            np.array([tr1]),
+            np.array([[tr2]]),
+            D,
+            np.array([D1]),
+            np.array([[D2]]),
+            tau,
+            np.array([tau1]),
+            np.array([[tau2]]),
         )
 
     def _dense(self, rho, deriv):
@@ -253,19 +262,16 @@ class Evaluator:
                 same = float(j == k)
                 Dp2[j, k] = same * Dp1[j] - 2 * (Bb[k] @ g[j])
                 tr2[j, k] = same * tr1[j] - np.sum(AB[j] * AB[k].T)
-                D2[j, k] = 2 * (g[j] @ g[k]) + 2 * (
-                    r @ (same * g[j] - AB[k] @ g[j] - AB[j] @ g[k])
-                )
-                tau2[j, k] = same * tau1[j] + np.sum(AB[k] * ABAi[j].T) + np.sum(
-                    AB[j] * ABAi[k].T
-                )
+                D2[j, k] = 2 * (g[j] @ g[k]) + 2 * (r @ (same * g[j] - AB[k] @ g[j] - AB[j] @ g[k]))
+                tau2[j, k] = same * tau1[j] + np.sum(AB[k] * ABAi[j].T) + np.sum(AB[j] * ABAi[k].T)
                 for M in (Dp2, tr2, D2, tau2):
                     M[k, j] = M[j, k]
         return Dp, Dp1, Dp2, logdetA, tr1, tr2, D, D1, D2, tau, tau1, tau2
 
 
-def mgcv_newton(ev: Evaluator, lsp: np.ndarray, conv_tol=1e-6, max_nstep=5.0, max_sstep=2.0,
-                max_half=30) -> tuple[np.ndarray, float]:
+def mgcv_newton(
+    ev: Evaluator, lsp: np.ndarray, conv_tol=1e-6, max_nstep=5.0, max_sstep=2.0, max_half=30
+) -> tuple[np.ndarray, float]:
     """mgcv 1.8-41's ``newton()`` (gam.control defaults), statement by statement, for one
     element: the same start, steps, step halving, steepest-descent fallback and convergence
     test, so that it stops where mgcv stops. Returns (log parameters, final score)."""
@@ -533,10 +539,12 @@ class BatchResult:
     slope_sign: np.ndarray  # (b, n_smooth): sign of the mean derivative of each smooth
 
 
-def summarise(design: Design, rho, scores, yt, rss0, ysum, yss_c, nulldev, n, method) -> BatchResult:
+def summarise(
+    design: Design, rho, scores, yt, rss0, ysum, yss_c, nulldev, n, method
+) -> BatchResult:
     """Every statistic ModelArray.gam can write, for elements fitted at log(lambda) = rho."""
     if design.St:
-        Ai, Bs, bt = _solve_parts(design, rho, yt)
+        Ai, _, bt = _solve_parts(design, rho, yt)
     else:
         p = yt.shape[1]
         Ai = np.broadcast_to(np.eye(p), (yt.shape[0], p, p))
@@ -689,43 +697,45 @@ def _test_stat(Rp, ev, vec, rank, res_df):
         else:
             k0 = max(1, round(res_df))
             dfs = [1] * len(val) + [k0]
-            pval = (psum_chisq(0, val + [-d / k0], dfs) + psum_chisq(0, val + [-d1 / k0], dfs)) / 2
+            pval = (psum_chisq(0, [*val, -d / k0], dfs) + psum_chisq(0, [*val, -d1 / k0], dfs)) / 2
     if pval > 1:
-        pval = (special.fdtrc(rank1, res_df, d / rank1) + special.fdtrc(rank1, res_df, d1 / rank1)) / 2
+        pval = (
+            special.fdtrc(rank1, res_df, d / rank1) + special.fdtrc(rank1, res_df, d1 / rank1)
+        ) / 2
     return d, min(1.0, pval), rank
 
 
 def _re_tests(design, i, Ai, beta, scale, res_df, lam):
-    """mgcv's ``reTest`` for a smooth without null space (bs = "ts"/"cs")."""
-    block = design.smooths[i]
-    cols = block.cols
-    p = design.R.shape[0]
-    XtX = design.R.T @ design.R
-    pen = [s for s in design.penalised]
-    b = beta.shape[0]
-    Ve = scale[:, None, None] * np.einsum(
-        "ia,eac,jc->eij", design.Rinv[cols], Ai @ Ai, design.Rinv[cols]
-    )
-    H = np.broadcast_to(XtX, (b, p, p)).copy()
-    for j, blk in enumerate(pen):
-        H[:, blk.cols, blk.cols] += lam[:, j, None, None] * blk.S
-    idx = np.arange(p)
-    other = np.setdiff1d(idx, idx[cols])
-    Hjj = H[:, cols][:, :, cols]
-    Hjo = H[:, cols][:, :, other]
-    Hoo = H[:, other][:, :, other]
-    schur = Hjj - Hjo @ np.linalg.solve(Hoo, np.swapaxes(Hjo, 1, 2))
+    """mgcv's ``reTest`` for a smooth without null space (bs = "ts"/"cs"): statistic
+    b' Rm'Rm b / scale with Rm'Rm the Schur complement of X'X + S on the term (= [H^-1]_jj^-1),
+    weights the eigenvalues of Ve_jj Rm'Rm / scale, p-value by Davies."""
+    cols = design.smooths[i].cols
+    if len(design.St) == 1:
+        # eigenbasis: [H^-1]_jj = C diag(w) C', Ve_jj = scale C diag(w^2) C' with w = 1/(1+ls);
+        # a full-rank penalty gives the unpenalised directions no weight on the term, so those
+        # columns of C are zero (not rounding noise that 1 >> w^2 would amplify)
+        C = (design.Rinv @ design.eigen_U)[cols]
+        C[:, design.eigen_s == 0] = 0.0
+        w = 1 / (1 + lam[:, :1] * design.eigen_s)
+        Hjj = np.einsum("ik,bk,jk->bij", C, w, C)
+        Ve = scale[:, None, None] * np.einsum("ik,bk,jk->bij", C, w * w, C)
+    else:
+        Rc = design.Rinv[cols]
+        Hjj = np.einsum("ia,eac,jc->eij", Rc, Ai, Rc)
+        Ve = scale[:, None, None] * np.einsum("ia,eac,jc->eij", Rc, Ai @ Ai, Rc)
+    schur = np.linalg.inv(Hjj)
     schur = (schur + np.swapaxes(schur, 1, 2)) / 2
     bj = beta[:, cols]
     stat = np.einsum("bi,bij,bj->b", bj, schur, bj) / scale
     L = np.linalg.cholesky(schur)
     ev = np.linalg.eigvalsh(np.swapaxes(L, 1, 2) @ Ve @ L) / scale[:, None]
     ev[ev < 0] = 0
+    b = beta.shape[0]
     pval = np.empty(b)
     rank = np.empty(b)
     for e in range(b):
         rank[e] = (ev[e] > ev[e].max() * EPS**0.8).sum()
         k = max(1, round(res_df[e]))
-        lb = list(ev[e]) + [-stat[e] / k]
+        lb = [*ev[e], -stat[e] / k]
         pval[e] = psum_chisq(0, lb, [1] * ev.shape[1] + [k])
     return stat, pval, rank

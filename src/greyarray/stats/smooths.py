@@ -259,4 +259,3 @@ def smooth_term(x: np.ndarray, bs: str, k: int, fx: bool) -> Smooth:
     S = None if fx else scale_penalty(X, S)
     Xc, dXc, Sc = absorb_sum_to_zero(X, dX, S)
     return Smooth(Xc, dXc, Sc, bs in ("ts", "cs"))
-
