@@ -234,3 +234,18 @@ def test_cli_fit_then_export(tmp_path, run_cli):
 
     exported = np.asarray(nb.load(out / "gam_s_age.statistic.pscalar.nii").dataobj)[0]
     assert np.allclose(exported, results["s_age.statistic"], rtol=1e-6)
+
+
+def test_davies_equals_mgcv_psum_chisq():
+    """mgcv::psum.chisq(q, lb, df) values printed by R 4.2 / mgcv 1.8-41 (17 digits)."""
+    from greyarray.stats.davies import psum_chisq
+
+    cases = [
+        (0, [1, 1.3, 0.7, -3.2 / 55], [1, 1, 1, 55], 0.36603498641146792),
+        (0, [1, 1.93, 0.07, -40 / 54], [1, 1, 1, 54], 4.6883862611757365e-05),
+        (5.5, [1, 1.6, 0.4], None, 0.14473354968209828),
+        (0, [2.1, 0.8, 0.3, 0.05, -12 / 30], [1, 1, 1, 1, 30], 0.035575179750844121),
+        (0, [1, 1, 1, -0.1 / 900], [1, 1, 1, 900], 0.99183061636708336),
+    ]
+    for q, lb, df, expected in cases:
+        assert abs(psum_chisq(q, lb, df) - expected) < 1e-14

@@ -151,6 +151,7 @@ class Evaluator:
         if len(design.St) == 1:
             self.s = design.eigen_s
             self.z = design.eigen_U.T @ yt
+            self.zz = self.z * self.z
         else:
             self.s = None
             self.yt = yt
@@ -197,42 +198,31 @@ class Evaluator:
 
     def _diag(self, rho, deriv):
         """One penalty: A = I + lambda diag(s), everything elementwise."""
-        lam = math.exp(rho[0])
-        z, ls = self.z, math.exp(rho[0]) * self.s
+        z, zz, ls = self.z, self.zz, math.exp(rho[0]) * self.s
         A = 1 + ls
-        zA = z / A
-        r = z - zA  # y~ - beta~
-        Dp = self.rss0 + float(z @ r)
-        D = self.rss0 + float(r @ r)
+        q = ls / A  # 1 - 1/A
+        qzz = q * zz
+        Dp = self.rss0 + float(qzz.sum())
+        D = self.rss0 + float((q * qzz).sum())
         tau = float((1 / A).sum())
         logdetA = float(np.log(A).sum())
         if not deriv:
             return Dp, None, None, logdetA, None, None, D, None, None, tau, None, None
-        q = ls / A
-        Dp1 = float(ls @ (zA * zA))
-        Dp2 = Dp1 - 2 * float((ls * ls) @ (zA * zA / A))
+        qA = q / A
+        Dp1 = float((qA * zz).sum())  # sum ls z^2 / A^2
+        Dp2 = Dp1 - 2 * float((q * qA * zz).sum())
         tr1 = float(q.sum())
-        tr2 = tr1 - float(q @ q)
-        g = q * zA
-        D1 = 2 * float(r @ g)
-        D2 = 2 * float(g @ g) + 2 * float(r @ (g - 2 * q * g))
-        tau1 = -float((q / A).sum())
-        tau2 = tau1 + 2 * float((q * q / A).sum())
-        del lam
+        tr2 = tr1 - float((q * q).sum())
+        D1 = 2 * float((q * qA * zz).sum())  # r . g with r = q z, g = q z / A
+        D2 = 2 * float((qA * qA * zz).sum()) + 2 * float((q * qA * zz * (1 - 2 * q)).sum())
+        tau1 = -float(qA.sum())
+        tau2 = tau1 + 2 * float((q * qA).sum())
+        del z
         return (
-            Dp,
-            np.array([Dp1]),
-            np.array([[Dp2]]),
-            logdetA,
-            np.array([tr1]),
-            np.array([[tr2]]),
-            D,
-            np.array([D1]),
-            np.array([[D2]]),
-            tau,
-            np.array([tau1]),
-            np.array([[tau2]]),
-        )
+            Dp, np.array([Dp1]), np.array([[Dp2]]), logdetA, np.array([tr1]),
+            np.array([[tr2]]), D, np.array([D1]), np.array([[D2]]), tau,
+            np.array([tau1]), np.array([[tau2]]),
+        )  # fmt: skip
 
     def _dense(self, rho, deriv):
         """Several penalties: p x p algebra."""
