@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -135,7 +136,8 @@ def main() -> None:
     report = {
         "subjects": args.subjects,
         "elements": args.elements,
-        "cpus": platform.machine(),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
         "greyarray_seconds": time_greyarray(h5, folder / "cohort.csv"),
     }
     if args.r_elements and shutil.which("Rscript"):
