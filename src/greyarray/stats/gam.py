@@ -244,9 +244,9 @@ class GamModel:
         ysum = y.sum(axis=0)
         yss_c = ((y - ysum / n) ** 2).sum(axis=0)
         nulldev = yss_c if self.intercept else (y**2).sum(axis=0)
-        rho, scores = gam_fit.fit_smoothing(design, yt, rss0, yss_c / n, n, self.method)
+        rho, scores, hess = gam_fit.fit_smoothing(design, yt, rss0, yss_c / n, n, self.method)
         return gam_fit.summarise(
-            design, rho, scores, yt, rss0, ysum, yss_c, nulldev, n, self.method
+            design, rho, scores, hess, yt, rss0, ysum, yss_c, nulldev, n, self.method
         )
 
 

@@ -395,7 +395,7 @@ def mgcv_newton(
             converged = True
         if converged:
             break
-    return lsp, score
+    return lsp, score, hess
 
 
 def mgcv_magic(ev: Evaluator, sp0: np.ndarray, tol=1e-7, max_half=15) -> tuple[np.ndarray, float]:
@@ -472,21 +472,67 @@ def mgcv_magic(ev: Evaluator, sp0: np.ndarray, tol=1e-7, max_half=15) -> tuple[n
 
 
 def fit_smoothing(design: Design, yt, rss0, y_null_scale, n, method):
-    """Smoothing parameters (b, m) and mgcv's final score (b,) for every element."""
+    """Smoothing parameters (b, m), mgcv's final score (b,) and, for REML, the final Hessian
+    of the score in (log lambda, log scale) (b, m + 1, m + 1) for every element."""
     b, m = yt.shape[0], len(design.St)
     rho = np.zeros((b, m))
     scores = np.full(b, np.nan)
+    hess = np.full((b, m + 1, m + 1), np.nan) if method == "REML" else None
     if m == 0:
-        return rho, scores
+        return rho, scores, None
     for e in range(b):
         ev = Evaluator(design, yt[e], float(rss0[e]), n, method)
         if method == "REML":
             lsp = np.append(design.rho0, math.log(y_null_scale[e] / 10))
-            lsp, scores[e] = mgcv_newton(ev, lsp)
+            lsp, scores[e], hess[e] = mgcv_newton(ev, lsp)
         else:
             lsp, scores[e] = mgcv_magic(ev, design.rho0)
         rho[e] = lsp[:m]
-    return rho, scores
+    return rho, scores, hess
+
+
+def edf2_total(design: Design, rho, hess, beta, scale, edf1_total) -> np.ndarray:
+    """sum(edf2): mgcv's edf corrected for smoothing parameter uncertainty
+    (``gam.fit3.post.proc`` with REML; logLik's df and so AIC/BIC use it). Vc = Vb + Vc1 + Vc2
+    with Vc1 = db/drho Vrho db/drho' from the inverse REML Hessian and Vc2 the second-order
+    ``Vb.corr`` term from the derivatives of the Cholesky factor; edf2 = diag(Vc X'X)/scale."""
+    b, m = rho.shape
+    p = design.R.shape[0]
+    XtX = design.R.T @ design.R
+    lam = np.exp(rho)
+    dH = []
+    for j, block in enumerate(design.penalised):
+        full = np.zeros((p, p))
+        full[block.cols, block.cols] = block.S
+        dH.append(lam[:, j, None, None] * full)
+    H = XtX + sum(dH)
+    values, vectors = np.linalg.eigh(hess)
+    pos = values > 0
+    root = np.where(pos, 1 / np.sqrt(np.where(pos, values, 1)), 0.0)
+    rV = (root[:, :, None] * np.swapaxes(vectors, 1, 2))[:, :, :m]  # (b, m+1, m)
+    reg = 1 / np.sqrt(np.where(pos, values, 0) + 0.1)
+    Vr = np.einsum("bik,bk,bjk->bij", vectors, reg**2, vectors)[:, :m, :m]
+    total = np.full(b, np.nan)
+    for e in range(b):
+        try:
+            Rc = np.linalg.cholesky(H[e]).T
+        except np.linalg.LinAlgError:
+            continue
+        Rci = np.linalg.inv(Rc)
+        Hinv = Rci @ Rci.T
+        db = np.stack([-(Hinv @ (d[e] @ beta[e])) for d in dH], axis=1)  # (p, m)
+        Vc1 = db @ rV[e].T @ rV[e] @ db.T
+        dRi = []
+        for d in dH:
+            Mj = Rci.T @ d[e] @ Rci
+            phi = np.triu(Mj)
+            phi[np.diag_indices(p)] /= 2
+            dRi.append(-Rci @ (phi @ Rc) @ Rci)
+        Vc2 = sum(Vr[e, i, j] * dRi[i] @ dRi[j].T for i in range(m) for j in range(m))
+        Vc = scale[e] * Hinv + Vc1 + scale[e] * Vc2
+        edf2 = float(np.sum(Vc * XtX)) / scale[e]
+        total[e] = min(edf2, edf1_total[e])  # mgcv falls back to edf1 when edf2 exceeds it
+    return total
 
 
 def _stable_inverse(Lt: list[np.ndarray], lam: np.ndarray):
@@ -530,7 +576,7 @@ class BatchResult:
 
 
 def summarise(
-    design: Design, rho, scores, yt, rss0, ysum, yss_c, nulldev, n, method
+    design: Design, rho, scores, hess, yt, rss0, ysum, yss_c, nulldev, n, method
 ) -> BatchResult:
     """Every statistic ModelArray.gam can write, for elements fitted at log(lambda) = rho."""
     if design.St:
@@ -570,7 +616,10 @@ def summarise(
     res_sum = ysum - beta @ design.col_sums
     centred_rss = D - res_sum**2 / n
     loglik = -n / 2 * (np.log(2 * np.pi * D / n) + 1)
-    df = tau + 1
+    df = tau + 1  # logLik.gam's df: sum(edf) + 1, or sum(edf2) + 1 after REML, at most p + 1
+    if hess is not None and design.St:
+        edf2 = edf2_total(design, rho, hess, beta, scale, edf1.sum(axis=1))
+        df = np.minimum(np.where(np.isnan(edf2), tau, edf2) + 1, R.shape[0] + 1)
     model = {
         "adj.r.squared": 1 - centred_rss * (n - 1) / (yss_c * res_df),
         "dev.expl": (nulldev - D) / nulldev,
