@@ -38,7 +38,7 @@ from greyarray.stats.lm import (
     parse_formula,
     write_results,
 )
-from greyarray.stats.smooths import BASES, smooth_term
+from greyarray.stats.smooths import BASES, MAX_KNOTS, smooth_term
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,14 @@ class GamModel:
         self.rows = rows[keep]  # subjects (HDF5 order) this model can use
         self.param_matrix = design.matrix[keep]
         self.covariates = [values[self.rows] for values in covariates]
+        for smooth, values in zip(formula.smooths, self.covariates, strict=True):
+            distinct = np.unique(values).size
+            if smooth.bs in ("tp", "ts") and distinct > MAX_KNOTS:
+                raise DataError(
+                    f"smooth {smooth.term!r}: {distinct} distinct values of {smooth.var!r}; mgcv "
+                    f"then draws {MAX_KNOTS} random knots with R's generator, which GreyArray "
+                    "does not reproduce: use bs='cr' (or round the covariate)"
+                )
         self._designs: OrderedDict[bytes, gam_fit.Design | None] = OrderedDict()
 
     def design(self, used: np.ndarray) -> gam_fit.Design | None:
