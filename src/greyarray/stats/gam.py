@@ -239,23 +239,34 @@ class GamModel:
         )
         return design if design.ok else None
 
-    def fit(self, y: np.ndarray, used: np.ndarray) -> gam_fit.BatchResult | None:
-        """Fit elements (columns of ``y``, rows = self.rows) sharing the subjects ``used``."""
+    def fit(self, y: np.ndarray, used: np.ndarray):
+        """Fit elements (columns of ``y``, rows = self.rows) sharing the subjects ``used``:
+        (which elements were fitted, their results), or None when the design is unusable.
+        Constant responses (no variance: mgcv's scale search starts at log(0)) and fits whose
+        iterations fail are left out."""
         design = self.design(used)
         if design is None:
             return None
         y = y[used]
         n = y.shape[0]
+        ysum = y.sum(axis=0)
+        yss_c = ((y - ysum / n) ** 2).sum(axis=0)
+        ok = yss_c > 0
+        y, ysum, yss_c = y[:, ok], ysum[ok], yss_c[ok]
         yt = (design.Q.T @ y).T  # (b, p)
         resid0 = y - design.Q @ yt.T
         rss0 = (resid0**2).sum(axis=0)
-        ysum = y.sum(axis=0)
-        yss_c = ((y - ysum / n) ** 2).sum(axis=0)
         nulldev = yss_c if self.intercept else (y**2).sum(axis=0)
         rho, scores, hess = gam_fit.fit_smoothing(design, yt, rss0, yss_c / n, n, self.method)
-        return gam_fit.summarise(
-            design, rho, scores, hess, yt, rss0, ysum, yss_c, nulldev, n, self.method
-        )
+        fitted = np.isfinite(rho).all(axis=1)
+        ok[ok] = fitted
+        if hess is not None:
+            hess = hess[fitted]
+        result = gam_fit.summarise(
+            design, rho[fitted], scores[fitted], hess, yt[fitted], rss0[fitted], ysum[fitted],
+            yss_c[fitted], nulldev[fitted], n, self.method,
+        )  # fmt: skip
+        return ok, result
 
 
 # --- all elements ----------------------------------------------------------------------------
@@ -296,11 +307,13 @@ def fit_block(model: GamModel, results: Results, start: int, values, threshold) 
     skipped = 0
     for group in range(first.size):
         members = columns[inverse.ravel() == group]
-        result = model.fit(y[:, members], used[:, members[0]])
-        if result is None:
+        fitted = model.fit(y[:, members], used[:, members[0]])
+        if fitted is None:
             skipped += members.size
             continue
-        results.store(start + members, result)
+        ok, result = fitted
+        skipped += int((~ok).sum())
+        results.store(start + members[ok], result)
     return skipped
 
 
@@ -464,8 +477,9 @@ def fit_gam(
                     skipped += fit_block(model, result, start, block, threshold)
     if skipped:
         log.warning(
-            "%d element fits were skipped (rank-deficient design or too few distinct "
-            "covariate values among their valid subjects): their results are NaN",
+            "%d element fits were skipped (rank-deficient design, too few distinct covariate "
+            "values among their valid subjects, a constant response or a failed fit): their "
+            "results are NaN",
             skipped,
         )
     reduced = results[1] if len(results) > 1 else None

@@ -482,12 +482,16 @@ def fit_smoothing(design: Design, yt, rss0, y_null_scale, n, method):
         return rho, scores, None
     for e in range(b):
         ev = Evaluator(design, yt[e], float(rss0[e]), n, method)
-        if method == "REML":
-            lsp = np.append(design.rho0, math.log(y_null_scale[e] / 10))
-            lsp, scores[e], hess[e] = mgcv_newton(ev, lsp)
-        else:
-            lsp, scores[e] = mgcv_magic(ev, design.rho0)
-        rho[e] = lsp[:m]
+        try:
+            with np.errstate(all="ignore"):
+                if method == "REML":
+                    lsp = np.append(design.rho0, math.log(y_null_scale[e] / 10))
+                    lsp, scores[e], hess[e] = mgcv_newton(ev, lsp)
+                else:
+                    lsp, scores[e] = mgcv_magic(ev, design.rho0)
+            rho[e] = lsp[:m]
+        except (ValueError, ZeroDivisionError, OverflowError, np.linalg.LinAlgError):
+            rho[e] = np.nan  # mgcv would stop (ModelArray's on_error = "stop"); we leave NaN
     return rho, scores, hess
 
 
