@@ -6,10 +6,11 @@ subjects. With X = QR and y~ = Q'y, a fit with smoothing parameters lambda is
 
     beta~ = A^-1 y~,  A = I + sum_j lambda_j R^-T S_j R^-1,  beta = R^-1 beta~,
 
-so each element only needs p-vectors and p x p matrices (p = number of coefficients). The
-smoothing parameters of all elements are found together by Newton's method on log(lambda),
-minimising the REML score (scale profiled out, which has the same optimum as mgcv's joint
-optimisation over scale) or the GCV score, starting where mgcv starts (``initial.sp``).
+so each element only needs p-vectors and p x p matrices (p = number of coefficients). Each
+element's smoothing parameters are chosen by ports of mgcv's own optimisers (``newton`` for
+REML, the C ``magic`` for GCV.Cp), from mgcv's start (``initial.sp``) and with its stopping
+rules: where the score is flat only mgcv's path gives mgcv's numbers. Every statistic is then
+computed for all elements at once (``summarise``).
 """
 
 from __future__ import annotations
