@@ -201,6 +201,9 @@ def test_formula_parsing():
     assert parsed.smooths[0] == spec
     assert parsed.parametric_rhs == "sex"
     assert gam.parse_gam_formula("FA ~ s(age)").parametric_rhs == "1"
+    for given in ("s(age)", "s_age", "1", "s(age, k=4, fx=TRUE, bs='cr')"):
+        assert gam.changed_term_name(parsed, given) == (parsed.smooths[0].term, "s_age")
+    assert gam.changed_term_name(parsed, "2") == ("sex", "sex")
 
 
 def test_cli_fit_then_export(tmp_path, run_cli):

@@ -329,8 +329,9 @@ def fit_gam_parser(prog: str = "greyarray fit-gam") -> Parser:
         parser,
         "--changed-rsq-term",
         metavar="TERM",
-        help="a term, e.g. 's(age)': add its delta adjusted R-squared and partial R-squared "
-        "from the model without it (ModelArray's changed.rsq.term.index), and signed versions",
+        help="a term, e.g. 's(age)', or its 1-based position: add its delta adjusted R-squared "
+        "and partial R-squared from the model without it (ModelArray's "
+        "changed.rsq.term.index), and signed versions",
     )
     option(
         parser,

@@ -341,7 +341,10 @@ class Request:
 
 def changed_term_name(formula: GamFormula, term: str) -> tuple[str, str]:
     """(term as written in the formula, ModelArray's column prefix) for --changed-rsq-term,
-    given as written, as mgcv's label (``s(age)``) or as ModelArray's name (``s_age``)."""
+    given as written, as mgcv's label (``s(age)``), as ModelArray's name (``s_age``) or as
+    ModelArray's changed.rsq.term.index (1-based position on the right-hand side)."""
+    if term.strip().isdigit() and 1 <= int(term) <= len(formula.terms):
+        term = formula.terms[int(term) - 1]
     compact = term.replace(" ", "")
     for smooth in formula.smooths:
         if compact in (smooth.term.replace(" ", ""), smooth.label, smooth.name):
