@@ -126,10 +126,13 @@ def _pre_multiply_qt(C: np.ndarray, U: np.ndarray) -> np.ndarray:
 def _largest_magnitude_eigen(E: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k eigenvalues of largest magnitude (and vectors), in decreasing order of value, as
     mgcv's ``Rlanczos(..., lm = -1)`` returns them."""
-    if E.shape[0] > 4 * k + 20:  # Lanczos (ARPACK) as mgcv does: O(n^2 k), not O(n^3)
+    try:
+        if E.shape[0] <= 4 * k + 20:
+            raise ValueError("small: full decomposition")
         start = np.random.default_rng(0).uniform(-0.5, 0.5, E.shape[0])
+        # Lanczos (ARPACK), as mgcv uses Lanczos: O(n^2 k), not O(n^3)
         values, vectors = sparse_linalg.eigsh(E, k=k, which="LM", tol=0, v0=start)
-    else:
+    except (ValueError, sparse_linalg.ArpackError):
         values, vectors = np.linalg.eigh(E)
     pick = np.sort(np.argsort(-np.abs(values), kind="stable")[:k])[::-1]
     return values[pick], vectors[:, pick]
