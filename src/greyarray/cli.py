@@ -342,6 +342,17 @@ def fit_lm_parser(prog: str = "greyarray fit-lm") -> Parser:
         choices=names.MODEL_STATS,
         help="statistics of the model (ModelArray's var.model)",
     )
+    _thresholds(parser)
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing results/<name>"
+    )
+    _report_option(parser)
+    add_logging(parser)
+    return parser
+
+
+def _thresholds(parser) -> None:
+    """ModelArray's element threshold (num.subj.lthr.abs / .rel)."""
     option(
         parser,
         "--num-subj-lthr-abs",
@@ -356,12 +367,6 @@ def fit_lm_parser(prog: str = "greyarray fit-lm") -> Parser:
         default=0.2,
         help="... and more than this fraction of all subjects",
     )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace an existing results/<name>"
-    )
-    _report_option(parser)
-    add_logging(parser)
-    return parser
 
 
 def run_fit_lm(args: argparse.Namespace) -> int:
@@ -389,6 +394,76 @@ def run_fit_lm(args: argparse.Namespace) -> int:
 
         thresholds = Thresholds(args.num_subj_lthr_abs, args.num_subj_lthr_rel)
         write_report(args.input_hdf5, args.cohort_file, args.report, thresholds)
+    return 0
+
+
+def fit_gam_parser(prog: str = "greyarray fit-gam") -> Parser:
+    parser = Parser(
+        prog=prog,
+        description="Fit a GAM (mgcv::gam, gaussian) at every element with ModelArray.gam's "
+        "rules and outputs, and write results/<analysis> into the HDF5. Smooth terms "
+        "s(x, k=, fx=, bs=) with bs tp, ts, cr or cs, plus parametric terms as in fit-lm.",
+    )
+    option(parser, "--input-hdf5", required=True, type=Path, help="HDF5 from to-modelarray")
+    option(
+        parser,
+        "--cohort-file",
+        required=True,
+        type=Path,
+        help="cohort CSV whose source_file values are the HDF5's subject names",
+    )
+    parser.add_argument(
+        "--formula", required=True, help="e.g. 'thickness ~ s(age, k=4, fx=TRUE) + sex'"
+    )
+    option(parser, "--analysis-name", default="gam", help="results/<name> in the HDF5")
+    parser.add_argument("--scalar", help="scalar to model (default: the formula's response)")
+    parser.add_argument(
+        "--method",
+        choices=["REML", "GCV.Cp"],
+        default="GCV.Cp",
+        help="smoothing parameter selection (mgcv's and ModelArray's default: GCV.Cp)",
+    )
+    option(
+        parser,
+        "--changed-rsq-term",
+        metavar="TERM",
+        help="a term, e.g. 's(age)', or its 1-based position: add its delta adjusted R-squared "
+        "and partial R-squared from the model without it (ModelArray's "
+        "changed.rsq.term.index), and signed versions",
+    )
+    option(
+        parser,
+        "--full-outputs",
+        action="store_true",
+        help="every statistic (ModelArray's full.outputs=TRUE)",
+    )
+    _thresholds(parser)
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing results/<name>"
+    )
+    add_logging(parser)
+    return parser
+
+
+def run_fit_gam(args: argparse.Namespace) -> int:
+    from greyarray.stats.gam import fit_gam  # scipy and formulaic: only for this command
+
+    columns = fit_gam(
+        args.input_hdf5,
+        args.cohort_file,
+        args.formula,
+        args.analysis_name,
+        scalar=args.scalar,
+        method=args.method,
+        changed_rsq_term=args.changed_rsq_term,
+        full_outputs=args.full_outputs,
+        lthr_abs=args.num_subj_lthr_abs,
+        lthr_rel=args.num_subj_lthr_rel,
+        overwrite=args.overwrite,
+    )
+    log.info(
+        "Wrote results/%s (%d columns) to %s", args.analysis_name, len(columns), args.input_hdf5
+    )
     return 0
 
 
@@ -430,6 +505,11 @@ COMMANDS: dict[str, tuple[Callable[[], Parser], Callable[[argparse.Namespace], i
         fit_lm_parser,
         run_fit_lm,
         "ModelArray.lm's linear model at every element, in seconds",
+    ),
+    "fit-gam": (
+        fit_gam_parser,
+        run_fit_gam,
+        "ModelArray.gam's GAMs (mgcv's numbers) at every element, in minutes",
     ),
     "demo": (demo_parser, run_demo, "run the whole pipeline on a synthetic demo dataset"),
 }

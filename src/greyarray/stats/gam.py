@@ -1,0 +1,491 @@
+"""Mass-univariate GAMs, as ModelArray.gam fits them (mgcv::gam once per element), vectorised.
+
+The rules are ModelArray's (see stats/lm.py): an element is fitted only with more valid
+subjects than max(``lthr_abs``, ``lthr_rel`` x N); non-finite values are missing subjects;
+subjects with a missing phenotype are dropped as ``gam`` drops them. mgcv builds the smooth
+bases from the data of each fit, so elements are grouped by their set of valid subjects and each
+group gets its own basis (most elements share the complete set).
+
+Columns (ModelArray.gam's current ``analyseOneElement.gam``): ``element_id``; per smooth term
+(``s(age)`` -> ``s_age``) its statistics; per parametric term its statistics; ``model.*``; with a
+changed-R-squared term ``<term>.delta.adj.rsq``, ``<term>.partial.rsq`` (and GreyArray's signed
+versions); then the FDR columns ``<term>.p.value.fdr`` of the smooth terms and of the
+parametric terms.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
+
+from greyarray.errors import DataError, MissingInputError, OutputError, UsageError
+from greyarray.stats import gam_fit
+from greyarray.stats.lm import (
+    BLOCK_BYTES,
+    build_design,
+    match_cohort,
+    p_adjust_fdr,
+    parse_formula,
+    write_results,
+)
+from greyarray.stats.smooths import BASES, MAX_KNOTS, smooth_term
+
+log = logging.getLogger(__name__)
+
+METHODS = ("GCV.Cp", "REML")
+SMOOTH_STATS = ("edf", "ref.df", "statistic", "p.value")
+PARAM_STATS = ("estimate", "std.error", "statistic", "p.value")
+MODEL_STATS = (
+    "adj.r.squared",
+    "dev.expl",
+    "sp.criterion",
+    "scale",
+    "df",
+    "logLik",
+    "AIC",
+    "BIC",
+    "deviance",
+    "df.residual",
+    "nobs",
+)
+DEFAULT_SMOOTH_STATS = ("statistic", "p.value")
+DEFAULT_PARAM_STATS = ("estimate", "statistic", "p.value")
+DEFAULT_MODEL_STATS = ("dev.expl",)
+PATTERN_CACHE = 32  # designs kept for sets of valid subjects (each is small)
+
+
+@dataclass(frozen=True)
+class SmoothSpec:
+    """One ``s(x, k=, fx=, bs=)`` term."""
+
+    term: str  # as written in the formula
+    var: str
+    k: int
+    fx: bool
+    bs: str
+
+    @property
+    def label(self) -> str:
+        """mgcv's label, e.g. ``s(age)``."""
+        return f"s({self.var})"
+
+    @property
+    def name(self) -> str:
+        """ModelArray's column prefix, e.g. ``s_age``."""
+        return f"s_{self.var}"
+
+
+@dataclass(frozen=True)
+class GamFormula:
+    response: str
+    smooths: tuple[SmoothSpec, ...]
+    parametric: tuple[str, ...]  # the other right-hand-side terms, as written
+    terms: tuple[str, ...]  # every right-hand-side term in order (ModelArray's term index)
+
+    @property
+    def parametric_rhs(self) -> str:
+        return " + ".join(self.parametric) if self.parametric else "1"
+
+    def without(self, term: str) -> GamFormula:
+        """The reduced model of ModelArray's changed.rsq.term.index (term dropped)."""
+        return GamFormula(
+            self.response,
+            tuple(s for s in self.smooths if s.term != term),
+            tuple(t for t in self.parametric if t != term),
+            tuple(t for t in self.terms if t != term),
+        )
+
+
+def _split_terms(rhs: str) -> list[str]:
+    """Top-level ``+``-separated terms (parentheses respected)."""
+    terms, depth, start = [], 0, 0
+    for i, char in enumerate(rhs):
+        depth += char == "("
+        depth -= char == ")"
+        if char == "+" and depth == 0:
+            terms.append(rhs[start:i].strip())
+            start = i + 1
+    terms.append(rhs[start:].strip())
+    return [t for t in terms if t]
+
+
+def is_gam_formula(formula: str) -> bool:
+    """True when the formula has a smooth term ``s(...)`` (route it to fit-gam)."""
+    return "~" in formula and any(
+        re.match(r"s\s*\(", t) for t in _split_terms(formula.split("~", 1)[1])
+    )
+
+
+def _smooth_spec(term: str, formula: str) -> SmoothSpec:
+    try:
+        call = ast.parse(term.replace("TRUE", "True").replace("FALSE", "False"), mode="eval")
+        call = call.body
+    except SyntaxError:
+        raise UsageError(f"formula {formula!r}: cannot read smooth term {term!r}") from None
+    if len(call.args) != 1 or not isinstance(call.args[0], ast.Name):
+        raise UsageError(
+            f"formula {formula!r}: {term!r} must smooth one variable (s(x, ...)); tensor "
+            "and multi-variable smooths are not supported"
+        )
+    args = {"k": 10, "fx": False, "bs": "tp"}
+    for kw in call.keywords:
+        if kw.arg not in args or not isinstance(kw.value, (ast.Constant, ast.Name)):
+            raise UsageError(f"formula {formula!r}: {term!r}: only k=, fx= and bs= are supported")
+        value = kw.value.id if isinstance(kw.value, ast.Name) else kw.value.value
+        args[kw.arg] = {"T": True, "F": False}.get(value, value) if kw.arg == "fx" else value
+    if args["bs"] not in BASES:
+        raise UsageError(f"formula {formula!r}: bs={args['bs']!r} (supported: {', '.join(BASES)})")
+    if not isinstance(args["k"], int) or not isinstance(args["fx"], bool):
+        raise UsageError(f"formula {formula!r}: {term!r} needs an integer k and fx=TRUE/FALSE")
+    k = max(args["k"], 3)  # mgcv raises k to the minimum (3) with a warning
+    return SmoothSpec(term, call.args[0].id, k, args["fx"], args["bs"])
+
+
+def parse_gam_formula(formula: str) -> GamFormula:
+    response, rhs = parse_formula(formula)
+    terms = _split_terms(rhs)
+    smooths = tuple(_smooth_spec(t, formula) for t in terms if re.match(r"s\s*\(", t))
+    parametric = tuple(t for t in terms if not re.match(r"s\s*\(", t))
+    if len({s.var for s in smooths}) < len(smooths):
+        raise UsageError(f"formula {formula!r}: a variable is smoothed twice")
+    return GamFormula(response, smooths, parametric, tuple(terms))
+
+
+# --- one model (full or reduced) -------------------------------------------------------------
+
+
+class GamModel:
+    """A formula on the cohort: its subjects, parametric design and per-pattern designs."""
+
+    def __init__(self, formula: GamFormula, phenotypes: pd.DataFrame, method: str):
+        self.formula = formula
+        self.method = method
+        design = build_design(f"{formula.response} ~ {formula.parametric_rhs}", phenotypes)
+        self.param_columns = design.columns
+        self.intercept = design.intercept
+        rows = design.rows
+        covariates = []
+        for smooth in formula.smooths:
+            if smooth.var not in phenotypes.columns:
+                names = ", ".join(phenotypes.columns)
+                raise DataError(
+                    f"smooth {smooth.term!r}: no column {smooth.var!r} (cohort columns: {names})"
+                )
+            values = pd.to_numeric(phenotypes[smooth.var], errors="coerce").to_numpy(float)
+            covariates.append(values)
+        keep = np.ones(rows.size, bool)
+        for values in covariates:
+            keep &= np.isfinite(values[rows])
+        if not keep.all():
+            log.warning(
+                "%d subjects have a missing smooth covariate and are left out, as gam leaves "
+                "them out",
+                int((~keep).sum()),
+            )
+        self.rows = rows[keep]  # subjects (HDF5 order) this model can use
+        self.param_matrix = design.matrix[keep]
+        self.covariates = [values[self.rows] for values in covariates]
+        for smooth, values in zip(formula.smooths, self.covariates, strict=True):
+            distinct = np.unique(values).size
+            if smooth.bs in ("tp", "ts") and distinct > MAX_KNOTS:
+                raise DataError(
+                    f"smooth {smooth.term!r}: {distinct} distinct values of {smooth.var!r}; mgcv "
+                    f"then draws {MAX_KNOTS} random knots with R's generator, which GreyArray "
+                    "does not reproduce: use bs='cr' (or round the covariate)"
+                )
+        self._designs: OrderedDict[bytes, gam_fit.Design | None] = OrderedDict()
+
+    def design(self, used: np.ndarray) -> gam_fit.Design | None:
+        """The design of the subjects ``used`` (bool over self.rows); None if unusable."""
+        key = np.packbits(used).tobytes()
+        if key in self._designs:
+            self._designs.move_to_end(key)
+            return self._designs[key]
+        design = self._build(used)
+        self._designs[key] = design
+        if len(self._designs) > PATTERN_CACHE:
+            self._designs.popitem(last=False)
+        return design
+
+    def _build(self, used: np.ndarray) -> gam_fit.Design | None:
+        parts = [self.param_matrix[used]]
+        blocks, start = [], parts[0].shape[1]
+        for spec, values in zip(self.formula.smooths, self.covariates, strict=True):
+            try:
+                smooth = smooth_term(values[used], spec.bs, spec.k, spec.fx)
+            except DataError as err:
+                log.debug("pattern skipped: %s", err)
+                return None
+            k = smooth.X.shape[1]
+            blocks.append(
+                gam_fit.SmoothBlock(
+                    spec.label, slice(start, start + k), smooth.S, smooth.shrink, smooth.deriv
+                )
+            )
+            parts.append(smooth.X)
+            start += k
+        design = gam_fit.Design(
+            np.hstack(parts), slice(0, parts[0].shape[1]), blocks, self.intercept
+        )
+        return design if design.ok else None
+
+    def fit(self, y: np.ndarray, used: np.ndarray):
+        """Fit elements (columns of ``y``, rows = self.rows) sharing the subjects ``used``:
+        (which elements were fitted, their results), or None when the design is unusable.
+        Constant responses (no variance: mgcv's scale search starts at log(0)) and fits whose
+        iterations fail are left out."""
+        design = self.design(used)
+        if design is None:
+            return None
+        y = y[used]
+        n = y.shape[0]
+        ysum = y.sum(axis=0)
+        yss_c = ((y - ysum / n) ** 2).sum(axis=0)
+        ok = yss_c > 0
+        y, ysum, yss_c = y[:, ok], ysum[ok], yss_c[ok]
+        yt = (design.Q.T @ y).T  # (b, p)
+        resid0 = y - design.Q @ yt.T
+        rss0 = (resid0**2).sum(axis=0)
+        nulldev = yss_c if self.intercept else (y**2).sum(axis=0)
+        rho, scores, hess = gam_fit.fit_smoothing(design, yt, rss0, yss_c / n, n, self.method)
+        fitted = np.isfinite(rho).all(axis=1)
+        ok[ok] = fitted
+        if hess is not None:
+            hess = hess[fitted]
+        result = gam_fit.summarise(
+            design, rho[fitted], scores[fitted], hess, yt[fitted], rss0[fitted], ysum[fitted],
+            yss_c[fitted], nulldev[fitted], n, self.method,
+        )  # fmt: skip
+        return ok, result
+
+
+# --- all elements ----------------------------------------------------------------------------
+
+
+class Results:
+    """Per-element arrays of every statistic, filled block by block."""
+
+    def __init__(self, model: GamModel, n_elements: int):
+        n_s, n_p = len(model.formula.smooths), len(model.param_columns)
+        self.smooth = {s: np.full((n_elements, n_s), np.nan) for s in SMOOTH_STATS}
+        self.param = {s: np.full((n_elements, n_p), np.nan) for s in PARAM_STATS}
+        self.model = {s: np.full(n_elements, np.nan) for s in (*MODEL_STATS, "sse")}
+        self.sign = np.full((n_elements, n_s), np.nan)
+
+    def store(self, elements: np.ndarray, result: gam_fit.BatchResult) -> None:
+        for name, values in result.smooth.items():
+            self.smooth[name][elements] = values
+        for name, values in result.param.items():
+            self.param[name][elements] = values
+        for name, values in result.model.items():
+            self.model[name][elements] = values
+        self.sign[elements] = result.slope_sign
+
+
+def fit_block(model: GamModel, results: Results, start: int, values, threshold) -> int:
+    """Fit one block of elements (values: all subjects x block); returns elements skipped for
+    a design that cannot be fitted (rank deficient or too few distinct covariate values)."""
+    finite = np.isfinite(values)
+    enough = finite.sum(axis=0) > threshold  # ModelArray counts all subjects
+    used = finite[model.rows]
+    y = np.where(used, values[model.rows], 0).astype(np.float64)
+    columns = np.flatnonzero(enough)
+    if not columns.size:
+        return 0
+    keys = np.packbits(used[:, columns], axis=0).T
+    _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    skipped = 0
+    for group in range(first.size):
+        members = columns[inverse.ravel() == group]
+        fitted = model.fit(y[:, members], used[:, members[0]])
+        if fitted is None:
+            skipped += members.size
+            continue
+        ok, result = fitted
+        skipped += int((~ok).sum())
+        results.store(start + members[ok], result)
+    return skipped
+
+
+@dataclass
+class Request:
+    """What to compute and write (ModelArray.gam's arguments)."""
+
+    formula: GamFormula
+    method: str
+    full_outputs: bool
+    changed_term: str | None
+
+    @property
+    def smooth_stats(self) -> tuple[str, ...]:
+        return SMOOTH_STATS if self.full_outputs else DEFAULT_SMOOTH_STATS
+
+    @property
+    def param_stats(self) -> tuple[str, ...]:
+        return PARAM_STATS if self.full_outputs else DEFAULT_PARAM_STATS
+
+    @property
+    def model_stats(self) -> tuple[str, ...]:
+        return MODEL_STATS if self.full_outputs else DEFAULT_MODEL_STATS
+
+
+def changed_term_name(formula: GamFormula, term: str) -> tuple[str, str]:
+    """(term as written in the formula, ModelArray's column prefix) for --changed-rsq-term,
+    given as written, as mgcv's label (``s(age)``), as ModelArray's name (``s_age``) or as
+    ModelArray's changed.rsq.term.index (1-based position on the right-hand side)."""
+    if term.strip().isdigit() and 1 <= int(term) <= len(formula.terms):
+        term = formula.terms[int(term) - 1]
+    compact = term.replace(" ", "")
+    for smooth in formula.smooths:
+        if compact in (smooth.term.replace(" ", ""), smooth.label, smooth.name):
+            return smooth.term, smooth.name
+    for param in formula.parametric:
+        if compact == param.replace(" ", ""):
+            return param, param
+    raise UsageError(
+        f"--changed-rsq-term {term!r} is not a term of the formula "
+        f"(terms: {', '.join(formula.terms)})"
+    )
+
+
+def table(request: Request, model: GamModel, full: Results, reduced: Results | None):
+    """(column names, matrix columns x elements) in ModelArray.gam's order."""
+    n = full.model["nobs"].size
+    names, rows = ["element_id"], [np.arange(n, dtype=np.float64)]
+    smooth_names = [s.name for s in request.formula.smooths]
+    for i, name in enumerate(smooth_names):
+        for stat in request.smooth_stats:
+            names.append(f"{name}.{stat}")
+            rows.append(full.smooth[stat][:, i])
+    for i, name in enumerate(model.param_columns):
+        for stat in request.param_stats:
+            names.append(f"{name}.{stat}")
+            rows.append(full.param[stat][:, i])
+    for stat in request.model_stats:
+        names.append(f"model.{stat}")
+        rows.append(full.model[stat])
+    if reduced is not None:
+        written, prefix = changed_term_name(request.formula, request.changed_term)
+        delta = full.model["adj.r.squared"] - reduced.model["adj.r.squared"]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            partial = (reduced.model["sse"] - full.model["sse"]) / reduced.model["sse"]
+        sign = _changed_term_sign(request.formula, model, full, written)
+        names += [
+            f"{prefix}.delta.adj.rsq",
+            f"{prefix}.partial.rsq",
+            f"{prefix}.delta.adj.rsq.signed",
+            f"{prefix}.partial.rsq.signed",
+        ]
+        rows += [delta, partial, sign * delta, sign * partial]
+    if "p.value" in request.smooth_stats:
+        for i, name in enumerate(smooth_names):
+            names.append(f"{name}.p.value.fdr")
+            rows.append(p_adjust_fdr(full.smooth["p.value"][:, i]))
+    if "p.value" in request.param_stats:
+        for i, name in enumerate(model.param_columns):
+            names.append(f"{name}.p.value.fdr")
+            rows.append(p_adjust_fdr(full.param["p.value"][:, i]))
+    return names, np.vstack(rows)
+
+
+def _changed_term_sign(formula, model, full: Results, written: str) -> np.ndarray:
+    """Sign of the term's effect (ModelArray issue #87): for a smooth, of the mean over the
+    subjects of its first derivative; for a one-column parametric term, of its estimate."""
+    for i, smooth in enumerate(formula.smooths):
+        if smooth.term == written:
+            return full.sign[:, i]
+    matching = [i for i, c in enumerate(model.param_columns) if c == written]
+    if len(matching) == 1:
+        return np.sign(full.param["estimate"][:, matching[0]])
+    return np.full(full.sign.shape[0], np.nan)
+
+
+def fit_gam(
+    h5_path: Path,
+    cohort_path: Path,
+    formula: str,
+    analysis: str,
+    *,
+    scalar: str | None = None,
+    method: str = "GCV.Cp",
+    changed_rsq_term: str | None = None,
+    full_outputs: bool = False,
+    lthr_abs: float = 10,
+    lthr_rel: float = 0.2,
+    overwrite: bool = False,
+) -> list[str]:
+    """Fit ``formula`` (mgcv syntax, gaussian) at every element and write results/<analysis>
+    with ModelArray.gam's columns; returns the column names."""
+    if not h5_path.is_file():
+        raise MissingInputError(f"{h5_path}: HDF5 file not found")
+    if not cohort_path.is_file():
+        raise MissingInputError(f"{cohort_path}: cohort file not found")
+    if "/" in analysis or not analysis:
+        raise UsageError(f"analysis name {analysis!r} must be non-empty and without '/'")
+    if method not in METHODS:
+        raise UsageError(f"method {method!r}: use one of {', '.join(METHODS)}")
+    parsed = parse_gam_formula(formula)
+    request = Request(parsed, method, full_outputs, changed_rsq_term)
+    reduced_formula = None
+    if changed_rsq_term is not None:
+        written, _ = changed_term_name(parsed, changed_rsq_term)
+        reduced_formula = parsed.without(written)
+    scalar = scalar or parsed.response
+    cohort = pd.read_csv(cohort_path)
+    with h5py.File(h5_path, "r") as h5:
+        if f"scalars/{scalar}/values" not in h5:
+            present = ", ".join(h5["scalars"]) if "scalars" in h5 else "none"
+            raise DataError(f"{h5_path}: no scalar {scalar!r} (scalars: {present})")
+        if f"results/{analysis}" in h5 and not overwrite:
+            raise OutputError(f"{h5_path}: results/{analysis} exists; use --overwrite")
+        names = list(h5[f"scalars/{scalar}/column_names"].asstr()[()])
+        phenotypes = match_cohort(cohort, names, scalar, cohort_path)
+        models = [GamModel(parsed, phenotypes, method)]
+        if reduced_formula is not None:
+            models.append(GamModel(reduced_formula, phenotypes, method))
+        values = h5[f"scalars/{scalar}/values"]
+        n_elements = values.shape[1]
+        results = [Results(m, n_elements) for m in models]
+        threshold = max(len(names) * lthr_rel, lthr_abs)
+        log.info(
+            "Fitting %s (%s) at %d elements (%d subjects)",
+            formula,
+            method,
+            n_elements,
+            len(models[0].rows),
+        )
+        step = max(64, BLOCK_BYTES // (8 * len(names)))
+        skipped = 0
+        # the work is thousands of small matrices: BLAS threads only add contention
+        with threadpool_limits(limits=1, user_api="blas"):
+            for start in tqdm(
+                range(0, n_elements, step),
+                desc=f"Fitting {analysis}",
+                unit="block",
+                disable=None,
+                leave=False,
+            ):
+                block = values[:, start : start + step]
+                for model, result in zip(models, results, strict=True):
+                    skipped += fit_block(model, result, start, block, threshold)
+    if skipped:
+        log.warning(
+            "%d element fits were skipped (rank-deficient design, too few distinct covariate "
+            "values among their valid subjects, a constant response or a failed fit): their "
+            "results are NaN",
+            skipped,
+        )
+    reduced = results[1] if len(results) > 1 else None
+    columns, matrix = table(request, models[0], results[0], reduced)
+    write_results(h5_path, analysis, columns, matrix)
+    return columns
