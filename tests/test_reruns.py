@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from bids_datasets import Dataset, description, xcpd
-from conftest import require, subject_values, write_cohort
+from conftest import PSCALAR, require, subject_values, write_cohort
 from test_export import fake_results, write_results
 
 from greyarray import cli
@@ -35,7 +35,9 @@ def run(*args, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([*GREYARRAY, *map(str, args)], capture_output=True, text=True, **kwargs)
 
 
-def alff_dataset(root: Path, template: Path, stray: int = 0) -> Dataset:
+def alff_dataset(
+    root: Path, template: Path, stray: int = 0, extension: str = ".dscalar.nii"
+) -> Dataset:
     """12 participants with ALFF (plain and smoothed) on den-91k; ``stray`` of them also have a
     den-32k ALFF map (on the same 91k geometry, as a mislabelled file would be)."""
     description(root, "XCP-D")
@@ -43,7 +45,8 @@ def alff_dataset(root: Path, template: Path, stray: int = 0) -> Dataset:
     subjects = [f"{i:02d}" for i in range(1, 13)]
     for s in subjects:
         for desc in ("", "_desc-smooth"):
-            data.write(XCPD.format(s=s, d="91k", desc=desc), template)
+            name = XCPD.format(s=s, d="91k", desc=desc).replace(".dscalar.nii", extension)
+            data.write(name, template)
     for s in subjects[:stray]:
         data.write(XCPD.format(s=s, d="32k", desc=""), template)
     ages = np.linspace(20, 70, len(subjects))
@@ -384,3 +387,24 @@ def test_help_describes_every_option_with_its_real_default(capsys):
     top = capsys.readouterr().out
     for command in cli.COMMANDS:
         assert f"  {command} " in top
+
+
+def test_group_model_with_smooth_terms_fits_a_gam(tmp_path):
+    """On parcellated maps (54 parcels), so that the GAM fit takes a moment."""
+    data = alff_dataset(tmp_path / "xcp_d", PSCALAR, extension=".pscalar.nii")
+    out = tmp_path / "out"
+    model = ["--model", "alff ~ s(age, k=4) + sex", "--gam-method", "REML"]
+    done = run(data.root, out, "group", *model, "--changed-rsq-term", "s(age)")
+    assert done.returncode == 0, done.stderr
+    with h5py.File(out / "group" / "desc-alff_modelarray.h5") as h5:
+        names = list(h5["results/gam/column_names"].asstr()[()])
+        about = json.loads(h5["results/gam"].attrs["greyarray_about"])
+    assert {"s_age.statistic", "s_age.p.value", "s_age.delta.adj.rsq"} <= set(names)
+    assert about["method"] == "gam" and about["smoothing"] == "REML"
+    stem = "task-rest_space-fsLR_den-91k_desc-alffGam_contrast-sAge_stat-"
+    assert (out / "group" / f"{stem}statistic_statmap.pscalar.nii").is_file()
+    assert (out / "group" / f"{stem}deltaAdjRsq_statmap.pscalar.nii").is_file()
+    citation = (out / "logs" / "CITATION.md").read_text()
+    assert "the generalized additive model `alff ~ s(age, k=4) + sex`" in citation
+    assert "smoothing parameters by REML" in citation and "[@mgcv; @wood2013]" in citation
+    assert "- [@wood2013] Wood (2013). On p-values for smooth components" in citation

@@ -143,8 +143,22 @@ def build_parser(commands: str = "") -> Parser:
     model.add_argument(
         "--model",
         metavar="FORMULA",
-        help="fit this linear model at every element (e.g. 'thickness ~ age + sex', the "
-        "response being a scalar), as ModelArray.lm does, and export the maps",
+        help="fit this model at every element and export the maps: a linear model as "
+        "ModelArray.lm (e.g. 'thickness ~ age + sex'), or with smooth terms a GAM as "
+        "ModelArray.gam (e.g. 'thickness ~ s(age) + sex'); the response is a scalar",
+    )
+    model.add_argument(
+        "--gam-method",
+        choices=["REML", "GCV.Cp"],
+        default="GCV.Cp",
+        help="with a --model that has smooth terms s(...): how smoothing parameters are chosen "
+        "(mgcv's and ModelArray.gam's default: GCV.Cp)",
+    )
+    model.add_argument(
+        "--changed-rsq-term",
+        metavar="TERM",
+        help="with a smooth --model: add this term's delta adjusted R-squared and partial "
+        "R-squared (ModelArray.gam's changed.rsq.term.index), e.g. 's(age)'",
     )
     model.add_argument(
         "--reference-level",

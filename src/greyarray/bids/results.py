@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +24,13 @@ log = logging.getLogger("greyarray")
 
 def model(settings: Run) -> int:
     """Convert (unless the response's HDF5 exists), fit, export: the whole pipeline."""
-    from greyarray.stats.lm import build_design, fit_lm, parse_formula
+    from greyarray.stats.gam import is_gam_formula
+    from greyarray.stats.lm import parse_formula
 
     formula = settings.args.model
     response, _ = parse_formula(formula)
-    analysis = settings.args.analysis_name or "lm"
-    references = settings.reference_levels
+    fit, check_table = _fitter(settings, formula, is_gam_formula(formula))
+    analysis = settings.args.analysis_name or ("gam" if is_gam_formula(formula) else "lm")
     h5 = group.h5_path(settings, response)
     if h5.exists() and not settings.args.overwrite:
         log.info("Using %s (converted earlier; --overwrite checks its inputs again)", h5)
@@ -42,24 +44,35 @@ def model(settings: Run) -> int:
                 f"(scalars: {', '.join(naming.scalars)})"
             )
         only = type(naming)({response: naming.scalars[response]}, naming.skipped)
-        group.convert(
-            settings, only, lambda table: build_design(formula, table, references), "model"
-        )
+        group.convert(settings, only, check_table, "model")
     cohort = h5.with_name(h5.name.replace("_modelarray.h5", "_cohort.csv"))
-    columns = fit_lm(
-        h5,
-        cohort,
-        formula,
-        analysis,
-        overwrite=settings.args.overwrite,
-        reference_levels=references,
-    )
+    columns = fit(h5, cohort, formula, analysis, overwrite=settings.args.overwrite)
     maps = _export(settings, analysis, {response})
     return settings.finish(
         [
             f"Exported {len(maps)} statistical maps to {settings.group_dir}",
             *_significance(h5, analysis, formula, columns),
         ]
+    )
+
+
+def _fitter(settings: Run, formula: str, smooth: bool):
+    """(fit(h5, cohort, formula, analysis, overwrite), check of a cohort table before any
+    conversion): fit-lm's, or fit-gam's for a formula with smooth terms s(...)."""
+    references = settings.reference_levels
+    if not smooth:
+        from greyarray.stats.lm import build_design, fit_lm
+
+        return (
+            partial(fit_lm, reference_levels=references),
+            lambda table: build_design(formula, table, references),
+        )
+    from greyarray.stats.gam import GamModel, fit_gam, parse_gam_formula
+
+    method = settings.args.gam_method
+    return (
+        partial(fit_gam, method=method, changed_rsq_term=settings.args.changed_rsq_term),
+        lambda table: GamModel(parse_gam_formula(formula), table, method),
     )
 
 
@@ -146,6 +159,10 @@ def _about(h5, analysis: str, meta: dict) -> dict:
         or f"ModelArray's default: an element is fitted only where more than max(10, 0.2 x "
         f"{n}) participants have a finite value",
     }
+    if record.get("method"):
+        about["Method"] = record["method"]
+    if record.get("smoothing"):
+        about["Smoothing"] = record["smoothing"]
     if "n_with_phenotypes" in record:
         about["NumberOfRowsWithPhenotypes"] = record["n_with_phenotypes"]
     if record.get("reference_levels"):
@@ -155,7 +172,16 @@ def _about(h5, analysis: str, meta: dict) -> dict:
 
 def _section(meta: dict, analysis: str, about: dict, n_maps: int) -> dict:
     model_text = ""
-    if about.get("FittedBy") == "GreyArray":
+    if about.get("FittedBy") == "GreyArray" and about.get("Method") == "gam":
+        model_text = (
+            f"At every element, the generalized additive model `{about['Model']}` (Gaussian, "
+            f"smoothing parameters by {about.get('Smoothing', 'GCV.Cp')}) was fitted with "
+            "GreyArray, which reproduces mgcv's bases, smoothing parameter estimation and "
+            "tests [@mgcv; @wood2013] as ModelArray.gam runs them [@modelarray]: "
+            f"{about['ElementThreshold']}, participants with a missing phenotype were left out, "
+            "and p-values were corrected for the false discovery rate over elements [@bh1995].\n"
+        )
+    elif about.get("FittedBy") == "GreyArray":
         levels = about.get("ReferenceLevels") or {}
         reference = (
             " Factors were coded with treatment contrasts against the reference levels "

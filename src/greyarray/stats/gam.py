@@ -22,13 +22,15 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from greyarray.errors import DataError, MissingInputError, OutputError, UsageError
+from greyarray.errors import DataError, OutputError, UsageError
+from greyarray.io.cohort import read_csv_table
+from greyarray.io.inputs import open_hdf5
+from greyarray.io.names import check_name
 from greyarray.stats import gam_fit
 from greyarray.stats.lm import (
     BLOCK_BYTES,
@@ -36,6 +38,7 @@ from greyarray.stats.lm import (
     match_cohort,
     p_adjust_fdr,
     parse_formula,
+    threshold_rule,
     write_results,
 )
 from greyarray.stats.smooths import BASES, MAX_KNOTS, smooth_term
@@ -173,6 +176,7 @@ class GamModel:
         design = build_design(f"{formula.response} ~ {formula.parametric_rhs}", phenotypes)
         self.param_columns = design.columns
         self.intercept = design.intercept
+        self.references = design.references
         rows = design.rows
         covariates = []
         for smooth in formula.smooths:
@@ -426,12 +430,7 @@ def fit_gam(
 ) -> list[str]:
     """Fit ``formula`` (mgcv syntax, gaussian) at every element and write results/<analysis>
     with ModelArray.gam's columns; returns the column names."""
-    if not h5_path.is_file():
-        raise MissingInputError(f"{h5_path}: HDF5 file not found")
-    if not cohort_path.is_file():
-        raise MissingInputError(f"{cohort_path}: cohort file not found")
-    if "/" in analysis or not analysis:
-        raise UsageError(f"analysis name {analysis!r} must be non-empty and without '/'")
+    check_name("analysis", analysis)
     if method not in METHODS:
         raise UsageError(f"method {method!r}: use one of {', '.join(METHODS)}")
     parsed = parse_gam_formula(formula)
@@ -441,8 +440,8 @@ def fit_gam(
         written, _ = changed_term_name(parsed, changed_rsq_term)
         reduced_formula = parsed.without(written)
     scalar = scalar or parsed.response
-    cohort = pd.read_csv(cohort_path)
-    with h5py.File(h5_path, "r") as h5:
+    cohort = read_csv_table(cohort_path, "cohort file")
+    with open_hdf5(h5_path) as h5:
         if f"scalars/{scalar}/values" not in h5:
             present = ", ".join(h5["scalars"]) if "scalars" in h5 else "none"
             raise DataError(f"{h5_path}: no scalar {scalar!r} (scalars: {present})")
@@ -487,5 +486,16 @@ def fit_gam(
         )
     reduced = results[1] if len(results) > 1 else None
     columns, matrix = table(request, models[0], results[0], reduced)
-    write_results(h5_path, analysis, columns, matrix)
+    about = {
+        "method": "gam",
+        "formula": formula,
+        "smoothing": method,
+        "changed_rsq_term": changed_rsq_term,
+        "reference_levels": models[0].references,
+        "n_subjects": len(names),
+        "n_with_phenotypes": len(models[0].rows),
+        "threshold": threshold_rule(lthr_abs, lthr_rel, len(names)),
+        "cohort_file": str(cohort_path),
+    }
+    write_results(h5_path, analysis, columns, matrix, about, overwrite=overwrite)
     return columns
