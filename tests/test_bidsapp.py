@@ -20,6 +20,8 @@ from test_export import NAMES, fake_results, write_results
 
 from greyarray.io import cifti
 
+GREYARRAY = [sys.executable, "-m", "greyarray"]
+
 
 @pytest.fixture(scope="module")
 def xcpd_data(tmp_path_factory, template):
@@ -32,8 +34,8 @@ def xcpd_group(xcpd_data, tmp_path_factory):
     from greyarray import cli
 
     out = tmp_path_factory.mktemp("out") / "greyarray"
-    assert cli.main([str(xcpd_data.root), str(out), "participant"]) == 0
-    assert cli.main([str(xcpd_data.root), str(out), "group"]) == 0
+    assert cli.main([str(xcpd_data.root), str(out), "participant", "--no-report"]) == 0
+    assert cli.main([str(xcpd_data.root), str(out), "group", "--no-report"]) == 0
     return out
 
 
@@ -132,7 +134,8 @@ def test_export_statmaps(xcpd_group, xcpd_data, tmp_path, wb_command):
     h5 = out / "group" / "desc-alff_modelarray.h5"
     data = fake_results(91282)
     write_results(h5, "lm", data, "writeResults")
-    assert cli.main([str(xcpd_data.root), str(out), "group", "--analysis-name", "lm"]) == 0
+    args = [str(xcpd_data.root), str(out), "group", "--analysis-name", "lm", "--no-report"]
+    assert cli.main(args) == 0
     name = "task-rest_space-fsLR_den-91k_desc-alffLm_contrast-age_stat-p_statmap"
     image = nb.load(out / "group" / f"{name}.dscalar.nii")
     expected = data[NAMES.index("age.p.value")].astype(np.float32)
@@ -170,7 +173,7 @@ def test_fmriprep_in_raw_dataset_with_phenotypes(tmp_path, template, capsys):
     data = raw_with_fmriprep(tmp_path / "bids", template)
     out = tmp_path / "derivatives_out"
     before = snapshot(tmp_path / "bids")
-    assert cli.main([str(tmp_path / "bids"), str(out), "group"]) == 0
+    assert cli.main([str(tmp_path / "bids"), str(out), "group", "--no-report"]) == 0
     assert snapshot(tmp_path / "bids") == before  # nothing written into the input
     names = {json.loads(p.read_text())["Scalar"] for p in (out / "group").glob("*.json")}
     assert names == {  # equal coverage: the variant with fewer entities keeps the plain name
@@ -219,9 +222,8 @@ def test_sessions_tsv_columns(tmp_path, template):
     pd.DataFrame({"participant_id": ["sub-01"], "age": ["29"], "group": ["ctl"]}).to_csv(
         tmp_path / "xcpd" / "participants.tsv", sep="\t", index=False
     )
-    assert (
-        cli.main([str(tmp_path / "xcpd"), str(tmp_path / "out"), "group", "--scalar", "reho"]) == 0
-    )
+    args = [str(tmp_path / "xcpd"), str(tmp_path / "out"), "group", "--scalar", "reho"]
+    assert cli.main([*args, "--no-report"]) == 0
     table = pd.read_csv(tmp_path / "out" / "group" / "desc-reho_cohort.csv")
     assert table[["session_id", "age", "group"]].values.tolist() == [
         ["ses-1", 30, "ctl"],
@@ -259,6 +261,7 @@ def test_filters_labels_and_queries(tmp_path, xcpd_data):
                 "ses-2",
                 "--bids-filter-file",
                 str(filters),
+                "--no-report",
             ]
         )
         == 0
@@ -280,10 +283,8 @@ def test_config_patterns_for_hcp_names(tmp_path, template):
         "patterns:\n  thickness: '(?P<subject>\\d+)/MNINonLinear/fsaverage_LR32k/"
         "\\d+\\.thickness\\.32k_fs_LR\\.dscalar\\.nii$'\n"
     )
-    assert (
-        cli.main([str(tmp_path / "hcp"), str(tmp_path / "out"), "group", "--config", str(config)])
-        == 0
-    )
+    args = [str(tmp_path / "hcp"), str(tmp_path / "out"), "group", "--config", str(config)]
+    assert cli.main([*args, "--no-report"]) == 0
     with h5py.File(tmp_path / "out" / "group" / "desc-thickness_modelarray.h5", "r") as h5:
         assert np.array_equal(
             h5["scalars/thickness/values"][1], data.values[sorted(data.values)[1]]
@@ -306,6 +307,7 @@ def test_database_dir_is_reused_and_refreshed(tmp_path, template):
         "--scalar",
         "reho",
         "--overwrite",
+        "--no-report",
     ]
     assert cli.main(args) == 0
     assert any(db.rglob("*.sqlite"))
@@ -335,6 +337,7 @@ def test_participant_jobs_in_parallel(tmp_path, template):
                 label,
                 "--scalar",
                 "reho",
+                "--no-report",
             ],
             stderr=subprocess.PIPE,
             text=True,
@@ -349,7 +352,7 @@ def test_participant_jobs_in_parallel(tmp_path, template):
     assert json.loads((out / "dataset_description.json").read_text())["DatasetType"] == "derivative"
     assert len(list((out / "logs").glob("greyarray-participant-*.log"))) == 4
     done = subprocess.run(
-        [sys.executable, "-m", "greyarray", str(data.root), str(out), "group", "--scalar", "reho"],
+        [*GREYARRAY, str(data.root), str(out), "group", "--scalar", "reho", "--no-report"],
         capture_output=True,
         text=True,
     )
@@ -434,7 +437,7 @@ def test_group_rerun_keeps_unchanged_outputs_and_refuses_changed_ones(
     out = tmp_path / "out"
     shutil.copytree(xcpd_group, out)
     before = {p: p.stat().st_mtime_ns for p in (out / "group").glob("*.h5")}
-    command = [sys.executable, "-m", "greyarray", str(xcpd_data.root), str(out), "group"]
+    command = [*GREYARRAY, str(xcpd_data.root), str(out), "group", "--no-report"]
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "inputs unchanged; kept as it is" in done.stderr
@@ -473,12 +476,8 @@ def test_container_field(tmp_path, xcpd_data, monkeypatch):
 
     monkeypatch.setenv("GREYARRAY_CONTAINER_TYPE", "docker")
     monkeypatch.setenv("GREYARRAY_CONTAINER_TAG", "greyarray:0.1.0")
-    assert (
-        cli.main(
-            [str(xcpd_data.root), str(tmp_path / "out"), "participant", "--participant-label", "01"]
-        )
-        == 0
-    )
+    args = [str(xcpd_data.root), str(tmp_path / "out"), "participant", "--participant-label"]
+    assert cli.main([*args, "01", "--no-report"]) == 0
     info = json.loads((tmp_path / "out" / "dataset_description.json").read_text())
     assert info["GeneratedBy"][0]["Container"] == {"Type": "docker", "Tag": "greyarray:0.1.0"}
 
@@ -502,7 +501,8 @@ def test_raw_dataset_without_derivatives_folder_names_no_files(tmp_path):
 
 
 def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
-    """The README's first command: BIDS demo -> participant -> group -> lm -> BIDS statmaps."""
+    """The README's first command: BIDS demo -> participant -> group -> lm -> BIDS statmaps, and
+    the reports of both levels."""
     from greyarray import cli
 
     assert cli.main(["demo", str(tmp_path / "demo"), "--subjects", "12"]) == 0
@@ -521,6 +521,17 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     assert "the linear model `thickness ~ age + sex` was fitted" in citation
     assert "[@bh1995]" in citation and "$" not in citation
     assert "a participants-by-elements matrix" in citation  # no sessions
+    assert "`sub-<label>.html` per participant" in citation  # the reports are named
+    output = tmp_path / "demo" / "output"
+    assert out.rstrip().splitlines()[-1] == f"Report: {output / 'group.html'}"
+    page = (output / "group.html").read_text()
+    for anchor in ("thickness", "alff", "alff-desc-smooth", "thickness-analysis-lm"):
+        assert f'<section id="{anchor}">' in page, anchor
+    assert 'id="thickness-analysis-lm-age"' in page  # the age term's maps
+    assert len(list(output.glob("sub-*.html"))) == 12
+    page = (output / "sub-001.html").read_text()
+    for anchor in ("thickness", "alff", "alff-desc-smooth"):
+        assert f'<section id="{anchor}">' in page, anchor
     code = cli.main(["demo", str(tmp_path / "demo"), "--subjects", "12"])
     assert code == 73  # outputs exist: --overwrite is needed to redo them
 
@@ -544,6 +555,7 @@ def test_derivatives_and_participants_file_options(tmp_path, template):
         str(tmp_path / "pheno.tsv"),
         "--scalar",
         "reho",
+        "--no-report",
     ]
     assert cli.main(args) == 0
     table = pd.read_csv(tmp_path / "out" / "group" / "desc-reho_cohort.csv")
@@ -566,7 +578,7 @@ def test_output_inside_derivatives_is_not_an_input(tmp_path, template, capsys):
 
     raw_with_fmriprep(tmp_path / "bids", template)
     out = tmp_path / "bids" / "derivatives" / "greyarray"
-    args = [str(tmp_path / "bids"), str(out), "group", "--scalar", "curv"]
+    args = [str(tmp_path / "bids"), str(out), "group", "--scalar", "curv", "--no-report"]
     assert cli.main(args) == 0
     assert cli.main([*args, "--overwrite"]) == 0
     err = capsys.readouterr().err

@@ -125,7 +125,8 @@ def test_disk_full_in_group_level(tmp_path, template):
 
     data = xcpd(tmp_path / "xcpd", template, subjects=("01", "02"), sessions=("1",))
     with tmpfs(tmp_path / "small", "1m") as small:
-        done = run(data.root, small / "out", "group", "--scalar", "reho", "alff", "-q")
+        args = [data.root, small / "out", "group", "--scalar", "reho", "alff"]
+        done = run(*args, "-q", "--no-report")
         assert done.returncode == 73, done.stderr
         assert "no space left on device" in one_error_line(done.stderr)
         assert temporaries(small / "out" / "group") == []

@@ -35,6 +35,11 @@ def run(*args, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([*GREYARRAY, *map(str, args)], capture_output=True, text=True, **kwargs)
 
 
+def app(*args, **kwargs) -> subprocess.CompletedProcess:
+    """The BIDS-App without HTML reports (tests/test_bidsapp_reports.py looks at those)."""
+    return run(*args, "--no-report", **kwargs)
+
+
 def alff_dataset(
     root: Path, template: Path, stray: int = 0, extension: str = ".dscalar.nii"
 ) -> Dataset:
@@ -70,15 +75,15 @@ def names_of(out: Path) -> set[str]:
 def test_rerun_keeps_results_refuses_changed_inputs_and_discards_on_request(tmp_path, template):
     data = alff_dataset(tmp_path / "xcp_d", template)
     out = tmp_path / "out"
-    assert run(data.root, out, "group", "--scalar", "alff").returncode == 0
+    assert app(data.root, out, "group", "--scalar", "alff").returncode == 0
     h5 = out / "group" / "desc-alff_modelarray.h5"
     write_results(h5, "lm", fake_results(91282), "writeResults")  # ModelArray's hours of work
-    assert run(data.root, out, "group", "--analysis-name", "lm").returncode == 0
+    assert app(data.root, out, "group", "--analysis-name", "lm").returncode == 0
     statmaps = sorted((out / "group").glob("*_statmap.*"))
     assert len(statmaps) > 20
     stamp = h5.stat().st_mtime_ns
 
-    done = run(data.root, out, "group", "--scalar", "alff", "--overwrite")  # inputs unchanged
+    done = app(data.root, out, "group", "--scalar", "alff", "--overwrite")  # inputs unchanged
     assert done.returncode == 0, done.stderr
     assert "inputs unchanged; kept as it is, with its results (lm)" in done.stderr
     assert h5.stat().st_mtime_ns == stamp
@@ -87,7 +92,7 @@ def test_rerun_keeps_results_refuses_changed_inputs_and_discards_on_request(tmp_
     cifti.CiftiWriter(cifti.read_file(changed).geometry).write(
         changed, data.values[changed] * 2, "changed"
     )
-    done = run(data.root, out, "group", "--scalar", "alff", "--overwrite")
+    done = app(data.root, out, "group", "--scalar", "alff", "--overwrite")
     assert done.returncode == 73
     assert "holds ModelArray results (lm) and its inputs changed (1 of 12 files changed)" in (
         done.stderr
@@ -96,7 +101,7 @@ def test_rerun_keeps_results_refuses_changed_inputs_and_discards_on_request(tmp_
         statmaps
     )
 
-    done = run(data.root, out, "group", "--scalar", "alff", "--discard-results")
+    done = app(data.root, out, "group", "--scalar", "alff", "--discard-results")
     assert done.returncode == 0, done.stderr
     with h5py.File(h5, "r") as file:
         assert "results" not in file
@@ -108,15 +113,15 @@ def test_rerun_keeps_results_refuses_changed_inputs_and_discards_on_request(tmp_
 def test_a_stray_variant_renames_nothing(tmp_path, template):
     data = alff_dataset(tmp_path / "xcp_d", template, stray=1)
     out = tmp_path / "out"
-    assert run(data.root, out, "participant").returncode == 0
+    assert app(data.root, out, "participant").returncode == 0
     manifests = [json.loads(p.read_text()) for p in out.glob("sub-*/*_greyarray.json")]
     assert {f["scalar"] for m in manifests for f in m["files"]} == {"alff", "alff_desc-smooth"}
-    done = run(data.root, out, "group")
+    done = app(data.root, out, "group")
     assert done.returncode == 0, done.stderr
     assert names_of(out) == {"alff", "alff_desc-smooth"}
     assert "Skipped scalar alff_den-32k: a rare variant (1 participant(s): sub-01)" in done.stderr
     assert "ask for it with --scalar alff_den-32k" in done.stderr
-    done = run(data.root, out, "group", "--scalar", "alff_den-32k")
+    done = app(data.root, out, "group", "--scalar", "alff_den-32k")
     assert done.returncode == 0, done.stderr
     assert names_of(out) == {"alff", "alff_desc-smooth", "alff_den-32k"}
 
@@ -126,12 +131,12 @@ def test_names_given_earlier_are_kept(tmp_path, template):
     (as many participants, fewer entities)."""
     data = alff_dataset(tmp_path / "xcp_d", template)
     out = tmp_path / "out"
-    assert run(data.root, out, "group").returncode == 0
+    assert app(data.root, out, "group").returncode == 0
     for s in [f"{i:02d}" for i in range(1, 13)]:
         data.write(
             f"sub-{s}/ses-1/func/sub-{s}_ses-1_task-rest_stat-alff_boldmap.dscalar.nii", template
         )
-    done = run(data.root, out, "group")
+    done = app(data.root, out, "group")
     assert done.returncode == 0, done.stderr
     assert names_of(out) == {"alff", "alff_desc-smooth", "alff_task-rest"}
     meta = json.loads((out / "group" / "desc-alff_modelarray.json").read_text())
@@ -140,9 +145,9 @@ def test_names_given_earlier_are_kept(tmp_path, template):
 
 # ---- clear messages, no skeleton -------------------------------------------------------------
 def test_missing_session_is_named(dataset, tmp_path):
-    done = run(dataset.root, tmp_path / "out", "group", "--session-label", "3")
+    done = app(dataset.root, tmp_path / "out", "group", "--session-label", "3")
     assert done.returncode == 18 and "session 3 was not found" in done.stderr
-    done = run(
+    done = app(
         dataset.root, tmp_path / "out", "group", "--session-label", "3", "--participant-label", "01"
     )
     assert done.returncode == 18 and "participant 01 has no maps in session(s) 3" in done.stderr
@@ -159,7 +164,7 @@ def test_missing_session_is_named(dataset, tmp_path):
     ],
 )
 def test_failed_checks_leave_no_skeleton(dataset, tmp_path, extra, code):
-    done = run(dataset.root, tmp_path / "out", "group", *extra)
+    done = app(dataset.root, tmp_path / "out", "group", *extra)
     assert done.returncode == code, done.stderr
     assert not (tmp_path / "out").exists()
 
@@ -176,9 +181,9 @@ def test_demo_checks_up_front(tmp_path):
 def test_logs_configs_and_methods_text_of_every_mode(tmp_path, template):
     data = alff_dataset(tmp_path / "xcp_d", template)
     out = tmp_path / "out"
-    assert run(data.root, out, "participant").returncode == 0
-    assert run(data.root, out, "group").returncode == 0
-    done = run(data.root, out, "group", "--model", "alff ~ age + sex")
+    assert app(data.root, out, "participant").returncode == 0
+    assert app(data.root, out, "group").returncode == 0
+    done = app(data.root, out, "group", "--model", "alff ~ age + sex")
     assert done.returncode == 0, done.stderr
     write_results(
         out / "group" / "desc-alffDescSmooth_modelarray.h5",
@@ -186,8 +191,8 @@ def test_logs_configs_and_methods_text_of_every_mode(tmp_path, template):
         fake_results(91282),
         "writeResults",
     )
-    assert run(data.root, out, "group", "--analysis-name", "r").returncode == 0
-    bad = run(data.root, out, "group", "--model", "alff ~ nope", "--analysis-name", "x")
+    assert app(data.root, out, "group", "--analysis-name", "r").returncode == 0
+    bad = app(data.root, out, "group", "--model", "alff ~ nope", "--analysis-name", "x")
     assert bad.returncode == 65
 
     modes = sorted(
@@ -234,7 +239,7 @@ def test_logs_configs_and_methods_text_of_every_mode(tmp_path, template):
 
 def test_sessions_in_methods_text_and_r_hint(tmp_path, template):
     data = xcpd(tmp_path / "xcpd", template, subjects=("01", "02"), sessions=("1", "2"))
-    done = run(data.root, tmp_path / "out", "group", "--scalar", "reho")
+    done = app(data.root, tmp_path / "out", "group", "--scalar", "reho")
     assert done.returncode == 0, done.stderr
     citation = (tmp_path / "out" / "logs" / "CITATION.md").read_text()
     assert "one row per session of each participant" in citation
@@ -243,7 +248,7 @@ def test_sessions_in_methods_text_and_r_hint(tmp_path, template):
 
 
 def test_r_hint_without_sessions_suggests_fitting_here(dataset, tmp_path):
-    done = run(dataset.root, tmp_path / "out", "group", "--scalar", "alff")
+    done = app(dataset.root, tmp_path / "out", "group", "--scalar", "alff")
     assert 'ModelArray.lm(alff ~ age + sex, ma, phen, "alff")' in done.stdout
     assert 'group --model "alff ~ age + sex"' in done.stdout
 
@@ -394,7 +399,7 @@ def test_group_model_with_smooth_terms_fits_a_gam(tmp_path):
     data = alff_dataset(tmp_path / "xcp_d", PSCALAR, extension=".pscalar.nii")
     out = tmp_path / "out"
     model = ["--model", "alff ~ s(age, k=4) + sex", "--gam-method", "REML"]
-    done = run(data.root, out, "group", *model, "--changed-rsq-term", "s(age)")
+    done = app(data.root, out, "group", *model, "--changed-rsq-term", "s(age)")
     assert done.returncode == 0, done.stderr
     with h5py.File(out / "group" / "desc-alff_modelarray.h5") as h5:
         names = list(h5["results/gam/column_names"].asstr()[()])

@@ -106,7 +106,8 @@ def write_bids_demo(root: Path, n_subjects: int = 20, seed: int = 0) -> Path:
 def run_demo(
     folder: Path, n_subjects: int = 20, overwrite: bool = False, quiet: bool = False
 ) -> int:
-    """Write a BIDS demo dataset in ``folder/bids`` and run both levels into ``folder/output``."""
+    """Write a BIDS demo dataset in ``folder/bids`` and run both levels into ``folder/output``
+    (manifests, HDF5 files, a fitted model, statistical maps, and the HTML reports)."""
     from greyarray.bids.app import main as bids_app
     from greyarray.errors import OutputError, UsageError
 

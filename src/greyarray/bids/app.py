@@ -3,6 +3,8 @@
 participant (participant.py): check each selected participant's maps, write a manifest.
 group (group.py): each scalar's cohort CSV and ModelArray HDF5 under ``OUTPUT_DIR/group/``.
 group --model / --analysis-name (results.py): fit, or export ModelArray's results, as BIDS maps.
+Each level then writes its HTML reports (reports.py), unless --no-report; --reports-only redraws
+them alone.
 This module holds the options and the run's logging; run.py the resolved settings.
 """
 
@@ -24,6 +26,7 @@ EXAMPLES = """examples:
   greyarray /data/bids /out group --derivatives xcpd=/data/bids/derivatives/xcp_d --scalar alff
   greyarray /data/xcp_d /out group --model "alff ~ age + sex"   # fit here, export the maps
   greyarray /data/xcp_d /out group --analysis-name lm     # after ModelArray's writeResults
+  greyarray /data/xcp_d /out group --reports-only         # redraw OUTPUT_DIR/group.html
 
 exit codes: 0 ok, 1 failure, 16 invalid input dataset, 17 unknown analysis level,
   18 filters matched no files, 64 usage, 65 bad data, 66 missing input, 73 cannot create output,
@@ -137,6 +140,18 @@ def build_parser(commands: str = "") -> Parser:
         action="store_true",
         help="accepted; GreyArray does not run the BIDS validator",
     )
+    run.add_argument(
+        "--no-report",
+        action="store_true",
+        help="write no HTML reports (OUTPUT_DIR/sub-<label>.html, OUTPUT_DIR/group.html)",
+    )
+    run.add_argument(
+        "--reports-only",
+        action="store_true",
+        help="only redraw the reports from existing outputs: the selected participants' "
+        "reports from their manifests (participant), group.html from the group HDF5 files "
+        "(group); nothing is converted, fitted or exported",
+    )
     run.add_argument("-v", "--verbose", action="count", default=0, help="more messages (-vv)")
     run.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     model = parser.add_argument_group("models and results (group level)")
@@ -193,6 +208,10 @@ def main(argv: list[str], commands: str = "") -> int:
     settings = run.Run.from_args(args, shlex.join(["greyarray", *argv]))
     settings.reference_levels = reference_levels(args.reference_level)
     log.info("%s", settings.command_line)
+    if args.reports_only:
+        from greyarray.bids import reports
+
+        return reports.reports_only(settings)
     if args.analysis_level == "participant":
         from greyarray.bids import participant
 

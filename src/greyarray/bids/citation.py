@@ -1,8 +1,9 @@
 """The methods text: ``logs/CITATION.md`` (and ``.html``, ``.bib``), filled from the runs.
 
 The templates live in the top-level ``boilerplate/`` folder. What the group level learnt (versions,
-counts, scalars) and one section per analysis are kept in ``logs/citation-facts.json``, so a later
-``--model`` or ``--analysis-name`` run adds its section and never removes an earlier one.
+counts, scalars), one section per analysis and what the reports show are kept in
+``logs/citation-facts.json``, so a later ``--model`` or ``--analysis-name`` run adds its section
+and never removes an earlier one.
 References are cited as ``[@key]`` in the text and listed as formatted text at the end.
 """
 
@@ -29,7 +30,7 @@ def bibliography() -> dict[str, dict[str, str]]:
     for match in re.finditer(r"@\w+\{([^,]+),(.*?)\n\}", template("references.bib"), re.DOTALL):
         fields = re.findall(r"(\w+)\s*=\s*\{(.*?)\},?\s*$", match.group(2), re.MULTILINE)
         entries[match.group(1).strip()] = {
-            k: v.replace("{", "").replace("}", "") for k, v in fields
+            k: v.replace("{", "").replace("}", "").replace("\\&", "&") for k, v in fields
         }
     return entries
 
@@ -59,35 +60,45 @@ def load_state(logs_dir: Path) -> dict:
     return state
 
 
-def update(logs_dir: Path, facts: dict | None = None, analysis: dict | None = None) -> Path | None:
-    """Record the group level's facts and/or one analysis, then rewrite the methods text from
-    everything recorded. Returns CITATION.md, or None while no group level has run."""
+def update(
+    logs_dir: Path,
+    facts: dict | None = None,
+    analysis: dict | None = None,
+    reports: dict | None = None,
+) -> Path | None:
+    """Record the group level's facts, one analysis and/or the reports' paragraph
+    (boilerplate/reports.md), then rewrite the methods text from everything recorded. Returns
+    CITATION.md, or None while no group level has run."""
     make_folder(logs_dir)
     state = load_state(logs_dir)
     if facts is not None:
         state["facts"] = facts
     if analysis is not None:
         state["analyses"][f"{analysis['scalar']}/{analysis['analysis']}"] = analysis
+    if reports is not None:
+        state["reports"] = reports
     write_json(logs_dir / STATE, state)
     if state["facts"] is None:
         return None
-    return write(logs_dir, state["facts"], list(state["analyses"].values()))
+    return write(logs_dir, state["facts"], list(state["analyses"].values()), state.get("reports"))
 
 
-def render(facts: dict, analyses: list[dict]) -> str:
+def render(facts: dict, analyses: list[dict], reports: dict | None = None) -> str:
     sections = "".join(Template(template("analysis.md")).substitute(a) for a in analyses)
     text = Template(template("methods.md")).substitute({**facts, "analysis_text": sections})
+    if reports is not None:
+        text += Template(template("reports.md")).substitute(reports)
     text += template("copyright.md")
     bib = bibliography()
     cited = [key for key in bib if f"@{key}" in text]
     return text + "".join(f"- [@{key}] {reference_text(bib[key])}\n" for key in cited)
 
 
-def write(logs_dir: Path, facts: dict, analyses: list[dict]) -> Path:
+def write(logs_dir: Path, facts: dict, analyses: list[dict], reports: dict | None = None) -> Path:
     """CITATION.md, CITATION.html and CITATION.bib in ``logs_dir``."""
     import markdown
 
-    text = render(facts, analyses)
+    text = render(facts, analyses, reports)
     body = markdown.markdown(text)
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from greyarray.bids import citation, derivatives, discover
+from greyarray.bids import citation, derivatives, discover, reports
 from greyarray.bids.cohort import build_cohort, load_phenotypes, report_mismatch
 from greyarray.bids.run import Run
 from greyarray.errors import OutputError
@@ -53,7 +53,10 @@ def h5_path(settings: Run, scalar: str) -> Path:
 
 def run(settings: Run) -> int:
     plans = convert(settings, settings.find("group"))
-    return settings.finish(summary(plans) + r_hint(settings, plans[0]))
+    outliers, report = [], []
+    if reports.wanted(settings):  # every HDF5 on disk, not only this run's
+        outliers, report = reports.group_report(settings), [reports.report_line(settings)]
+    return settings.finish(summary(plans) + outliers + r_hint(settings, plans[0]) + report)
 
 
 def convert(

@@ -2,7 +2,8 @@
 
 ``OUTPUT_DIR/sub-<label>/sub-<label>_greyarray.json`` lists every map with the scalar name it
 belongs to (named as the group level will name it), its geometry hash, sha256 and non-finite
-count. Jobs for different participants can run at the same time on one OUTPUT_DIR.
+count. Jobs for different participants can run at the same time on one OUTPUT_DIR. Then each
+participant's report, ``OUTPUT_DIR/sub-<label>.html``, draws those maps (reports.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import hashlib
 import logging
 
 from greyarray import __version__
-from greyarray.bids import discover
+from greyarray.bids import discover, reports
 from greyarray.bids.run import MANIFEST, Run
 from greyarray.io import sources
 from greyarray.io.fileio import make_folder, write_json
@@ -45,12 +46,13 @@ def run(settings: Run) -> int:
         make_folder(path.parent)
         write_json(path, manifest)
     n_files = sum(len(m["files"]) for m in manifests.values())
-    return settings.finish(
-        [
-            f"Checked {n_files} files of {len(manifests)} participant(s) "
-            f"({', '.join(naming.scalars)}); manifests in {settings.output_dir}/sub-*/"
-        ]
-    )
+    lines = [
+        f"Checked {n_files} files of {len(manifests)} participant(s) "
+        f"({', '.join(naming.scalars)}); manifests in {settings.output_dir}/sub-*/"
+    ]
+    if reports.wanted(settings):
+        lines += reports.participant_reports(settings, manifests)
+    return settings.finish(lines)
 
 
 def _entry(name: str, item: discover.Found) -> dict:

@@ -3,7 +3,7 @@
 ``group --model FORMULA`` converts the response scalar (with the group level's rules: nothing of
 the user's is replaced), fits, and exports BIDS statistical maps. ``group --analysis-name NAME``
 exports what ModelArray's ``writeResults`` (or GreyArray) wrote into ``results/NAME``. Each
-analysis adds its section to the methods text.
+analysis adds its section to the methods text, and group.html is rebuilt with every analysis.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from greyarray.bids import citation, derivatives, group
+from greyarray.bids import citation, derivatives, group, reports
 from greyarray.bids.run import Run
 from greyarray.errors import DataError, MissingInputError, OutputError, UsageError
 
@@ -48,11 +48,12 @@ def model(settings: Run) -> int:
     cohort = h5.with_name(h5.name.replace("_modelarray.h5", "_cohort.csv"))
     columns = fit(h5, cohort, formula, analysis, overwrite=settings.args.overwrite)
     maps = _export(settings, analysis, {response})
-    return settings.finish(
+    return _finish(
+        settings,
         [
             f"Exported {len(maps)} statistical maps to {settings.group_dir}",
             *_significance(h5, analysis, formula, columns),
-        ]
+        ],
     )
 
 
@@ -95,7 +96,15 @@ def _check_can_fit(h5: Path, scalar: str, analysis: str, overwrite: bool) -> Non
 
 def export(settings: Run) -> int:
     maps = _export(settings, settings.args.analysis_name, set(settings.args.scalar or []))
-    return settings.finish([f"Exported {len(maps)} statistical maps to {settings.group_dir}"])
+    return _finish(settings, [f"Exported {len(maps)} statistical maps to {settings.group_dir}"])
+
+
+def _finish(settings: Run, lines: list[str]) -> int:
+    """The summary, after group.html is rebuilt with every analysis on disk (unless
+    --no-report)."""
+    if reports.wanted(settings):
+        lines += [*reports.group_report(settings), "", reports.report_line(settings)]
+    return settings.finish(lines)
 
 
 def _export(settings: Run, analysis: str, scalars: set[str]) -> list[Path]:

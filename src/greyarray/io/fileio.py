@@ -17,9 +17,9 @@ import fcntl
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,6 +85,33 @@ def check_output(path: Path, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
+def private_folder(folder: Path) -> Iterator[Path]:
+    """A new folder inside ``folder`` that only this process uses (mode 0700, unpredictable
+    name recording host and PID), removed on the way out whatever happens. Its name is chosen
+    before it is created, so a signal arriving just after the mkdir still removes it."""
+    made = None
+    try:
+        for _ in range(100):
+            made = folder / f"{TMP_PREFIX}-{_HOST}-{os.getpid()}-{secrets.token_hex(6)}"
+            try:
+                os.mkdir(made, 0o700)
+                break
+            except FileExistsError:  # not ours: never removed
+                made = None
+            except OSError as err:
+                made = None
+                raise output_failure(folder, err) or OutputError(
+                    f"{folder}: cannot write ({err.strerror})"
+                ) from None
+        else:
+            raise OutputError(f"{folder}: cannot create a temporary folder")
+        yield made
+    finally:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def replacing(path: Path, overwrite: bool = True) -> Iterator[Path]:
     """A temporary path for ``path``, published when the block succeeds, removed if not.
 
@@ -93,23 +120,13 @@ def replacing(path: Path, overwrite: bool = True) -> Iterator[Path]:
     """
     check_output(path, overwrite)
     make_folder(path.parent)
-    try:
-        private = Path(
-            tempfile.mkdtemp(prefix=f"{TMP_PREFIX}-{_HOST}-{os.getpid()}-", dir=path.parent)
-        )
-    except OSError as err:
-        raise output_failure(path, err) or OutputError(
-            f"{path}: cannot write ({err.strerror})"
-        ) from None
-    tmp = private / path.name
-    try:
+    with private_folder(path.parent) as private:
+        tmp = private / path.name
         try:
             yield tmp
             _publish(tmp, path, overwrite)
         except OSError as err:
             raise output_failure(path, err) or err from None
-    finally:
-        shutil.rmtree(private, ignore_errors=True)
 
 
 def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
@@ -138,13 +155,7 @@ def staging(folder: Path) -> Iterator[Path]:
     ``folder`` (replacing files of the same names) only when the whole block succeeds, so a
     full disk or a signal midway leaves the earlier set of files as it was."""
     make_folder(folder)
-    try:
-        private = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}-{_HOST}-{os.getpid()}-", dir=folder))
-    except OSError as err:
-        raise output_failure(folder, err) or OutputError(
-            f"{folder}: cannot write ({err.strerror})"
-        ) from None
-    try:
+    with private_folder(folder) as private:
         try:
             yield private
             for entry in sorted(private.iterdir()):
@@ -153,8 +164,6 @@ def staging(folder: Path) -> Iterator[Path]:
                 os.replace(entry, folder / entry.name)
         except OSError as err:
             raise output_failure(folder, err) or err from None
-    finally:
-        shutil.rmtree(private, ignore_errors=True)
 
 
 def atomic_write(path: Path, data: bytes, overwrite: bool = True) -> None:
