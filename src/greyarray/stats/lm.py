@@ -23,6 +23,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -31,6 +32,9 @@ from scipy import special
 from tqdm import tqdm
 
 from greyarray.errors import DataError, MissingInputError, OutputError, UsageError
+
+if TYPE_CHECKING:  # numba is imported only when permutations are asked for
+    from greyarray.stats.permutation import PermutationOptions
 
 log = logging.getLogger(__name__)
 
@@ -332,10 +336,13 @@ def fit_lm(
     lthr_abs: float = 10,
     lthr_rel: float = 0.2,
     overwrite: bool = False,
+    permutations: PermutationOptions | None = None,
 ) -> list[str]:
     """Fit ``formula`` at every element of ``h5_path`` and write results/<analysis>.
 
     ``term_stats`` and ``model_stats`` are ModelArray.lm's ``var.terms`` and ``var.model``.
+    ``permutations`` appends permutation inference columns (stats/permutation.py); with a
+    shard, only that shard's null distribution is written (beside the HDF5), and no results.
     """
     if not h5_path.is_file():
         raise MissingInputError(f"{h5_path}: HDF5 file not found")
@@ -350,13 +357,26 @@ def fit_lm(
         if f"scalars/{scalar}/values" not in h5:
             present = ", ".join(h5["scalars"]) if "scalars" in h5 else "none"
             raise DataError(f"{h5_path}: no scalar {scalar!r} (scalars: {present})")
-        if f"results/{analysis}" in h5 and not overwrite:
+        shard = permutations is not None and permutations.shard is not None
+        if f"results/{analysis}" in h5 and not overwrite and not shard:
             raise OutputError(f"{h5_path}: results/{analysis} exists; use --overwrite")
         names = list(h5[f"scalars/{scalar}/column_names"].asstr()[()])
         phenotypes = match_cohort(cohort, names, scalar, cohort_path)
         design = build_design(formula, phenotypes)
         values = h5[f"scalars/{scalar}/values"]
         fitter = Fitter(design, len(names), values.shape[1], lthr_abs, lthr_rel)
+        if permutations is not None:  # numba: imported only when asked for
+            from greyarray.stats import permutation
+
+            path = permutation.shard_path(h5_path, analysis, permutations.shard)
+            if shard and path.exists() and not overwrite:
+                raise OutputError(f"{path} exists; use --overwrite")
+            prepared = permutation.prepare(
+                h5, scalar, phenotypes, design, permutations, fitter.threshold, cohort_path
+            )
+            if shard:
+                permutation.write_shard(prepared, permutations.shard, path)
+                return []
         log.info(
             "Fitting %s at %d elements (%d subjects, %d columns)",
             formula,
@@ -373,14 +393,21 @@ def fit_lm(
             leave=False,
         ):
             fitter.fit_block(start, values[:, start : start + step])
+        extra = (
+            permutation.permutation_columns(prepared, permutations.merge)
+            if permutations is not None
+            else ([], np.empty((0, values.shape[1])))
+        )
     if fitter.rank_deficient:
         log.warning(
             "%d elements have a rank-deficient design (e.g. a factor level with no "
             "finite values): their results are NaN",
             fitter.rank_deficient,
         )
-    columns = output_columns(design, term_stats, model_stats)
-    write_results(h5_path, analysis, columns, fitter.table(term_stats, model_stats))
+    columns = output_columns(design, term_stats, model_stats) + extra[0]
+    write_results(
+        h5_path, analysis, columns, np.vstack([fitter.table(term_stats, model_stats), extra[1]])
+    )
     return columns
 
 
