@@ -4,6 +4,7 @@ Rows (wall time and peak RSS of each command, GNU time):
   - fit-lm 'thickness ~ age' without permutations (the parametric fit alone);
   - with --permutations N (max |t|), and with --permutations N --tfce;
   - TFCE of one 91k map (ms, in-process, median of 50);
+  - one batch with 1% of the values missing at random (every element its own pattern);
   - PALM (Octave) and GreyArray on 50 elements x 8 subjects, exhaustive 8! = 40,320 permutations.
 
     python3 benchmarks/permutation_benchmark.py                        # 1000 subjects, N=5000
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -48,6 +50,22 @@ def fit(h5: Path, csv: Path, nprocs: int, *more: str) -> dict:
     command = [*GREYARRAY, "fit-lm", "--input-hdf5", str(h5), "--cohort-file", str(csv)]
     command += ["--formula", "thickness ~ age", "--overwrite", "--log-level", "WARNING"]
     return run([*command, "--nprocs", str(nprocs), *more])
+
+
+def scattered(h5: Path, csv: Path, nprocs: int) -> dict:
+    """One batch (256 permutations, plus the observed batch) on a copy with 1% of the values
+    missing at random, so that nearly every element has its own pattern of subjects."""
+    copy = h5.with_name("perm_nan.h5")
+    if not copy.exists():
+        shutil.copy(h5, copy)
+        with h5py.File(copy, "a") as file:
+            values = file["scalars/thickness/values"]
+            rng = np.random.default_rng(0)
+            for start in range(0, values.shape[1], 8192):
+                block = values[:, start : start + 8192]
+                block[rng.uniform(size=block.shape) < 0.01] = np.nan
+                values[:, start : start + 8192] = block
+    return fit(copy, csv, nprocs, "--permutations", str(permutation.BATCH))
 
 
 def tfce_ms(h5: Path) -> float:
@@ -124,6 +142,7 @@ def main() -> int:
         "max_t": fit(h5, csv, args.nprocs, "--permutations", n),
         "tfce": fit(h5, csv, args.nprocs, "--permutations", n, "--tfce"),
         "tfce_ms_per_map": tfce_ms(h5),
+        "scattered_nan_one_batch": scattered(h5, csv, args.nprocs),
     }
     if not args.skip_palm:
         row["palm_50x8_exhaustive"] = palm_row(args.work)
@@ -147,6 +166,13 @@ def markdown(row: dict) -> str:
     ]:
         lines.append(f"| {label} | {row[key]['seconds']} s | {row[key]['peak_rss_mb']:.0f} MB |")
     lines.append(f"| TFCE of one 91k map | {row['tfce_ms_per_map']} ms | |")
+    nan = row["scattered_nan_one_batch"]
+    per_batch = nan["seconds"] - row["fit_only"]["seconds"]  # two batches: observed + null
+    lines.append(
+        f"| 1% scattered NaN, {row['batch']} permutations (one batch) | {nan['seconds']} s "
+        f"(~{per_batch / 2 * (n / row['batch']) / 60:.0f} min for {n}, extrapolated) | "
+        f"{nan['peak_rss_mb']:.0f} MB |"
+    )
     if "palm_50x8_exhaustive" in row:
         palm = row["palm_50x8_exhaustive"]
         lines.append(f"| PALM (Octave), 50 elements x 8 subjects, 40,320 permutations | "

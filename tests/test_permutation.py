@@ -392,7 +392,7 @@ def test_tfce_fwe_equals_brute_force():
         design,
         ["Intercept", "x"],
         everyone,
-        [permutation.Pattern(np.arange(5), np.arange(30), None, everyone, start=0)],
+        [permutation.Pattern(np.packbits(np.ones(5, np.uint8)), 5, np.arange(30))],
         30,
         "",
     )

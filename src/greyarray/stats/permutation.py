@@ -240,13 +240,17 @@ def _digest(values: np.ndarray) -> bytes:
 
 @dataclass(frozen=True)
 class Pattern:
-    """Elements sharing the subjects they are fitted with."""
+    """Elements fitted with the same subjects. Only a bit mask of them is kept: scattered
+    missing values can make one pattern per element, and rows are derived when needed."""
 
-    rows: np.ndarray  # design-row positions used, ascending
+    mask: np.ndarray  # packed bits: the design rows used
+    n_rows: int
     elements: np.ndarray  # element indices
-    kept: np.ndarray | None  # units kept (bool per unit), None when all are
-    unit_rows: np.ndarray  # (n_kept_units, unit_size) positions within ``rows``
     start: int = 0  # the pattern's elements are columns start, start + 1, ... of the data
+
+    @property
+    def rows(self) -> np.ndarray:
+        return np.flatnonzero(np.unpackbits(self.mask, count=self.n_rows))
 
 
 @dataclass(frozen=True)
@@ -284,7 +288,7 @@ def load_problem(
         used = finite[design.rows]
         used &= (finite.sum(axis=0) > threshold)[None]  # ModelArray counts all subjects
         keys.append(np.packbits(_kept_rows(used, units), axis=0).T)
-    patterns = _group(np.concatenate(keys), design, units)
+    patterns = _group(np.concatenate(keys), design)
     column = np.full(n_elements, -1)
     for pattern in patterns:
         column[pattern.elements] = pattern.start + np.arange(pattern.elements.size)
@@ -317,24 +321,20 @@ def _kept_rows(used: np.ndarray, units: np.ndarray) -> np.ndarray:
     return kept
 
 
-def _group(keys: np.ndarray, design, units: np.ndarray) -> list[Pattern]:
+def _group(keys: np.ndarray, design) -> list[Pattern]:
+    """Patterns from each element's packed mask of rows (full-rank designs only)."""
     n_rows, p = design.matrix.shape
     codes: dict[bytes, int] = {}  # a dict: np.unique(axis=0) sorts 91k rows in seconds
     inverse = np.array([codes.setdefault(key.tobytes(), len(codes)) for key in keys])
-    unique = [np.frombuffer(key, np.uint8) for key in codes]
-    position = np.empty(n_rows, dtype=np.int64)
+    members = np.split(np.argsort(inverse, kind="stable"), np.cumsum(np.bincount(inverse))[:-1])
     patterns = []
     start = 0
-    for index, key in enumerate(unique):
-        rows = np.flatnonzero(np.unpackbits(key, count=n_rows))
-        if rows.size <= p or not _full_rank(design.matrix[rows]):
-            continue
-        kept_units = np.isin(units[:, 0], rows)
-        position[rows] = np.arange(rows.size)
-        elements = np.flatnonzero(inverse == index)
-        kept = None if kept_units.all() else kept_units
-        patterns.append(Pattern(rows, elements, kept, position[units[kept_units]], start))
-        start += elements.size
+    for key, elements in zip(codes, members, strict=True):
+        pattern = Pattern(np.frombuffer(key, np.uint8), n_rows, elements, start)
+        rows = pattern.rows
+        if rows.size > p and _full_rank(design.matrix[rows]):
+            patterns.append(pattern)
+            start += elements.size
     return patterns
 
 
@@ -348,42 +348,66 @@ def _full_rank(x: np.ndarray) -> bool:
 
 
 @dataclass(frozen=True)
-class PatternFit:
-    """One term's Freedman-Lane pieces on one pattern: x (tested column without the nuisance),
-    Q (orthonormal nuisance), and per element Q'y and |u|^2. The first ``fixed`` columns of Q
+class Basis:
+    """One term's Freedman-Lane pieces on one pattern: its rows, its units (numbered among
+    those kept, -1 if dropped; members as positions within the rows), x (the tested column
+    orthogonal to the nuisance) and Q (orthonormal nuisance). The first ``fixed`` columns of Q
     span nuisance columns that no permutation moves (the intercept; with whole blocks, also
-    columns that depend only on the position in the block): P Q = Q there, and Q'u = 0, so
-    their products are known to be 0 and are not computed (half the work for 'y ~ age')."""
+    columns that depend only on the position in the block): P Q = Q there and Q'u = 0, so
+    their products are known to be 0 and are not computed (half the work for 'y ~ age').
+    Derived again for each batch, so that many small patterns do not fill the memory."""
 
-    pattern: Pattern
+    rows: np.ndarray  # (m,)
+    local: np.ndarray  # (n_units,)
+    unit_rows: np.ndarray  # (kept units, unit size)
     x: np.ndarray  # (m,)
     q: np.ndarray  # (m, k)
     fixed: int
+
+
+def basis(problem: Problem, pattern: Pattern, term: int) -> Basis:
+    rows = pattern.rows
+    kept = np.isin(problem.units[:, 0], rows)
+    position = np.empty(pattern.n_rows, dtype=np.int64)
+    position[rows] = np.arange(rows.size)
+    unit_rows = position[problem.units[kept]]
+    design = problem.design[rows]
+    nuisance = np.delete(design, term, axis=1)
+    by_position = nuisance[unit_rows]  # (units, unit size, k)
+    fixed = (by_position == by_position[:1]).all(axis=(0, 1))
+    q = np.linalg.qr(np.concatenate([nuisance[:, fixed], nuisance[:, ~fixed]], axis=1))[0]
+    x = design[:, term] - q @ (q.T @ design[:, term])
+    local = np.where(kept, np.cumsum(kept) - 1, -1)
+    return Basis(rows, local, unit_rows, x, q, int(fixed.sum()))
+
+
+@dataclass(frozen=True)
+class PatternFit:
+    """Per element of a pattern: Q'y and |u|^2 (u = y - QQ'y), for one term."""
+
+    pattern: Pattern
+    term: int
     df: int
-    projection: np.ndarray  # (k, n_elements of the pattern): Q'y
-    residual_ss: np.ndarray  # (n_elements of the pattern,): |y - QQ'y|^2
+    projection: np.ndarray  # (k, n_elements of the pattern)
+    residual_ss: np.ndarray  # (n_elements of the pattern,)
     block: int  # elements per block of products
 
 
 def fit_term(problem: Problem, term: int) -> list[PatternFit]:
     fits = []
     for pattern in problem.patterns:
-        design = problem.design[pattern.rows]
-        nuisance = np.delete(design, term, axis=1)
-        by_position = nuisance[pattern.unit_rows]  # (units, unit size, k)
-        fixed = (by_position == by_position[:1]).all(axis=(0, 1))
-        q = np.linalg.qr(np.concatenate([nuisance[:, fixed], nuisance[:, ~fixed]], axis=1))[0]
-        x = design[:, term] - q @ (q.T @ design[:, term])
-        block = _block_size(len(pattern.rows), 1 + q.shape[1] - int(fixed.sum()))
-        projection = np.empty((q.shape[1], pattern.elements.size))
+        base = basis(problem, pattern, term)
+        m, k = base.q.shape
+        block = _block_size(m, 1 + k - base.fixed)
+        projection = np.empty((k, pattern.elements.size))
         residual_ss = np.empty(pattern.elements.size)
         for start in range(0, pattern.elements.size, block):
-            y = _response(problem, pattern, slice(start, start + block))
-            projection[:, start : start + block] = q.T @ y
-            u = y - q @ projection[:, start : start + block]
+            y = _response(problem, pattern, base.rows, slice(start, start + block))
+            projection[:, start : start + block] = base.q.T @ y
+            u = y - base.q @ projection[:, start : start + block]
             residual_ss[start : start + block] = (u**2).sum(axis=0)
-        df = len(pattern.rows) - design.shape[1]
-        fits.append(PatternFit(pattern, x, q, int(fixed.sum()), df, projection, residual_ss, block))
+        df = m - problem.design.shape[1]
+        fits.append(PatternFit(pattern, term, df, projection, residual_ss, block))
     return fits
 
 
@@ -391,12 +415,12 @@ def _block_size(m: int, p: int) -> int:
     return max(256, min(BLOCK_BYTES // (8 * BATCH * p), BLOCK_BYTES // (8 * m)))
 
 
-def _response(problem: Problem, pattern: Pattern, part: slice) -> np.ndarray:
-    """The response of elements ``part`` of the pattern, at its subjects, in float64."""
+def _response(problem: Problem, pattern: Pattern, rows: np.ndarray, part: slice) -> np.ndarray:
+    """The response of elements ``part`` of the pattern, at its rows, in float64."""
     start = pattern.start + part.start
     block = problem.values[:, start : pattern.start + min(part.stop, pattern.elements.size)]
-    if pattern.rows.size < problem.values.shape[0]:
-        block = block[pattern.rows]
+    if rows.size < problem.values.shape[0]:
+        block = block[rows]
     return block.astype(np.float64)
 
 
@@ -404,18 +428,18 @@ def t_blocks(problem: Problem, fits: list[PatternFit], perms: np.ndarray) -> Ite
     """(fit, element indices, |t| of shape (n_perms, n_elements)) for each block of elements of
     each pattern: one matrix product per block for the whole batch of permutations."""
     for fit in fits:
-        moved = np.column_stack([fit.x, fit.q[:, fit.fixed :]])  # (m, p): x, then Q that moves
-        p = moved.shape[1]
-        index = np.empty((len(perms), moved.shape[0]), dtype=np.int64)
-        _restricted_index(
-            perms, _local_units(fit.pattern, perms.shape[1]), fit.pattern.unit_rows, index
-        )
-        rows = np.swapaxes(moved[index], 1, 2).reshape(-1, moved.shape[0])  # (B p, m)
-        xx = fit.x @ fit.x
+        base = basis(problem, fit.pattern, fit.term)
+        moved = np.column_stack([base.x, base.q[:, base.fixed :]])  # (m, p): x, Q that moves
+        m, p = moved.shape
+        index = np.empty((len(perms), m), dtype=np.int64)
+        _restricted_index(perms, base.local, base.unit_rows, index)
+        rows = np.swapaxes(moved[index], 1, 2).reshape(-1, m)  # (B p, m)
+        xx = base.x @ base.x
         elements = fit.pattern.elements
         for start in range(0, elements.size, fit.block):
             part = slice(start, start + fit.block)
-            u = _response(problem, fit.pattern, part) - fit.q @ fit.projection[:, part]
+            y = _response(problem, fit.pattern, base.rows, part)
+            u = y - base.q @ fit.projection[:, part]
             products = (rows @ u).reshape(len(perms), p, -1)
             a = products[:, 0]
             rss = fit.residual_ss[part] - (products[:, 1:] ** 2).sum(axis=1) - a**2 / xx
@@ -430,13 +454,6 @@ def batch_t(problem: Problem, fits: list[PatternFit], perms: np.ndarray) -> np.n
     for _, elements, t in t_blocks(problem, fits, perms):
         out[:, elements] = t
     return out
-
-
-def _local_units(pattern: Pattern, n_units: int) -> np.ndarray:
-    """Number of each unit among the pattern's kept units, -1 for the others."""
-    if pattern.kept is None:
-        return np.arange(n_units)
-    return np.where(pattern.kept, np.cumsum(pattern.kept) - 1, -1)
 
 
 @compiled
@@ -520,7 +537,8 @@ class Engine:
     def observed(self, term: Term) -> tuple[np.ndarray, np.ndarray | None]:
         """|z| and TFCE maps of the identity, computed in batch 0 as the null distribution's
         first permutation is (the same arithmetic, bit for bit)."""
-        t = batch_t(self.problem, term.fits, next(term.permutations.batches(0, 1)))[0]
+        with threadpool_limits(limits=1, user_api="blas"):  # as in ``null``
+            t = batch_t(self.problem, term.fits, next(term.permutations.batches(0, 1)))[0]
         z = term.scores(t)
         if self.graph is None:
             return z, None
