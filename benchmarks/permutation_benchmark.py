@@ -161,7 +161,7 @@ def markdown(row: dict) -> str:
     ]
     for key, label in [
         ("fit_only", "fit-lm, no permutations"),
-        ("max_t", "fit-lm --permutations (max-|t| FWE)"),
+        ("max_t", "fit-lm --permutations (FWE by max statistic)"),
         ("tfce", "fit-lm --permutations --tfce"),
     ]:
         lines.append(f"| {label} | {row[key]['seconds']} s | {row[key]['peak_rss_mb']:.0f} MB |")
