@@ -346,6 +346,7 @@ def fit_lm_parser(prog: str = "greyarray fit-lm") -> Parser:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing results/<name>"
     )
+    _permutation_options(parser)
     _report_option(parser)
     add_logging(parser)
     return parser
@@ -369,10 +370,83 @@ def _thresholds(parser) -> None:
     )
 
 
+def _permutation_options(parser) -> None:
+    group = parser.add_argument_group(
+        "permutation inference (PALM's Freedman-Lane, two-sided; adds <term>.p.value.fwe, and "
+        "with --tfce <term>.tfce and <term>.tfce.p.value.fwe, for every term but the Intercept)"
+    )
+    group.add_argument(
+        "--permutations",
+        type=int,
+        default=0,
+        metavar="N",
+        help="number of permutations, the identity included (0: none); all of them when "
+        "there are no more than N",
+    )
+    group.add_argument(
+        "--tfce", action="store_true", help="TFCE on the greyordinates (dscalar only)"
+    )
+    option(
+        group,
+        "--exchangeability-blocks",
+        metavar="COLUMN",
+        help="cohort column whose blocks are permuted whole (e.g. participant_id with "
+        "sessions); blocks must have one size",
+    )
+    group.add_argument("--seed", type=int, default=0, help="seed of the random permutations")
+    shards = group.add_mutually_exclusive_group()
+    option(
+        shards,
+        "--permutation-shard",
+        metavar="I/K",
+        help="compute only shard I of K (1 <= I <= K) and write its null distribution "
+        "beside the HDF5 (<stem>.<analysis>.perm-shard-I-of-K.npz); no results",
+    )
+    option(
+        shards,
+        "--merge-shards",
+        nargs="+",
+        type=Path,
+        metavar="FILE",
+        help="the K shard files: merge them and write the results",
+    )
+    add_nprocs(group, "batches of permutations run in parallel")
+
+
+def _permutations(args: argparse.Namespace):
+    """The permutation options of fit-lm's arguments, or None."""
+    if args.permutations <= 0:
+        given = [
+            flag
+            for flag, value in [
+                ("--tfce", args.tfce),
+                ("--exchangeability-blocks", args.exchangeability_blocks),
+                ("--permutation-shard", args.permutation_shard),
+                ("--merge-shards", args.merge_shards),
+            ]
+            if value
+        ]
+        if given or args.permutations < 0:
+            raise UsageError(f"{', '.join(given) or '--permutations'} needs --permutations N > 0")
+        return None
+    from greyarray.stats.permutation import PermutationOptions, parse_shard
+
+    return PermutationOptions(
+        permutations=args.permutations,
+        tfce=args.tfce,
+        blocks=args.exchangeability_blocks,
+        seed=args.seed,
+        shard=parse_shard(args.permutation_shard) if args.permutation_shard else None,
+        merge=tuple(args.merge_shards or ()),
+        nprocs=args.nprocs,
+    )
+
+
 def run_fit_lm(args: argparse.Namespace) -> int:
     from greyarray.stats.lm import fit_lm
     from greyarray.stats.names import MODEL_STATS, TERM_STATS
 
+    permutations = _permutations(args)
     columns = fit_lm(
         args.input_hdf5,
         args.cohort_file,
@@ -385,7 +459,14 @@ def run_fit_lm(args: argparse.Namespace) -> int:
         lthr_rel=args.num_subj_lthr_rel,
         overwrite=args.overwrite,
         reference_levels=reference_levels(args.reference_level),
+        permutations=permutations,
     )
+    if permutations is not None and permutations.shard is not None:
+        from greyarray.stats.permutation import shard_path
+
+        path = shard_path(args.input_hdf5, args.analysis_name, permutations.shard)
+        log.info("Wrote the null distribution of shard %s to %s", args.permutation_shard, path)
+        return 0
     log.info(
         "Wrote results/%s (%d columns) to %s", args.analysis_name, len(columns), args.input_hdf5
     )

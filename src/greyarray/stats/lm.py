@@ -24,6 +24,7 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -41,6 +42,9 @@ from greyarray.stats.names import (
     MODEL_STATS,
     TERM_STATS,
 )
+
+if TYPE_CHECKING:  # numba is imported only when permutations are asked for
+    from greyarray.stats.permutation import PermutationOptions
 
 log = logging.getLogger(__name__)
 
@@ -392,10 +396,13 @@ def fit_lm(
     lthr_rel: float = 0.2,
     overwrite: bool = False,
     reference_levels: dict[str, str] | None = None,
+    permutations: PermutationOptions | None = None,
 ) -> list[str]:
     """Fit ``formula`` at every element of ``h5_path`` and write results/<analysis>.
 
     ``term_stats`` and ``model_stats`` are ModelArray.lm's ``var.terms`` and ``var.model``.
+    ``permutations`` appends permutation inference columns (stats/permutation.py); with a
+    shard, only that shard's null distribution is written (beside the HDF5), and no results.
     """
     check_name("analysis", analysis)
     response, _ = parse_formula(formula)
@@ -405,13 +412,26 @@ def fit_lm(
         if f"scalars/{scalar}/values" not in h5:
             present = ", ".join(h5["scalars"]) if "scalars" in h5 else "none"
             raise DataError(f"{h5_path}: no scalar {scalar!r} (scalars: {present})")
-        if f"results/{analysis}" in h5 and not overwrite:
+        shard = permutations is not None and permutations.shard is not None
+        if f"results/{analysis}" in h5 and not overwrite and not shard:
             raise OutputError(f"{h5_path}: results/{analysis} exists; use --overwrite")
         names = list(h5[f"scalars/{scalar}/column_names"].asstr()[()])
         phenotypes = match_cohort(cohort, names, scalar, cohort_path)
         design = build_design(formula, phenotypes, reference_levels)
         values = h5[f"scalars/{scalar}/values"]
         fitter = Fitter(design, len(names), values.shape[1], lthr_abs, lthr_rel)
+        if permutations is not None:  # numba: imported only when asked for
+            from greyarray.stats import permutation
+
+            path = permutation.shard_path(h5_path, analysis, permutations.shard)
+            if shard and path.exists() and not overwrite:
+                raise OutputError(f"{path} exists; use --overwrite")
+            prepared = permutation.prepare(
+                h5, scalar, phenotypes, design, permutations, fitter.threshold, cohort_path
+            )
+            if shard:
+                permutation.write_shard(prepared, permutations.shard, path)
+                return []
         log.info(
             "Fitting %s at %d elements (%d subjects, %d columns)",
             formula,
@@ -428,13 +448,18 @@ def fit_lm(
             leave=False,
         ):
             fitter.fit_block(start, values[:, start : start + step])
+        extra = (
+            permutation.permutation_columns(prepared, permutations.merge)
+            if permutations is not None
+            else ([], np.empty((0, values.shape[1])))
+        )
     if fitter.rank_deficient:
         log.warning(
             "%d elements have a rank-deficient design (e.g. a factor level with no "
             "finite values): their results are NaN",
             fitter.rank_deficient,
         )
-    columns = output_columns(design, term_stats, model_stats)
+    columns = output_columns(design, term_stats, model_stats) + extra[0]
     about = {
         "method": "lm",
         "formula": formula,
@@ -444,7 +469,14 @@ def fit_lm(
         "threshold": threshold_rule(lthr_abs, lthr_rel, len(names)),
         "cohort_file": str(cohort_path),
     }
-    table = fitter.table(term_stats, model_stats)
+    if permutations is not None:
+        about["permutations"] = {
+            "n": permutations.permutations,
+            "tfce": permutations.tfce,
+            "exchangeability_blocks": permutations.blocks,
+            "seed": permutations.seed,
+        }
+    table = np.vstack([fitter.table(term_stats, model_stats), extra[1]])
     write_results(h5_path, analysis, columns, table, about, overwrite=overwrite)
     return columns
 
