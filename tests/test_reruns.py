@@ -413,3 +413,28 @@ def test_group_model_with_smooth_terms_fits_a_gam(tmp_path):
     assert "the generalized additive model `alff ~ s(age, k=4) + sex`" in citation
     assert "smoothing parameters by REML" in citation and "[@mgcv; @wood2013]" in citation
     assert "- [@wood2013] Wood (2013). On p-values for smooth components" in citation
+
+
+def test_group_model_with_permutations_and_tfce(tmp_path, template):
+    data = alff_dataset(tmp_path / "xcp_d", template)
+    out = tmp_path / "out"
+    perms = ["--permutations", "20", "--tfce", "--seed", "3"]
+    done = app(data.root, out, "group", "--model", "alff ~ age", *perms)
+    assert done.returncode == 0, done.stderr
+    stem = "task-rest_space-fsLR_den-91k_desc-alffLm_contrast-age_stat-"
+    for stat in ("pfwe", "tfce", "tfcepfwe", "1mtfcepfwe"):
+        assert (out / "group" / f"{stem}{stat}_statmap.dscalar.nii").is_file(), stat
+    sidecar = json.loads((out / "group" / f"{stem}tfcepfwe_statmap.json").read_text())
+    assert sidecar["Permutations"] == {
+        "n": 20,
+        "tfce": True,
+        "exchangeability_blocks": None,
+        "seed": 3,
+    }
+    citation = (out / "logs" / "CITATION.md").read_text()
+    assert "controlled by 20 permutations of the data (Freedman-Lane [@freedmanlane1983]" in (
+        citation
+    )
+    assert "Threshold-free cluster enhancement [@tfce]" in citation and "$" not in citation
+    bad = app(data.root, out, "group", "--model", "alff ~ s(age)", "--permutations", "5")
+    assert bad.returncode == 64 and "applies to linear models" in bad.stderr

@@ -163,6 +163,29 @@ def build_parser(commands: str = "") -> Parser:
         "ModelArray.gam (e.g. 'thickness ~ s(age) + sex'); the response is a scalar",
     )
     model.add_argument(
+        "--permutations",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with a linear --model: family-wise error control by N permutations "
+        "(Freedman-Lane, maximum statistic, as PALM; adds stat-pfwe maps)",
+    )
+    model.add_argument(
+        "--tfce",
+        action="store_true",
+        help="with --permutations: threshold-free cluster enhancement on the greyordinates "
+        "(adds stat-tfce and stat-tfcepfwe maps)",
+    )
+    model.add_argument(
+        "--exchangeability-blocks",
+        metavar="COLUMN",
+        help="with --permutations: cohort column whose blocks are permuted whole, e.g. "
+        "participant_id when participants have several sessions",
+    )
+    model.add_argument(
+        "--seed", type=int, default=0, help="with --permutations: seed of the random permutations"
+    )
+    model.add_argument(
         "--gam-method",
         choices=["REML", "GCV.Cp"],
         default="GCV.Cp",

@@ -46,6 +46,7 @@ STAT_LABELS = {
     "p.value.fwe": "pfwe",
     "tfce": "tfce",
     "tfce.p.value.fwe": "tfcepfwe",
+    "tfce.1m.p.value.fwe": "1mtfcepfwe",
 }
 KNOWN = sorted(
     {
@@ -161,6 +162,8 @@ def describe_column(column: str) -> str:
         "(permutations, maximum statistic)",
         "tfce.p.value.fwe": "family-wise error corrected p-value of the TFCE score",
         "tfce": "threshold-free cluster enhancement score",
+        "tfce.1m.p.value.fwe": "1 - family-wise error corrected p-value of the TFCE score, "
+        "for display",
         "estimate": "estimate (effect size in the scalar's units per unit of the term)",
         "statistic": "test statistic",
     }

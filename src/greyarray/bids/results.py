@@ -60,14 +60,37 @@ def model(settings: Run) -> int:
 def _fitter(settings: Run, formula: str, smooth: bool):
     """(fit(h5, cohort, formula, analysis, overwrite), check of a cohort table before any
     conversion): fit-lm's, or fit-gam's for a formula with smooth terms s(...)."""
-    references = settings.reference_levels
+    references, args = settings.reference_levels, settings.args
+    asked = [
+        f
+        for f, v in [
+            ("--tfce", args.tfce),
+            ("--exchangeability-blocks", args.exchangeability_blocks),
+        ]
+        if v
+    ]
+    if asked and args.permutations <= 0:
+        raise UsageError(f"{', '.join(asked)} needs --permutations N > 0")
     if not smooth:
         from greyarray.stats.lm import build_design, fit_lm
 
+        permutations = None
+        if args.permutations > 0:
+            from greyarray.stats.permutation import PermutationOptions
+
+            permutations = PermutationOptions(
+                args.permutations,
+                args.tfce,
+                args.exchangeability_blocks,
+                args.seed,
+                nprocs=args.nprocs,
+            )
         return (
-            partial(fit_lm, reference_levels=references),
+            partial(fit_lm, reference_levels=references, permutations=permutations),
             lambda table: build_design(formula, table, references),
         )
+    if args.permutations > 0:
+        raise UsageError("--permutations applies to linear models, not to a --model with s()")
     from greyarray.stats.gam import GamModel, fit_gam, parse_gam_formula
 
     method = settings.args.gam_method
@@ -168,6 +191,8 @@ def _about(h5, analysis: str, meta: dict) -> dict:
         or f"ModelArray's default: an element is fitted only where more than max(10, 0.2 x "
         f"{n}) participants have a finite value",
     }
+    if record.get("permutations"):
+        about["Permutations"] = record["permutations"]
     if record.get("method"):
         about["Method"] = record["method"]
     if record.get("smoothing"):
@@ -204,7 +229,7 @@ def _section(meta: dict, analysis: str, about: dict, n_maps: int) -> dict:
             "least squares with GreyArray, following ModelArray.lm's rules [@modelarray]: "
             f"{about['ElementThreshold']}, participants with a missing phenotype were left out, "
             "and p-values were corrected for the false discovery rate over elements "
-            f"[@bh1995].{reference}\n"
+            f"[@bh1995].{reference}{_permutation_text(about.get('Permutations'))}\n"
         )
     return {
         "scalar": meta["Scalar"],
@@ -212,6 +237,28 @@ def _section(meta: dict, analysis: str, about: dict, n_maps: int) -> dict:
         "model_text": model_text,
         "n_maps": n_maps,
     }
+
+
+def _permutation_text(options: dict | None) -> str:
+    if not options:
+        return ""
+    blocks = options.get("exchangeability_blocks")
+    text = (
+        f" The family-wise error rate over elements was controlled by {options['n']:,} "
+        "permutations of the data (Freedman-Lane [@freedmanlane1983]; two-sided maximum "
+        "statistic over elements, the unpermuted data counted as one permutation, as in PALM "
+        "[@winkler2014]"
+        + (f"; blocks of `{blocks}` permuted whole" if blocks else "")
+        + f"; seed {options.get('seed', 0)})."
+    )
+    if options.get("tfce"):
+        text += (
+            " Threshold-free cluster enhancement [@tfce] was computed on the greyordinates "
+            "(H = 2, E = 1 with vertex areas of the fsLR 32k midthickness surface; H = 2, E = 0.5 "
+            "with 26-neighbour voxels; structures never connected) and its maximum was "
+            "compared in the same permutations."
+        )
+    return text
 
 
 def _significance(h5_path: Path, analysis: str, formula: str, columns: list[str]) -> list[str]:
