@@ -66,6 +66,10 @@ def outputs(out: Path, kind: str, n: int) -> int:
                  and {"participant_id", "age", "sex"} <= set(table.columns))
     report.check("ALFF scalars converted too", lambda: {p.name for p in (out / "group").glob(
         "*_modelarray.h5")} >= {"desc-alff_modelarray.h5", "desc-alffDescSmooth_modelarray.h5"})
+    report.check(f"HTML reports: group.html and {n} sub-*.html, figures embedded",
+                 lambda: len(list(out.glob("sub-*.html"))) == n
+                 and (out / "group.html").stat().st_size > 100_000
+                 and "data:image/png;base64," in (out / "group.html").read_text())
     report.check("logs/CITATION.md and CITATION.bib",
                  lambda: (out / "logs" / "CITATION.md").stat().st_size > 500
                  and (out / "logs" / "CITATION.bib").exists())

@@ -22,7 +22,14 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from greyarray.errors import GreyArrayError, Interrupted, UsageError
-from greyarray.options import Parser, add_logging, add_nprocs, option, reference_levels
+from greyarray.options import (
+    Parser,
+    add_logging,
+    add_nprocs,
+    option,
+    permutation_options,
+    reference_levels,
+)
 
 log = logging.getLogger("greyarray")
 SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
@@ -296,21 +303,9 @@ def fit_lm_parser(prog: str = "greyarray fit-lm") -> Parser:
         "column names such as sexM), interactions (age:sex, age*sex), I(age^2), factor(x), "
         "intercept removal (0 + ... or - 1).",
     )
-    option(parser, "--input-hdf5", required=True, type=Path, help="HDF5 from to-modelarray")
-    option(
-        parser,
-        "--cohort-file",
-        required=True,
-        type=Path,
-        help="cohort CSV whose source_file values are the HDF5's subject names",
+    _model_inputs(
+        parser, "lm", "R formula; its response is the scalar, e.g. 'thickness ~ age + sex'"
     )
-    parser.add_argument(
-        "--formula",
-        required=True,
-        help="R formula; its response is the scalar, e.g. 'thickness ~ age + sex'",
-    )
-    option(parser, "--analysis-name", default="lm", help="results/<name> in the HDF5")
-    parser.add_argument("--scalar", help="scalar to model (default: the formula's response)")
     option(
         parser,
         "--reference-level",
@@ -350,6 +345,21 @@ def fit_lm_parser(prog: str = "greyarray fit-lm") -> Parser:
     _report_option(parser)
     add_logging(parser)
     return parser
+
+
+def _model_inputs(parser, analysis: str, formula_help: str) -> None:
+    """The HDF5, cohort, formula, analysis and scalar options of fit-lm and fit-gam."""
+    option(parser, "--input-hdf5", required=True, type=Path, help="HDF5 from to-modelarray")
+    option(
+        parser,
+        "--cohort-file",
+        required=True,
+        type=Path,
+        help="cohort CSV whose source_file values are the HDF5's subject names",
+    )
+    parser.add_argument("--formula", required=True, help=formula_help)
+    option(parser, "--analysis-name", default=analysis, help="results/<name> in the HDF5")
+    parser.add_argument("--scalar", help="scalar to model (default: the formula's response)")
 
 
 def _thresholds(parser) -> None:
@@ -413,40 +423,11 @@ def _permutation_options(parser) -> None:
     add_nprocs(group, "batches of permutations run in parallel")
 
 
-def _permutations(args: argparse.Namespace):
-    """The permutation options of fit-lm's arguments, or None."""
-    if args.permutations <= 0:
-        given = [
-            flag
-            for flag, value in [
-                ("--tfce", args.tfce),
-                ("--exchangeability-blocks", args.exchangeability_blocks),
-                ("--permutation-shard", args.permutation_shard),
-                ("--merge-shards", args.merge_shards),
-            ]
-            if value
-        ]
-        if given or args.permutations < 0:
-            raise UsageError(f"{', '.join(given) or '--permutations'} needs --permutations N > 0")
-        return None
-    from greyarray.stats.permutation import PermutationOptions, parse_shard
-
-    return PermutationOptions(
-        permutations=args.permutations,
-        tfce=args.tfce,
-        blocks=args.exchangeability_blocks,
-        seed=args.seed,
-        shard=parse_shard(args.permutation_shard) if args.permutation_shard else None,
-        merge=tuple(args.merge_shards or ()),
-        nprocs=args.nprocs,
-    )
-
-
 def run_fit_lm(args: argparse.Namespace) -> int:
     from greyarray.stats.lm import fit_lm
     from greyarray.stats.names import MODEL_STATS, TERM_STATS
 
-    permutations = _permutations(args)
+    permutations = permutation_options(args)
     columns = fit_lm(
         args.input_hdf5,
         args.cohort_file,
@@ -485,19 +466,7 @@ def fit_gam_parser(prog: str = "greyarray fit-gam") -> Parser:
         "rules and outputs, and write results/<analysis> into the HDF5. Smooth terms "
         "s(x, k=, fx=, bs=) with bs tp, ts, cr or cs, plus parametric terms as in fit-lm.",
     )
-    option(parser, "--input-hdf5", required=True, type=Path, help="HDF5 from to-modelarray")
-    option(
-        parser,
-        "--cohort-file",
-        required=True,
-        type=Path,
-        help="cohort CSV whose source_file values are the HDF5's subject names",
-    )
-    parser.add_argument(
-        "--formula", required=True, help="e.g. 'thickness ~ s(age, k=4, fx=TRUE) + sex'"
-    )
-    option(parser, "--analysis-name", default="gam", help="results/<name> in the HDF5")
-    parser.add_argument("--scalar", help="scalar to model (default: the formula's response)")
+    _model_inputs(parser, "gam", "e.g. 'thickness ~ s(age, k=4, fx=TRUE) + sex'")
     parser.add_argument(
         "--method",
         choices=["REML", "GCV.Cp"],

@@ -98,3 +98,34 @@ def reference_levels(items: Sequence[str]) -> dict[str, str]:
             raise UsageError(f"--reference-level {item!r}: expected COLUMN=LEVEL, e.g. sex=F")
         levels[column.strip()] = level
     return levels
+
+
+def permutation_options(args):
+    """fit-lm's or group --model's permutation options, or None; the other permutation flags
+    without --permutations are a usage error. Shards exist for fit-lm only."""
+    shard, merge = getattr(args, "permutation_shard", None), getattr(args, "merge_shards", None)
+    if args.permutations <= 0:
+        given = [
+            flag
+            for flag, value in [
+                ("--tfce", args.tfce),
+                ("--exchangeability-blocks", args.exchangeability_blocks),
+                ("--permutation-shard", shard),
+                ("--merge-shards", merge),
+            ]
+            if value
+        ]
+        if given or args.permutations < 0:
+            raise UsageError(f"{', '.join(given) or '--permutations'} needs --permutations N > 0")
+        return None
+    from greyarray.stats.permutation import PermutationOptions, parse_shard
+
+    return PermutationOptions(
+        permutations=args.permutations,
+        tfce=args.tfce,
+        blocks=args.exchangeability_blocks,
+        seed=args.seed,
+        shard=parse_shard(shard) if shard else None,
+        merge=tuple(merge or ()),
+        nprocs=args.nprocs,
+    )

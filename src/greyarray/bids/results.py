@@ -18,6 +18,7 @@ import numpy as np
 from greyarray.bids import citation, derivatives, group, reports
 from greyarray.bids.run import Run
 from greyarray.errors import DataError, MissingInputError, OutputError, UsageError
+from greyarray.options import permutation_options
 
 log = logging.getLogger("greyarray")
 
@@ -61,35 +62,15 @@ def _fitter(settings: Run, formula: str, smooth: bool):
     """(fit(h5, cohort, formula, analysis, overwrite), check of a cohort table before any
     conversion): fit-lm's, or fit-gam's for a formula with smooth terms s(...)."""
     references, args = settings.reference_levels, settings.args
-    asked = [
-        f
-        for f, v in [
-            ("--tfce", args.tfce),
-            ("--exchangeability-blocks", args.exchangeability_blocks),
-        ]
-        if v
-    ]
-    if asked and args.permutations <= 0:
-        raise UsageError(f"{', '.join(asked)} needs --permutations N > 0")
+    permutations = permutation_options(args)
     if not smooth:
         from greyarray.stats.lm import build_design, fit_lm
 
-        permutations = None
-        if args.permutations > 0:
-            from greyarray.stats.permutation import PermutationOptions
-
-            permutations = PermutationOptions(
-                args.permutations,
-                args.tfce,
-                args.exchangeability_blocks,
-                args.seed,
-                nprocs=args.nprocs,
-            )
         return (
             partial(fit_lm, reference_levels=references, permutations=permutations),
             lambda table: build_design(formula, table, references),
         )
-    if args.permutations > 0:
+    if permutations is not None:
         raise UsageError("--permutations applies to linear models, not to a --model with s()")
     from greyarray.stats.gam import GamModel, fit_gam, parse_gam_formula
 

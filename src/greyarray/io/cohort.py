@@ -15,12 +15,14 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from greyarray.errors import DataError, MissingInputError, UsageError
 from greyarray.io import inputs
 from greyarray.io.names import check_data_name
+
+if TYPE_CHECKING:  # pandas costs 0.3 s to import: only the functions that read tables
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +143,8 @@ def read_csv_table(
 ) -> pd.DataFrame:
     """A CSV (or TSV) read by pandas, with one-line errors every command shares: missing or not
     a regular file (66); empty, garbled or not UTF-8 (65). ``options`` go to pandas.read_csv."""
+    import pandas as pd
+
     kind = "TSV" if sep == "\t" else "CSV"
     with inputs.open_regular(Path(path), what) as (fd, _), os.fdopen(os.dup(fd), "rb") as handle:
         try:

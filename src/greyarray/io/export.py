@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 MAX_COLUMNS = 100_000  # result columns (and factor levels) an analysis may have
 CACHE = {"rdcc_nbytes": 64 * 2**20, "rdcc_nslots": 100_003}
+BLOCK_BYTES = 32 * 2**20  # result columns read at once
 
 
 @dataclass(frozen=True)
@@ -47,13 +48,28 @@ class Results:
     index: dict[str, int]  # name -> position in the matrix's column dimension
     transposed: bool  # matrix is (rows, columns) instead of (columns, rows)
     element_ids: np.ndarray | None  # where each row goes (partial fits), None: row i = element i
+    preloaded: np.ndarray | None = field(default=None, repr=False, compare=False)  # small: read
 
     def columns(self) -> Iterator[tuple[str, np.ndarray]]:
-        """(name, full-length float64 map, NaN where not fitted), one column at a time."""
+        """(name, full-length float64 map, NaN where not fitted), in the matrix's order. Runs of
+        neighbouring columns are read together (one HDF5 call instead of one per column and
+        chunk) up to BLOCK_BYTES, so memory stays bounded whatever the matrix."""
+        if self.preloaded is not None:
+            for name in self.names:
+                yield name, self._place(self.preloaded[self.index[name]])
+            return
+        order = sorted(self.names, key=self.index.__getitem__)
+        length = self.element_ids.size if self.element_ids is not None else self.n_elements
+        per_block = max(1, BLOCK_BYTES // (8 * max(1, length)))
         with open_hdf5(self.path, **CACHE) as h5:
             matrix = h5[f"results/{self.analysis}/results_matrix"]
-            for name in self.names:
-                yield name, self._place(_column(matrix, self.index[name], self.transposed))
+            while order:
+                first = self.index[order[0]]
+                run = [n for n in order if self.index[n] < first + per_block]
+                block = _columns(matrix, first, self.index[run[-1]] + 1, self.transposed)
+                for name in run:
+                    yield name, self._place(block[self.index[name] - first])
+                order = order[len(run) :]
 
     def _place(self, values: np.ndarray) -> np.ndarray:
         with np.errstate(invalid="ignore"):
@@ -66,8 +82,9 @@ class Results:
         return placed
 
 
-def _column(matrix: h5py.Dataset, i: int, transposed: bool) -> np.ndarray:
-    return matrix[:, i] if transposed else matrix[i, :]
+def _columns(matrix: h5py.Dataset, start: int, stop: int, transposed: bool) -> np.ndarray:
+    """Result columns start..stop-1 as rows of a (stop - start, n) array."""
+    return matrix[:, start:stop].T if transposed else matrix[start:stop, :]
 
 
 def read_results(h5: h5py.File, analysis: str, n_elements: int) -> Results:
@@ -103,8 +120,15 @@ def read_results(h5: h5py.File, analysis: str, n_elements: int) -> Results:
         raise DataError(
             f"{where} has {n_rows} rows, more than the geometry's {n_elements} elements"
         )
+    preloaded = None
+    if len(names) * n_rows * 8 <= BLOCK_BYTES:  # small (the usual case): one read, kept
+        preloaded = _columns(matrix, 0, len(names), transposed)
     if "element_id" in index:
-        ids = _element_ids(_column(matrix, index["element_id"], transposed), where, n_elements)
+        i = index["element_id"]
+        column = (
+            preloaded[i] if preloaded is not None else _columns(matrix, i, i + 1, transposed)[0]
+        )
+        ids = _element_ids(column, where, n_elements)
     elif n_rows != n_elements:
         raise DataError(
             f"{where} has {n_rows} rows but the geometry has {n_elements} elements, and no "
@@ -116,7 +140,9 @@ def read_results(h5: h5py.File, analysis: str, n_elements: int) -> Results:
         if f"lut_forcol{i}" in group
     }
     kept = [name for name in names if name != "element_id"]
-    return Results(Path(h5.filename), analysis, kept, levels, n_elements, index, transposed, ids)
+    return Results(
+        Path(h5.filename), analysis, kept, levels, n_elements, index, transposed, ids, preloaded
+    )
 
 
 def _column_names(group: h5py.Group, matrix: h5py.Dataset, where: str) -> list[str]:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from greyarray import __version__
 from greyarray.errors import DataError
 from greyarray.io import ciftixml
-from greyarray.io.cifti import Geometry
+from greyarray.io.cifti import Geometry, checked_geometry
 from greyarray.io.fileio import check_output, remove_stale_temporaries, replacing
 from greyarray.io.names import refuse_inputs, safe_name, unique_files
 from greyarray.io.sources import Source, check_sources
@@ -375,7 +375,7 @@ def read_geometry(h5: h5py.File) -> Geometry | None:
     count = group.attrs.get("n_elements")
     if not isinstance(count, (int, np.integer)) or isinstance(count, (bool, np.bool_)):
         raise DataError(f"{where}: n_elements {str(count)[:40]!r} is not an integer")
-    geometry = Geometry.checked(kind, document[len(head) : -len(tail)], f"{where}/cifti_xml")
+    geometry = checked_geometry(f"{where}/cifti_xml", kind, document[len(head) : -len(tail)])
     if geometry.n_elements != count:
         raise DataError(
             f"{where}: n_elements is {count} but its CIFTI XML defines {geometry.n_elements} "
