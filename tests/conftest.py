@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -117,3 +118,20 @@ def run_cli(capsys):
         return code, out, err
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Commands run in-process configure logging (level, log files): undo it after each test,
+    so that no test depends on which ran before it."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 MAX_COLUMNS = 100_000  # result columns (and factor levels) an analysis may have
 CACHE = {"rdcc_nbytes": 64 * 2**20, "rdcc_nslots": 100_003}
-BLOCK_BYTES = 32 * 2**20  # result columns read at once
+PRELOAD_BYTES = 8 * 2**20  # a matrix this small is read in one call (ModelArray.lm's defaults)
+BLOCK_BYTES = 4 * 2**20  # else result columns are read in runs of at most this much
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def read_results(h5: h5py.File, analysis: str, n_elements: int) -> Results:
             f"{where} has {n_rows} rows, more than the geometry's {n_elements} elements"
         )
     preloaded = None
-    if len(names) * n_rows * 8 <= BLOCK_BYTES:  # small (the usual case): one read, kept
+    if len(names) * n_rows * 8 <= PRELOAD_BYTES:  # small (the usual case): one read, kept
         preloaded = _columns(matrix, 0, len(names), transposed)
     if "element_id" in index:
         i = index["element_id"]
