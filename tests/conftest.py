@@ -40,6 +40,13 @@ def require(tool: str) -> str:
     return path
 
 
+def r_environment() -> dict:
+    """The environment to run R in: a UTF-8 locale, as users run R (R orders factor levels by
+    the locale's collation); en_US.UTF-8 when installed (CI generates it), else C.UTF-8."""
+    listed = subprocess.run(["locale", "-a"], capture_output=True, text=True).stdout.split()
+    return {**os.environ, "LC_ALL": "en_US.UTF-8" if "en_US.utf8" in listed else "C.UTF-8"}
+
+
 @pytest.fixture(scope="session")
 def wb_command():
     """Run Connectome Workbench's wb_command (the reference CIFTI reader); returns stdout."""

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import require
+from conftest import r_environment, require
 from scipy import stats
 
 from greyarray import cli
@@ -108,7 +108,9 @@ def test_default_columns_are_modelarrays(fixture_h5):
 
 
 def test_equals_live_r_on_fresh_data(tmp_path):
-    """R runs now, on data with other missing patterns and a 0 + ... model (no intercept)."""
+    """R runs now, on data with other missing patterns, a 0 + ... model (no intercept) and
+    mixed-case factor levels (R, in a UTF-8 locale, orders ctl < Pat < sib: ctl is the
+    reference; Python's sort would make it Pat and flip every estimate)."""
     require("Rscript")
     rng = np.random.default_rng(7)
     n = 35
@@ -116,7 +118,7 @@ def test_equals_live_r_on_fresh_data(tmp_path):
         {
             "source_file": [f"s{i}" for i in range(n)],
             "age": rng.uniform(20, 60, n).round(2),
-            "group": rng.choice(["ctl", "pat", "sib"], n),
+            "group": rng.choice(["ctl", "Pat", "sib"], n),
         }
     )
     values = rng.normal(size=(n, 25)) + phenotypes["age"].to_numpy()[:, None] * 0.03
@@ -139,6 +141,7 @@ def test_equals_live_r_on_fresh_data(tmp_path):
             ],
             check=True,
             capture_output=True,
+            env=r_environment(),
         )
         h5 = make_h5(tmp_path, phenotypes, values)
         lm.fit_lm(

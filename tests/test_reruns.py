@@ -6,7 +6,6 @@ complete; ModelArrayIO's cohorts and flags work unchanged; factors are ordered a
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -18,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from bids_datasets import Dataset, description, xcpd
-from conftest import PSCALAR, require, subject_values, write_cohort
+from conftest import PSCALAR, r_environment, require, subject_values, write_cohort
 from test_export import fake_results, write_results
 
 from greyarray import cli
@@ -326,7 +325,7 @@ def test_factor_levels_in_r_order_against_r(tmp_path):
         "a.b",
     ]
     (tmp_path / "w.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
-    env = {**os.environ, "LC_ALL": "en_US.UTF-8" if _has_locale("en_US.utf8") else "C.UTF-8"}
+    env = r_environment()
     done = subprocess.run(
         [
             rscript,
@@ -340,11 +339,6 @@ def test_factor_levels_in_r_order_against_r(tmp_path):
         check=True,
     )
     assert done.stdout.split() == sorted(words, key=r_sort_key)
-
-
-def _has_locale(name: str) -> bool:
-    listed = subprocess.run(["locale", "-a"], capture_output=True, text=True).stdout.split()
-    return name in listed
 
 
 def test_reference_level_chosen_as_r_does_and_by_the_user(tmp_path, writer91k, run_cli):
