@@ -37,6 +37,7 @@ apptainer inspect --labels /tmp/app.sif | grep org.opencontainers.image.version 
 # As on HPC: an ordinary user (uid 1234), no fakeroot, outputs owned by that user.
 useradd --uid 1234 --no-create-home runner
 chmod 755 /tmp/app.sif
+chmod a+rw /dev/fuse  # as on an HPC node: users may mount the image with squashfuse
 run() { setpriv --reuid=1234 --regid=1234 --clear-groups env HOME=/tmp \
   apptainer run --cleanenv --bind /data:/data:ro --bind /out:/out /tmp/app.sif "$@"; }
 run --version
