@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from bids_datasets import description, hcp, raw_with_fmriprep, xcpd
-from conftest import CONTE32K
+from conftest import CONTE32K, run_greyarray
 from test_export import NAMES, fake_results, write_results
 
 from greyarray.io import cifti
@@ -393,11 +392,7 @@ def test_exit_codes(tmp_path, xcpd_data, args, code, message):
         "file": tmp_path / "file",
         "filters": tmp_path / "filters.json",
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "greyarray", *[a.format(**values) for a in args]],
-        capture_output=True,
-        text=True,
-    )
+    done = run_greyarray(*[a.format(**values) for a in args])
     assert done.returncode == code, done.stderr
     assert message in done.stderr
     assert "Traceback" not in done.stderr
@@ -409,20 +404,7 @@ def test_mismatched_greyordinates_exit_65(tmp_path, template):
         "sub-02/ses-1/func/sub-02_ses-1_task-rest_space-fsLR_den-91k_stat-reho_boldmap.dscalar.nii"
     )
     cifti.CiftiWriter(cifti.read_file(CONTE32K).geometry).write(bad, np.zeros(60951))
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "greyarray",
-            str(data.root),
-            str(tmp_path / "o"),
-            "group",
-            "--scalar",
-            "reho",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    done = run_greyarray(data.root, tmp_path / "o", "group", "--scalar", "reho")
     assert done.returncode == 65
     assert (
         "sub-02_ses-1_task-rest_space-fsLR_den-91k_stat-reho_boldmap.dscalar.nii: does not "
@@ -437,8 +419,8 @@ def test_group_rerun_keeps_unchanged_outputs_and_refuses_changed_ones(
     out = tmp_path / "out"
     shutil.copytree(xcpd_group, out)
     before = {p: p.stat().st_mtime_ns for p in (out / "group").glob("*.h5")}
-    command = [*GREYARRAY, str(xcpd_data.root), str(out), "group", "--no-report"]
-    done = subprocess.run(command, capture_output=True, text=True)
+    command = [xcpd_data.root, out, "group", "--no-report"]
+    done = run_greyarray(*command)
     assert done.returncode == 0, done.stderr
     assert "inputs unchanged; kept as it is" in done.stderr
     assert {p: p.stat().st_mtime_ns for p in before} == before
@@ -446,12 +428,10 @@ def test_group_rerun_keeps_unchanged_outputs_and_refuses_changed_ones(
     data = xcpd_data.values[changed] + np.float32(1)
     cifti.CiftiWriter(cifti.read_file(changed).geometry).write(changed, data, "changed")
     try:
-        done = subprocess.run([*command, "--scalar", "reho"], capture_output=True, text=True)
+        done = run_greyarray(*command, "--scalar", "reho")
         assert done.returncode == 73 and "inputs changed (1 of 6 files changed)" in done.stderr
         assert "use --overwrite" in done.stderr
-        done = subprocess.run(
-            [*command, "--scalar", "reho", "--overwrite"], capture_output=True, text=True
-        )
+        done = run_greyarray(*command, "--scalar", "reho", "--overwrite")
         assert done.returncode == 0, done.stderr
     finally:
         cifti.CiftiWriter(cifti.read_file(changed).geometry).write(
@@ -484,19 +464,7 @@ def test_container_field(tmp_path, xcpd_data, monkeypatch):
 
 def test_raw_dataset_without_derivatives_folder_names_no_files(tmp_path):
     description(tmp_path / "raw")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "greyarray",
-            str(tmp_path / "raw"),
-            str(tmp_path / "out"),
-            "participant",
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
+    done = run_greyarray(tmp_path / "raw", tmp_path / "out", "participant")
     assert done.returncode == 18 and "filters matched no files" in done.stderr
 
 

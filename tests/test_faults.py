@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import subject_values, write_cohort
+from conftest import run_greyarray, subject_values, write_cohort
 
 from greyarray.errors import OutputError
 from greyarray.io import fileio
@@ -94,8 +94,7 @@ def tmpfs(path: Path, size: str, read_only: bool = False):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def run(*args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([*GREYARRAY, *map(str, args)], capture_output=True, text=True, **kwargs)
+run = run_greyarray
 
 
 # ---- disk full and read-only folders ---------------------------------------------------------

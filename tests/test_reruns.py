@@ -17,7 +17,14 @@ import numpy as np
 import pandas as pd
 import pytest
 from bids_datasets import Dataset, description, xcpd
-from conftest import PSCALAR, r_environment, require, subject_values, write_cohort
+from conftest import (
+    PSCALAR,
+    r_environment,
+    require,
+    run_greyarray,
+    subject_values,
+    write_cohort,
+)
 from test_export import fake_results, write_results
 
 from greyarray import cli
@@ -30,8 +37,7 @@ XCPD = (
 )
 
 
-def run(*args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([*GREYARRAY, *map(str, args)], capture_output=True, text=True, **kwargs)
+run = run_greyarray
 
 
 def app(*args, **kwargs) -> subprocess.CompletedProcess:

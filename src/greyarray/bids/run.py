@@ -45,7 +45,7 @@ class Run:
     derivatives: dict[str, Path]
     database_dir: Path | None
     started: float = field(default_factory=time.monotonic)
-    stamp: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S"))
+    stamp: str = field(default_factory=lambda: _stamp())
     log_file: Path | None = None
     reference_levels: dict[str, str] = field(default_factory=dict)
 
@@ -271,6 +271,12 @@ class Run:
 
 # ---- the log file: messages are buffered until the output folder may be written --------------
 _BUFFER = logging.handlers.MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1)
+
+
+def _stamp() -> str:
+    """Date, time and milliseconds: names a run's log and configuration files (with the PID)."""
+    now = time.time()
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + f"-{int(now * 1000) % 1000:03d}"
 
 
 def buffer_log(level: int) -> None:

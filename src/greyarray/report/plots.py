@@ -21,8 +21,9 @@ def histogram(values: np.ndarray, label: str, title: str) -> Image:
     finite = finite[np.isfinite(finite)]
     figure = new_figure(520, 260)
     axes = figure.add_axes((0.13, 0.18, 0.83, 0.7))
-    if finite.size:
-        axes.hist(finite, bins=80, color=BLUE)
+    if finite.size:  # one filled step outline: hist() draws a patch per bar, 10x slower
+        counts, edges = np.histogram(finite, bins=80)
+        axes.stairs(counts, edges, fill=True, color=BLUE)
     axes.set_xlabel(label, fontsize=9)
     axes.set_ylabel("elements", fontsize=9)
     axes.set_title(title, fontsize=10, loc="left")
