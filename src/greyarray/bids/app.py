@@ -30,7 +30,7 @@ EXAMPLES = """examples:
 
 exit codes: 0 ok, 1 failure, 16 invalid input dataset, 17 unknown analysis level,
   18 filters matched no files, 64 usage, 65 bad data, 66 missing input, 73 cannot create output,
-  129/130/143 ended by SIGHUP/SIGINT/SIGTERM
+  75 file held by another process, 129/130/143 ended by SIGHUP/SIGINT/SIGTERM
 """
 
 
