@@ -406,15 +406,7 @@ def main() -> int:
             row["ratios"] = ratios(row)
             print(json.dumps({k: row[k] for k in ("greyarray_export", "modelarrayio_export")}))
         result.update(start_up=startup, date=time.strftime("%Y-%m-%d"))
-        args.output.write_text(json.dumps(result, indent=1))
-        table = markdown(result["rows"], result["machine"]) + lm_markdown(result["fit_lm"])
-        table += (
-            f"\n`greyarray --version`: {startup['greyarray_version_s']} s (Python itself: "
-            f"{startup['python_startup_s']} s)\n"
-        )
-        args.output.with_suffix(".md").write_text(table)
-        print(table)
-        return 0
+        return save(result, args.output)
     print(json.dumps({"start_up": startup}), flush=True)
     lm_row = measure_lm(args.work, args.template, 100 if args.quick else 1000)
     print(json.dumps({"fit_lm": lm_row}), flush=True)
@@ -434,13 +426,19 @@ def main() -> int:
         "fit_lm": lm_row,
         "start_up": startup,
     }
-    args.output.write_text(json.dumps(result, indent=1))
-    table = markdown(rows, machine) + lm_markdown(lm_row)
+    return save(result, args.output)
+
+
+def save(result: dict, output: Path) -> int:
+    """The results as JSON and as the Markdown table the README shows."""
+    output.write_text(json.dumps(result, indent=1))
+    startup = result["start_up"]
+    table = markdown(result["rows"], result["machine"]) + lm_markdown(result["fit_lm"])
     table += (
         f"\n`greyarray --version`: {startup['greyarray_version_s']} s (Python itself: "
         f"{startup['python_startup_s']} s)\n"
     )
-    args.output.with_suffix(".md").write_text(table)
+    output.with_suffix(".md").write_text(table)
     print(table)
     return 0
 

@@ -1,5 +1,6 @@
 """Run PALM (Octave) on CSV inputs and read its outputs: for the live tests and for
-tests/palm/make_fixtures.py. PALM itself is in /work/shared/reference/palm (GPL, never shipped)."""
+tests/palm/make_fixtures.py. PALM itself is in ../shared/reference/palm beside the repository
+(GPL, a test reference: never shipped); PALM_DIR points elsewhere."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-PALM = Path(os.environ.get("PALM_DIR", "/work/shared/reference/palm"))
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "palm"
+PALM = Path(os.environ.get("PALM_DIR", SHARED))
 
 
 @dataclass
