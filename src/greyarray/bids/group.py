@@ -21,7 +21,7 @@ import pandas as pd
 from greyarray.bids import citation, derivatives, discover, reports
 from greyarray.bids.cohort import build_cohort, load_phenotypes, report_mismatch
 from greyarray.bids.run import Run
-from greyarray.errors import OutputError
+from greyarray.errors import DataError, OutputError
 from greyarray.io.cohort import Cohort
 from greyarray.io.fileio import atomic_write, write_json
 from greyarray.io.sources import Source, check_sources
@@ -102,9 +102,7 @@ def _decide(settings: Run, plan: Plan, options: StoreOptions) -> None:
         return
     try:
         stored = stored_inputs(plan.h5, plan.name)
-    except (OSError, KeyError) as err:
-        if "lock" in str(err).lower():
-            raise OutputError(f"{plan.h5}: is in use by another process; try again later") from None
+    except DataError:  # another file of that name (a busy file waits, then fails: BusyError)
         if not settings.args.overwrite:
             raise OutputError(
                 f"{plan.h5}: exists but is not a GreyArray HDF5 of scalar {plan.name!r}; use "

@@ -18,6 +18,7 @@ import numpy as np
 from greyarray.bids import citation, derivatives, group, reports
 from greyarray.bids.run import Run
 from greyarray.errors import DataError, MissingInputError, OutputError, UsageError
+from greyarray.io.inputs import open_hdf5
 from greyarray.options import permutation_options
 
 log = logging.getLogger("greyarray")
@@ -83,19 +84,14 @@ def _fitter(settings: Run, formula: str, smooth: bool):
 
 def _check_can_fit(h5: Path, scalar: str, analysis: str, overwrite: bool) -> None:
     """Fail before anything is written when the fit could not be stored."""
-    import h5py
-
-    try:
-        with h5py.File(h5, "r") as file:
-            if f"scalars/{scalar}/values" not in file:
-                raise DataError(f"{h5}: holds no scalar {scalar!r}")
-            if f"results/{analysis}" in file and not overwrite:
-                raise OutputError(
-                    f"{h5}: results/{analysis} exists; use --overwrite to fit it again, or "
-                    "--analysis-name to keep both"
-                )
-    except OSError as err:
-        raise DataError(f"{h5}: cannot read as HDF5 ({err})") from None
+    with open_hdf5(h5) as file:
+        if f"scalars/{scalar}/values" not in file:
+            raise DataError(f"{h5}: holds no scalar {scalar!r}")
+        if f"results/{analysis}" in file and not overwrite:
+            raise OutputError(
+                f"{h5}: results/{analysis} exists; use --overwrite to fit it again, or "
+                "--analysis-name to keep both"
+            )
 
 
 def export(settings: Run) -> int:
@@ -113,19 +109,14 @@ def _finish(settings: Run, lines: list[str]) -> int:
 
 def _export(settings: Run, analysis: str, scalars: set[str]) -> list[Path]:
     """Statistical maps of results/<analysis> of every group HDF5 that has it."""
-    import h5py
-
     found = []
     for h5_path in sorted(settings.group_dir.glob("desc-*_modelarray.h5")):
         meta = _sidecar(h5_path)
         if scalars and meta["Scalar"] not in scalars:
             continue
-        try:
-            with h5py.File(h5_path, "r") as h5:
-                if analysis in h5.get("results", {}):
-                    found.append((h5_path, meta, _about(h5, analysis, meta)))
-        except OSError as err:
-            raise DataError(f"{h5_path}: cannot read as HDF5 ({err})") from None
+        with open_hdf5(h5_path) as h5:
+            if analysis in h5.get("results", {}):
+                found.append((h5_path, meta, _about(h5, analysis, meta)))
     if not found:
         if not settings.group_dir.is_dir() or not any(settings.group_dir.glob("*.h5")):
             raise MissingInputError(
@@ -243,9 +234,7 @@ def _permutation_text(options: dict | None) -> str:
 
 
 def _significance(h5_path: Path, analysis: str, formula: str, columns: list[str]) -> list[str]:
-    import h5py
-
-    with h5py.File(h5_path, "r") as h5:
+    with open_hdf5(h5_path) as h5:
         table = h5[f"results/{analysis}/results_matrix"][()]
     fitted = int(np.isfinite(table[1]).sum())
     lines = [f"\nModel {formula}: fitted at {fitted:,} of {table.shape[1]:,} elements"]

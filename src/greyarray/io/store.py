@@ -37,6 +37,7 @@ from greyarray.errors import DataError
 from greyarray.io import ciftixml
 from greyarray.io.cifti import Geometry, checked_geometry
 from greyarray.io.fileio import check_output, remove_stale_temporaries, replacing
+from greyarray.io.inputs import open_hdf5
 from greyarray.io.names import refuse_inputs, safe_name, unique_files
 from greyarray.io.sources import Source, check_sources
 from greyarray.io.threads import thread_pool
@@ -328,9 +329,12 @@ class StoredInputs:
 
 
 def stored_inputs(h5_path: Path, scalar: str) -> StoredInputs:
-    """The sources of ``scalars/<scalar>`` recorded at conversion, and results/ analyses."""
-    with h5py.File(h5_path, "r") as h5:
+    """The sources of ``scalars/<scalar>`` recorded at conversion, and results/ analyses
+    (DataError when the file is not such an HDF5; waits while another process writes it)."""
+    with open_hdf5(h5_path) as h5:
         prov = f"greyarray/sources/{scalar}"
+        if f"scalars/{scalar}/column_names" not in h5:
+            raise DataError(f"{h5_path}: holds no scalar {scalar!r}")
         names = list(h5[f"scalars/{scalar}/column_names"].asstr()[()])
         sha = list(h5[f"{prov}/sha256"].asstr()[()]) if f"{prov}/sha256" in h5 else []
         storage = str(h5["greyarray"].attrs.get("storage", "")) if "greyarray" in h5 else ""
