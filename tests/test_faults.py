@@ -403,3 +403,24 @@ def test_two_fit_lm_runs_on_one_file(exported):
 
     with h5py.File(h5) as file:
         assert {"one", "two"} <= set(file["results"])
+
+
+def test_result_columns_that_collide_after_sanitising(exported, tmp_path):
+    """'a b.estimate' and 'a_b.estimate' would both be <analysis>_a_b.estimate.dscalar.nii."""
+    import h5py
+    import numpy as np
+
+    h5 = tmp_path / "copy.h5"
+    h5.write_bytes(exported[0].read_bytes())
+    with h5py.File(h5, "a") as file:
+        group = file.create_group("results/clash")
+        group.create_dataset("results_matrix", data=np.zeros((2, 91282)))
+        group.create_dataset(
+            "column_names", data=["a b.estimate", "a_b.estimate"], dtype=h5py.string_dtype()
+        )
+    args = ["export-results", "--analysis-name", "clash", "--input-hdf5", h5]
+    done = run(*args, "--output-dir", tmp_path / "out")
+    assert done.returncode == 65
+    line = one_error_line(done.stderr)
+    assert "columns 'a b.estimate' and 'a_b.estimate' would both be written to" in line
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
