@@ -200,3 +200,32 @@ def test_writer_output_read_by_workbench(tmp_path, writer91k, template, wb_comma
     assert np.array_equal(np.asarray(image.dataobj)[0], values)
     assert image.header.get_axis(1) == nb.load(template).header.get_axis(1)
     assert wb_command("-file-information", rewritten, "-only-map-names").split() == ["mymap"]
+
+
+def test_own_nifti2_tables_equal_nibabels():
+    """GreyArray reads and writes headers with its own copy of the standard's tables (importing
+    nibabel costs ~50 ms of every export); nibabel's are the reference."""
+    from nibabel.cifti2.cifti2 import CIFTI_BRAIN_STRUCTURES
+
+    from greyarray.io import ciftixml, nifti2
+
+    assert nb.nifti2.header_dtype == nifti2.HEADER
+    assert nifti2.HEADER.itemsize == nifti2.SIZE
+    codes = nb.nifti1.data_type_codes
+    assert {c for c in codes.value_set() if isinstance(c, int)} == nifti2.KNOWN_CODES
+    real = {c for c in nifti2.KNOWN_CODES if np.dtype(codes.dtype[c]).kind in "iuf"}
+    assert set(nifti2.REAL_DTYPES) == real
+    assert all(nifti2.REAL_DTYPES[c] == np.dtype(codes.dtype[c]) for c in real)
+    assert set(CIFTI_BRAIN_STRUCTURES.value_set("ciftiname")) == ciftixml.STRUCTURES
+
+
+@pytest.mark.parametrize("kind", sorted(cifti.INTENTS))
+def test_written_header_equals_nibabels(kind):
+    from greyarray.io import nifti2
+
+    shape = (7, 5) if kind == "pconn" else (1, 91282)
+    reference = nb.Nifti2Header()
+    reference.set_data_shape((1, 1, 1, 1, *shape))
+    reference.set_data_dtype(np.float32)
+    reference["intent_code"], reference["intent_name"] = cifti.INTENTS[kind]
+    assert nifti2.float32_header(shape, *cifti.INTENTS[kind]).tobytes() == reference.binaryblock

@@ -280,3 +280,24 @@ def test_bad_results(results_h5, tmp_path):
     with pytest.raises(DataError, match="element_id spans 0..91282, outside"):
         export_results(results_h5, "far", tmp_path / "d")
     assert not any((tmp_path / d).exists() for d in "abcd")
+
+
+def test_export_never_imports_nibabel(results_h5, small_h5, tmp_path):
+    """The start-up budget of export-results (<= 0.6 s) has no room for nibabel's ~50 ms import:
+    the files are written from GreyArray's own NIfTI-2 tables (checked against nibabel's)."""
+    import subprocess
+    import sys
+
+    data = fake_results(91282)
+    write_results(results_h5, "lm", data, "writeResults")
+    code = (
+        "import sys\nfrom greyarray.cli import main\n"
+        f"rc = main(['export-results', '--analysis-name', 'lm', '--input-hdf5', "
+        f"{str(results_h5)!r}, '--cohort-file', {str(small_h5[1])!r}, '--output-dir', "
+        f"{str(tmp_path / 'out')!r}])\nprint(rc, sorted(m for m in sys.modules if 'nibabel' in m))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["0", "[]"], done.stderr
+    values, image = read_map(tmp_path / "out" / "lm_age.estimate.dscalar.nii")
+    np.testing.assert_array_equal(values[0], data[NAMES.index("age.estimate")].astype(np.float32))
+    assert image.nifti_header.get_intent() == ("ConnDenseScalar", (), "ConnDenseScalar")

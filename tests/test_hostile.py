@@ -196,14 +196,16 @@ def test_hostile_xml(run_cli, tmp_path, case, position):
 def test_nibabel_never_sees_unchecked_xml(monkeypatch):
     """Geometry.axes hands nibabel only XML that defusedxml parsed: a stored geometry with an
     entity bomb is refused before nibabel, and comments are gone from what nibabel reads."""
+    from nibabel.cifti2 import parse_cifti2
+
     seen = []
-    real = cifti.Cifti2Extension
+    real = parse_cifti2.Cifti2Extension
 
     def spy(code, content):
         seen.append(content)
         return real(code=code, content=content)
 
-    monkeypatch.setattr(cifti, "Cifti2Extension", spy)
+    monkeypatch.setattr(parse_cifti2, "Cifti2Extension", spy)
     element = XML[XML.index(b'<MatrixIndicesMap AppliesToMatrixDimension="1"') :]
     element = element[: element.rindex(b"</MatrixIndicesMap>") + len(b"</MatrixIndicesMap>")]
     hostile = cifti.Geometry("dscalar", LAUGHS[22:] + element, 91282, "stored")

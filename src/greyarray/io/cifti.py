@@ -24,22 +24,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import nibabel as nb
 import numpy as np
-from nibabel.cifti2 import cifti2_axes
-from nibabel.cifti2.parse_cifti2 import Cifti2Extension
 
 from greyarray.errors import DataError
-from greyarray.io import ciftixml, inputs
+from greyarray.io import ciftixml, inputs, nifti2
 from greyarray.io.fileio import atomic_write
 
-NIFTI2_HEADER = nb.nifti2.header_dtype
-NIFTI2_SIZE = 540
+if TYPE_CHECKING:  # nibabel is imported where its axes are used: it costs ~50 ms to import
+    from nibabel.cifti2 import cifti2_axes
+
+NIFTI2_HEADER = nifti2.HEADER
+NIFTI2_SIZE = nifti2.SIZE
 CIFTI_ECODE = 32
 # NIfTI-2 header, extension flags, and the extensions (the CIFTI XML) before the data
 MAX_HEAD_BYTES = NIFTI2_SIZE + 4 + ciftixml.MAX_XML_BYTES + 2**20
-DATATYPE_CODES = frozenset(nb.nifti1.data_type_codes.value_set())  # built once, not per file
 
 # (type of matrix dimension 0, type of dimension 1) -> CIFTI file kind
 KINDS = {
@@ -103,6 +103,8 @@ class Geometry:
     @cached_property
     def axes(self) -> tuple[cifti2_axes.Axis, ...]:
         """The element axes: (BrainModelAxis,), (ParcelsAxis,) or (rows, columns) for pconn."""
+        from nibabel.cifti2.parse_cifti2 import Cifti2Extension
+
         clean = self.elements.clean
         dims = (0, 1) if self.kind == "pconn" else (1,)
         try:
@@ -129,6 +131,9 @@ class Geometry:
     @classmethod
     def from_axes(cls, kind: str, axes: tuple[cifti2_axes.Axis, ...]) -> Geometry:
         """Build from nibabel axes (used when the XML comes from nibabel, e.g. stored geometry)."""
+        import nibabel as nb
+        from nibabel.cifti2 import cifti2_axes
+
         full = (cifti2_axes.ScalarAxis(["x"]), *axes) if kind != "pconn" else axes
         xml = nb.cifti2.Cifti2Header.from_axes(full).to_xml()
         maps = _index_maps(xml, "<nibabel>")
@@ -512,12 +517,11 @@ def checked_geometry(path: Path | str, kind: str, xml: bytes) -> Geometry:
 
 def _data_dtype(path: Path, header: np.ndarray) -> np.dtype:
     code = int(header["datatype"])
-    if code not in DATATYPE_CODES:
+    if code not in nifti2.KNOWN_CODES:
         raise DataError(f"{path}: unknown NIfTI datatype code {code}")
-    dtype = np.dtype(nb.nifti1.data_type_codes.dtype[code])
-    if dtype.kind not in "iuf":
-        raise DataError(f"{path}: NIfTI datatype {dtype} is not a real number type")
-    return dtype.newbyteorder(_byteorder(header))
+    if code not in nifti2.REAL_DTYPES:
+        raise DataError(f"{path}: NIfTI datatype code {code} is not a real number type")
+    return nifti2.REAL_DTYPES[code].newbyteorder(_byteorder(header))
 
 
 def _byteorder(header: np.ndarray) -> str:
@@ -527,6 +531,8 @@ def _byteorder(header: np.ndarray) -> str:
 
 def describe_axis_difference(ref: cifti2_axes.Axis, other: cifti2_axes.Axis) -> str:
     """What differs between two element axes, in words a user can act on."""
+    from nibabel.cifti2 import cifti2_axes
+
     if type(ref) is not type(other):
         return f"{type(other).__name__} instead of {type(ref).__name__}"
     if isinstance(ref, cifti2_axes.ParcelsAxis):
@@ -605,12 +611,7 @@ class CiftiWriter:
         self._rows, self._cols = (
             (1, geometry.n_elements) if geometry.kind != "pconn" else (geometry.shape)
         )
-        header = nb.Nifti2Header()
-        header.set_data_shape((1, 1, 1, 1, self._rows, self._cols))
-        header.set_data_dtype(np.float32)
-        header["intent_code"], header["intent_name"] = INTENTS[geometry.kind]
-        self._header = np.frombuffer(header.binaryblock, NIFTI2_HEADER, 1).copy()
-        self._header = self._header.astype(NIFTI2_HEADER.newbyteorder("<"))
+        self._header = nifti2.float32_header((self._rows, self._cols), *INTENTS[geometry.kind])
 
     def xml(self, name: str) -> bytes:
         """The CIFTI-2 XML document of a file holding one map called ``name``."""

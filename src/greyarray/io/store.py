@@ -28,11 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import h5py
-import nibabel as nb
 import numpy as np
-from tqdm import tqdm
 
-from greyarray import __version__
 from greyarray.errors import DataError
 from greyarray.io import ciftixml
 from greyarray.io.cifti import Geometry, checked_geometry
@@ -182,6 +179,8 @@ def _write_scalar(h5: h5py.File, name: str, sources: Sequence[Source], options: 
 
 
 def _fill(dset: h5py.Dataset, sources: Sequence[Source], options: StoreOptions) -> None:
+    from tqdm import tqdm  # here, not at the top: export-results reads geometry from this module
+
     n, g = dset.shape
     width = dset.chunks[1]
     stripe = width * max(1, STRIPE_BYTES // (n * width * dset.dtype.itemsize))
@@ -274,6 +273,10 @@ def _write_geometry(group: h5py.Group, geometry: Geometry) -> None:
 
 
 def _write_provenance(group: h5py.Group, options: StoreOptions, command_line: str) -> None:
+    from importlib.metadata import version
+
+    from greyarray import __version__
+
     group.attrs.update(
         {
             "greyarray_version": __version__,
@@ -282,7 +285,7 @@ def _write_provenance(group: h5py.Group, options: StoreOptions, command_line: st
                 timespec="seconds"
             ),
             "python": platform.python_version(),
-            "nibabel": nb.__version__,
+            "nibabel": version("nibabel"),
             "h5py": h5py.__version__,
             "hdf5": h5py.version.hdf5_version,
             "storage": options.description,
