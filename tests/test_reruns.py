@@ -112,6 +112,80 @@ def test_rerun_keeps_results_refuses_changed_inputs_and_discards_on_request(tmp_
         assert "results" not in file
         assert np.array_equal(file["scalars/alff/values"][2], data.values[changed] * 2)
     assert not list((out / "group").glob("*_statmap.*"))  # exported from discarded results
+    assert '#### Analysis "lm"' not in (out / "logs" / "CITATION.md").read_text()
+
+
+def statmaps_of(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in (out / "group").glob("*_statmap.*")}
+
+
+def test_exported_maps_are_never_silently_replaced(tmp_path, template):
+    data = alff_dataset(tmp_path / "xcp_d", template)
+    out = tmp_path / "out"
+    done = app(data.root, out, "group", "--model", "alff ~ age + sex")
+    assert done.returncode == 0, done.stderr
+    assert "Factor age" not in done.stderr  # a number in participants.tsv is not a factor
+    first = statmaps_of(out)
+    h5 = out / "group" / "desc-alff_modelarray.h5"
+
+    # another analysis whose maps would get the same names (desc-alffLm)
+    done = app(data.root, out, "group", "--model", "alff ~ age", "--analysis-name", "Lm")
+    assert done.returncode == 73
+    assert "analysis 'Lm' would export to the file names of its analysis 'lm'" in done.stderr
+    with h5py.File(h5, "r") as file:
+        assert set(file["results"]) == {"lm"}
+    write_results(h5, "Lm", fake_results(91282), "writeResults")  # as R would
+    done = app(data.root, out, "group", "--analysis-name", "Lm")
+    assert done.returncode == 73 and "from analysis 'lm' of desc-alff_modelarray.h5" in done.stderr
+    assert statmaps_of(out) == first
+    refused = [p.read_text() for p in (out / "logs").glob("greyarray-*.log")]
+    assert sum("(exit code 73)" in text for text in refused) == 2  # refused runs are logged too
+    with h5py.File(h5, "a") as file:
+        del file["results/Lm"]
+
+    # the same analysis exported again: nothing changes; results rewritten in R: refused
+    assert app(data.root, out, "group", "--analysis-name", "lm").returncode == 0
+    assert statmaps_of(out) == first
+    with h5py.File(h5, "a") as file:
+        file["results/lm/results_matrix"][1] *= 2
+    done = app(data.root, out, "group", "--analysis-name", "lm")
+    assert done.returncode == 73 and "differ from its results now" in done.stderr
+    assert statmaps_of(out) == first
+    done = app(data.root, out, "group", "--analysis-name", "lm", "--overwrite")
+    assert done.returncode == 0, done.stderr
+    assert statmaps_of(out) != first and statmaps_of(out).keys() == first.keys()
+
+    # refitted with another model: the maps of the terms it no longer has go
+    done = app(data.root, out, "group", "--model", "alff ~ age", "--overwrite")
+    assert done.returncode == 0, done.stderr
+    names = statmaps_of(out)
+    assert not [n for n in names if "contrast-sex" in n]
+    assert f"Exported {len([n for n in names if n.endswith('.nii')])} statistical maps" in (
+        done.stdout
+    )
+
+    done = app(data.root, out, "group", "--analysis-name", "lm", "--scalar", "nothere")
+    assert done.returncode == 64 and "no scalar nothere (scalars converted: alff)" in done.stderr
+
+
+def test_a_racing_group_run_never_replaces_the_file_of_another(tmp_path, template, monkeypatch):
+    """Two group runs decide 'new file' together: the one that publishes second fails (73)
+    and leaves the first one's file as it is (the check is at the final rename)."""
+    from greyarray.bids import group
+
+    data = alff_dataset(tmp_path / "xcp_d", template)
+    out = tmp_path / "out"
+    decide = group._decide
+
+    def other_run_publishes_meanwhile(settings, plan, options):
+        decide(settings, plan, options)
+        plan.h5.parent.mkdir(parents=True, exist_ok=True)
+        plan.h5.write_bytes(b"the other run's file")
+
+    monkeypatch.setattr(group, "_decide", other_run_publishes_meanwhile)
+    done = app(data.root, out, "group", "--scalar", "alff")
+    assert done.returncode == 73 and "desc-alff_modelarray.h5: output exists" in done.stderr
+    assert (out / "group" / "desc-alff_modelarray.h5").read_bytes() == b"the other run's file"
 
 
 # ---- names do not depend on unrelated files --------------------------------------------------
@@ -166,6 +240,8 @@ def test_missing_session_is_named(dataset, tmp_path):
         (["--config", "missing.yaml"], 66),
         (["--scalar", "nothing"], 18),
         (["--participant-label", "99"], 18),
+        (["--model", "alff ~ s(age)", "--changed-rsq-term", "s(nope)"], 64),
+        (["--model", "alff ~ age", "--permutations", "9", "--exchangeability-blocks", "x"], 65),
     ],
 )
 def test_failed_checks_leave_no_skeleton(dataset, tmp_path, extra, code):
@@ -240,6 +316,18 @@ def test_logs_configs_and_methods_text_of_every_mode(tmp_path, template):
     assert sidecar["NumberOfRows"] == 12 and sidecar["ReferenceLevels"] == {"sex": "female"}
     assert sidecar["CohortFile"] == "desc-alff_cohort.csv"
     assert "more than max(10, 0.2 x 12) = 10 participants" in sidecar["ElementThreshold"]
+
+
+def test_methods_text_describes_every_scalar_converted(dataset, tmp_path):
+    """A later group run of another scalar adds to the methods text; it never forgets the
+    scalars (and analyses) an earlier run left in OUTPUT_DIR."""
+    out = tmp_path / "out"
+    assert app(dataset.root, out, "group", "--model", "alff ~ age").returncode == 0
+    assert app(dataset.root, out, "group", "--scalar", "alff_desc-smooth").returncode == 0
+    citation = (out / "logs" / "CITATION.md").read_text()
+    assert "grouped into 2 scalar(s): alff, alff_desc-smooth." in citation
+    assert "24 CIFTI-2 [@cifti2] maps of 12 participants" in citation
+    assert "(24 rows in all)" in citation and '#### Analysis "lm" of alff' in citation
 
 
 def test_sessions_in_methods_text_and_r_hint(tmp_path, template):

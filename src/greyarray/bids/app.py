@@ -231,6 +231,16 @@ def main(argv: list[str], commands: str = "") -> int:
     settings = run.Run.from_args(args, shlex.join(["greyarray", *argv]))
     settings.reference_levels = reference_levels(args.reference_level)
     log.info("%s", settings.command_line)
+    try:
+        return _level(settings)
+    except GreyArrayError:
+        settings.record_refusal()
+        raise
+
+
+def _level(settings) -> int:
+    """The run of the level and mode asked for."""
+    args = settings.args
     if args.reports_only:
         from greyarray.bids import reports
 

@@ -65,13 +65,20 @@ def update(
     facts: dict | None = None,
     analysis: dict | None = None,
     reports: dict | None = None,
+    discarded: tuple[str, list[str]] | None = None,
 ) -> Path | None:
     """Record the group level's facts, one analysis and/or the reports' paragraph
-    (boilerplate/reports.md), then rewrite the methods text from everything recorded. Returns
+    (boilerplate/reports.md), forget the sections of ``discarded`` (scalar, analyses) whose
+    results were discarded, then rewrite the methods text from everything recorded. Returns
     CITATION.md, or None while no group level has run."""
     make_folder(logs_dir)
     state = load_state(logs_dir)
+    if discarded is not None:
+        scalar, names = discarded
+        for name in names:
+            state["analyses"].pop(f"{scalar}/{name}", None)
     if facts is not None:
+        state["scalars"] = facts.pop("scalars", {})
         state["facts"] = facts
     if analysis is not None:
         state["analyses"][f"{analysis['scalar']}/{analysis['analysis']}"] = analysis

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from greyarray import __version__
+from greyarray.errors import OutputError
 from greyarray.io.fileio import atomic_write, locked, make_folder, write_json
 from greyarray.stats.names import MODEL_STATS, TERM_STATS
 
@@ -187,11 +188,25 @@ def sidecar_of(path: Path) -> Path:
     return path.with_name(path.name.split(".")[0] + ".json")
 
 
-def write_statmaps(h5_path: Path, meta: dict, analysis: str, about: dict) -> list[Path]:
+def analysis_label(analysis: str) -> str:
+    """What the analysis contributes to a statistical map's desc: two analyses whose keys are
+    equal (``lm``/``Lm``, ``my_lm``/``myLm``; case too, for macOS's file systems) would write
+    the same files."""
+    return label(analysis).casefold()
+
+
+def write_statmaps(
+    h5_path: Path, meta: dict, analysis: str, about: dict, overwrite: bool = False
+) -> list[Path]:
     """Export results/<analysis> of a group HDF5 as BIDS statistical maps beside it, each with a
     JSON sidecar saying what it holds and where it comes from. ``meta`` is the HDF5's sidecar
     (scalar, entities); ``about`` adds what the caller knows (model, counts, threshold rule).
-    The set appears whole or not at all (written in a private folder, then moved)."""
+    The set appears whole or not at all (written in a private folder, then moved).
+
+    Maps a user already has are never silently replaced: a map of another analysis at one of
+    the names is refused; maps of an earlier export of this analysis that differ from the new
+    ones (results refitted or rewritten by R) are replaced, and those no longer produced
+    removed, only with ``overwrite``."""
     from greyarray.io import cifti, export
     from greyarray.io.fileio import staging
     from greyarray.io.inputs import open_hdf5
@@ -206,12 +221,17 @@ def write_statmaps(h5_path: Path, meta: dict, analysis: str, about: dict) -> lis
         lambda c: statmap_path(folder, meta, analysis, c, geometry.kind),
         f"{h5_path}: results/{analysis} columns",
     )
+    for path in files:
+        _refuse_foreign(path, h5_path.name, analysis, overwrite)
     paths = {column: path for path, column in files.items()}
-    writer = cifti.CiftiWriter(geometry)
+    earlier = set(exported_statmaps(folder, h5_path.name, {analysis}))
+    stale = earlier - set(files) - {sidecar_of(path) for path in files}
+    writer, changed = cifti.CiftiWriter(geometry), 0
     with staging(folder) as private:
         for column, values in export.result_maps(results):
-            path = paths[column]
-            (private / path.name).write_bytes(writer.encode(values, column))
+            path, data = paths[column], writer.encode(values, column)
+            changed += path in earlier and path.read_bytes() != data
+            (private / path.name).write_bytes(data)
             sidecar = {
                 "ModelArrayColumn": column,
                 "Description": describe_column(column),
@@ -223,7 +243,36 @@ def write_statmaps(h5_path: Path, meta: dict, analysis: str, about: dict) -> lis
             }
             text = json.dumps(sidecar, indent=1) + "\n"
             (private / sidecar_of(path).name).write_text(text)
+        if (changed or stale) and not overwrite:
+            raise OutputError(
+                f"{folder}: {changed + sum(p.suffix == '.nii' for p in stale)} statistical maps "
+                f"exported earlier from "
+                f"results/{analysis} of {h5_path.name} differ from its results now; they were "
+                "left as they are. Use --overwrite to replace them, or another --analysis-name"
+            )
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.warning("Removed %d statistical map files of an earlier %s", len(stale), analysis)
     return list(files)
+
+
+def _refuse_foreign(path: Path, h5_name: str, analysis: str, overwrite: bool) -> None:
+    """A map at ``path`` that another analysis (or HDF5) wrote is the user's: never replaced."""
+    if not path.exists():
+        return
+    try:
+        info = json.loads(sidecar_of(path).read_text())
+        owner = (info.get("SourceHDF5"), info.get("Analysis"))
+    except (OSError, ValueError, AttributeError):  # no sidecar: a file of unknown origin
+        owner = None
+    if owner == (h5_name, analysis) or (owner is None and overwrite):
+        return
+    whose = f"analysis {owner[1]!r} of {owner[0]}" if owner else "unknown origin (no sidecar)"
+    raise OutputError(
+        f"{path}: exists, from {whose}; analysis {analysis!r} would replace it. Use another "
+        "--analysis-name" + ("" if owner else ", or --overwrite")
+    )
 
 
 def exported_statmaps(folder: Path, h5_name: str, analyses: set[str]) -> list[Path]:

@@ -9,9 +9,9 @@ decision is taken, and every file checked, before anything is written.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +39,7 @@ class Plan:
     h5: Path
     table: pd.DataFrame
     sources: list[Source] = field(default_factory=list)
-    action: str = "write"  # write | keep | discard (rewrite, dropping results)
+    action: str = "write"  # write (new file) | keep | replace | discard (replace, drop results)
     analyses: list[str] = field(default_factory=list)  # results/ of the existing file
 
     @property
@@ -76,8 +76,8 @@ def convert(
     for name, files in naming.scalars.items():
         h5 = h5_path(settings, name)
         table = build_cohort({name: files}, settings.group_dir, participants, sessions)
-        if check_table is not None:
-            check_table(table)
+        if check_table is not None:  # on the table as the fit will read it from the CSV
+            check_table(pd.read_csv(io.StringIO(table.to_csv(index=False, na_rep="NA"))))
         plans.append(Plan(name, files, h5, table))
     for plan in plans:  # group/ may not exist yet: open the files by their found paths
         Cohort.from_table(plan.csv, plan.table)
@@ -108,6 +108,7 @@ def _decide(settings: Run, plan: Plan, options: StoreOptions) -> None:
                 f"{plan.h5}: exists but is not a GreyArray HDF5 of scalar {plan.name!r}; use "
                 "--overwrite to replace it"
             ) from None
+        plan.action = "replace"
         return
     change = stored.difference(plan.sources, options.description)
     plan.analyses = stored.analyses
@@ -126,6 +127,8 @@ def _decide(settings: Run, plan: Plan, options: StoreOptions) -> None:
             f"{plan.h5}: output exists and its inputs changed ({change}); use --overwrite to "
             "replace it"
         )
+    else:
+        plan.action = "replace"
 
 
 def _execute(settings: Run, plan: Plan, options: StoreOptions) -> None:
@@ -133,12 +136,19 @@ def _execute(settings: Run, plan: Plan, options: StoreOptions) -> None:
         kept = f", with its results ({', '.join(plan.analyses)})" if plan.analyses else ""
         log.info("%s: inputs unchanged; kept as it is%s", plan.h5, kept)
     else:
-        write_modelarray(plan.h5, {plan.name: plan.sources}, options, settings.command_line)
+        write_modelarray(  # a file that appeared since _decide is another run's: never replaced
+            plan.h5,
+            {plan.name: plan.sources},
+            options,
+            settings.command_line,
+            overwrite=plan.action != "write",
+        )
         log.info("Wrote %s", plan.h5)
     if plan.action == "discard":
         removed = derivatives.exported_statmaps(plan.h5.parent, plan.h5.name, set(plan.analyses))
         for path in removed:
             path.unlink(missing_ok=True)
+        citation.update(settings.logs, discarded=(plan.name, plan.analyses))
         log.warning(
             "%s: inputs changed; results %s discarded (--discard-results), with the %d "
             "statistical map files exported from them",
@@ -159,43 +169,68 @@ def _execute(settings: Run, plan: Plan, options: StoreOptions) -> None:
     write_json(plan.h5.with_suffix(".json"), sidecar)
 
 
+def scalar_record(plan: Plan) -> dict:
+    """What the methods text says of one scalar, kept in logs/ so that a later group run of
+    other scalars describes every scalar converted into OUTPUT_DIR, not only its own."""
+    return {
+        "files": [[f.subject, f.session, f.root.name] for f in plan.files],
+        "entities": discover.common_entities(plan.files),
+        "kinds": sorted({s.file.kind for s in plan.sources}),
+        "n_elements": plan.sources[0].file.geometry.n_elements,
+        "nonfinite": [s.n_nonfinite for s in plan.sources],
+        "rows": len(plan.table),
+    }
+
+
 def methods_facts(settings: Run, plans: list[Plan], options: StoreOptions) -> dict:
-    """The values the methods template (boilerplate/methods.md) is filled with."""
+    """The values the methods template (boilerplate/methods.md) is filled with: this run's
+    scalars and those recorded by earlier runs whose HDF5 is still in group/."""
     import h5py
     import nibabel
     from bids import __version__ as pybids_version
 
     from greyarray import __version__
 
-    files = [f for plan in plans for f in plan.files]
-    sources = [s for plan in plans for s in plan.sources]
-    n_sessions = len({(f.subject, f.session) for f in files if f.session})
-    kinds = Counter(s.file.kind for s in sources)
-    entities = discover.common_entities(files)
+    records = {
+        name: record
+        for name, record in citation.load_state(settings.logs).get("scalars", {}).items()
+        if h5_path(settings, name).is_file()
+    }
+    records.update({plan.name: scalar_record(plan) for plan in plans})
+    files = {tuple(f) for r in records.values() for f in r["files"]}
+    n_files = sum(len(r["files"]) for r in records.values())
+    n_sessions = len({(subject, session) for subject, session, _ in files if session})
+    first = next(iter(records.values()))["entities"]
+    entities = {
+        k: v for k, v in first.items() if all(r["entities"].get(k) == v for r in records.values())
+    }
     space = " ".join(f"{k}-{v}" for k, v in entities.items() if k in ("space", "den", "seg"))
-    elements = sorted({plan.sources[0].file.geometry.n_elements for plan in plans})
+    elements = sorted({r["n_elements"] for r in records.values()})
     described = [r for r in settings.roots if (r / "dataset_description.json").is_file()]
     versions = sorted(
         {str(discover.load_description(r).get("BIDSVersion", "")) for r in described} - {""}
     )
-    rows = sum(len(plan.table) for plan in plans)
+    rows = sum(r["rows"] for r in records.values())
     return {
+        "scalars": records,  # kept for the next run (citation.update), not used by the template
         "greyarray_version": __version__,
         "nibabel_version": nibabel.__version__,
         "h5py_version": h5py.__version__,
         "hdf5_version": h5py.version.hdf5_version,
         "pybids_version": pybids_version,
-        "n_files": len(files),
-        "n_participants": len({f.subject for f in files}),
+        "n_files": n_files,
+        "n_participants": len({subject for subject, _, _ in files}),
         "sessions_text": f" ({n_sessions} sessions)" if n_sessions else "",
-        "datasets": ", ".join(sorted({str(f.root.name) for f in files})),
+        "datasets": ", ".join(sorted({root for _, _, root in files})),
         "input_bids_text": f"BIDS {' and '.join(versions)}" if versions else "BIDS",
-        "n_scalars": len(plans),
-        "scalars_text": ", ".join(plan.name for plan in plans),
-        "kinds_text": " or ".join(f"CIFTI-2 {k}" for k in sorted(kinds)),
+        "n_scalars": len(records),
+        "scalars_text": ", ".join(records),
+        "kinds_text": " or ".join(
+            f"CIFTI-2 {k}" for k in sorted({k for r in records.values() for k in r["kinds"]})
+        ),
         "space_text": space or "greyordinate space of the inputs",
         "n_elements": " or ".join(f"{n:,}" for n in elements),
-        "nonfinite_text": _nonfinite_text([s.n_nonfinite for s in sources]),
+        "nonfinite_text": _nonfinite_text([c for r in records.values() for c in r["nonfinite"]]),
         "matrix_text": (
             "a matrix with one row per session of each participant and one column per element"
             if n_sessions

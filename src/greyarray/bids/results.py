@@ -47,6 +47,7 @@ def model(settings: Run) -> int:
             )
         only = type(naming)({response: naming.scalars[response]}, naming.skipped)
         group.convert(settings, only, check_table, "model")
+        _check_can_fit(h5, response, analysis, settings.args.overwrite)
     cohort = h5.with_name(h5.name.replace("_modelarray.h5", "_cohort.csv"))
     columns = fit(h5, cohort, formula, analysis, overwrite=settings.args.overwrite)
     maps = _export(settings, analysis, {response})
@@ -66,18 +67,23 @@ def _fitter(settings: Run, formula: str, smooth: bool):
     permutations = permutation_options(args)
     if not smooth:
         from greyarray.stats.lm import build_design, fit_lm
+        from greyarray.stats.permutation import exchangeable_units
 
-        return (
-            partial(fit_lm, reference_levels=references, permutations=permutations),
-            lambda table: build_design(formula, table, references),
-        )
+        def check_lm(table) -> None:
+            design = build_design(formula, table, references)
+            if permutations is not None and permutations.blocks is not None:
+                exchangeable_units(table, design.rows, permutations.blocks, "the cohort")
+
+        return partial(fit_lm, reference_levels=references, permutations=permutations), check_lm
     if permutations is not None:
         raise UsageError("--permutations applies to linear models, not to a --model with s()")
-    from greyarray.stats.gam import GamModel, fit_gam, parse_gam_formula
+    from greyarray.stats.gam import GamModel, changed_term_name, fit_gam, parse_gam_formula
 
-    method = settings.args.gam_method
+    method, changed = args.gam_method, args.changed_rsq_term
+    if changed is not None:
+        changed_term_name(parse_gam_formula(formula), changed)  # a usage error, before any work
     return (
-        partial(fit_gam, method=method, changed_rsq_term=settings.args.changed_rsq_term),
+        partial(fit_gam, method=method, changed_rsq_term=changed),
         lambda table: GamModel(parse_gam_formula(formula), table, method),
     )
 
@@ -92,6 +98,13 @@ def _check_can_fit(h5: Path, scalar: str, analysis: str, overwrite: bool) -> Non
                 f"{h5}: results/{analysis} exists; use --overwrite to fit it again, or "
                 "--analysis-name to keep both"
             )
+        key = derivatives.analysis_label(analysis)
+        for other in file.get("results", {}):
+            if other != analysis and derivatives.analysis_label(other) == key:
+                raise OutputError(
+                    f"{h5}: analysis {analysis!r} would export to the file names of its "
+                    f"analysis {other!r}; choose another --analysis-name"
+                )
 
 
 def export(settings: Run) -> int:
@@ -109,14 +122,20 @@ def _finish(settings: Run, lines: list[str]) -> int:
 
 def _export(settings: Run, analysis: str, scalars: set[str]) -> list[Path]:
     """Statistical maps of results/<analysis> of every group HDF5 that has it."""
-    found = []
+    found, known = [], []
     for h5_path in sorted(settings.group_dir.glob("desc-*_modelarray.h5")):
         meta = _sidecar(h5_path)
+        known.append(meta["Scalar"])
         if scalars and meta["Scalar"] not in scalars:
             continue
         with open_hdf5(h5_path) as h5:
             if analysis in h5.get("results", {}):
                 found.append((h5_path, meta, _about(h5, analysis, meta)))
+    if known and (unknown := sorted(scalars - set(known))):
+        raise UsageError(
+            f"{settings.group_dir}: no scalar {', '.join(unknown)} (scalars converted: "
+            f"{', '.join(known)})"
+        )
     if not found:
         if not settings.group_dir.is_dir() or not any(settings.group_dir.glob("*.h5")):
             raise MissingInputError(
@@ -130,7 +149,9 @@ def _export(settings: Run, analysis: str, scalars: set[str]) -> list[Path]:
         settings.open_output("export")
     paths = []
     for h5_path, meta, about in found:
-        maps = derivatives.write_statmaps(h5_path, meta, analysis, about)
+        maps = derivatives.write_statmaps(
+            h5_path, meta, analysis, about, overwrite=settings.args.overwrite
+        )
         paths += maps
         citation.update(settings.logs, analysis=_section(meta, analysis, about, len(maps)))
     return paths

@@ -236,6 +236,25 @@ class Run:
             {**self.config(mode), **(extra or {})},
         )
 
+    def record_refusal(self) -> None:
+        """A run refused after its checks (e.g. results exist) leaves its log and configuration
+        in an existing GreyArray output's logs/ (the caller logs the error line and exit
+        code there); it never creates an output folder or writes into someone else's."""
+        if self.log_file is not None or not self.logs.is_dir():
+            return
+        try:
+            about = json.loads((self.output_dir / "dataset_description.json").read_text())
+            ours = any(g.get("Name") == "greyarray" for g in about["GeneratedBy"])
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            ours = False
+        if not ours:
+            return
+        level = self.args.analysis_level
+        self.log_file = self.logs / f"greyarray-{level}-{self.stamp}-{os.getpid()}.log"
+        start_log_file(self.log_file)
+        name = f"config-{level}-{self.stamp}-{os.getpid()}.yaml"
+        derivatives.write_config(self.logs, name, self.config("refused"))
+
     def config(self, mode: str) -> dict:
         args = {
             k: str(v) if isinstance(v, Path) else v
