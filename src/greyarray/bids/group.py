@@ -70,8 +70,7 @@ def convert(
     participants, sessions = load_phenotypes(settings.args.participants_file, settings.bids_dir)
     if participants is not None:
         subjects = {f"sub-{f.subject}" for files in naming.scalars.values() for f in files}
-        ids = {i if i.startswith("sub-") else f"sub-{i}" for i in participants["participant_id"]}
-        report_mismatch(subjects, ids)
+        report_mismatch(subjects, participants)
     plans = []
     for name, files in naming.scalars.items():
         h5 = h5_path(settings, name)
