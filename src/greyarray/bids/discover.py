@@ -85,7 +85,6 @@ class Found:
     session: str | None
     entities: dict[str, str] = field(hash=False)  # without subject/session
     scalar: str | None = None  # set when a named query or pattern found it
-    recorded_name: str | None = field(default=None, compare=False)  # name in a manifest
 
     @property
     def relative(self) -> str:
@@ -197,11 +196,14 @@ def discover(
     queries: dict[str, dict] | None = None,
     patterns: dict[str, str] | None = None,
     database_dir: Path | None = None,
+    gzipped: list[Path] | None = None,
 ) -> list[Found]:
     """Every CIFTI map of the selected subjects/sessions in ``roots``.
 
     ``queries`` ({scalar: pybids filters}) replace the default of all dscalar/pscalar/pconn
     files; ``patterns`` ({scalar: regex with a ``subject`` group}) add non-BIDS files.
+    ``gzipped`` receives the files those queries select but for a ``.gz`` extension: never
+    CIFTI-2, yet users expect them found, so the caller reports them.
     """
     found: list[Found] = []
     for root in roots:
@@ -215,6 +217,8 @@ def discover(
                 selection["subject"] = subjects
             if sessions:
                 selection["session"] = sessions
+            if gzipped is not None:
+                gzipped += _gzipped(layout, selection)
             for path in layout.get(return_type="filename", **selection):
                 # parsing the name is 4x faster than asking pybids' database file by file
                 entities = dict(layout.parse_file_entities(path))
@@ -233,6 +237,22 @@ def discover(
                 )
         found += _pattern_files(root, patterns or {}, subjects, sessions)
     return sorted(set(found), key=lambda f: (f.subject, f.session or "", str(f.path)))
+
+
+def _gzipped(layout, selection: dict) -> list[Path]:
+    """The files ``selection`` would select if their extensions ended in ``.gz``."""
+    extensions = selection["extension"]
+    extensions = [extensions] if isinstance(extensions, str) else extensions
+    gz = [f"{ext}.gz" for ext in extensions if isinstance(ext, str) and ext.endswith(".nii")]
+    if not gz:
+        return []
+    return [Path(p) for p in layout.get(return_type="filename", **{**selection, "extension": gz})]
+
+
+def subject_of(path: Path) -> str:
+    """``sub-<label>`` from a BIDS file name (for messages)."""
+    match = re.search(r"(?:^|_)(sub-[A-Za-z0-9]+)", path.name)
+    return match.group(1) if match else path.name
 
 
 def _pattern_files(root: Path, patterns: dict[str, str], subjects, sessions) -> list[Found]:

@@ -34,7 +34,9 @@ def run(settings: Run) -> int:
         subject: {
             "participant_id": f"sub-{subject}",
             "greyarray_version": __version__,
+            "bids_dir": str(settings.bids_dir),
             "selection": settings.selection(),
+            "scalar_filter": settings.args.scalar or None,  # the group level may need more
             "files": [_check(settings, name, item) for name, item in items],
             "skipped": [_entry(name, item) for name, item in skipped.get(subject, [])],
         }

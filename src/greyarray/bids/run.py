@@ -21,7 +21,7 @@ import yaml
 
 from greyarray import __version__
 from greyarray.bids import derivatives, discover
-from greyarray.errors import MissingInputError, UsageError
+from greyarray.errors import DataError, MissingInputError, UsageError
 from greyarray.io.fileio import make_folder, remove_stale_temporaries
 from greyarray.io.names import check_name
 
@@ -54,8 +54,8 @@ class Run:
         bids_dir, output_dir = args.bids_dir.resolve(), args.output_dir.resolve()
         if output_dir == bids_dir:
             raise UsageError("OUTPUT_DIR must not be BIDS_DIR: outputs would mix with inputs")
-        if args.work_dir and args.work_dir.resolve().is_relative_to(bids_dir):
-            raise UsageError(f"{args.work_dir}: the work folder must not be inside BIDS_DIR")
+        _refuse_inside(args.work_dir, bids_dir, "the work folder")
+        _refuse_inside(args.bids_database_dir, bids_dir, "the pybids database folder")
         if output_dir.exists() and not output_dir.is_dir():
             raise UsageError(f"{args.output_dir}: OUTPUT_DIR exists and is not a folder")
         if args.analysis_name is not None:
@@ -69,13 +69,15 @@ class Run:
         patterns = config.get("patterns", {})
         derivs = _named_paths(args.derivatives)
         roots = discover.dataset_roots(bids_dir, derivs, bool(patterns))
+        _refuse_input_as_output(args.output_dir, output_dir, roots, derivs)
         work = args.work_dir.resolve() / "bids_db" if args.work_dir else None
         return cls(
             args=args,
             command_line=command_line,
             bids_dir=bids_dir,
             output_dir=output_dir,
-            roots=[root for root in roots if root != output_dir],  # e.g. derivatives/greyarray
+            # derivatives/greyarray, an earlier run's output, is not an input
+            roots=[root for root in roots if root != output_dir] or [bids_dir],
             queries=queries,
             patterns=patterns,
             subjects=discover.participant_labels(args.participant_label),
@@ -100,21 +102,11 @@ class Run:
         """The selected maps, grouped and named (names stable across runs, see discover)."""
         found = self._from_manifests() if level == "group" else None
         if found is None:
-            found = []
-            for root in self.roots:
-                log.info("Indexing %s", root)
-                found += discover.discover(
-                    [root],
-                    self.subjects,
-                    self.sessions,
-                    self.queries or None,
-                    self.patterns,
-                    self.database_dir,
-                )
+            found = self._discover()
         self._check_selection(found)
         wanted = self.args.scalar or []
         naming = discover.name_scalars(
-            found, discover.coverage(self.roots), self.known_names(found), wanted
+            found, discover.coverage(self.roots), self.known_names(), wanted
         )
         for name, files in naming.skipped.items():
             subjects = sorted({f"sub-{f.subject}" for f in files})
@@ -139,24 +131,70 @@ class Run:
             log.info("Scalar %s: %d files, e.g. %s", name, len(files), files[0].relative)
         return naming
 
-    def known_names(self, found: list[discover.Found]) -> dict[str, tuple]:
-        """Names earlier runs gave to kinds of maps: the group outputs' first, then the
-        participant manifests'. R scripts use these names: they must not change."""
-        known: dict[str, tuple] = {}
-        for item in found:
-            if item.recorded_name and item.recorded_name not in known:
-                known[item.recorded_name] = item.key()
+    def _discover(self) -> list[discover.Found]:
+        """Index the inputs; gzipped CIFTI names are reported (never read): an error when
+        nothing else was found, a warning naming them otherwise."""
+        found: list[discover.Found] = []
+        gzipped: list[Path] = []
+        for root in self.roots:
+            log.info("Indexing %s", root)
+            found += discover.discover(
+                [root],
+                self.subjects,
+                self.sessions,
+                self.queries or None,
+                self.patterns,
+                self.database_dir,
+                gzipped,
+            )
+        if not gzipped:
+            return found
+        gzipped = sorted(set(gzipped))
+        what = (
+            f"{len(gzipped)} gzipped CIFTI file(s) (.nii.gz), e.g. {gzipped[0]}: gzipped NIfTI "
+            "is not CIFTI-2, whose files are never compressed (gunzip them to use them)"
+        )
+        if not found:
+            raise DataError(f"found only {what}")
+        subjects = sorted({discover.subject_of(path) for path in gzipped})
+        log.warning("Left out %s; participant(s): %s", what, ", ".join(subjects))
+        return found
+
+    def known_names(self) -> dict[str, tuple]:
+        """Names earlier runs gave to kinds of maps: the participant manifests' of OUTPUT_DIR
+        (every job's, so that a later job names maps as earlier ones did), then the group
+        outputs'. R scripts use these names: they must not change. A name recorded for two
+        kinds of maps (manifests of older versions, edited files) is reported by name."""
+        recorded: dict[str, dict[tuple, list[str]]] = {}
+        for path in sorted(self.output_dir.glob(MANIFEST.format("*"))):
+            for name, key in _recorded_names(path):
+                recorded.setdefault(name, {}).setdefault(key, []).append(path.parent.name)
+        known = {}
+        for name, keys in recorded.items():
+            ranked = sorted(keys.items(), key=lambda pair: -len(pair[1]))
+            known[name] = ranked[0][0]
+            for key, subjects in ranked[1:]:
+                _warn_two_meanings(name, known[name], key, f"manifests of {_list(subjects)}")
         for sidecar in sorted(self.group_dir.glob("desc-*_modelarray.json")):
             try:
                 meta = json.loads(sidecar.read_text())
-                known[meta["Scalar"]] = tuple(tuple(pair) for pair in meta["Key"])
+                name, key = meta["Scalar"], tuple(tuple(pair) for pair in meta["Key"])
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # written by GreyArray 0.1.0 (no key) or damaged: not binding
+            if name in known and known[name] != key:
+                _warn_two_meanings(name, key, known[name], "participant manifests")
+            known[name] = key
         return known
 
     def _from_manifests(self) -> list[discover.Found] | None:
         """The participant level's findings, if every subject folder of the inputs has a
-        manifest made with the same selection; None means: discover again."""
+        manifest made from these inputs with the same selection; None means: discover again.
+
+        Manifests made from another BIDS_DIR (compared as resolved paths) are not used: the
+        group level converts the BIDS_DIR it is given (a copy, or the same data under another
+        mount point in a container), with a warning naming both folders. Manifests made with
+        --scalar cover only those scalars: a group run asking for others (or for all) discovers
+        again, so that its result does not depend on the participant level's filter."""
         subjects = self.subjects or sorted(
             {p.name[4:] for root in self.roots for p in root.glob("sub-*") if p.is_dir()}
         )
@@ -170,12 +208,9 @@ class Run:
             except (OSError, ValueError):
                 log.info("%s cannot be read: discovering again", path)
                 return None
-            if manifest.get("selection") != self.selection():
-                log.info("%s was made with other filters: discovering again", path)
+            if not self._usable(path, manifest):
                 return None
-            entries = [(e, True) for e in manifest["files"]]
-            entries += [(e, False) for e in manifest.get("skipped", [])]
-            for entry, checked in entries:
+            for entry in manifest["files"] + manifest.get("skipped", []):
                 item = discover.Found(
                     Path(entry["dataset"]) / entry["path"],
                     Path(entry["dataset"]),
@@ -183,7 +218,6 @@ class Run:
                     entry["session"],
                     entry["entities"],
                     entry["query"],
-                    entry["scalar"] if entry["query"] is None and checked else None,
                 )
                 if not item.path.is_file():
                     log.info("%s is gone: discovering again", item.path)
@@ -192,20 +226,50 @@ class Run:
         log.info("Using the manifests of %d participants (participant level)", len(paths))
         return found
 
+    def _usable(self, path: Path, manifest: dict) -> bool:
+        """Whether a manifest describes what this group run would find (see _from_manifests)."""
+        if manifest.get("selection") != self.selection():
+            log.info("%s was made with other filters: discovering again", path)
+            return False
+        datasets = {Path(e["dataset"]) for e in manifest["files"] + manifest.get("skipped", [])}
+        if not datasets <= set(self.roots):
+            made_from = manifest.get("bids_dir") or ", ".join(sorted(map(str, datasets)))
+            log.warning(
+                "The manifests in %s were made from %s, not from BIDS_DIR %s: discovering in "
+                "%s (the participant reports describe the other folder's files)",
+                self.output_dir,
+                made_from,
+                self.bids_dir,
+                self.bids_dir,
+            )
+            return False
+        if "scalar_filter" not in manifest:  # GreyArray < 0.2: filter not recorded
+            log.info("%s does not record its --scalar filter: discovering again", path)
+            return False
+        limited, wanted = manifest["scalar_filter"], self.args.scalar
+        if limited and not (wanted and set(wanted) <= set(limited)):
+            log.info("%s covers only --scalar %s: discovering again", path, " ".join(limited))
+            return False
+        return True
+
     def _check_selection(self, found: list[discover.Found]) -> None:
+        """Every selected participant and session has maps; all missing ones are named."""
         where = ", ".join(map(str, self.roots))
-        for subject in self.subjects or []:
-            mine = [item for item in found if item.subject == subject]
-            if not mine and self.sessions:
-                raise discover.NoFilesError(
-                    f"participant {subject} has no maps in session(s) "
-                    f"{', '.join(self.sessions)} in {where}"
-                )
-            if not mine:
-                raise discover.NoFilesError(f"participant {subject} was not found in {where}")
-        for session in self.sessions or []:
-            if not any(item.session == session for item in found):
-                raise discover.NoFilesError(f"session {session} was not found in {where}")
+        subjects = {item.subject for item in found}
+        missing = [s for s in self.subjects or [] if s not in subjects]
+        if missing and self.sessions:
+            raise discover.NoFilesError(
+                f"{_few('participant', missing)} no maps in session(s) "
+                f"{', '.join(self.sessions)} in {where}"
+            )
+        if missing:
+            raise discover.NoFilesError(
+                f"{_few('participant', missing, 'was')} not found in {where}"
+            )
+        sessions = {item.session for item in found}
+        missing = [s for s in self.sessions or [] if s not in sessions]
+        if missing:
+            raise discover.NoFilesError(f"{_few('session', missing, 'was')} not found in {where}")
         if not found:
             filters = {
                 "participant_label": self.subjects,
@@ -322,6 +386,73 @@ def _to_file(level: int, message: str) -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
+
+
+def _recorded_names(path: Path) -> list[tuple[str, tuple]]:
+    """(name, entity key) of the maps a manifest named after their entities (not those of a
+    query or pattern); an unreadable manifest records nothing."""
+    try:
+        manifest = json.loads(path.read_text())
+        return [
+            (e["scalar"], discover.key_of(e["entities"]))
+            for e in manifest["files"]
+            if e["query"] is None
+        ]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
+def _warn_two_meanings(name: str, kept: tuple, other: tuple, where: str) -> None:
+    """A scalar name recorded for two kinds of maps: say which meaning is kept."""
+    log.warning(
+        "Scalar %s names two kinds of maps in OUTPUT_DIR: %s, but %s in the %s; it keeps "
+        "naming the first (run the participant level again for those participants)",
+        name,
+        _entities(kept),
+        _entities(other),
+        where,
+    )
+
+
+def _entities(key: tuple) -> str:
+    return "_".join(f"{k}-{v}" for k, v in key if k not in ("extension", "suffix")) or str(key)
+
+
+def _list(labels: list[str], shown: int = 5) -> str:
+    more = f" and {len(labels) - shown} more" if len(labels) > shown else ""
+    return ", ".join(labels[:shown]) + more
+
+
+def _few(noun: str, labels: list[str], verb: str = "has", shown: int = 5) -> str:
+    """``participant 98 has`` / ``3 participants have: 97, 98, 99`` (the first few, then how
+    many more): every missing label is counted, a long list is not printed whole."""
+    plural = {"has": "have", "was": "were"}[verb]
+    if len(labels) == 1:
+        return f"{noun} {labels[0]} {verb}"
+    return f"{len(labels)} {noun}s ({_list(labels, shown)}) {plural}"
+
+
+def _refuse_inside(path: Path | None, bids_dir: Path, what: str) -> None:
+    """Folders GreyArray writes must not be inside BIDS_DIR: they would become inputs."""
+    if path is not None and path.resolve().is_relative_to(bids_dir):
+        raise UsageError(f"{path}: {what} must not be inside BIDS_DIR")
+
+
+def _refuse_input_as_output(
+    given: Path, output_dir: Path, roots: list[Path], derivs: dict[str, Path]
+) -> None:
+    """OUTPUT_DIR may be a dataset of the inputs only if GreyArray made it (derivatives/
+    greyarray of an earlier run, then left out of the inputs); another one is an input."""
+    if output_dir not in roots and output_dir not in derivs.values():
+        return
+    generated = discover.load_description(output_dir).get("GeneratedBy") or [{}]
+    first = generated[0] if isinstance(generated, list) and generated else {}
+    own = isinstance(first, dict) and str(first.get("Name", "")).lower() == "greyarray"
+    if output_dir in derivs.values() or not own:
+        raise UsageError(
+            f"{given}: OUTPUT_DIR must not be an input dataset (derivatives of BIDS_DIR): "
+            "outputs would mix with inputs"
+        )
 
 
 def _named_paths(items: list[str]) -> dict[str, Path]:
