@@ -320,6 +320,90 @@ def test_output_that_is_an_input_is_refused_even_with_overwrite(which, cohort, t
     assert digest(cohort.parent) == before
 
 
+def test_disk_full_before_fit_lm_writes_its_results(exported, tmp_path):
+    """fit-lm writes into the user's HDF5: with too little room it must not start (a disk that
+    fills midway grows the file with a half-written group, and HDF5 crashed on closing it)."""
+    h5, cohort = exported
+    room = f"{(h5.stat().st_size >> 10) + 2048}k"  # the file and 2 MB; results need ~7 MB
+    with tmpfs(tmp_path / "small", room) as small:
+        copy = small / "thickness.h5"
+        copy.write_bytes(h5.read_bytes())
+        with __import__("h5py").File(copy, "a") as file:
+            del file["results"]
+        before = digest(small)
+        fit = ["fit-lm", "--input-hdf5", copy, "--cohort-file", cohort, "--formula"]
+        done = run(*fit, "thickness ~ age", "--analysis-name", "new")
+        assert done.returncode == 73, done.stderr
+        assert "not enough free space to write results/new" in one_error_line(done.stderr)
+        assert digest(small) == before
+
+
+@pytest.mark.parametrize("which", ["hdf5", "cohort", "source", "folder", "fifo"])
+def test_report_path_is_checked_before_any_work(which, exported, tmp_path):
+    """--report over an input (or a folder, a FIFO) is refused before anything is written."""
+    h5, cohort = exported
+    work = tmp_path / "work"
+    work.mkdir()
+    copy = work / "thickness.h5"
+    copy.write_bytes(h5.read_bytes())
+    report = {
+        "hdf5": copy,
+        "cohort": cohort,
+        "source": cohort.parent / pd.read_csv(cohort)["source_file"][0],
+        "folder": work,
+        "fifo": work / "pipe.html",
+    }[which]
+    if which == "fifo":
+        os.mkfifo(report)
+    before, inputs = digest(work), digest(cohort.parent)
+    fit = ["fit-lm", "--input-hdf5", copy, "--cohort-file", cohort, "--formula", "thickness ~ age"]
+    export = ["export-results", "--analysis-name", "lm", "--input-hdf5", copy]
+    for args in ([*fit, "--analysis-name", "new"], [*export, "--output-dir", work / "maps"]):
+        done = run(*args, "--report", report)
+        assert done.returncode in (64, 73), done.stderr
+        one_error_line(done.stderr)
+        assert digest(work) == before and digest(cohort.parent) == inputs
+        assert not (work / "maps").exists()
+    if which == "fifo":
+        assert report.is_fifo()
+
+
+def test_a_device_or_fifo_is_never_replaced_by_an_output(cohort, tmp_path):
+    fifo = tmp_path / "out.h5"
+    os.mkfifo(fifo)
+    done = run("to-modelarray", "--cohort-file", cohort, "--output", fifo, "--overwrite")
+    assert done.returncode == 73
+    assert "is not a regular file (a device, FIFO or socket)" in one_error_line(done.stderr)
+    assert fifo.is_fifo()
+
+
+def test_a_signal_python_swallows_still_ends_the_run_with_its_code(monkeypatch, capsys):
+    """A SIGTERM raised inside a __del__ or weakref callback is swallowed by Python; the run
+    then goes on to its end, and must still exit 143 with one line (no 'Exception ignored')."""
+    import argparse
+
+    from greyarray import cli
+
+    class DiesOnCollection:
+        def __del__(self):
+            cli._raise_interrupted(signal.SIGTERM, None)
+
+    def command(args) -> int:
+        DiesOnCollection()  # collected at once: the exception is unraisable
+        return 0
+
+    def parser() -> argparse.ArgumentParser:
+        made = argparse.ArgumentParser()
+        made.add_argument("--log-level", default="INFO")
+        return made
+
+    monkeypatch.setitem(cli.COMMANDS, "export-results", (parser, command, "test"))
+    assert cli.main(["export-results"]) == 143
+    err = capsys.readouterr().err
+    assert "interrupted by SIGTERM as the run ended" in one_error_line(err)
+    assert "Exception ignored" not in err
+
+
 def test_pattern_whose_subject_captures_a_slash(tmp_path, template):
     from bids_datasets import hcp
 

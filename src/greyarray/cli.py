@@ -45,6 +45,20 @@ def _report_option(parser) -> None:
     )
 
 
+def check_report(report: Path | None, *inputs: Path | None) -> None:
+    """Before any work: ``--report`` names an .html file that may be (re)written, and none of
+    the inputs (a report written over the HDF5, the cohort or a map would destroy it)."""
+    if report is None:
+        return
+    from greyarray.io.fileio import check_output
+    from greyarray.io.names import refuse_inputs
+
+    if report.suffix.lower() not in (".html", ".htm"):
+        raise UsageError(f"{report}: --report names an HTML file (FILE.html)")
+    check_output(report, overwrite=True)
+    refuse_inputs([report], [p for p in inputs if p is not None])
+
+
 def write_report(h5: Path, cohort: Path | None, report: Path, thresholds=None) -> None:
     """The group report of one HDF5 file; flagged subjects are logged (never dropped)."""
     from greyarray.report import GroupInput, Thresholds, group_report
@@ -280,6 +294,7 @@ def run_export_results(args: argparse.Namespace) -> int:
 
     _refuse_unsupported(args)
     check_name("analysis", args.analysis_name)
+    check_report(args.report, args.input_hdf5, args.cohort_file, args.example_file)
     template = args.example_file
     if args.cohort_file is not None:
         from greyarray.io.cohort import first_source
@@ -428,6 +443,7 @@ def run_fit_lm(args: argparse.Namespace) -> int:
     from greyarray.stats.names import MODEL_STATS, TERM_STATS
 
     permutations = permutation_options(args)
+    check_report(args.report, args.input_hdf5, args.cohort_file)
     columns = fit_lm(
         args.input_hdf5,
         args.cohort_file,
@@ -575,22 +591,41 @@ def configure_logging(level: str) -> None:
     )
 
 
+_RECEIVED: list[Interrupted] = []  # signals received during this run
+
+
 def _raise_interrupted(signum: int, _frame) -> None:
-    raise Interrupted(signum, SIGNALS.get(signum, f"signal {signum}"))
+    interrupted = Interrupted(signum, SIGNALS.get(signum, f"signal {signum}"))
+    _RECEIVED.append(interrupted)
+    raise interrupted
+
+
+def _unraisable(hook):
+    """Python swallows an exception raised where it cannot propagate (a weakref callback, a
+    __del__): an Interrupted lost there is not printed; main() still ends with its code."""
+
+    def quiet(info) -> None:
+        if not isinstance(info.exc_value, Interrupted):
+            hook(info)
+
+    return quiet
 
 
 @contextmanager
 def signals_end_the_run() -> Iterator[None]:
     """SIGTERM and SIGHUP end the run as Ctrl-C does: by an exception, so cleanup runs."""
-    previous = {}
+    previous, hook = {}, sys.unraisablehook
+    _RECEIVED.clear()
     for signum in SIGNALS:
         with suppress(ValueError):  # not the main thread (e.g. a test's thread)
             previous[signum] = signal.signal(signum, _raise_interrupted)
+    sys.unraisablehook = _unraisable(hook)
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        sys.unraisablehook = hook
 
 
 def _file_handlers() -> list[logging.FileHandler]:
@@ -640,7 +675,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     with signals_end_the_run():
         try:
-            return _dispatch(argv, started)
+            code = _dispatch(argv, started)
+            if _RECEIVED:  # raised where Python swallowed it: the run went on to its end
+                sig = _RECEIVED[0]
+                return fail(f"interrupted by {sig.name} as the run ended", sig.exit_code)
+            return code
         except GreyArrayError as err:
             return fail(str(err), err.exit_code)
         except Interrupted as sig:

@@ -80,6 +80,8 @@ def check_output(path: Path, overwrite: bool) -> None:
     """Fail early (before any work) when ``path`` cannot be an output file."""
     if path.is_dir():
         raise OutputError(f"{path}: is a folder; give a file name")
+    if path.exists() and not path.is_file():  # a device, FIFO or socket is never replaced
+        raise OutputError(f"{path}: is not a regular file (a device, FIFO or socket)")
     if not overwrite and (path.exists() or path.is_symlink()):
         raise OutputError(f"{path}: output exists; use --overwrite to replace it")
 
