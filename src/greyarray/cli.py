@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from greyarray.errors import GreyArrayError, Interrupted, UsageError
+from greyarray.errors import GreyArrayError, Interrupted, UsageError, one_line
 from greyarray.options import (
     Parser,
     add_logging,
@@ -656,12 +656,13 @@ def _log_outcome(message: str, code: int, crash: bool) -> str | None:
 
 
 def fail(message: str, code: int, unexpected: bool = False) -> int:
-    """One line for the user; the traceback in the log (and on stderr with DEBUG logging)."""
+    """One line for the user (escaped and bounded: it may quote any CSV field); the full message
+    and the traceback in the log (and the traceback on stderr with DEBUG logging)."""
     where = _log_outcome(message, code, crash=unexpected)
     if unexpected and logging.getLogger().isEnabledFor(logging.DEBUG):
         traceback.print_exc()
     suffix = f" (details in {where})" if where and unexpected else ""
-    print(f"greyarray: error: {message}{suffix}", file=sys.stderr)
+    print(f"greyarray: error: {one_line(message)}{suffix}", file=sys.stderr)
     return code
 
 

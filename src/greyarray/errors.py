@@ -4,6 +4,15 @@ The CLI prints ``greyarray: error: <message>`` and exits with ``exit_code``; no 
 these describe the user's input, not a bug.
 """
 
+from __future__ import annotations
+
+import re
+
+LINE_LIMIT = 2000  # characters of the whole error line
+VALUE_LIMIT = 400  # characters of one unbroken value (a path, a CSV field) inside it
+_LONG_VALUE = re.compile(rf"\S{{{VALUE_LIMIT + 1},}}")
+_NOT_ASCII_TEXT = re.compile(r"[^ -~]")
+
 
 class GreyArrayError(Exception):
     """A problem with the user's input or environment (exit 1 unless a subclass says otherwise)."""
@@ -55,3 +64,26 @@ class Interrupted(BaseException):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+def one_line(message: str) -> str:
+    """``message`` as one bounded terminal line: user values (CSV fields, paths) may hold
+    newlines, NULs, escape sequences or megabytes, and a message built from them must still be
+    one readable line. Control and other unprintable characters are escaped as repr escapes them,
+    each over-long value keeps its start and end, and the whole line stays <= LINE_LIMIT."""
+    message = _LONG_VALUE.sub(lambda m: shorten(m.group(), VALUE_LIMIT), message)
+    message = _NOT_ASCII_TEXT.sub(_escape, message)
+    return shorten(message, LINE_LIMIT)
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters in the middle (the end of a path names the file)."""
+    if len(text) <= limit:
+        return text
+    tail = limit // 3
+    return f"{text[: limit - tail - 1]}\u2026{text[-tail:]}"
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return char if char.isprintable() else repr(char)[1:-1]

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from greyarray.errors import UsageError
+from greyarray.errors import UsageError, one_line
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -39,7 +39,7 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.print_usage(sys.stderr)
-        self.exit(UsageError.exit_code, f"{self.prog}: error: {message}\n")
+        self.exit(UsageError.exit_code, f"{self.prog}: error: {one_line(message)}\n")
 
 
 def default_nprocs() -> int:

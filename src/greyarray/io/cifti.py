@@ -208,7 +208,8 @@ class CiftiFile:
 
     def _scaled(self, values: np.ndarray) -> np.ndarray:
         if self.scale is not None:
-            values = values * self.scale[0] + self.scale[1]
+            with np.errstate(over="ignore", invalid="ignore"):  # inf: counted as non-finite
+                values = values * self.scale[0] + self.scale[1]
         return values
 
     @property
@@ -598,6 +599,16 @@ def _fmt(value) -> str:
     return str(np.asarray(value).tolist())
 
 
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def xml_text(text: str) -> str:
+    """``text`` with the characters XML 1.0 forbids even escaped (most C0 controls, lone
+    surrogates, U+FFFE/U+FFFF) replaced by U+FFFD: a map name may come from any HDF5 string,
+    and one such character makes the whole file unreadable to nibabel and wb_command."""
+    return _NOT_XML.sub("\ufffd", text)
+
+
 class CiftiWriter:
     """Write many single-map CIFTI files sharing one geometry, without nibabel per file.
 
@@ -621,7 +632,7 @@ class CiftiWriter:
             else (
                 b'<MatrixIndicesMap AppliesToMatrixDimension="0" '
                 b'IndicesMapToDataType="CIFTI_INDEX_TYPE_SCALARS"><NamedMap><MapName>'
-                + html.escape(name, quote=False).encode("utf-8")
+                + html.escape(xml_text(name), quote=False).encode("utf-8")
                 + b"</MapName></NamedMap></MatrixIndicesMap>"
             )
         )
@@ -634,7 +645,8 @@ class CiftiWriter:
 
     def encode(self, values: np.ndarray, name: str = "") -> bytes:
         """The bytes of a CIFTI-2 file holding ``values`` (one map; pconn: rows*cols, row-major)."""
-        with np.errstate(invalid="ignore"):  # R's NA (a signalling NaN) stays NaN
+        # R's NA (a signalling NaN) stays NaN; beyond float32's range becomes inf, no warning
+        with np.errstate(invalid="ignore", over="ignore"):
             values = np.asarray(values, dtype=np.float32)
         if values.size != self.geometry.n_elements:
             raise ValueError(f"{values.size} values for {self.geometry.n_elements} elements")

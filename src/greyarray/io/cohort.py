@@ -9,13 +9,17 @@ is opened relative to the CSV's folder, never the current directory.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import logging
 import os
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from greyarray.errors import DataError, MissingInputError, UsageError
 from greyarray.io import inputs
@@ -110,10 +114,11 @@ def first_source(csv: Path) -> Path:
     if not table.is_file():
         raise MissingInputError(f"{table}: cohort file not found")
     try:
-        with open(table, newline="", encoding="utf-8-sig") as handle:
+        with open(table, newline="", encoding="utf-8-sig") as handle, _any_field_size():
             reader = csvlib.DictReader(handle)
             if not reader.fieldnames or "source_file" not in reader.fieldnames:
                 raise DataError(f"{table}: no column 'source_file'")
+            check_header(table, reader.fieldnames)
             row = next(reader, None)
     except (UnicodeDecodeError, csvlib.Error) as err:
         raise DataError(f"{table}: cannot read as CSV ({err})") from None
@@ -121,7 +126,7 @@ def first_source(csv: Path) -> Path:
         raise DataError(f"{table}: cohort has no source_file in its first row")
     folder = str(table.parent)
     path = Path(resolve_source(folder, row["source_file"]))
-    if not path.exists():
+    if not os.path.exists(path):  # False, not OSError, for a name too long for the system
         places = source_candidates(folder, row["source_file"])
         raise MissingInputError(missing_source(table, row["source_file"], places))
     return path
@@ -149,6 +154,9 @@ def read_csv_table(
     with inputs.open_regular(Path(path), what) as (fd, _), os.fdopen(os.dup(fd), "rb") as handle:
         try:
             table = pd.read_csv(handle, sep=sep, encoding="utf-8", **options)
+            if options.get("header", "infer") == "infer" and "names" not in options:
+                handle.seek(0)
+                check_header(path, _header(handle, sep))
         except UnicodeDecodeError:
             raise DataError(f"{path}: cannot read as {kind} (not UTF-8 text)") from None
         except (ValueError, csv.Error) as err:  # pandas' ParserError, EmptyDataError
@@ -157,6 +165,41 @@ def read_csv_table(
     if table.empty and not allow_empty:
         raise DataError(f"{path}: {'cohort' if 'cohort' in what else kind} has no rows")
     return table
+
+
+def check_header(path: Path, names: Sequence[str]) -> None:
+    """Refuse a header that names a column twice: readers disagree on which copy counts (the
+    csv module keeps the last, pandas the first, renaming the other), so neither is safe."""
+    seen: dict[str, int] = {}
+    for number, name in enumerate(names, 1):
+        if name in seen:
+            raise DataError(
+                f"{path}: column {name!r} appears twice in the header (columns {seen[name]} "
+                f"and {number}); rename or remove one"
+            )
+        seen[name] = number
+
+
+def _header(handle: BinaryIO, sep: str) -> list[str]:
+    """The header fields of a table pandas has read (first non-blank record, as pandas skips
+    blank lines; a BOM dropped as pandas drops it)."""
+    text = io.TextIOWrapper(handle, encoding="utf-8-sig", newline="")
+    try:
+        with _any_field_size():
+            return next((row for row in csv.reader(text, delimiter=sep) if row), [])
+    finally:
+        text.detach()  # the caller closes the handle
+
+
+@contextlib.contextmanager
+def _any_field_size() -> Iterator[None]:
+    """Lift the csv module's 128 KiB field limit, which pandas does not have: both readers
+    must see the same fields (a huge one is then reported as a missing file, shortened)."""
+    limit = csv.field_size_limit(sys.maxsize)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(limit)
 
 
 def _require(path: Path, table: pd.DataFrame, columns, hint: str) -> None:
@@ -169,7 +212,17 @@ def _require(path: Path, table: pd.DataFrame, columns, hint: str) -> None:
 
 
 def _melt(path: Path, table: pd.DataFrame, scalar_columns: list[str]) -> pd.DataFrame:
+    repeated = next((c for i, c in enumerate(scalar_columns) if c in scalar_columns[:i]), None)
+    if repeated is not None:
+        raise UsageError(f"--scalar-columns names {repeated!r} twice; give each column once")
     _require(path, table, scalar_columns, "check --scalar-columns")
+    reserved = [c for c in table.columns if c in REQUIRED]
+    if reserved:  # melting writes these two columns: an existing one would be ambiguous
+        raise DataError(
+            f"{path}: a wide cohort (--scalar-columns) cannot have a column "
+            f"{' or '.join(map(repr, reserved))}, the long format's; rename it, or drop "
+            "--scalar-columns for a long cohort"
+        )
     rest = [c for c in table.columns if c not in scalar_columns and c not in REQUIRED]
     long = table.melt(
         id_vars=rest, value_vars=scalar_columns, var_name="scalar_name", value_name="source_file"

@@ -206,12 +206,12 @@ def _element_ids(column: np.ndarray, where: str, n_elements: int) -> np.ndarray:
         ids = column.astype(np.float64)
     if not np.isfinite(ids).all() or (ids != np.round(ids)).any():
         raise DataError(f"{where} element_id has non-integer values")
-    ids = ids.astype(np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= n_elements):
-        raise DataError(
-            f"{where} element_id spans {ids.min()}..{ids.max()}, outside the geometry's "
-            f"0..{n_elements - 1}"
+    if ids.size and (ids.min() < 0 or ids.max() >= n_elements):  # checked before the cast
+        raise DataError(  # to int64, which would wrap (and warn about) a uint64's 2**64 - 1
+            f"{where} element_id spans {ids.min():.0f}..{ids.max():.0f}, outside the "
+            f"geometry's 0..{n_elements - 1}"
         )
+    ids = ids.astype(np.int64)
     if ids.size and np.bincount(ids, minlength=n_elements).max() > 1:
         raise DataError(f"{where} element_id has duplicates")
     return ids
