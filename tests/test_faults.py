@@ -65,11 +65,15 @@ def exported(cohort, tmp_path_factory):
 
     h5 = tmp_path_factory.mktemp("h5") / "thickness.h5"
     quiet = ["--log-level", "ERROR"]
+    root = __import__("logging").getLogger()
+    level, handlers = root.level, list(root.handlers)  # set up before _restore_logging runs
     assert (
         cli.main(["to-modelarray", "--cohort-file", str(cohort), "--output", str(h5), *quiet]) == 0
     )
     fit = ["fit-lm", "--input-hdf5", str(h5), "--cohort-file", str(cohort), "--formula"]
     assert cli.main([*fit, "thickness ~ age", *quiet]) == 0
+    root.setLevel(level)
+    root.handlers[:] = handlers
     return h5, cohort
 
 
