@@ -26,6 +26,7 @@ from greyarray.options import (
     Parser,
     add_logging,
     add_nprocs,
+    non_negative_int,
     option,
     permutation_options,
     reference_levels,
@@ -418,7 +419,9 @@ def _permutation_options(parser) -> None:
         help="cohort column whose blocks are permuted whole (e.g. participant_id with "
         "sessions); blocks must have one size",
     )
-    group.add_argument("--seed", type=int, default=0, help="seed of the random permutations")
+    group.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of the random permutations"
+    )
     shards = group.add_mutually_exclusive_group()
     option(
         shards,

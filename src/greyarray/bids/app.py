@@ -16,7 +16,7 @@ from pathlib import Path
 
 from greyarray import __version__
 from greyarray.errors import GreyArrayError
-from greyarray.options import Parser, add_nprocs, reference_levels
+from greyarray.options import Parser, add_nprocs, non_negative_int, reference_levels
 
 log = logging.getLogger("greyarray")
 
@@ -183,7 +183,10 @@ def build_parser(commands: str = "") -> Parser:
         "participant_id when participants have several sessions",
     )
     model.add_argument(
-        "--seed", type=int, default=0, help="with --permutations: seed of the random permutations"
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="with --permutations: seed of the random permutations",
     )
     model.add_argument(
         "--gam-method",

@@ -18,6 +18,8 @@ import numpy as np
 from greyarray.bids import citation, derivatives, group, reports
 from greyarray.bids.run import Run
 from greyarray.errors import DataError, MissingInputError, OutputError, UsageError
+from greyarray.io.fileio import check_writable
+from greyarray.io.h5read import read_scalar
 from greyarray.io.inputs import open_hdf5
 from greyarray.options import permutation_options
 
@@ -90,9 +92,9 @@ def _fitter(settings: Run, formula: str, smooth: bool):
 
 def _check_can_fit(h5: Path, scalar: str, analysis: str, overwrite: bool) -> None:
     """Fail before anything is written when the fit could not be stored."""
+    check_writable(h5)
     with open_hdf5(h5) as file:
-        if f"scalars/{scalar}/values" not in file:
-            raise DataError(f"{h5}: holds no scalar {scalar!r}")
+        read_scalar(file, scalar)
         if f"results/{analysis}" in file and not overwrite:
             raise OutputError(
                 f"{h5}: results/{analysis} exists; use --overwrite to fit it again, or "
@@ -173,7 +175,7 @@ def _about(h5, analysis: str, meta: dict) -> dict:
             record = json.loads(group_.attrs["greyarray_about"])
         except (TypeError, ValueError):
             record = {}
-    n = h5[f"scalars/{meta['Scalar']}/values"].shape[0]
+    n = len(read_scalar(h5, meta["Scalar"]).names)
     about = {
         "Model": record.get(
             "formula", "not recorded (fitted outside GreyArray, e.g. by ModelArray in R)"

@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 
 from greyarray.errors import DataError
-from greyarray.io import cifti, store
+from greyarray.io import cifti, h5read, store
 from greyarray.io.cifti import CiftiWriter, Geometry
 from greyarray.io.fileio import remove_stale_temporaries, staging
 from greyarray.io.inputs import open_hdf5
@@ -103,7 +103,7 @@ def read_results(h5: h5py.File, analysis: str, n_elements: int) -> Results:
     matrix = group.get("results_matrix")
     if not isinstance(matrix, h5py.Dataset):
         raise DataError(f"{where} has no results_matrix dataset")
-    dtype = _dtype(matrix, f"{where}/results_matrix")
+    dtype = h5read.dtype_of(matrix, f"{where}/results_matrix")
     if dtype.kind not in "fiu" or dtype.names is not None:
         raise DataError(f"{where}/results_matrix holds {dtype}, not numbers")
     names = _column_names(group, matrix, where)
@@ -154,9 +154,9 @@ def _column_names(group: h5py.Group, matrix: h5py.Dataset, where: str) -> list[s
             value = matrix.attrs["colnames"]
         except (OSError, TypeError, ValueError):
             raise DataError(f"{where}/results_matrix colnames cannot be read as strings") from None
-        names = _decode(value, f"{where}/results_matrix colnames")
-    elif "column_names" in group:
-        names = _strings(group["column_names"], f"{where}/column_names")
+        names = h5read.decode(value, f"{where}/results_matrix colnames")
+    elif (dataset := h5read.member(group, "column_names", where)) is not None:
+        names = _strings(dataset, f"{where}/column_names")
     else:
         raise DataError(
             f"{where} has no column names (neither a colnames attribute nor a column_names dataset)"
@@ -171,33 +171,7 @@ def _column_names(group: h5py.Group, matrix: h5py.Dataset, where: str) -> list[s
 
 def _strings(dataset, where: str) -> list[str]:
     """A 1-D dataset of at most MAX_COLUMNS strings, checked before it is read."""
-    if not isinstance(dataset, h5py.Dataset):
-        raise DataError(f"{where} is a group, not a dataset of names")
-    if dataset.size > MAX_COLUMNS or len(dataset.shape) > 1:
-        raise DataError(f"{where} has shape {dataset.shape}, not a list of names")
-    dtype = _dtype(dataset, where)
-    if dtype.kind != "S" and h5py.check_string_dtype(dtype) is None:
-        raise DataError(f"{where} holds {dtype}, not strings")
-    return _decode(dataset[()], where)
-
-
-def _dtype(dataset: h5py.Dataset, where: str) -> np.dtype:
-    try:
-        return dataset.dtype
-    except TypeError:  # an HDF5 type NumPy has no equivalent for
-        raise DataError(f"{where} has a data type that is not numbers or strings") from None
-
-
-def _decode(values, where: str) -> list[str]:
-    """Strings from vlen or fixed-length (NUL-padded) HDF5 strings, trimmed as ModelArray does."""
-    out = []
-    for value in np.atleast_1d(values).ravel():
-        if isinstance(value, bytes):
-            value = value.decode("utf-8", "replace")
-        if not isinstance(value, str):
-            raise DataError(f"{where} holds {type(value).__name__} values, not strings")
-        out.append(value.rstrip("\x00").strip())
-    return out
+    return h5read.strings(dataset, where, MAX_COLUMNS)
 
 
 def _element_ids(column: np.ndarray, where: str, n_elements: int) -> np.ndarray:
@@ -251,7 +225,9 @@ def _check_modelarrayio_geometry(h5: h5py.File, geometry: Geometry, template: Pa
         if not isinstance(table, h5py.Dataset) or len(table.shape) != 2:
             raise DataError(f"{h5.filename}: greyordinates is not a 2-D dataset")
         count = table.shape[-1]
-        names = _decode(table.attrs.get("structure_names", []), f"{h5.filename}: greyordinates")
+        names = h5read.decode(
+            table.attrs.get("structure_names", []), f"{h5.filename}: greyordinates"
+        )
         if (
             geometry.kind != "dscalar"
             or count != geometry.n_elements

@@ -20,6 +20,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,6 +63,24 @@ def output_failure(path: Path, err: BaseException) -> OutputError | None:
     if code in OUTPUT_ERRNOS:
         return OutputError(f"{path}: cannot write ({OUTPUT_ERRNOS[code]})")
     return None
+
+
+def check_writable(path: Path) -> None:
+    """Fail before any work when an existing regular file cannot be written in place (a
+    read-only file or file system, no permission): a fit that runs for minutes must not find
+    out at the end. Opening for writing without truncating changes nothing; a missing or
+    irregular file is left for the reader to report."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise output_failure(path, err) or OutputError(
+            f"{path}: cannot write ({err.strerror or err})"
+        ) from None
+    os.close(fd)
 
 
 def make_folder(folder: Path) -> None:

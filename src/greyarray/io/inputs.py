@@ -200,6 +200,8 @@ def _open_when_free(h5py, path: Path, mode: str, options: dict):
         except OSError as err:
             reason = _h5_reason(err)
             if reason != "locked by another program":
+                if mode != "r" and (failure := output_failure(path, err)):
+                    raise failure from None  # read-only: the output's problem (73)
                 if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
                     raise MissingInputError(
                         f"{path}: cannot open ({os.strerror(err.errno)})"

@@ -34,6 +34,7 @@ from greyarray.errors import DataError
 from greyarray.io import ciftixml
 from greyarray.io.cifti import Geometry, checked_geometry
 from greyarray.io.fileio import check_output, remove_stale_temporaries, replacing
+from greyarray.io.h5read import read_scalar
 from greyarray.io.inputs import open_hdf5
 from greyarray.io.names import refuse_inputs, safe_name, unique_files
 from greyarray.io.sources import Source, check_sources
@@ -336,9 +337,7 @@ def stored_inputs(h5_path: Path, scalar: str) -> StoredInputs:
     (DataError when the file is not such an HDF5; waits while another process writes it)."""
     with open_hdf5(h5_path) as h5:
         prov = f"greyarray/sources/{scalar}"
-        if f"scalars/{scalar}/column_names" not in h5:
-            raise DataError(f"{h5_path}: holds no scalar {scalar!r}")
-        names = list(h5[f"scalars/{scalar}/column_names"].asstr()[()])
+        names = read_scalar(h5, scalar).names
         sha = list(h5[f"{prov}/sha256"].asstr()[()]) if f"{prov}/sha256" in h5 else []
         storage = str(h5["greyarray"].attrs.get("storage", "")) if "greyarray" in h5 else ""
         results = h5.get("results")

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from greyarray.errors import DataError, MissingInputError
+from greyarray.io import h5read
 from greyarray.report import figures, plots, qc, stream
 from greyarray.report.html import (
     Anchors,
@@ -105,7 +106,7 @@ def group_report(
     for item in inputs:
         item = item if isinstance(item, GroupInput) else GroupInput(Path(item))
         with _open(item.h5) as h5:
-            scalars = list(h5.get("scalars", {}))
+            scalars = h5read.scalar_names(h5)
             if not scalars:
                 raise DataError(f"{item.h5}: no scalars/<name>/values (not a ModelArray file?)")
             layout = Layout.from_h5(h5)
@@ -213,10 +214,8 @@ def scalar_section(
     thresholds: Thresholds = Thresholds(),
     surface_kind: str = "inflated",
 ) -> tuple[Section, list[Outlier]]:
-    if f"scalars/{scalar}/values" not in h5 or f"scalars/{scalar}/column_names" not in h5:
-        raise DataError(f"{h5.filename}: scalars/{scalar} lacks values or column_names")
-    values = h5[f"scalars/{scalar}/values"]
-    names = list(h5[f"scalars/{scalar}/column_names"].asstr()[()])
+    stored = h5read.read_scalar(h5, scalar)
+    values, names = stored.values, stored.names
     n, g = values.shape
     stats = stream.scan(values)
     checks = qc.check_subjects(stats)

@@ -15,7 +15,8 @@ import h5py
 import numpy as np
 from nibabel.cifti2 import cifti2_axes
 
-from greyarray.io import mesh, store
+from greyarray.errors import DataError
+from greyarray.io import h5read, mesh, store
 from greyarray.io.cifti import Geometry
 
 
@@ -99,7 +100,10 @@ class Layout:
     def from_h5(cls, h5: h5py.File) -> Layout:
         """From the decoded geometry GreyArray stores (no XML parsing), else from ModelArrayIO's
         structure codes or parcel names."""
-        n = next(iter(h5["scalars"].values()))["values"].shape[1]
+        scalars = h5read.scalar_names(h5)
+        if not scalars:
+            raise DataError(f"{h5.filename}: no scalars/<name>/values (not a ModelArray file?)")
+        n = h5read.read_scalar(h5, scalars[0]).n_elements
         stored = h5.get("greyarray/geometry")
         if stored is not None and "structure" in stored:
             return _stored_dense(stored)

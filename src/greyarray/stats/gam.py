@@ -29,6 +29,8 @@ from tqdm import tqdm
 
 from greyarray.errors import DataError, OutputError, UsageError
 from greyarray.io.cohort import read_csv_table
+from greyarray.io.fileio import check_writable
+from greyarray.io.h5read import read_scalar
 from greyarray.io.inputs import open_hdf5
 from greyarray.io.names import check_name
 from greyarray.stats import gam_fit
@@ -441,18 +443,16 @@ def fit_gam(
         reduced_formula = parsed.without(written)
     scalar = scalar or parsed.response
     cohort = read_csv_table(cohort_path, "cohort file")
+    check_writable(h5_path)  # results go into the HDF5: refuse a read-only one before fitting
     with open_hdf5(h5_path) as h5:
-        if f"scalars/{scalar}/values" not in h5:
-            present = ", ".join(h5["scalars"]) if "scalars" in h5 else "none"
-            raise DataError(f"{h5_path}: no scalar {scalar!r} (scalars: {present})")
+        stored = read_scalar(h5, scalar)
         if f"results/{analysis}" in h5 and not overwrite:
             raise OutputError(f"{h5_path}: results/{analysis} exists; use --overwrite")
-        names = list(h5[f"scalars/{scalar}/column_names"].asstr()[()])
+        names, values = stored.names, stored.values
         phenotypes = match_cohort(cohort, names, scalar, cohort_path)
         models = [GamModel(parsed, phenotypes, method)]
         if reduced_formula is not None:
             models.append(GamModel(reduced_formula, phenotypes, method))
-        values = h5[f"scalars/{scalar}/values"]
         n_elements = values.shape[1]
         results = [Results(m, n_elements) for m in models]
         threshold = max(len(names) * lthr_rel, lthr_abs)

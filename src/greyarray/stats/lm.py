@@ -34,7 +34,9 @@ from tqdm import tqdm
 
 from greyarray.errors import DataError, OutputError, UsageError
 from greyarray.io.cohort import read_csv_table
-from greyarray.io.inputs import open_hdf5
+from greyarray.io.fileio import check_writable
+from greyarray.io.h5read import read_scalar
+from greyarray.io.inputs import check_present, open_hdf5
 from greyarray.io.names import check_name
 from greyarray.stats.names import (
     DEFAULT_MODEL_STATS,
@@ -62,8 +64,28 @@ class Design:
     references: dict[str, str] = field(default_factory=dict)  # factor -> reference level
 
 
+# What a formula may call besides its columns and formulaic's own transforms (C, I, poly,
+# center, scale, bs, ...): nothing of GreyArray's namespace (a constant, its logger) resolves.
+FORMULA_FUNCTIONS = {
+    "log": np.log,
+    "log2": np.log2,
+    "log10": np.log10,
+    "log1p": np.log1p,
+    "exp": np.exp,
+    "sqrt": np.sqrt,
+    "abs": np.abs,
+}
+
+
 def parse_formula(formula: str) -> tuple[str, str]:
-    """(response, right-hand side) of an R formula; the response may be `back-quoted`."""
+    """(response, right-hand side) of an R formula; the response may be `back-quoted`.
+
+    Names with a double underscore (``__import__``, ``__class__``) are refused: formulaic
+    evaluates terms as Python, and no column or R function needs them."""
+    if "__" in formula:
+        raise UsageError(
+            f"formula {formula!r}: names with a double underscore ('__') are not allowed"
+        )
     if formula.count("~") != 1:
         raise UsageError(
             f"formula {formula!r} needs exactly one '~' (e.g. 'thickness ~ age + sex')"
@@ -171,14 +193,15 @@ def build_design(
     _, rhs = parse_formula(formula)
     table, chosen = r_factors(formula, phenotypes, references)
     try:
-        matrix = model_matrix(_to_formulaic(rhs), table, na_action="drop")
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # NaN: missing
+            matrix = model_matrix(
+                _to_formulaic(rhs), table, na_action="drop", context=FORMULA_FUNCTIONS
+            )
     except (FormulaicError, NameError, KeyError, SyntaxError, ValueError, TypeError) as err:
-        names = ", ".join(phenotypes.columns)
-        raise DataError(
-            f"formula {formula!r}: {str(err).splitlines()[0]} (cohort columns: {names})"
-        ) from None
+        raise DataError(f"formula {formula!r}: {_formula_problem(err, phenotypes)}") from None
     rows = np.asarray(matrix.index, dtype=np.int64)
     columns = [r_name(c) for c in matrix.columns]
+    check_design(formula, table.iloc[rows], chosen, len(columns))
     if len(rows) < len(phenotypes):
         log.warning(
             "%d of %d subjects have a missing phenotype in %r and are left out, as lm "
@@ -192,6 +215,37 @@ def build_design(
     return Design(
         np.asarray(matrix, dtype=np.float64), columns, rows, "Intercept" in columns, chosen
     )
+
+
+def _formula_problem(err: Exception, phenotypes: pd.DataFrame) -> str:
+    """formulaic's error in a line: an unknown name is said as such, with the columns."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    unknown = re.search(r"`([^`]+)` is not present in the dataset", text)
+    if unknown:
+        text = f"unknown column {unknown.group(1)!r}"
+    return f"{text} (cohort columns: {', '.join(map(str, phenotypes.columns))})"
+
+
+def check_design(formula: str, used: pd.DataFrame, factors: dict[str, str], p: int) -> None:
+    """Refuse a model lm could not fit (R stops on each): no complete subject, more columns
+    than subjects, a factor with one level among the subjects used."""
+    if used.empty:
+        raise DataError(
+            f"formula {formula!r}: no subject has every value of the formula's columns "
+            "(a column is empty, or the missing values leave nobody)"
+        )
+    if p > len(used):
+        raise DataError(
+            f"formula {formula!r}: the design has {p} columns but only {len(used)} subjects"
+        )
+    for factor in factors:
+        levels = used[factor].dropna().unique()
+        if len(levels) < 2:
+            raise DataError(
+                f"formula {formula!r}: factor {factor!r} has only one level "
+                f"({', '.join(map(repr, map(str, levels)))}) among the subjects used; contrasts "
+                "need 2 or more levels (as R's lm)"
+            )
 
 
 def output_columns(
@@ -416,17 +470,18 @@ def fit_lm(
     response, _ = parse_formula(formula)
     scalar = scalar or response
     cohort = read_csv_table(cohort_path, "cohort file")
+    shard = permutations is not None and permutations.shard is not None
+    if permutations is not None and permutations.merge:
+        check_present(permutations.merge, "permutation shard")
+    if not shard:  # results go into the HDF5: refuse a read-only one before fitting
+        check_writable(h5_path)
     with open_hdf5(h5_path) as h5:
-        if f"scalars/{scalar}/values" not in h5:
-            present = ", ".join(h5["scalars"]) if "scalars" in h5 else "none"
-            raise DataError(f"{h5_path}: no scalar {scalar!r} (scalars: {present})")
-        shard = permutations is not None and permutations.shard is not None
+        stored = read_scalar(h5, scalar)
         if f"results/{analysis}" in h5 and not overwrite and not shard:
             raise OutputError(f"{h5_path}: results/{analysis} exists; use --overwrite")
-        names = list(h5[f"scalars/{scalar}/column_names"].asstr()[()])
+        names, values = stored.names, stored.values
         phenotypes = match_cohort(cohort, names, scalar, cohort_path)
         design = build_design(formula, phenotypes, reference_levels)
-        values = h5[f"scalars/{scalar}/values"]
         fitter = Fitter(design, len(names), values.shape[1], lthr_abs, lthr_rel)
         if permutations is not None:  # numba: imported only when asked for
             from greyarray.stats import permutation
@@ -435,7 +490,7 @@ def fit_lm(
             if shard and path.exists() and not overwrite:
                 raise OutputError(f"{path} exists; use --overwrite")
             prepared = permutation.prepare(
-                h5, scalar, phenotypes, design, permutations, fitter.threshold, cohort_path
+                h5, stored, phenotypes, design, permutations, fitter.threshold, cohort_path
             )
             if shard:
                 permutation.write_shard(prepared, permutations.shard, path)

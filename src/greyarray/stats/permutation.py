@@ -44,8 +44,9 @@ from scipy import special
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from greyarray.errors import DataError, OutputError, UsageError
+from greyarray.errors import DataError, MissingInputError, OutputError, UsageError
 from greyarray.io.fileio import replacing
+from greyarray.io.h5read import Scalar
 from greyarray.stats import tfce as tfce_module
 from greyarray.stats.compiled import compiled
 
@@ -603,11 +604,12 @@ class Prepared:
 
 
 def prepare(
-    h5: h5py.File, scalar: str, phenotypes, design, options, threshold: float, source
+    h5: h5py.File, stored: Scalar, phenotypes, design, options, threshold: float, source
 ) -> Prepared:
-    """Check the options against the data (TFCE geometry, blocks) and read the response."""
+    """Check the options against the data (TFCE geometry, blocks) and read the response
+    (``stored``: the scalar as io.h5read.read_scalar checked it)."""
     graph = tfce_module.greyordinate_graph(h5) if options.tfce else None
-    values = h5[f"scalars/{scalar}/values"]
+    scalar, values = stored.name, stored.values
     if graph is not None and graph.size != values.shape[1]:
         raise DataError(
             f"{h5.filename}: the stored geometry has {graph.size} greyordinates but "
@@ -700,6 +702,8 @@ def read_shards(files, problem: Problem, terms: list[Term]) -> list[tuple]:
             with np.load(path) as npz:
                 meta = json.loads(str(npz["meta"]))
                 arrays = {name: npz[name] for name in npz.files if name != "meta"}
+        except FileNotFoundError:
+            raise MissingInputError(f"{path}: permutation shard not found") from None
         except (OSError, ValueError, KeyError):
             raise DataError(f"{path}: not a greyarray permutation shard (.npz)") from None
         if meta.get("format") != FORMAT:
