@@ -512,3 +512,13 @@ def test_result_columns_that_collide_after_sanitising(exported, tmp_path):
     line = one_error_line(done.stderr)
     assert "columns 'a b.estimate' and 'a_b.estimate' would both be written to" in line
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_a_second_signal_never_interrupts_the_cleanup_of_the_first():
+    from greyarray import cli
+
+    with cli.signals_end_the_run():
+        with pytest.raises(cli.Interrupted):
+            cli._raise_interrupted(signal.SIGTERM, None)
+        cli._raise_interrupted(signal.SIGTERM, None)  # during cleanup: recorded, not raised
+        assert [s.name for s in cli._RECEIVED] == ["SIGTERM", "SIGTERM"]

@@ -270,3 +270,18 @@ def test_fit_then_export(tmp_path, writer91k):
     age = pd.read_csv(csv)["age"].to_numpy(float)
     expected = np.polyfit(age, values[:, 123].astype(float), 1)[0]
     assert np.isclose(slope[123], expected, rtol=1e-5)
+
+
+def test_a_covariate_near_floats_limit_is_fitted_by_every_model():
+    """R's rank test compares QR pivots with the column norms; squared naively, a covariate of
+    1e200 has an infinite norm and every element looked rank-deficient (all NaN)."""
+    from greyarray.stats import gam_fit, permutation
+    from greyarray.stats.linalg import column_norms
+
+    rng = np.random.default_rng(3)
+    x = np.column_stack([np.ones(20), rng.uniform(20, 60, 20)])
+    big = x * [1, 1e200]
+    assert np.allclose(column_norms(big) / [1, 1e200], np.linalg.norm(x, axis=0))
+    assert permutation._full_rank(big)
+    design = gam_fit.Design(big, slice(0, 2), [], True)
+    assert design.ok

@@ -598,9 +598,12 @@ _RECEIVED: list[Interrupted] = []  # signals received during this run
 
 
 def _raise_interrupted(signum: int, _frame) -> None:
+    """The first signal ends the run by an exception; later ones (a second Ctrl-C, SLURM's
+    repeated SIGTERM) are recorded but never interrupt the cleanup it started."""
     interrupted = Interrupted(signum, SIGNALS.get(signum, f"signal {signum}"))
     _RECEIVED.append(interrupted)
-    raise interrupted
+    if len(_RECEIVED) == 1:
+        raise interrupted
 
 
 def _unraisable(hook):

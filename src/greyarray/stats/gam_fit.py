@@ -22,6 +22,7 @@ import numpy as np
 from scipy import special
 
 from greyarray.stats.davies import psum_chisq
+from greyarray.stats.linalg import column_norms
 
 EPS = np.finfo(float).eps
 
@@ -64,7 +65,7 @@ class Design:
         n, p = self.X.shape
         self.Q, self.R = np.linalg.qr(self.X)
         diag = np.abs(np.diag(self.R))
-        norms = np.sqrt((self.X**2).sum(axis=0))
+        norms = column_norms(self.X)
         self.ok = bool(n > p and (diag > 1e-7 * np.maximum(norms, 1e-300)).all())
         if not self.ok:
             return

@@ -38,6 +38,7 @@ from greyarray.io.fileio import check_writable
 from greyarray.io.h5read import read_scalar
 from greyarray.io.inputs import check_present, open_hdf5
 from greyarray.io.names import check_name
+from greyarray.stats.linalg import column_norms
 from greyarray.stats.names import (
     DEFAULT_MODEL_STATS,
     DEFAULT_TERM_STATS,
@@ -319,7 +320,7 @@ class Fitter:
         p = x.shape[2]
         q, r = np.linalg.qr(x)
         diag = np.abs(np.diagonal(r, axis1=1, axis2=2))
-        norms = _column_norms(x)
+        norms = column_norms(x)
         ok = (diag > 1e-7 * norms).all(axis=1) & (n > p)  # R's lm: tolerance 1e-7
         if x.shape[0] == 1:
             ok = np.broadcast_to(ok, n.shape)
@@ -398,14 +399,6 @@ class Fitter:
         if "p.value" in model_stats:
             rows.append(p_adjust_fdr(self.model["p.value"]))
         return np.vstack(rows)
-
-
-def _column_norms(x: np.ndarray) -> np.ndarray:
-    """Euclidean norms of the design columns, x: (k, n, p) -> (k, p), scaled first so that a
-    covariate near float64's limit (1e300) is not squared to inf (as LAPACK's dnrm2 avoids)."""
-    scale = np.abs(x).max(axis=1, keepdims=True)
-    scale[scale == 0] = 1
-    return scale[:, 0] * np.sqrt(((x / scale) ** 2).sum(axis=1))
 
 
 def p_adjust_fdr(p: np.ndarray) -> np.ndarray:

@@ -49,6 +49,7 @@ from greyarray.io.fileio import replacing
 from greyarray.io.h5read import Scalar
 from greyarray.stats import tfce as tfce_module
 from greyarray.stats.compiled import compiled
+from greyarray.stats.linalg import column_norms
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +343,7 @@ def _group(keys: np.ndarray, design) -> list[Pattern]:
 def _full_rank(x: np.ndarray) -> bool:
     """R's lm criterion (QR pivots above 1e-7 of the column norms), as fit-lm uses."""
     r = np.linalg.qr(x, mode="r")
-    return bool((np.abs(np.diagonal(r)) > 1e-7 * np.sqrt((x**2).sum(axis=0))).all())
+    return bool((np.abs(np.diagonal(r)) > 1e-7 * column_norms(x)).all())
 
 
 # -- statistics of one batch ----------------------------------------------------------------
