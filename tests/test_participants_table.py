@@ -119,6 +119,17 @@ def test_rows_with_the_wrong_number_of_fields(tmp_path, without_sessions, text, 
     assert f"{tmp_path / 'participants.tsv'}: {message} but the header has" in line
 
 
+@pytest.mark.parametrize("value", ["n/a", " "])
+def test_a_row_without_participant_id_is_an_error(tmp_path, without_sessions, value):
+    """It would become sub-nan and match nothing: its phenotypes silently lost."""
+    done = group(
+        without_sessions, tmp_path / "out", f"participant_id\tage\nsub-01\t20\n{value}\t30\n"
+    )
+    assert done.returncode == 65
+    assert "1 row(s) without a participant_id (the first is data row 2)" in error_line(done)
+    assert not (tmp_path / "out").exists()
+
+
 def test_blank_lines_bom_and_crlf_still_read(tmp_path, without_sessions):
     text = "\ufeffparticipant_id\tage\r\n01\tn/a\r\n\r\nsub-02\t30\r\n"
     done = group(without_sessions, tmp_path / "out", text)

@@ -72,6 +72,12 @@ def load_participants(path: Path) -> Participants:
     table = _refuse_reserved(path, read_table(path))
     if "participant_id" not in table:
         raise DataError(f"{path}: no participant_id column")
+    for key in ("participant_id", "session_id"):
+        if key in table and (missing := table[key].isna() | (table[key].str.strip() == "")).any():
+            raise DataError(
+                f"{path}: {int(missing.sum())} row(s) without a {key} (the first is data row "
+                f"{int(missing.to_numpy().argmax()) + 1}); every row needs one"
+            )
     written = table["participant_id"]
     table = table.assign(participant_id=written.map(_with_prefix("sub-")))
     if "session_id" in table:
