@@ -463,7 +463,7 @@ def test_fit_lm_waits_for_another_process_holding_the_file(exported, tmp_path):
     fit = ["fit-lm", "--input-hdf5", h5, "--cohort-file", cohort, "--formula", "thickness ~ age"]
     short = run(*fit, "--analysis-name", "short", env={**os.environ, "GREYARRAY_LOCK_WAIT": "0.5"})
     assert short.returncode == 75
-    assert "in use by another process for more than 0 s" in one_error_line(short.stderr)
+    assert "in use by another process for more than 0.5 s" in one_error_line(short.stderr)
     done = run(*fit, "--analysis-name", "waited")
     hold.wait()
     assert done.returncode == 0, done.stderr
@@ -522,3 +522,35 @@ def test_a_second_signal_never_interrupts_the_cleanup_of_the_first():
             cli._raise_interrupted(signal.SIGTERM, None)
         cli._raise_interrupted(signal.SIGTERM, None)  # during cleanup: recorded, not raised
         assert [s.name for s in cli._RECEIVED] == ["SIGTERM", "SIGTERM"]
+
+
+def test_a_held_output_lock_is_waited_for_then_busy(tmp_path, template, monkeypatch):
+    """A lock on OUTPUT_DIR held by a hung process ends the run with 75 after
+    GREYARRAY_LOCK_WAIT seconds (said while waiting), never a silent wait forever."""
+    import fcntl
+
+    from bids_datasets import xcpd
+
+    data = xcpd(tmp_path / "xcpd", template, subjects=("01",), sessions=("1",))
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setenv("GREYARRAY_LOCK_WAIT", "0.3")
+    with open(out / ".greyarray.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        done = run(data.root, out, "group", "--scalar", "reho", "--no-report")
+    assert done.returncode == 75, done.stderr
+    assert "held by another GreyArray run for more than 0.3 s" in one_error_line(done.stderr)
+    assert "is held by another GreyArray run: waiting for it to finish" in done.stderr
+
+
+@pytest.mark.parametrize("which", ["output-dir", "parent-is-a-file"])
+def test_report_that_cannot_be_written_is_refused_before_export(which, exported, tmp_path):
+    h5, cohort = exported
+    report = tmp_path / "maps.html" if which == "output-dir" else cohort / "x.html"
+    done = run(
+        "export-results", "--analysis-name", "lm", "--input-hdf5", h5,
+        "--output-dir", tmp_path / "maps.html", "--report", report,
+    )  # fmt: skip
+    assert done.returncode in (64, 73), done.stderr
+    one_error_line(done.stderr)
+    assert not (tmp_path / "maps.html").exists()

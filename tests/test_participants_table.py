@@ -145,3 +145,23 @@ def test_padded_id_is_shown_as_written(tmp_path, without_sessions):
     assert "sub- sub-01" not in done.stderr
     assert "(their phenotype columns are empty): sub-01, sub-02" in done.stderr
     assert cohort(tmp_path / "out")["age"].tolist() == ["NA", "NA"]
+
+
+def test_sessions_tsv_with_a_session_twice_is_named(tmp_path, template):
+    root = xcpd(tmp_path / "xcp_d", template, subjects=("01",), sessions=("1", "2")).root
+    tsv = root / "sub-01" / "sub-01_sessions.tsv"
+    tsv.write_text("session_id\tage\nses-1\t20\n1\t25\nses-2\t21\n")
+    done = run_greyarray(root, tmp_path / "out", "group", "--scalar", "reho", "--no-report")
+    assert done.returncode == 65
+    assert f"{tsv}: 2 rows share a session_id (ses-1)" in error_line(done)
+    assert not (tmp_path / "out").exists()
+
+
+def test_session_labels_that_match_no_map_are_warned_about(tmp_path, with_sessions):
+    text = "participant_id\tsession_id\tage\n" + "".join(
+        f"sub-{s}\tses-0{k}\t{20 + k}\n" for s in ("01", "02") for k in (1, 2)
+    )
+    done = group(with_sessions, tmp_path / "out", text)
+    assert done.returncode == 0, done.stderr
+    assert "4 participant sessions with maps have no row in" in done.stderr
+    assert "(session labels there: ses-01, ses-02)" in done.stderr

@@ -526,3 +526,81 @@ def test_group_model_with_permutations_and_tfce(tmp_path, template):
     assert "Threshold-free cluster enhancement [@tfce]" in citation and "$" not in citation
     bad = app(data.root, out, "group", "--model", "alff ~ s(age)", "--permutations", "5")
     assert bad.returncode == 64 and "applies to linear models" in bad.stderr
+
+
+# ---- round two: names that share a file, kept cohort CSVs, the user's own files ---------------
+def test_two_scalars_written_to_one_file_are_refused(tmp_path):
+    """alff_desc-smooth and alffDescSmooth share the BIDS label of their HDF5: refused before
+    anything is written; an HDF5 of the other one that holds results is never replaced."""
+    from test_manifests import maps
+
+    data = maps(tmp_path / "xcp_d", ["01", "02", "03"], stats=("stat-alff", "stat-reho"))
+    both = tmp_path / "both.yaml"
+    both.write_text(
+        "scalars:\n  alff_desc-smooth:\n    stat: alff\n  alffDescSmooth:\n    stat: reho\n"
+    )
+    out = tmp_path / "out"
+    done = app(data.root, out, "group", "--config", both)
+    assert done.returncode == 64
+    assert "would both be written to desc-alffDescSmooth_modelarray.h5" in done.stderr
+    assert not out.exists()
+
+    one = tmp_path / "one.yaml"
+    one.write_text("scalars:\n  alffDescSmooth:\n    stat: reho\n")
+    assert app(data.root, out, "group", "--config", one).returncode == 0
+    h5 = out / "group" / "desc-alffDescSmooth_modelarray.h5"
+    with h5py.File(h5, "a") as file:
+        n = file["scalars/alffDescSmooth/values"].shape[1]
+        file["results/lm/results_matrix"] = np.zeros((1, n))
+        file["results/lm/column_names"] = ["x.estimate"]
+    stamp = h5.read_bytes()
+    other = tmp_path / "other.yaml"
+    other.write_text("scalars:\n  alff_desc-smooth:\n    stat: alff\n")
+    done = app(data.root, out, "group", "--config", other, "--overwrite")
+    assert done.returncode == 73
+    assert "holds another scalar with ModelArray results (lm)" in done.stderr
+    assert h5.read_bytes() == stamp
+
+
+def test_a_kept_hdf5_keeps_its_cohort_csv(dataset, tmp_path):
+    out = tmp_path / "out"
+    assert app(dataset.root, out, "group", "--scalar", "alff").returncode == 0
+    csv = out / "group" / "desc-alff_cohort.csv"
+    table = pd.read_csv(csv)
+    table["group"] = ["a", "b"] * 6  # added by hand for R
+    table.to_csv(csv, index=False)
+    edited = csv.read_bytes()
+    done = app(dataset.root, out, "group", "--scalar", "alff")
+    assert done.returncode == 0 and csv.read_bytes() == edited
+    assert "desc-alff_cohort.csv differs from what the inputs give now" in done.stderr
+    assert app(dataset.root, out, "group", "--scalar", "alff", "--overwrite").returncode == 0
+    assert "group" not in pd.read_csv(csv).columns
+
+
+def test_the_users_own_files_beside_the_maps_are_never_counted_or_removed(tmp_path, template):
+    data = alff_dataset(tmp_path / "xcp_d", template)
+    out = tmp_path / "out"
+    assert app(data.root, out, "group", "--model", "alff ~ age").returncode == 0
+    (effect,) = (out / "group").glob("*contrast-age_stat-effect_statmap.dscalar.nii")
+    mine = effect.with_name(effect.name.replace(".dscalar.nii", ".mycopy.dscalar.nii"))
+    mine.write_bytes(effect.read_bytes())
+    (out / "group" / "notes_statmap.json").write_text("[1, 2]\n")
+    done = app(data.root, out, "group", "--analysis-name", "lm")
+    assert done.returncode == 0, done.stderr  # nothing changed: not "1 map differs"
+    with h5py.File(out / "group" / "desc-alff_modelarray.h5", "a") as file:
+        file["results/lm/results_matrix"][1] += 1
+    done = app(data.root, out, "group", "--analysis-name", "lm", "--overwrite")
+    assert done.returncode == 0, done.stderr
+    assert mine.exists() and (out / "group" / "notes_statmap.json").exists()
+
+
+def test_a_manifest_of_another_shape_is_discovered_again(tmp_path):
+    from test_manifests import maps
+
+    data = maps(tmp_path / "xcp_d", ["01", "02"])
+    out = tmp_path / "out"
+    assert app(data.root, out, "participant").returncode == 0
+    (out / "sub-01" / "sub-01_greyarray.json").write_text("[]\n")
+    done = app(data.root, out, "group")
+    assert done.returncode == 0, done.stderr
+    assert "sub-01_greyarray.json cannot be read: discovering again" in done.stderr

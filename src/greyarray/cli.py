@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from greyarray.errors import GreyArrayError, Interrupted, UsageError, one_line
+from greyarray.errors import GreyArrayError, Interrupted, OutputError, UsageError, one_line
 from greyarray.options import (
     Parser,
     add_logging,
@@ -46,9 +46,10 @@ def _report_option(parser) -> None:
     )
 
 
-def check_report(report: Path | None, *inputs: Path | None) -> None:
-    """Before any work: ``--report`` names an .html file that may be (re)written, and none of
-    the inputs (a report written over the HDF5, the cohort or a map would destroy it)."""
+def check_report(report: Path | None, *inputs: Path | None, output_dir: Path | None = None) -> None:
+    """Before any work: ``--report`` names an .html file that may be (re)written, in a folder
+    that is (or can be) one, and none of the inputs or the output folder (a report written over
+    the HDF5, the cohort or a map would destroy it)."""
     if report is None:
         return
     from greyarray.io.fileio import check_output
@@ -56,7 +57,12 @@ def check_report(report: Path | None, *inputs: Path | None) -> None:
 
     if report.suffix.lower() not in (".html", ".htm"):
         raise UsageError(f"{report}: --report names an HTML file (FILE.html)")
+    if output_dir is not None and report.resolve() == output_dir.resolve():
+        raise UsageError(f"{report}: --report and --output-dir name the same path")
     check_output(report, overwrite=True)
+    existing = next((p for p in report.resolve().parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise OutputError(f"{report}: {existing} is a file, not a folder")
     refuse_inputs([report], [p for p in inputs if p is not None])
 
 
@@ -295,7 +301,8 @@ def run_export_results(args: argparse.Namespace) -> int:
 
     _refuse_unsupported(args)
     check_name("analysis", args.analysis_name)
-    check_report(args.report, args.input_hdf5, args.cohort_file, args.example_file)
+    inputs = (args.input_hdf5, args.cohort_file, args.example_file)
+    check_report(args.report, *inputs, output_dir=args.output_dir)
     template = args.example_file
     if args.cohort_file is not None:
         from greyarray.io.cohort import first_source

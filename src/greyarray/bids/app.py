@@ -15,7 +15,7 @@ import shlex
 from pathlib import Path
 
 from greyarray import __version__
-from greyarray.errors import GreyArrayError
+from greyarray.errors import GreyArrayError, one_line
 from greyarray.options import Parser, add_nprocs, non_negative_int, reference_levels
 
 log = logging.getLogger("greyarray")
@@ -233,7 +233,7 @@ def main(argv: list[str], commands: str = "") -> int:
         )
     settings = run.Run.from_args(args, shlex.join(["greyarray", *argv]))
     settings.reference_levels = reference_levels(args.reference_level)
-    log.info("%s", settings.command_line)
+    log.info("%s", one_line(settings.command_line))
     try:
         return _level(settings)
     except GreyArrayError:

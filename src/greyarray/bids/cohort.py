@@ -57,14 +57,38 @@ def load_phenotypes(
     if path is None:
         log.warning("No participants.tsv found: the cohort has no phenotype columns")
     participants = load_participants(path) if path else None
-    tables = [
-        _refuse_reserved(p, read_table(p)).assign(participant_id=p.parent.name)
-        for p in sorted(bids_dir.glob("sub-*/sub-*_sessions.tsv"))
-    ]
+    tables = [_load_sessions(p) for p in sorted(bids_dir.glob("sub-*/sub-*_sessions.tsv"))]
     sessions = pd.concat(tables, ignore_index=True) if tables else None
-    if sessions is not None and "session_id" not in sessions:
-        raise DataError(f"{bids_dir}: a sub-*_sessions.tsv has no session_id column")
     return participants, sessions
+
+
+def _load_sessions(path: Path) -> pd.DataFrame:
+    """One participant's sessions.tsv, checked as participants.tsv is: a session_id in every
+    row, one row per session (``1`` and ``ses-1`` are one session)."""
+    table = _refuse_reserved(path, read_table(path))
+    if "session_id" not in table:
+        raise DataError(f"{path}: no session_id column")
+    _refuse_missing(path, table, "session_id")
+    table = table.assign(
+        session_id=table["session_id"].map(_with_prefix("ses-")), participant_id=path.parent.name
+    )
+    repeated = table["session_id"][table["session_id"].duplicated(keep=False)]
+    if len(repeated):
+        raise DataError(
+            f"{path}: {len(repeated)} rows share a session_id ({repeated.iloc[0]}); give one "
+            "row per session"
+        )
+    return table
+
+
+def _refuse_missing(path: Path, table: pd.DataFrame, key: str) -> None:
+    """Why: a row without its id would become ``sub-nan`` and its phenotypes silently lost."""
+    missing = table[key].isna() | (table[key].str.strip() == "")
+    if missing.any():
+        raise DataError(
+            f"{path}: {int(missing.sum())} row(s) without a {key} (the first is data row "
+            f"{int(missing.to_numpy().argmax()) + 1}); every row needs one"
+        )
 
 
 def load_participants(path: Path) -> Participants:
@@ -73,11 +97,8 @@ def load_participants(path: Path) -> Participants:
     if "participant_id" not in table:
         raise DataError(f"{path}: no participant_id column")
     for key in ("participant_id", "session_id"):
-        if key in table and (missing := table[key].isna() | (table[key].str.strip() == "")).any():
-            raise DataError(
-                f"{path}: {int(missing.sum())} row(s) without a {key} (the first is data row "
-                f"{int(missing.to_numpy().argmax()) + 1}); every row needs one"
-            )
+        if key in table:
+            _refuse_missing(path, table, key)
     written = table["participant_id"]
     table = table.assign(participant_id=written.map(_with_prefix("sub-")))
     if "session_id" in table:
@@ -208,7 +229,20 @@ def _merge_participants(table: pd.DataFrame, participants: Participants) -> pd.D
             f"{table['scalar_name'].iloc[0]} maps have no sessions; give a participants file "
             "with one row per participant and no session_id (--participants-file)"
         )
-    return table.merge(participants.table, how="left", on=participants.keys)
+    merged = table.merge(participants.table, how="left", on=participants.keys, indicator=True)
+    if len(participants.keys) > 1 and (unmatched := merged["_merge"] == "left_only").any():
+        rows = merged.loc[unmatched, participants.keys].drop_duplicates()
+        shown = ", ".join(f"{p} {s}" for p, s in rows.head(5).itertuples(index=False))
+        log.warning(
+            "%d participant sessions with maps have no row in %s (their phenotype columns are "
+            "empty): %s%s (session labels there: %s)",
+            len(rows),
+            participants.path,
+            shown,
+            ", ..." if len(rows) > 5 else "",
+            ", ".join(sorted(map(str, participants.table["session_id"].unique()))[:5]),
+        )
+    return merged.drop(columns="_merge")
 
 
 def _with_prefix(prefix: str):

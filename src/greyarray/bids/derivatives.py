@@ -276,13 +276,21 @@ def _refuse_foreign(path: Path, h5_name: str, analysis: str, overwrite: bool) ->
 
 
 def exported_statmaps(folder: Path, h5_name: str, analyses: set[str]) -> list[Path]:
-    """The statistical maps (and sidecars) exported from these analyses of one HDF5."""
+    """The statistical maps (and sidecars) exported from these analyses of one HDF5: only the
+    exact names GreyArray writes (a user's ``...statmap.mycopy.dscalar.nii`` is theirs), and
+    a sidecar that is not GreyArray's (not a JSON object) is skipped."""
+    from greyarray.io.cifti import EXTENSIONS
+
     found = []
     for sidecar in folder.glob("*_statmap.json"):
         try:
             info = json.loads(sidecar.read_text())
         except (OSError, ValueError):
             continue
+        if not isinstance(info, dict):
+            continue
         if info.get("SourceHDF5") == h5_name and info.get("Analysis") in analyses:
-            found += [sidecar, *sidecar.parent.glob(sidecar.name[: -len(".json")] + ".*.nii")]
+            stem = sidecar.name[: -len(".json")]
+            maps = [folder / f"{stem}{ext}" for ext in sorted(set(EXTENSIONS.values()))]
+            found += [sidecar, *(path for path in maps if path.exists())]
     return found

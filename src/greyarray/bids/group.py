@@ -16,14 +16,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h5py
 import pandas as pd
 
 from greyarray.bids import citation, derivatives, discover, reports
 from greyarray.bids.cohort import build_cohort, load_phenotypes, report_mismatch
 from greyarray.bids.run import Run
-from greyarray.errors import DataError, OutputError
+from greyarray.errors import DataError, GreyArrayError, OutputError, UsageError
 from greyarray.io.cohort import Cohort
 from greyarray.io.fileio import atomic_write, write_json
+from greyarray.io.inputs import open_hdf5
 from greyarray.io.sources import Source, check_sources
 from greyarray.io.store import StoreOptions, stored_inputs, write_modelarray
 
@@ -87,6 +89,7 @@ def convert(
             options.nprocs,
             label=plan.name,
         )
+    _refuse_shared_files(plans)
     for plan in plans:
         _decide(settings, plan, options)
     settings.open_output(mode, {"scalars": [plan.name for plan in plans]})
@@ -94,6 +97,18 @@ def convert(
         _execute(settings, plan, options)
     citation.update(settings.logs, facts=methods_facts(settings, plans, options))
     return plans
+
+
+def _refuse_shared_files(plans: list[Plan]) -> None:
+    """Two scalars whose names give one BIDS label (``alff_desc-smooth``, ``alffDescSmooth``)
+    would write one file: refused before anything is written."""
+    names: dict[Path, str] = {}
+    for plan in plans:
+        if (other := names.setdefault(plan.h5, plan.name)) != plan.name:
+            raise UsageError(
+                f"scalars {other!r} and {plan.name!r} would both be written to {plan.h5.name}; "
+                "rename one of them (--config)"
+            )
 
 
 def _decide(settings: Run, plan: Plan, options: StoreOptions) -> None:
@@ -107,7 +122,13 @@ def _decide(settings: Run, plan: Plan, options: StoreOptions) -> None:
                 f"{plan.h5}: exists but is not a GreyArray HDF5 of scalar {plan.name!r}; use "
                 "--overwrite to replace it"
             ) from None
-        plan.action = "replace"
+        if (analyses := _analyses_in(plan.h5)) and not settings.args.discard_results:
+            raise OutputError(
+                f"{plan.h5}: holds another scalar with ModelArray results ({', '.join(analyses)}); "
+                "it was left as it is. Use --discard-results to replace it, or move it away"
+            ) from None
+        plan.analyses = analyses
+        plan.action = "discard" if analyses else "replace"
         return
     change = stored.difference(plan.sources, options.description)
     plan.analyses = stored.analyses
@@ -128,6 +149,32 @@ def _decide(settings: Run, plan: Plan, options: StoreOptions) -> None:
         )
     else:
         plan.action = "replace"
+
+
+def _write_cohort_csv(settings: Run, plan: Plan) -> None:
+    """The cohort CSV beside its HDF5. A kept HDF5 keeps its CSV: one edited by hand (a column
+    added for R), or made from an earlier participants.tsv that results were fitted with, is
+    rewritten only with --overwrite, and the difference is said."""
+    text = plan.table.to_csv(index=False, na_rep="NA").encode()
+    if plan.action == "keep" and plan.csv.is_file() and not settings.args.overwrite:
+        if plan.csv.read_bytes() != text:
+            log.warning(
+                "%s differs from what the inputs give now (edited, or participants.tsv "
+                "changed); kept as it is, as its HDF5 is (--overwrite rewrites it)",
+                plan.csv,
+            )
+        return
+    atomic_write(plan.csv, text)
+
+
+def _analyses_in(path: Path) -> list[str]:
+    """The results/ analyses of an HDF5 that is not this scalar's (unreadable: none)."""
+    try:
+        with open_hdf5(path) as h5:
+            results = h5.get("results")
+            return sorted(results) if isinstance(results, h5py.Group) else []
+    except GreyArrayError:
+        return []
 
 
 def _execute(settings: Run, plan: Plan, options: StoreOptions) -> None:
@@ -155,7 +202,7 @@ def _execute(settings: Run, plan: Plan, options: StoreOptions) -> None:
             ", ".join(plan.analyses),
             len(removed),
         )
-    atomic_write(plan.csv, plan.table.to_csv(index=False, na_rep="NA").encode())
+    _write_cohort_csv(settings, plan)
     sidecar = {
         "Scalar": plan.name,
         "Entities": discover.common_entities(plan.files),

@@ -203,22 +203,25 @@ class Run:
             return None
         found = []
         for path in paths:
-            try:
+            try:  # a damaged or edited manifest (any shape) only costs a new discovery
                 manifest = json.loads(path.read_text())
-            except (OSError, ValueError):
+                if not self._usable(path, manifest):
+                    return None
+                items = [
+                    discover.Found(
+                        Path(entry["dataset"]) / entry["path"],
+                        Path(entry["dataset"]),
+                        manifest["participant_id"][4:],
+                        entry["session"],
+                        dict(entry["entities"]),
+                        entry["query"],
+                    )
+                    for entry in manifest["files"] + manifest.get("skipped", [])
+                ]
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
                 log.info("%s cannot be read: discovering again", path)
                 return None
-            if not self._usable(path, manifest):
-                return None
-            for entry in manifest["files"] + manifest.get("skipped", []):
-                item = discover.Found(
-                    Path(entry["dataset"]) / entry["path"],
-                    Path(entry["dataset"]),
-                    manifest["participant_id"][4:],
-                    entry["session"],
-                    entry["entities"],
-                    entry["query"],
-                )
+            for item in items:
                 if not item.path.is_file():
                     log.info("%s is gone: discovering again", item.path)
                     return None

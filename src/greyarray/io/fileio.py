@@ -15,16 +15,22 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import secrets
 import shutil
 import socket
 import stat
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
-from greyarray.errors import OutputError
+from greyarray.errors import BusyError, OutputError
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".greyarray-tmp"
 _HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
@@ -226,8 +232,43 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
 def locked(lock_file: Path) -> Iterator[None]:
     """An exclusive lock (flock) held for the block: parallel participant jobs take turns."""
     with open(lock_file, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+
+        def attempt() -> bool | None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                return None
+
+        when_free(attempt, lock_file, "held by another GreyArray run")
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def when_free(attempt: Callable[[], T | None], path: Path, holder: str) -> T:
+    """``attempt()`` until it returns a value (None: ``path`` is busy). The wait is said once
+    and bounded (GREYARRAY_LOCK_WAIT): a file or lock held by a hung process ends in
+    BusyError (75), never in a run that waits forever in silence."""
+    deadline, pause, said = time.monotonic() + lock_wait(), 0.05, False
+    while (done := attempt()) is None:
+        if time.monotonic() >= deadline:
+            raise BusyError(
+                f"{path}: {holder} for more than {lock_wait():g} s; try again when it has "
+                "finished (GREYARRAY_LOCK_WAIT sets the wait)"
+            )
+        if not said:
+            log.warning("%s is %s: waiting for it to finish", path, holder)
+            said = True
+        time.sleep(pause)
+        pause = min(2.0, pause * 1.5)
+    return done
+
+
+def lock_wait() -> float:
+    """Seconds to wait for another process's lock (GREYARRAY_LOCK_WAIT, default 600)."""
+    try:
+        return max(0.0, float(os.environ.get("GREYARRAY_LOCK_WAIT", "600")))
+    except ValueError:
+        return 600.0

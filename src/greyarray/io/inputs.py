@@ -16,13 +16,12 @@ import errno
 import logging
 import os
 import stat
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from greyarray.errors import BusyError, DataError, MissingInputError
-from greyarray.io.fileio import output_failure
+from greyarray.errors import DataError, MissingInputError
+from greyarray.io.fileio import output_failure, when_free
 
 log = logging.getLogger(__name__)
 
@@ -181,42 +180,25 @@ def open_hdf5(path: Path, mode: str = "r", **options) -> Iterator:
         raise DataError(f"{path}: damaged HDF5 file ({_h5_reason(err)})") from None
 
 
-def lock_wait() -> float:
-    """Seconds to wait for another process's lock on an HDF5 file (GREYARRAY_LOCK_WAIT)."""
-    try:
-        return max(0.0, float(os.environ.get("GREYARRAY_LOCK_WAIT", "600")))
-    except ValueError:
-        return 600.0
-
-
 def _open_when_free(h5py, path: Path, mode: str, options: dict):
     """h5py.File, waiting while another process holds the file (a second fit-lm on the same
     file, ModelArray writing results in R): HDF5 locks a file for as long as it is open for
-    writing, and refuses others at once. The wait is said once, then retried with a backoff."""
-    deadline, pause, said = time.monotonic() + lock_wait(), 0.1, False
-    while True:
+    writing, and refuses others at once."""
+
+    def attempt():
         try:
             return h5py.File(path, mode, locking="best-effort", **options)
         except OSError as err:
             reason = _h5_reason(err)
-            if reason != "locked by another program":
-                if mode != "r" and (failure := output_failure(path, err)):
-                    raise failure from None  # read-only: the output's problem (73)
-                if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-                    raise MissingInputError(
-                        f"{path}: cannot open ({os.strerror(err.errno)})"
-                    ) from None
-                raise DataError(f"{path}: cannot read as HDF5 ({reason})") from None
-            if time.monotonic() >= deadline:
-                raise BusyError(
-                    f"{path}: in use by another process for more than {lock_wait():.0f} s; try "
-                    "again when it has finished (GREYARRAY_LOCK_WAIT sets the wait)"
-                ) from None
-            if not said:
-                log.warning("%s is in use by another process: waiting for it to finish", path)
-                said = True
-            time.sleep(pause)
-            pause = min(2.0, pause * 1.5)
+            if reason == "locked by another program":
+                return None
+            if mode != "r" and (failure := output_failure(path, err)):
+                raise failure from None  # read-only: the output's problem (73)
+            if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise MissingInputError(f"{path}: cannot open ({os.strerror(err.errno)})") from None
+            raise DataError(f"{path}: cannot read as HDF5 ({reason})") from None
+
+    return when_free(attempt, path, "in use by another process")
 
 
 def _h5_reason(err: Exception) -> str:
