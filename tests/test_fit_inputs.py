@@ -192,6 +192,7 @@ def test_export_column_names_link_to_missing_file(run_cli, h5, tmp_path):
         ("thickness ~ log(age - 100)", "no subject has every value"),  # all NaN
         ("thickness ~ age + BLOCK_BYTES", "unknown column 'BLOCK_BYTES'"),  # lm.py's constant
         ("thickness ~ agee", "unknown column 'agee'"),
+        ("thickness ~ age + I(2 * age)", "'I(2 * age)' is a linear combination of the columns"),
     ],
 )
 def test_formula_lm_cannot_fit(run_cli, converted, h5, formula, expected):
@@ -218,6 +219,20 @@ def test_formula_functions_are_numpys(run_cli, converted, h5):
         fn, col = (file[f"results/{a}/results_matrix"][()] for a in ("fn", "col"))
         assert "log(age).estimate" in file["results/fn/column_names"].asstr()[()]
     np.testing.assert_allclose(fn, col, rtol=1e-10)
+
+
+def test_r_logical_constants_in_a_formula(run_cli, converted, h5):
+    """poly(age, 2, raw = TRUE), as R users write it, is age and age squared."""
+    cohort = converted[1]
+    for name, formula in [
+        ("poly", "thickness ~ poly(age, 2, raw = TRUE)"),
+        ("squares", "thickness ~ age + I(age ** 2)"),
+    ]:
+        code, _, err = run_cli(*fit_args(h5, cohort, formula), "--analysis-name", name, *QUIET)
+        assert code == 0, err
+    with h5py.File(h5) as file:
+        poly, squares = (file[f"results/{a}/results_matrix"][()] for a in ("poly", "squares"))
+    np.testing.assert_allclose(poly, squares, rtol=1e-8)
 
 
 def test_formula_context_holds_no_module_names():

@@ -75,6 +75,8 @@ FORMULA_FUNCTIONS = {
     "exp": np.exp,
     "sqrt": np.sqrt,
     "abs": np.abs,
+    "TRUE": True,  # R's logical constants, as in poly(age, 2, raw = TRUE)
+    "FALSE": False,
 }
 
 
@@ -203,6 +205,12 @@ def build_design(
     rows = np.asarray(matrix.index, dtype=np.int64)
     columns = [r_name(c) for c in matrix.columns]
     check_design(formula, table.iloc[rows], chosen, len(columns))
+    if aliased := aliased_columns(np.asarray(matrix, dtype=np.float64), columns):
+        raise DataError(
+            f"formula {formula!r}: {', '.join(map(repr, aliased))} "
+            f"{'is a linear combination' if len(aliased) == 1 else 'are linear combinations'} "
+            "of the columns before (R's lm reports NA for such a column); leave it out"
+        )
     if len(rows) < len(phenotypes):
         log.warning(
             "%d of %d subjects have a missing phenotype in %r and are left out, as lm "
@@ -247,6 +255,24 @@ def check_design(formula: str, used: pd.DataFrame, factors: dict[str, str], p: i
                 f"({', '.join(map(repr, map(str, levels)))}) among the subjects used; contrasts "
                 "need 2 or more levels (as R's lm)"
             )
+
+
+def aliased_columns(x: np.ndarray, columns: list[str], tol: float = 1e-7) -> list[str]:
+    """The design columns R's lm calls aliased: what is left of each after removing its
+    projection on the earlier (kept) columns is below ``tol`` of its norm (R's QR tolerance)."""
+    kept: list[int] = []
+    aliased = []
+    for j, name in enumerate(columns):
+        rest = x[:, j]
+        if kept:
+            q, _ = np.linalg.qr(x[:, kept])
+            rest = rest - q @ (q.T @ rest)
+        norm = column_norms(x[:, [j]])[0]
+        if column_norms(rest[:, None])[0] <= tol * norm or norm == 0:
+            aliased.append(name)
+        else:
+            kept.append(j)
+    return aliased
 
 
 def output_columns(
