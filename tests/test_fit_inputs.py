@@ -245,7 +245,7 @@ def test_negative_seed_is_a_usage_error(run_cli, converted, h5):
     args = [*fit_args(h5, converted[1]), "--permutations", "20", "--seed", "-1"]
     code, _, err = run_cli(*args)
     assert code == 64 and "Traceback" not in err
-    assert err.strip().splitlines()[-1].endswith("argument --seed: -1 is negative"), err
+    assert err.strip().splitlines()[-1].endswith("argument --seed: -1 is less than 0"), err
     assert digest(h5) == before
 
 

@@ -56,26 +56,24 @@ def option(parser, name: str, **kwargs) -> None:
     parser.add_argument(*spellings, **kwargs)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (``--nprocs``)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is less than 1")
-    return value
+def int_at_least(minimum: int):
+    """argparse type: an integer >= ``minimum`` (``--nprocs`` >= 1; ``--seed`` >= 0, as
+    numpy's generators refuse negative seeds)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0 (``--seed``: numpy's generators refuse negative seeds)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
 
 
 def add_nprocs(parser, what: str) -> None:
