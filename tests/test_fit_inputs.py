@@ -266,3 +266,10 @@ def test_read_only_hdf5_is_refused_before_fitting(run_cli, converted, tmp_path, 
         args = fit_args(h5, converted[1], formula, command)
         line = refused(run_cli, 73, h5, *args, "--analysis-name", "new")
         assert f"{h5}: cannot write (read-only file system)" in line
+
+
+def test_nesting_operator_is_refused_not_fitted_otherwise(run_cli, converted, h5):
+    """R reads 'age %in% sex' as age:sex; formulaic as sex + sex:age: a silently different
+    model, so it is refused (64) with the spelling that fits R's."""
+    line = refused(run_cli, 64, h5, *fit_args(h5, converted[1], "thickness ~ age %in% sex"))
+    assert "'%in%' is not supported" in line and "'age:sex'" in line

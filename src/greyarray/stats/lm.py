@@ -96,6 +96,11 @@ def parse_formula(formula: str) -> tuple[str, str]:
     left, right = (part.strip() for part in formula.split("~"))
     if not left or not right:
         raise UsageError(f"formula {formula!r} needs a response and predictors")
+    if "%in%" in right:  # formulaic nests as b + b:a; R's terms make a:b: another model
+        raise UsageError(
+            f"formula {formula!r}: '%in%' is not supported (it would fit another model than "
+            "R's); write the interaction, e.g. 'age:sex'"
+        )
     return left.strip("`"), right
 
 
