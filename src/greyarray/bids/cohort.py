@@ -72,12 +72,7 @@ def _load_sessions(path: Path) -> pd.DataFrame:
     table = table.assign(
         session_id=table["session_id"].map(_with_prefix("ses-")), participant_id=path.parent.name
     )
-    repeated = table["session_id"][table["session_id"].duplicated(keep=False)]
-    if len(repeated):
-        raise DataError(
-            f"{path}: {len(repeated)} rows share a session_id ({repeated.iloc[0]}); give one "
-            "row per session"
-        )
+    _refuse_duplicates(path, table, ["session_id"], "session")
     return table
 
 
@@ -105,7 +100,8 @@ def load_participants(path: Path) -> Participants:
         table = table.assign(session_id=table["session_id"].map(_with_prefix("ses-")))
     as_written = dict(zip(table["participant_id"], written, strict=True))
     participants = Participants(path, table, as_written)
-    _refuse_duplicates(participants)
+    unit = "participant and session" if "session_id" in table else "participant"
+    _refuse_duplicates(path, table, participants.keys, unit)
     return participants
 
 
@@ -158,17 +154,17 @@ def _refuse_reserved(path: Path, table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def _refuse_duplicates(participants: Participants) -> None:
+def _refuse_duplicates(path: Path, table: pd.DataFrame, keys: list[str], unit: str) -> None:
     """Why: a merge would keep one of the rows and hide the others' phenotypes (or repeat maps)."""
-    table, keys = participants.table, participants.keys
     repeated = table[table.duplicated(keys, keep=False)]
     if len(repeated):
-        first = repeated.drop_duplicates(keys).head(3)
-        shown = ", ".join(" ".join(map(str, row)) for row in first[keys].itertuples(index=False))
+        first = repeated.drop_duplicates(keys)
+        shown = ", ".join(
+            " ".join(map(str, row)) for row in first[keys].head(3).itertuples(index=False)
+        )
         raise DataError(
-            f"{participants.path}: {len(repeated)} rows share a {' and '.join(keys)} "
-            f"({shown}{', ...' if len(repeated.drop_duplicates(keys)) > 3 else ''}); "
-            f"give one row per {'participant and session' if len(keys) > 1 else 'participant'}"
+            f"{path}: {len(repeated)} rows share a {' and '.join(keys)} "
+            f"({shown}{', ...' if len(first) > 3 else ''}); give one row per {unit}"
         )
 
 
@@ -200,8 +196,7 @@ def build_cohort(
         table = table.drop(columns="session_id")
     if participants is not None:
         table = _merge_participants(table, participants)
-    if sessions is not None and "session_id" in table:
-        sessions = sessions.assign(session_id=sessions["session_id"].map(_with_prefix("ses-")))
+    if sessions is not None and "session_id" in table:  # ids normalised by _load_sessions
         overlap = [
             c
             for c in sessions.columns

@@ -294,13 +294,15 @@ class Run:
         for folder in (self.output_dir, self.logs, self.group_dir):
             for stale in remove_stale_temporaries(folder):
                 log.info("Removed %s, left by a process that no longer runs", stale)
-        level = self.args.analysis_level
-        self.log_file = self.logs / f"greyarray-{level}-{self.stamp}-{os.getpid()}.log"
+        self._start_log(mode, extra)
+
+    def _start_log(self, mode: str, extra: dict | None = None) -> None:
+        """The run's log file (with what was logged so far) and its configuration in logs/."""
+        name = f"{self.args.analysis_level}-{self.stamp}-{os.getpid()}"
+        self.log_file = self.logs / f"greyarray-{name}.log"
         start_log_file(self.log_file)
         derivatives.write_config(
-            self.logs,
-            f"config-{level}-{self.stamp}-{os.getpid()}.yaml",
-            {**self.config(mode), **(extra or {})},
+            self.logs, f"config-{name}.yaml", {**self.config(mode), **(extra or {})}
         )
 
     def record_refusal(self) -> None:
@@ -314,13 +316,8 @@ class Run:
             ours = any(g.get("Name") == "greyarray" for g in about["GeneratedBy"])
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             ours = False
-        if not ours:
-            return
-        level = self.args.analysis_level
-        self.log_file = self.logs / f"greyarray-{level}-{self.stamp}-{os.getpid()}.log"
-        start_log_file(self.log_file)
-        name = f"config-{level}-{self.stamp}-{os.getpid()}.yaml"
-        derivatives.write_config(self.logs, name, self.config("refused"))
+        if ours:
+            self._start_log("refused")
 
     def config(self, mode: str) -> dict:
         args = {

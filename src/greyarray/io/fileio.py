@@ -71,6 +71,21 @@ def output_failure(path: Path, err: BaseException) -> OutputError | None:
     return None
 
 
+def check_free_space(path: Path, need: int, what: str) -> None:
+    """Refuse before writing into an existing file (the user's HDF5) when its disk cannot hold
+    ``need`` more bytes (an upper bound). A disk that fills midway leaves the file grown with
+    a half-written group, and HDF5 may crash on closing it: better not to start."""
+    try:
+        free = shutil.disk_usage(Path(path).resolve().parent).free
+    except OSError:
+        return  # the write itself reports what is wrong
+    if free < need:
+        raise OutputError(
+            f"{path}: not enough free space to write {what} (needs up to "
+            f"{need / 2**20:.1f} MB, {free / 2**20:.1f} MB free); nothing was written"
+        )
+
+
 def check_writable(path: Path) -> None:
     """Fail before any work when an existing regular file cannot be written in place (a
     read-only file or file system, no permission): a fit that runs for minutes must not find

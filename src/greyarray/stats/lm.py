@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from greyarray.errors import DataError, OutputError, UsageError
 from greyarray.io.cohort import read_csv_table
-from greyarray.io.fileio import check_writable
+from greyarray.io.fileio import check_free_space, check_writable
 from greyarray.io.h5read import read_scalar
 from greyarray.io.inputs import check_present, open_hdf5
 from greyarray.io.names import check_name
@@ -576,23 +576,6 @@ def threshold_rule(lthr_abs: float, lthr_rel: float, n: int) -> str:
     )
 
 
-def _check_free_space(h5_path: Path, need: int, what: str) -> None:
-    """Refuse before writing into the user's HDF5 when the disk cannot hold ``need`` bytes (the
-    uncompressed size: an upper bound). A disk that fills midway leaves the file grown with a
-    half-written group, and HDF5 may crash on closing it: better not to start."""
-    import shutil
-
-    try:
-        free = shutil.disk_usage(Path(h5_path).resolve().parent).free
-    except OSError:
-        return  # the write itself reports what is wrong
-    if free < need:
-        raise OutputError(
-            f"{h5_path}: not enough free space to write {what} (needs up to "
-            f"{need / 2**20:.1f} MB, {free / 2**20:.1f} MB free); nothing was written"
-        )
-
-
 def write_results(
     h5_path: Path,
     analysis: str,
@@ -606,7 +589,7 @@ def write_results(
     (model, counts) is kept as the JSON attribute ``greyarray_about``, which R ignores."""
     import json
 
-    _check_free_space(h5_path, table.nbytes + 2**20, f"results/{analysis}")
+    check_free_space(h5_path, table.nbytes + 2**20, f"results/{analysis}")
     with open_hdf5(h5_path, "a") as h5:
         if f"results/{analysis}" in h5 and not overwrite:  # written meanwhile by another run
             raise OutputError(f"{h5_path}: results/{analysis} exists; use --overwrite")
