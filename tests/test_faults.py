@@ -390,7 +390,7 @@ def test_a_signal_python_swallows_still_ends_the_run_with_its_code(monkeypatch, 
 
     class DiesOnCollection:
         def __del__(self):
-            cli._raise_interrupted(signal.SIGTERM, None)
+            cli.signals._raise_interrupted(signal.SIGTERM, None)
 
     def command(args) -> int:
         DiesOnCollection()  # collected at once: the exception is unraisable
@@ -519,9 +519,9 @@ def test_a_second_signal_never_interrupts_the_cleanup_of_the_first():
 
     with cli.signals_end_the_run():
         with pytest.raises(cli.Interrupted):
-            cli._raise_interrupted(signal.SIGTERM, None)
-        cli._raise_interrupted(signal.SIGTERM, None)  # during cleanup: recorded, not raised
-        assert [s.name for s in cli._RECEIVED] == ["SIGTERM", "SIGTERM"]
+            cli.signals._raise_interrupted(signal.SIGTERM, None)
+        cli.signals._raise_interrupted(signal.SIGTERM, None)  # during cleanup: recorded, not raised
+        assert [s.name for s in cli.signals.RECEIVED] == ["SIGTERM", "SIGTERM"]
 
 
 def test_a_held_output_lock_is_waited_for_then_busy(tmp_path, template, monkeypatch):

@@ -17,7 +17,7 @@ from conftest import PSCALAR, subject_values, write_cohort
 from test_faults import tmpfs
 
 from greyarray.io import cifti
-from greyarray.stats import lm
+from greyarray.stats import design
 
 N_SUBJECTS = 16
 S = "scalars/thickness"
@@ -236,8 +236,8 @@ def test_r_logical_constants_in_a_formula(run_cli, converted, h5):
 
 
 def test_formula_context_holds_no_module_names():
-    assert "BLOCK_BYTES" not in lm.FORMULA_FUNCTIONS
-    assert lm.FORMULA_FUNCTIONS["log"] is np.log
+    assert "BLOCK_BYTES" not in design.FORMULA_FUNCTIONS
+    assert design.FORMULA_FUNCTIONS["log"] is np.log
 
 
 def test_negative_seed_is_a_usage_error(run_cli, converted, h5):

@@ -20,6 +20,7 @@ from test_lm import make_h5, read_results
 
 from greyarray import cli
 from greyarray.io import mesh
+from greyarray.stats import design as design_layer
 from greyarray.stats import lm, permutation, tfce
 from greyarray.stats.permutation import PermutationOptions, PermutationSet
 
@@ -143,7 +144,7 @@ def palm_live(tmp_path_factory):
     cases["blocks"] = (ph, "y ~ age + group", participant, float32(rng.normal(0, 1, (12, 8))))
     analyses = []
     for name, (ph, formula, blocks, values) in cases.items():
-        design = lm.build_design(formula, ph)
+        design = design_layer.build_design(formula, ph)
         contrasts = np.eye(design.matrix.shape[1])[1:]
         analyses.append(
             palm_reference.Analysis(name, values, design.matrix, contrasts, blocks=blocks)
@@ -202,7 +203,7 @@ def test_fwe_equals_palm_live(palm_live, tmp_path, name):
         permutations=1000,
         blocks="participant_id" if blocks is not None else None,
     )
-    terms = lm.build_design(formula, ph).columns[1:]
+    terms = design_layer.build_design(formula, ph).columns[1:]
     for i, term in enumerate(terms):
         if name == "ties" and term == "age":
             continue  # 10! > 1000: random permutations, which no two programs draw alike
@@ -272,7 +273,7 @@ def test_equals_brute_force_refits(tmp_path, blocks):
     values[[5, 17], 3] = np.nan
     values[[2, 3], 4] = np.nan  # a whole participant
     ours = fit(tmp_path, ph, values, "y ~ age + sex", permutations=60, blocks=blocks, seed=3)
-    design = lm.build_design("y ~ age + sex", ph)
+    design = design_layer.build_design("y ~ age + sex", ph)
     units = permutation.exchangeable_units(ph, design.rows, blocks, "cohort")
     for term in (1, 2):
         signature = permutation.unit_signatures(design.matrix[:, term], units)
@@ -301,7 +302,7 @@ def test_statistics_equal_brute_force(tmp_path):
     values = float32(rng.normal(0, 1, (15, 5)))
     values[[1, 4], 2] = np.nan
     h5 = make_h5(tmp_path, ph.iloc[::-1], values[::-1])  # stored in the cohort's order
-    design = lm.build_design("y ~ age * sex", ph)
+    design = design_layer.build_design("y ~ age * sex", ph)
     units = permutation.exchangeable_units(ph, design.rows, None, "cohort")
     with h5py.File(h5) as file:
         problem = permutation.load_problem(file["scalars/y/values"], design, units, 0, {})
@@ -488,7 +489,7 @@ def test_cli_columns_export_and_shards(small_cohort, run_cli, tmp_path):
     assert list(one_run.columns[-6:]) == added
     assert list(one_run.columns[:-6]) == [
         "element_id",
-        *lm.output_columns(lm.build_design("y ~ age + sex", pd.read_csv(csv)))[1:],
+        *lm.output_columns(design_layer.build_design("y ~ age + sex", pd.read_csv(csv)))[1:],
     ]
     assert one_run["age.tfce.p.value.fwe"].iloc[:100].min() <= 0.05  # the age effect
     assert one_run.loc[[7, 8], added].notna().all().all()  # missing in one map: still fitted

@@ -36,7 +36,8 @@ from greyarray.report import (
 from greyarray.report.html import Anchors, render
 from greyarray.report.layout import Layout
 from greyarray.report.results import results_section, signed_log_p, terms
-from greyarray.stats.lm import fit_lm, write_results
+from greyarray.stats.lm import fit_lm
+from greyarray.stats.results import write_results
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
 import itertools

@@ -400,7 +400,7 @@ def test_remote_paths_are_refused_in_one_line(run_cli, tmp_path):
 # ---- factors in R's order --------------------------------------------------------------------
 def test_factor_levels_in_r_order_against_r(tmp_path):
     rscript = require("Rscript")
-    from greyarray.stats.lm import r_sort_key
+    from greyarray.stats.design import r_sort_key
 
     words = [
         "female",

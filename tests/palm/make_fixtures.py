@@ -22,7 +22,7 @@ sys.path[:0] = [str(TESTS), str(TESTS.parent / "src")]
 
 import palm_reference  # noqa: E402
 
-from greyarray.stats import lm  # noqa: E402
+from greyarray.stats import design as design_layer  # noqa: E402
 
 FIXTURES = TESTS / "data" / "palm"
 FORMULAS = {"exhaustive": "y ~ age + w", "blocks": "y ~ age + group"}
@@ -73,7 +73,7 @@ def main(palm_dir: str | None = None) -> None:
     made = {"exhaustive": exhaustive(rng), "blocks": blocks(rng)}
     analyses = []
     for name, (phenotypes, values, eb) in made.items():
-        design = lm.build_design(FORMULAS[name], phenotypes)
+        design = design_layer.build_design(FORMULAS[name], phenotypes)
         tested = [c for c in design.columns if c != "Intercept"]
         contrasts = np.array([[float(c == t) for c in design.columns] for t in tested])
         analyses.append(
@@ -88,7 +88,7 @@ def main(palm_dir: str | None = None) -> None:
             folder.mkdir(parents=True, exist_ok=True)
             phenotypes.to_csv(folder / "cohort.csv", index=False)
             pd.DataFrame(values).to_csv(folder / "values.csv", index=False, float_format="%.17g")
-            tested = [c for c in lm.build_design(FORMULAS[name], phenotypes).columns[1:]]
+            tested = [c for c in design_layer.build_design(FORMULAS[name], phenotypes).columns[1:]]
             fwep = {
                 term: palm_reference.read(Path(tmp), name, "dat_tstat_fwep", i + 1)
                 for i, term in enumerate(tested)

@@ -28,8 +28,8 @@ log = logging.getLogger("greyarray")
 
 def model(settings: Run) -> int:
     """Convert (unless the response's HDF5 exists), fit, export: the whole pipeline."""
+    from greyarray.stats.design import parse_formula
     from greyarray.stats.gam import is_gam_formula
-    from greyarray.stats.lm import parse_formula
 
     formula = settings.args.model
     response, _ = parse_formula(formula)
@@ -68,7 +68,8 @@ def _fitter(settings: Run, formula: str, smooth: bool):
     references, args = settings.reference_levels, settings.args
     permutations = permutation_options(args)
     if not smooth:
-        from greyarray.stats.lm import build_design, fit_lm
+        from greyarray.stats.design import build_design
+        from greyarray.stats.lm import fit_lm
         from greyarray.stats.permutation import exchangeable_units
 
         def check_lm(table) -> None:

@@ -34,15 +34,9 @@ from greyarray.io.h5read import read_scalar
 from greyarray.io.inputs import open_hdf5
 from greyarray.io.names import check_name
 from greyarray.stats import gam_fit
-from greyarray.stats.lm import (
-    BLOCK_BYTES,
-    build_design,
-    match_cohort,
-    p_adjust_fdr,
-    parse_formula,
-    threshold_rule,
-    write_results,
-)
+from greyarray.stats.design import build_design, match_cohort, parse_formula, threshold_rule
+from greyarray.stats.lm import BLOCK_BYTES
+from greyarray.stats.results import p_adjust_fdr, write_results
 from greyarray.stats.smooths import BASES, MAX_KNOTS, smooth_term
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,248 @@
+"""``fit-lm`` and ``fit-gam``: ModelArray's models at every element, with its options."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from greyarray.cli.shared import check_report, report_option, write_report
+from greyarray.options import (
+    Parser,
+    add_logging,
+    add_nprocs,
+    non_negative_int,
+    option,
+    permutation_options,
+    reference_levels,
+)
+
+log = logging.getLogger("greyarray")
+
+
+def fit_lm_parser(prog: str = "greyarray fit-lm") -> Parser:
+    from greyarray.stats import names
+
+    parser = Parser(
+        prog=prog,
+        description="Fit a linear model at every element, with ModelArray.lm's rules and "
+        "outputs, and write results/<analysis> into the HDF5 as ModelArray's writeResults "
+        "does. R formula syntax: numeric and categorical variables (treatment contrasts, R's "
+        "column names such as sexM), interactions (age:sex, age*sex), I(age^2), factor(x), "
+        "intercept removal (0 + ... or - 1).",
+    )
+    _model_inputs(
+        parser, "lm", "R formula; its response is the scalar, e.g. 'thickness ~ age + sex'"
+    )
+    option(
+        parser,
+        "--reference-level",
+        nargs="+",
+        default=[],
+        metavar="COLUMN=LEVEL",
+        help="reference level of a factor, e.g. sex=F (default: the first level in R's "
+        "order, which ignores case as R does in UTF-8 locales)",
+    )
+    option(
+        parser,
+        "--full-outputs",
+        action="store_true",
+        help="every statistic of --var-terms and --var-model (ModelArray's full.outputs=TRUE)",
+    )
+    option(
+        parser,
+        "--var-terms",
+        nargs="+",
+        default=list(names.DEFAULT_TERM_STATS),
+        choices=names.TERM_STATS,
+        help="statistics of each term (ModelArray's var.terms)",
+    )
+    option(
+        parser,
+        "--var-model",
+        nargs="+",
+        default=list(names.DEFAULT_MODEL_STATS),
+        choices=names.MODEL_STATS,
+        help="statistics of the model (ModelArray's var.model)",
+    )
+    _thresholds(parser)
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing results/<name>"
+    )
+    _permutation_options(parser)
+    report_option(parser)
+    add_logging(parser)
+    return parser
+
+
+def _model_inputs(parser, analysis: str, formula_help: str) -> None:
+    """The HDF5, cohort, formula, analysis and scalar options of fit-lm and fit-gam."""
+    option(parser, "--input-hdf5", required=True, type=Path, help="HDF5 from to-modelarray")
+    option(
+        parser,
+        "--cohort-file",
+        required=True,
+        type=Path,
+        help="cohort CSV whose source_file values are the HDF5's subject names",
+    )
+    parser.add_argument("--formula", required=True, help=formula_help)
+    option(parser, "--analysis-name", default=analysis, help="results/<name> in the HDF5")
+    parser.add_argument("--scalar", help="scalar to model (default: the formula's response)")
+
+
+def _thresholds(parser) -> None:
+    """ModelArray's element threshold (num.subj.lthr.abs / .rel)."""
+    option(
+        parser,
+        "--num-subj-lthr-abs",
+        type=float,
+        default=10,
+        help="fit an element only with more subjects with a finite value than this",
+    )
+    option(
+        parser,
+        "--num-subj-lthr-rel",
+        type=float,
+        default=0.2,
+        help="... and more than this fraction of all subjects",
+    )
+
+
+def _permutation_options(parser) -> None:
+    group = parser.add_argument_group(
+        "permutation inference (PALM's Freedman-Lane, two-sided; adds <term>.p.value.fwe, and "
+        "with --tfce <term>.tfce and <term>.tfce.p.value.fwe, for every term but the Intercept)"
+    )
+    group.add_argument(
+        "--permutations",
+        type=int,
+        default=0,
+        metavar="N",
+        help="number of permutations, the identity included (0: none); all of them when "
+        "there are no more than N",
+    )
+    group.add_argument(
+        "--tfce", action="store_true", help="TFCE on the greyordinates (dscalar only)"
+    )
+    option(
+        group,
+        "--exchangeability-blocks",
+        metavar="COLUMN",
+        help="cohort column whose blocks are permuted whole (e.g. participant_id with "
+        "sessions); blocks must have one size",
+    )
+    group.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of the random permutations"
+    )
+    shards = group.add_mutually_exclusive_group()
+    option(
+        shards,
+        "--permutation-shard",
+        metavar="I/K",
+        help="compute only shard I of K (1 <= I <= K) and write its null distribution "
+        "beside the HDF5 (<stem>.<analysis>.perm-shard-I-of-K.npz); no results",
+    )
+    option(
+        shards,
+        "--merge-shards",
+        nargs="+",
+        type=Path,
+        metavar="FILE",
+        help="the K shard files: merge them and write the results",
+    )
+    add_nprocs(group, "batches of permutations run in parallel")
+
+
+def run_fit_lm(args: argparse.Namespace) -> int:
+    from greyarray.stats.lm import fit_lm
+    from greyarray.stats.names import MODEL_STATS, TERM_STATS
+
+    permutations = permutation_options(args)
+    check_report(args.report, args.input_hdf5, args.cohort_file)
+    columns = fit_lm(
+        args.input_hdf5,
+        args.cohort_file,
+        args.formula,
+        args.analysis_name,
+        scalar=args.scalar,
+        term_stats=TERM_STATS if args.full_outputs else args.var_terms,
+        model_stats=MODEL_STATS if args.full_outputs else args.var_model,
+        lthr_abs=args.num_subj_lthr_abs,
+        lthr_rel=args.num_subj_lthr_rel,
+        overwrite=args.overwrite,
+        reference_levels=reference_levels(args.reference_level),
+        permutations=permutations,
+    )
+    if permutations is not None and permutations.shard is not None:
+        from greyarray.stats.permutation import shard_path
+
+        path = shard_path(args.input_hdf5, args.analysis_name, permutations.shard)
+        log.info("Wrote the null distribution of shard %s to %s", args.permutation_shard, path)
+        return 0
+    log.info(
+        "Wrote results/%s (%d columns) to %s", args.analysis_name, len(columns), args.input_hdf5
+    )
+    if args.report:
+        from greyarray.report import Thresholds
+
+        thresholds = Thresholds(args.num_subj_lthr_abs, args.num_subj_lthr_rel)
+        write_report(args.input_hdf5, args.cohort_file, args.report, thresholds)
+    return 0
+
+
+def fit_gam_parser(prog: str = "greyarray fit-gam") -> Parser:
+    parser = Parser(
+        prog=prog,
+        description="Fit a GAM (mgcv::gam, gaussian) at every element with ModelArray.gam's "
+        "rules and outputs, and write results/<analysis> into the HDF5. Smooth terms "
+        "s(x, k=, fx=, bs=) with bs tp, ts, cr or cs, plus parametric terms as in fit-lm.",
+    )
+    _model_inputs(parser, "gam", "e.g. 'thickness ~ s(age, k=4, fx=TRUE) + sex'")
+    parser.add_argument(
+        "--method",
+        choices=["REML", "GCV.Cp"],
+        default="GCV.Cp",
+        help="smoothing parameter selection (mgcv's and ModelArray's default: GCV.Cp)",
+    )
+    option(
+        parser,
+        "--changed-rsq-term",
+        metavar="TERM",
+        help="a term, e.g. 's(age)', or its 1-based position: add its delta adjusted R-squared "
+        "and partial R-squared from the model without it (ModelArray's "
+        "changed.rsq.term.index), and signed versions",
+    )
+    option(
+        parser,
+        "--full-outputs",
+        action="store_true",
+        help="every statistic (ModelArray's full.outputs=TRUE)",
+    )
+    _thresholds(parser)
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing results/<name>"
+    )
+    add_logging(parser)
+    return parser
+
+
+def run_fit_gam(args: argparse.Namespace) -> int:
+    from greyarray.stats.gam import fit_gam  # scipy and formulaic: only for this command
+
+    columns = fit_gam(
+        args.input_hdf5,
+        args.cohort_file,
+        args.formula,
+        args.analysis_name,
+        scalar=args.scalar,
+        method=args.method,
+        changed_rsq_term=args.changed_rsq_term,
+        full_outputs=args.full_outputs,
+        lthr_abs=args.num_subj_lthr_abs,
+        lthr_rel=args.num_subj_lthr_rel,
+        overwrite=args.overwrite,
+    )
+    log.info(
+        "Wrote results/%s (%d columns) to %s", args.analysis_name, len(columns), args.input_hdf5
+    )
+    return 0
