@@ -15,8 +15,14 @@ import shlex
 from pathlib import Path
 
 from greyarray import __version__
-from greyarray.errors import GreyArrayError, one_line
-from greyarray.options import Parser, add_nprocs, non_negative_int, reference_levels
+from greyarray.errors import GreyArrayError, UsageError, one_line
+from greyarray.options import (
+    Parser,
+    add_nprocs,
+    non_negative_int,
+    positive_int,
+    reference_levels,
+)
 
 log = logging.getLogger("greyarray")
 
@@ -188,6 +194,21 @@ def build_parser(commands: str = "") -> Parser:
         default=0,
         help="with --permutations: seed of the random permutations",
     )
+    shards = model.add_mutually_exclusive_group()
+    shards.add_argument(
+        "--permutation-shard",
+        metavar="I/K",
+        help="with --model and --permutations: compute only shard I of K of the permutations "
+        "(one task of a SLURM array) from the HDF5 an earlier group run wrote, and save its "
+        "null distribution beside it; nothing is converted, no results or maps are written",
+    )
+    shards.add_argument(
+        "--merge-shards",
+        type=positive_int,
+        metavar="K",
+        help="with --model and --permutations: merge the K shards the --permutation-shard runs "
+        "saved (same options), then write the results and maps, equal to one run's",
+    )
     model.add_argument(
         "--gam-method",
         choices=["REML", "GCV.Cp"],
@@ -244,6 +265,15 @@ def main(argv: list[str], commands: str = "") -> int:
 def _level(settings) -> int:
     """The run of the level and mode asked for."""
     args = settings.args
+    model_only = {
+        "--permutations": args.permutations,
+        "--tfce": args.tfce,
+        "--exchangeability-blocks": args.exchangeability_blocks,
+        "--permutation-shard": args.permutation_shard,
+        "--merge-shards": args.merge_shards,
+    }
+    if not args.model and (given := [flag for flag, value in model_only.items() if value]):
+        raise UsageError(f"{', '.join(given)} needs --model FORMULA (group level)")
     if args.reports_only:
         from greyarray.bids import reports
 

@@ -33,9 +33,12 @@ def model(settings: Run) -> int:
 
     formula = settings.args.model
     response, _ = parse_formula(formula)
-    fit, check_table = _fitter(settings, formula, is_gam_formula(formula))
     analysis = settings.args.analysis_name or ("gam" if is_gam_formula(formula) else "lm")
     h5 = group.h5_path(settings, response)
+    permutations = _permutations(settings, h5, analysis)
+    fit, check_table = _fitter(settings, formula, is_gam_formula(formula), permutations)
+    if permutations is not None and permutations.shard is not None:
+        return _shard(settings, h5, response, fit, formula, analysis, permutations.shard)
     if h5.exists() and not settings.args.overwrite:
         log.info("Using %s (converted earlier; --overwrite checks its inputs again)", h5)
         _check_can_fit(h5, response, analysis, settings.args.overwrite)
@@ -62,11 +65,44 @@ def model(settings: Run) -> int:
     )
 
 
-def _fitter(settings: Run, formula: str, smooth: bool):
+def _permutations(settings: Run, h5: Path, analysis: str):
+    """The permutation options; with --merge-shards K, the K files the shards saved."""
+    permutations = permutation_options(settings.args)
+    if (count := settings.args.merge_shards) is not None:
+        from dataclasses import replace
+
+        from greyarray.stats.permutation import shard_path
+
+        files = tuple(shard_path(h5, analysis, (i, count)) for i in range(1, count + 1))
+        permutations = replace(permutations, merge=files)
+    return permutations
+
+
+def _shard(settings: Run, h5: Path, scalar: str, fit, formula: str, analysis: str, shard) -> int:
+    """One shard of the permutations (a SLURM array task): from the group level's HDF5, which
+    is never converted here (K tasks start at once), to a file beside it."""
+    from greyarray.stats.permutation import shard_path
+
+    if not h5.exists():
+        raise MissingInputError(
+            f"{h5}: not found; --permutation-shard reads the HDF5 of an earlier group run "
+            "(run the group level first)"
+        )
+    with open_hdf5(h5) as file:
+        read_scalar(file, scalar)
+    settings.open_output("shard")
+    cohort = h5.with_name(h5.name.replace("_modelarray.h5", "_cohort.csv"))
+    fit(h5, cohort, formula, analysis, overwrite=settings.args.overwrite)
+    i, k = shard
+    return settings.finish(
+        [f"Shard {i} of {k} of the permutations of {formula}: {shard_path(h5, analysis, shard)}"]
+    )
+
+
+def _fitter(settings: Run, formula: str, smooth: bool, permutations):
     """(fit(h5, cohort, formula, analysis, overwrite), check of a cohort table before any
     conversion): fit-lm's, or fit-gam's for a formula with smooth terms s(...)."""
-    references, args = settings.reference_levels, settings.args
-    permutations = permutation_options(args)
+    references = settings.reference_levels
     if not smooth:
         from greyarray.stats.design import build_design
         from greyarray.stats.lm import fit_lm
@@ -82,7 +118,7 @@ def _fitter(settings: Run, formula: str, smooth: bool):
         raise UsageError("--permutations applies to linear models, not to a --model with s()")
     from greyarray.stats.gam import GamModel, changed_term_name, fit_gam, parse_gam_formula
 
-    method, changed = args.gam_method, args.changed_rsq_term
+    method, changed = settings.args.gam_method, settings.args.changed_rsq_term
     if changed is not None:
         changed_term_name(parse_gam_formula(formula), changed)  # a usage error, before any work
     return (
