@@ -240,6 +240,14 @@ def test_s3_cohort_equals_the_local_one(data, servers, aws, tmp_path):
         assert list(s3["greyarray/sources/thickness/path"].asstr()[()]) == urls
         assert s3["greyarray/sources/thickness/nonfinite_count"][2] == 100
     assert not list(tmp_path.rglob(".greyarray-tmp*"))
+    # the same cohort CSV for the model (rows matched by the s3:// names) and for the export,
+    # whose template is the first object's header
+    h5 = tmp_path / "out" / "s3.h5"
+    fit = ["fit-lm", "--input-hdf5", h5, "--cohort-file", csv, "--formula", "thickness ~ age"]
+    assert run_greyarray(*fit).returncode == 0
+    export = ["export-results", "--analysis-name", "lm", "--input-hdf5", h5, "--cohort-file", csv]
+    done = run_greyarray(*export, "--output-dir", tmp_path / "maps")
+    assert done.returncode == 0 and len(list((tmp_path / "maps").glob("*.dscalar.nii"))) > 5
 
 
 def test_public_bucket_read_unsigned(data, servers, aws, tmp_path):

@@ -110,7 +110,7 @@ def resolve_source(folder: str, source_file: str) -> str:
     return next((c for c in candidates if os.path.lexists(c)), candidates[0])
 
 
-def first_source(csv: Path) -> Path:
+def first_source(csv: Path) -> Path | remote.S3Url:
     """The first ``source_file`` of a cohort CSV, without pandas (export's template: a small
     export must start fast)."""
     import csv as csvlib
@@ -129,6 +129,8 @@ def first_source(csv: Path) -> Path:
         raise DataError(f"{table}: cannot read as CSV ({err})") from None
     if row is None or not (row["source_file"] or "").strip():
         raise DataError(f"{table}: cohort has no source_file in its first row")
+    if remote.is_url(row["source_file"]):
+        return remote.S3Url.parse(row["source_file"])
     folder = str(table.parent)
     path = Path(resolve_source(folder, row["source_file"]))
     if not os.path.exists(path):  # False, not OSError, for a name too long for the system

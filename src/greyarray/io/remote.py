@@ -144,16 +144,26 @@ def client(workers: int = DEFAULT_WORKERS):
 
 
 @contextlib.contextmanager
-def opened(url: S3Url, spool: Path, workers: int) -> Iterator[RemoteObject]:
-    """An object streamed by one GET, for sources.inspect: ``read``, ``keep``, ``done``."""
+def opened(url: S3Url, spool: Path | None, workers: int) -> Iterator[RemoteObject]:
+    """An object streamed by one GET, for sources.inspect: ``read``, ``keep`` (into a new file
+    of ``spool``), ``done``."""
     s3 = client(workers)
     response = request(s3, url, lambda: s3.get_object(Bucket=url.bucket, Key=url.key))
-    handle, name = tempfile.mkstemp(dir=spool, suffix=".data")
-    remote = RemoteObject(s3, url, response, os.fdopen(handle, "wb"), Path(name))
+    handle, name = tempfile.mkstemp(dir=spool, suffix=".data") if spool else (None, None)
+    kept = os.fdopen(handle, "wb") if handle is not None else None
+    remote = RemoteObject(s3, url, response, kept, Path(name) if name else None)
     try:
         yield remote
     finally:
         remote.close()
+
+
+def read_file(url: S3Url):
+    """The parsed header of an object (export-results' template: the cohort's first file)."""
+    from greyarray.io.formats import cifti
+
+    with opened(url, None, 1) as remote:
+        return cifti.parse(url, cifti.read_head(remote.read, url, remote.size), remote.size)
 
 
 class RemoteObject:
@@ -194,7 +204,8 @@ class RemoteObject:
         )
 
     def close(self) -> None:
-        self._spool.close()
+        if self._spool is not None:
+            self._spool.close()
         with contextlib.suppress(Exception):
             self._body.close()
 

@@ -115,7 +115,7 @@ def to_modelarray(
     plan = output_plan(cohort, output, split)
     cohort.check_files()
     sources = (cohort.resolve(s) for s in cohort.table["source_file"])
-    refuse_inputs(plan, [cohort.path, *(s for s in sources if not remote.is_url(s))])
+    refuse_inputs(plan, [cohort.path, *sources])
     for path in plan:
         check_output(path, overwrite)
         remove_stale_temporaries(path.parent)
