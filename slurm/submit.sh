@@ -33,7 +33,7 @@ while [ $# -gt 0 ]; do
 done
 n=$(grep -c -v '^[[:space:]]*$' "$list" || true)
 if [ "$n" = 0 ]; then echo "greyarray: error: $list lists no participant" >&2; exit 66; fi
-if [ "$shards" != 0 ] && [ ${#model[@]} = 0 ]; then
+if [ "$shards" != 0 ] && [[ " ${model[*]} " != *" --permutations "* ]]; then
   echo "greyarray: error: --shards needs --model FORMULA --permutations N" >&2; exit 64
 fi
 logs=$out/logs/slurm

@@ -122,7 +122,7 @@ def client(workers: int = DEFAULT_WORKERS):
     """One boto3 S3 client per configuration (clients are thread-safe; the environment is read
     each time, so a changed one gets a new client)."""
     anonymous = _anonymous()
-    key = (anonymous, attempts(), workers, *(os.environ.get(k) for k in sorted(os.environ)))
+    key = (anonymous, attempts(), workers, tuple(sorted(os.environ.items())))
     with _LOCK:
         if key not in _CLIENTS:
             import boto3
@@ -148,9 +148,14 @@ def opened(url: S3Url, spool: Path | None, workers: int) -> Iterator[RemoteObjec
     """An object streamed by one GET, for sources.inspect: ``read``, ``keep`` (into a new file
     of ``spool``), ``done``."""
     s3 = client(workers)
-    response = request(s3, url, lambda: s3.get_object(Bucket=url.bucket, Key=url.key))
     handle, name = tempfile.mkstemp(dir=spool, suffix=".data") if spool else (None, None)
     kept = os.fdopen(handle, "wb") if handle is not None else None
+    try:
+        response = request(s3, url, lambda: s3.get_object(Bucket=url.bucket, Key=url.key))
+    except BaseException:
+        if kept is not None:
+            kept.close()
+        raise
     remote = RemoteObject(s3, url, response, kept, Path(name) if name else None)
     try:
         yield remote
@@ -224,6 +229,7 @@ class RemoteObject:
                 time.sleep(min(20.0, 0.5 * 2**attempt))
                 with contextlib.suppress(Exception):
                     self._body.close()
+                same = {"IfMatch": self.etag} if self.etag else {}
                 response = request(
                     self.s3,
                     self.url,
@@ -231,7 +237,7 @@ class RemoteObject:
                         Bucket=self.url.bucket,
                         Key=self.url.key,
                         Range=f"bytes={self._position}-",
-                        IfMatch=self.etag,
+                        **same,  # noqa: B023 (called at once)
                     ),
                 )
                 self._body = response["Body"]
