@@ -226,7 +226,7 @@ class RemoteObject:
             except (BotoCoreError, HTTPError, OSError) as err:
                 if attempt + 1 == attempts():
                     raise unavailable(self.s3, self.url, err) from None
-                time.sleep(min(20.0, 0.5 * 2**attempt))
+                time.sleep(min(20.0, 0.1 * 2**attempt))
                 with contextlib.suppress(Exception):
                     self._body.close()
                 same = {"IfMatch": self.etag} if self.etag else {}
