@@ -416,12 +416,15 @@ def test_modelarrayio_flags(run_cli, tmp_path, writer91k, extra, code, message):
     assert status == code and message in err
 
 
-def test_remote_paths_are_refused_in_one_line(run_cli, tmp_path):
-    pd.DataFrame({"scalar_name": ["fa"], "source_file": ["s3://bucket/sub-1.dscalar.nii"]}).to_csv(
+@pytest.mark.parametrize("url", ["gs://bucket/sub-1.dscalar.nii", "https://host/sub-1.nii"])
+def test_remote_paths_are_refused_in_one_line(run_cli, tmp_path, url):
+    """Other schemes than s3:// (tests/test_s3.py) are refused."""
+    pd.DataFrame({"scalar_name": ["fa"], "source_file": [url]}).to_csv(
         tmp_path / "c.csv", index=False
     )
     status, _, err = run_cli("to-modelarray", "--cohort-file", tmp_path / "c.csv")
-    assert status == 64 and "s3:// is not supported yet" in err and len(err.splitlines()) == 1
+    assert status == 64 and "remote path GreyArray cannot read" in err
+    assert len(err.splitlines()) == 1 and "s3://bucket/key" in err
 
 
 # ---- factors in R's order --------------------------------------------------------------------

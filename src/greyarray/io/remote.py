@@ -182,9 +182,11 @@ class RemoteObject:
         self._buffer, self._start, self._position = bytearray(), 0, 0
 
     def read(self, offset: int, size: int) -> bytes:
-        """Exactly ``size`` bytes at ``offset`` (``offset`` >= the previous read's)."""
-        del self._buffer[: offset - self._start]
-        self._start = offset
+        """Exactly ``size`` bytes at ``offset`` (``offset`` >= the previous read's). The buffer
+        holds the object's bytes [_start, _position)."""
+        if offset < self._start:
+            raise ValueError(f"{self.url}: read at {offset}, before {self._start}")
+        self._drop(min(offset, self._position))
         while self._position < offset + size:
             piece = self._next(min(PIECE, offset + size - self._position))
             if not piece:
@@ -194,7 +196,13 @@ class RemoteObject:
                 )
             self._buffer += piece
             self._position += len(piece)
+        self._drop(offset)
         return bytes(self._buffer[:size])
+
+    def _drop(self, before: int) -> None:
+        """Forget the bytes before ``before`` (memory: at most one read's worth is kept)."""
+        del self._buffer[: before - self._start]
+        self._start = before
 
     def keep(self, raw: bytes) -> None:
         try:
