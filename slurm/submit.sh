@@ -16,6 +16,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 if [ $# -lt 3 ]; then
   sed -n '2,/^set/p' "$0" | sed -e '/^set/d' -e 's/^# \{0,1\}//' >&2
+  echo "greyarray: error: usage: submit.sh BIDS_DIR OUTPUT_DIR SUBJECTS_FILE [--shards K] [options]" >&2
   exit 64
 fi
 bids=$(realpath "$1") out=$(realpath -m "$2") list=$(realpath "$3")

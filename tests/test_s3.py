@@ -441,3 +441,12 @@ def test_server_stopped_mid_run(servers, aws, tmp_path):
     done = subprocess.CompletedProcess(run.args, run.returncode, "", stderr)
     one_error(done, 69, f"{server.url}: S3 endpoint unreachable after 2 attempts", "s3://cohort/")
     nothing_left(out)
+
+
+@pytest.mark.parametrize("url", ["s3://bucket-only", "s3:///key", "s3://bucket/folder/"])
+def test_not_an_object_url(tmp_path, url):
+    """An s3:// string that names no object: one line (64) before any request."""
+    pd.DataFrame({"scalar_name": ["fa"], "source_file": [url]}).to_csv(tmp_path / "c.csv")
+    done = convert(tmp_path / "c.csv", tmp_path / "o.h5")
+    one_error(done, 64, "c.csv: line 2:", repr(url), "not an S3 object (expected s3://bucket/key)")
+    nothing_left(tmp_path)

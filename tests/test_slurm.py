@@ -361,3 +361,49 @@ def test_shard_options_refuse_what_cannot_work(tmp_path):
     with h5py.File(out / "group/desc-thickness_modelarray.h5") as h5:
         assert "results" not in h5
     assert not list((out / "group").glob("*statmap*")) and not temporaries(out)
+
+
+def test_scripts_refuse_bad_arguments(tmp_path):
+    """The scripts' own checks, before anything is submitted or written: one error line each,
+    exit 64 (usage) or 66 (no participants), no OUTPUT_DIR."""
+    out, empty, two = tmp_path / "out", tmp_path / "empty.txt", tmp_path / "two.txt"
+    empty.write_text("\n  \n")
+    two.write_text("001\n002\n")
+    cases = [
+        (["submit.sh", tmp_path, out], {}, 64, "usage"),
+        (["submit.sh", tmp_path, out, empty], {}, 66, "lists no participant"),
+        (
+            ["submit.sh", tmp_path, out, two, "--shards", "2", "--model", "y ~ x"],
+            {},
+            64,
+            "--shards needs --model FORMULA --permutations N",
+        ),
+        (["participant.sbatch", tmp_path], {}, 64, "usage: sbatch"),
+        (
+            ["participant.sbatch", tmp_path, out, two],
+            {"SLURM_ARRAY_TASK_ID": "3"},
+            64,
+            "has no line 3 (--array must be 1-N for N lines)",
+        ),
+        (
+            ["permutation-shards.sbatch", tmp_path, out, "--model", "y ~ x"],
+            {
+                "SLURM_ARRAY_TASK_ID": "2",
+                "SLURM_ARRAY_TASK_COUNT": "2",
+                "SLURM_ARRAY_TASK_MIN": "2",
+                "SLURM_ARRAY_TASK_MAX": "3",
+            },
+            64,
+            "submit the shards as --array=1-K (not 2-3)",
+        ),
+    ]
+    for (script, *args), env, code, says in cases:
+        done = subprocess.run(
+            ["bash", SLURM / script, *map(str, args)],
+            capture_output=True,
+            text=True,
+            env={**ENV, "GREYARRAY_CMD": "false", **env},
+        )
+        assert done.returncode == code, (script, done.stderr)
+        assert says in done.stderr and len(errors(done)) == 1, (script, done.stderr)
+        assert not out.exists()

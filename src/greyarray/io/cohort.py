@@ -249,6 +249,13 @@ def _check(path: Path, table: pd.DataFrame) -> None:
     for name in table["scalar_name"].unique():
         check_data_name("scalar", name, str(path))
     sources = table["source_file"]
+    bad = (sources.str.startswith(remote.SCHEME) & ~sources.str.match(remote.OBJECT)).to_numpy()
+    if bad.any():
+        first = int(bad.argmax())
+        raise UsageError(
+            f"{path}: line {table.index[first] + 2}: {sources.iloc[first]!r} is not an S3 "
+            "object (expected s3://bucket/key)"
+        )
     urls = (
         sources.str.match(r"[A-Za-z][A-Za-z0-9+.-]*://") & ~sources.str.startswith(remote.SCHEME)
     ).to_numpy()

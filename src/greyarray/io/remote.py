@@ -42,6 +42,7 @@ from greyarray.io import inputs
 from greyarray.io.fileio import output_failure, private_folder
 
 SCHEME = "s3://"
+OBJECT = r"s3://[^/]+/.*[^/]$"  # a bucket and a key that is not a "folder"
 ANON = "MODELARRAYIO_S3_ANON"
 DEFAULT_ATTEMPTS = 5
 DEFAULT_WORKERS = 8
