@@ -17,6 +17,7 @@ from conftest import PSCALAR, subject_values, write_cohort
 from test_faults import tmpfs
 
 from greyarray.io import cifti
+from greyarray.stats import lm
 
 N_SUBJECTS = 16
 S = "scalars/thickness"
@@ -207,9 +208,9 @@ def test_formula_python_internals_refused(run_cli, converted, h5, formula, comma
     assert "double underscore" in line
 
 
-def test_aliased_column_is_left_out_as_modelarray_writes_it(run_cli, converted, h5):
+def test_aliased_column_is_nan_as_modelarray_writes_it(run_cli, converted, h5):
     """R's lm reports NA for I(2 * age) (a multiple of age) and ModelArray, reading
-    broom::tidy, writes no column for it: the fit is that of 'age' alone, the sidecar says so."""
+    broom::tidy, writes its columns with NaN: the rest is the fit of 'age' alone."""
     cohort = converted[1]
     for name, formula in [("both", "thickness ~ age + I(2 * age)"), ("age", "thickness ~ age")]:
         code, _, err = run_cli(*fit_args(h5, cohort, formula), "--analysis-name", name, *QUIET)
@@ -217,8 +218,13 @@ def test_aliased_column_is_left_out_as_modelarray_writes_it(run_cli, converted, 
     with h5py.File(h5) as file:
         both, alone = (file[f"results/{a}/results_matrix"][()] for a in ("both", "age"))
         names = list(file["results/both/column_names"].asstr()[()])
-    assert not [n for n in names if n.startswith("I(2 * age)")]
-    np.testing.assert_array_equal(both, alone)
+        alone_names = list(file["results/age/column_names"].asstr()[()])
+    aliased = [i for i, n in enumerate(names) if n.startswith("I(2 * age).")]
+    assert [names[i] for i in aliased][:3] == [f"I(2 * age).{s}" for s in lm.DEFAULT_TERM_STATS]
+    assert np.isnan(both[aliased]).all()
+    rest = [i for i in range(len(names)) if i not in aliased]
+    assert [names[i] for i in rest] == alone_names
+    np.testing.assert_array_equal(both[rest], alone)
 
 
 def test_formula_functions_are_numpys(run_cli, converted, h5):

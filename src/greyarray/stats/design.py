@@ -18,8 +18,9 @@ subject order, as ModelArray aligns them). As R does (``model.frame`` then ``mod
    with the first variable varying fastest, R's column names.
 
 Then the checks R's model functions make before fitting. Columns that are linear combinations
-of the ones before (R's ``lm`` reports NA for them, and ModelArray, reading ``broom::tidy``,
-writes no column for them) are left out with a warning.
+of the ones before are left out of the matrix with a warning; R's ``lm`` reports NA for them, and
+ModelArray, reading ``broom::tidy``, writes their columns filled with NaN (``Design.coefficients``
+keeps every name, ``Design.columns`` the fitted ones).
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ class Design:
     labels: list[str] = field(default_factory=list)  # R's term labels
     aliased: list[str] = field(default_factory=list)  # columns left out (NA in R's lm)
     model: rf.ModelFormula | None = None  # the formula as read
+    coefficients: list[str] = field(default_factory=list)  # every column, the aliased too
+
+    def __post_init__(self):
+        if not self.coefficients:
+            object.__setattr__(self, "coefficients", list(self.columns))
 
 
 # --- values of the model frame ---------------------------------------------------------------
@@ -266,8 +272,9 @@ def prepare_phenotypes(
             raise UsageError(
                 f"{option} {column}={reference}: no such level (levels: {', '.join(labels.levels)})"
             )
-        if column in ordered:
-            seen = list(dict.fromkeys(v for v in text if v is not None))
+        if column in ordered:  # in the cohort file's row order (match_cohort keeps it)
+            order = phenotypes.attrs.get("cohort_rows", np.arange(len(phenotypes)))
+            seen = list(dict.fromkeys(text[i] for i in np.argsort(order) if text[i] is not None))
         else:
             seen = labels.levels
         levels = [reference] + [level for level in seen if level != reference]
@@ -564,7 +571,10 @@ class Evaluator:
         args = _match(node, fn)
         for unsupported in ("labels", "exclude"):
             if unsupported in args:
-                raise _NotR(f"{rf.deparse(node)}: factor()'s {unsupported}= is not supported")
+                raise _NotR(
+                    f"{rf.deparse(node)}: factor()'s {unsupported} = is not evaluated by "
+                    "GreyArray (R would apply it); recode the column in the cohort CSV"
+                )
         x = self.vector(self(args["x"]))
         levels = None
         if "levels" in args:
@@ -633,7 +643,10 @@ class Evaluator:
         args = _match(node, fn)
         for unsupported in ("coefs", "simple"):
             if unsupported in args:
-                raise _NotR(f"{rf.deparse(node)}: poly()'s {unsupported}= is not supported")
+                raise _NotR(
+                    f"{rf.deparse(node)}: poly()'s {unsupported} = is not supported (R would "
+                    "use it); write poly(x, degree) or poly(x, degree, raw = TRUE)"
+                )
         values = self(args["x"])
         if isinstance(values, (Factor, Text)):
             raise _NotR(f"{rf.deparse(node)}: poly() of a factor")
@@ -680,7 +693,10 @@ class Evaluator:
     def _spline(self, node: rf.Call, fn: str, natural: bool) -> Value:
         args = _match(node, fn)
         if "Boundary.knots" in args:
-            raise _NotR(f"{rf.deparse(node)}: Boundary.knots = is not supported")
+            raise _NotR(
+                f"{rf.deparse(node)}: Boundary.knots = is not supported (R would place the "
+                "boundary knots there); leave it out for R's default, the range of the values"
+            )
         x = _numeric(self.vector(self(args["x"])), f"{fn}()").astype(float)
 
         def number(name):
@@ -978,14 +994,15 @@ def build_design(
         if len(aliased) == len(names):
             raise _problem(formula, "every column of the design is zero")
         log.warning(
-            "Formula %r: %s %s of the columns before: R's lm reports NA for %s and ModelArray "
-            "writes no column for %s; left out",
+            "Formula %r: %s %s of the columns before: R's lm reports NA, and ModelArray NaN, "
+            "for %s",
             formula,
             ", ".join(aliased),
             "is a linear combination" if len(aliased) == 1 else "are linear combinations",
             "it" if len(aliased) == 1 else "them",
-            "it" if len(aliased) == 1 else "them",
         )
+    every = ["Intercept" if c == "(Intercept)" else c for c in names]
+    if aliased:
         keep = [j for j, name in enumerate(names) if name not in aliased]
         matrix = matrix[:, keep]
         names = [names[j] for j in keep]
@@ -1005,7 +1022,17 @@ def build_design(
         log.info("Factor %s: reference level %r (R's order)", factor, level)
     columns = ["Intercept" if c == "(Intercept)" else c for c in names]
     return Design(
-        matrix, columns, rows, trms.intercept, chosen, offset, assign, trms.labels, aliased, model
+        matrix,
+        columns,
+        rows,
+        trms.intercept,
+        chosen,
+        offset,
+        assign,
+        trms.labels,
+        ["Intercept" if c == "(Intercept)" else c for c in aliased],
+        model,
+        every,
     )
 
 
@@ -1134,7 +1161,11 @@ def match_cohort(cohort: pd.DataFrame, names: list[str], scalar: str, path: Path
             else f"{len(extra)} cohort rows are not in the HDF5 (e.g. {extra[0]!r})"
         )
         raise DataError(f"{path}: cohort does not match scalars/{scalar}/column_names: {what}")
-    return cohort.set_index(sources).loc[names].reset_index(drop=True)
+    matched = cohort.reset_index(drop=True).set_index(sources.to_numpy())
+    position = pd.Series(np.arange(len(matched)), index=matched.index)
+    out = matched.loc[names].reset_index(drop=True)
+    out.attrs["cohort_rows"] = position.loc[names].to_numpy()  # for orders of appearance
+    return out
 
 
 def threshold_rule(lthr_abs: float, lthr_rel: float, n: int) -> str:
