@@ -303,6 +303,27 @@ def _scalar(node: rf.Node, value: Value, what: str):
     raise _NotR(f"{what}: '{rf.deparse(node)}' must be one constant")
 
 
+def _number(node: rf.Node, value: Value, what: str) -> float:
+    v = _scalar(node, value, what)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _NotR(f"{what}: '{rf.deparse(node)}' must be a number")
+    return float(v)
+
+
+def _flag(node: rf.Node, value: Value, what: str) -> bool:
+    v = _scalar(node, value, what)
+    if not isinstance(v, bool):
+        raise _NotR(f"{what}: '{rf.deparse(node)}' must be TRUE or FALSE")
+    return v
+
+
+def _numbers(node: rf.Node, value: Value, what: str) -> np.ndarray:
+    values = _constants(value)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise _NotR(f"{what}: '{rf.deparse(node)}' must be numbers")
+    return np.array(values, float)
+
+
 def _constants(value: Value) -> list:
     if isinstance(value, Constants):
         return value.values
@@ -538,7 +559,7 @@ class Evaluator:
         with np.errstate(all="ignore"):
             out = np.log(x)
             if "base" in args:
-                out = out / math.log(float(_scalar(args["base"], self(args["base"]), "log")))
+                out = out / math.log(_number(args["base"], self(args["base"]), "log()"))
         return Numeric(out)
 
     def _I(self, node: rf.Call, fn: str) -> Value:
@@ -582,7 +603,7 @@ class Evaluator:
                       for v in _constants(self(args["levels"]))]  # fmt: skip
         is_ordered = fn in ("ordered", "as.ordered")
         if "ordered" in args:
-            is_ordered = bool(_scalar(args["ordered"], self(args["ordered"]), "factor"))
+            is_ordered = _flag(args["ordered"], self(args["ordered"]), "factor()")
         if fn == "as.factor" and isinstance(x, Factor):
             return x
         if fn == "as.ordered" and isinstance(x, Factor) and x.ordered:
@@ -606,8 +627,11 @@ class Evaluator:
             raise _NotR(f"{rf.deparse(node)}: relevel() needs ref =")
         ref = _scalar(args["ref"], self(args["ref"]), "relevel")
         if isinstance(ref, float | int) and not isinstance(ref, bool):
-            if not 1 <= ref <= len(x.levels):
-                raise _BadData(f"{rf.deparse(node)}: ref = {ref} is out of range (R stops)")
+            if not 1 <= ref <= len(x.levels) or ref != int(ref):
+                raise _BadData(
+                    f"{rf.deparse(node)}: ref = {rf.r_number(float(ref))} is not a level "
+                    "number (R stops)"
+                )
             ref = x.levels[int(ref) - 1]
         if ref not in x.levels:
             raise _BadData(
@@ -627,10 +651,7 @@ class Evaluator:
         for name in ("center", "scale"):
             flags[name] = True
             if name in args:
-                value = _scalar(args[name], self(args[name]), "scale")
-                if not isinstance(value, bool):
-                    raise _NotR(f"{rf.deparse(node)}: {name} = TRUE or FALSE only")
-                flags[name] = value
+                flags[name] = _flag(args[name], self(args[name]), "scale()")
         ok = ~np.isnan(x)
         if flags["center"]:
             x = x - _r_mean(x[ok])
@@ -662,7 +683,7 @@ class Evaluator:
             degree = int(degree)
         raw = False
         if "raw" in args:
-            raw = bool(_scalar(args["raw"], self(args["raw"]), "poly"))
+            raw = _flag(args["raw"], self(args["raw"]), "poly()")
         if degree < 1:
             raise _BadData(f"{rf.deparse(node)}: R stops ('degree' must be at least 1)")
         names = [str(i) for i in range(1, degree + 1)]
@@ -711,15 +732,15 @@ class Evaluator:
         knots = number("knots")
         degree = 3
         if not natural and "degree" in args:
-            degree = int(_scalar(args["degree"], self(args["degree"]), fn))
+            degree = int(_number(args["degree"], self(args["degree"]), f"{fn}()"))
         intercept = False
         if "intercept" in args:
-            intercept = bool(_scalar(args["intercept"], self(args["intercept"]), fn))
+            intercept = _flag(args["intercept"], self(args["intercept"]), f"{fn}()")
         ok = ~np.isnan(x)
         basis = spline_basis(
             x[ok],
-            None if df is None else float(_scalar(args["df"], df, fn)),
-            None if knots is None else np.array(_constants(knots), float),
+            None if df is None else _number(args["df"], df, f"{fn}()"),
+            None if knots is None else _numbers(args["knots"], knots, f"{fn}()"),
             degree,
             intercept,
             natural,
@@ -845,9 +866,13 @@ def _frame_values(evaluate: Evaluator, nodes: list, skip: set[int]) -> dict[int,
     for i, node in enumerate(nodes):
         if i in skip:
             continue
-        value = evaluate.vector(evaluate(node))
-        if isinstance(value, Constants):
-            raise _NotR(f"'{rf.deparse(node)}' is a constant, not a variable")
+        columns = [n for n in rf.all_names(node) if n.id in evaluate.table.columns]
+        value = evaluate(node)
+        if isinstance(value, Constants) or not columns:
+            raise _NotR(
+                f"'{rf.deparse(node)}' is a constant, not a variable (R stops: variable "
+                "lengths differ)"
+            )
         out[i] = value
     return out
 
@@ -1034,6 +1059,30 @@ def build_design(
         model,
         every,
     )
+
+
+def variable(
+    expression: rf.Node | str,
+    phenotypes: pd.DataFrame,
+    rows: np.ndarray,
+    references: dict[str, str] | None = None,
+    ordered: dict[str, str] | None = None,
+) -> Numeric | Factor:
+    """One variable of a formula (e.g. a smooth's covariate or its ``by =``) on ``rows``, as
+    model.matrix sees it: numbers as ``Numeric``; text, factors and logicals as a ``Factor``
+    (levels in R's order among ``rows``, unused levels dropped, ``ordered`` for an
+    --ordered-factor column or ordered(); ``contrasts(factor, logical, True)`` codes it)."""
+    node = rf.parse(expression) if isinstance(expression, str) else expression
+    evaluate = Evaluator(prepare_phenotypes(phenotypes, references, ordered))
+    try:
+        value = evaluate.vector(evaluate(node))
+    except _NotR as err:
+        raise UsageError(f"'{rf.deparse(node)}': {err}") from None
+    except _BadData as err:
+        raise DataError(f"'{rf.deparse(node)}': {err}") from None
+    if isinstance(value, Constants):
+        raise UsageError(f"'{rf.deparse(node)}' is a constant, not a variable")
+    return _as_model_factor(_take(value, rows))[0]
 
 
 def parse_formula(formula: str) -> tuple[str, str]:

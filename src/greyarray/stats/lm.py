@@ -281,6 +281,11 @@ def fit_lm(
         names, values = stored.names, stored.values
         phenotypes = match_cohort(cohort, names, scalar, cohort_path)
         design = build_design(formula, phenotypes, reference_levels, ordered_factors)
+        if not design.coefficients:
+            raise UsageError(
+                f"formula {formula!r} has no column (R's lm would fit an empty model, with "
+                "no term to report)"
+            )
         if permutations is not None and design.offset is not None:
             raise UsageError(
                 f"formula {formula!r}: --permutations with an offset() is not supported "
