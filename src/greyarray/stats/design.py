@@ -1173,19 +1173,23 @@ def random_effects(
 
 def aliased_columns(x: np.ndarray, columns: list[str], tol: float = 1e-7) -> list[str]:
     """The design columns R's lm calls aliased: what is left of each after removing its
-    projection on the earlier (kept) columns is below ``tol`` of its norm (R's QR tolerance)."""
-    kept: list[int] = []
+    projection on the earlier (kept) columns is below ``tol`` of its norm (R's QR tolerance).
+    One pass: each kept column's remainder joins an orthonormal basis (projected out twice,
+    as classical Gram-Schmidt needs for accuracy)."""
+    basis = np.empty((len(columns), x.shape[0]))  # rows: orthonormal vectors
+    norms = column_norms(x)
+    kept = 0
     aliased = []
     for j, name in enumerate(columns):
-        rest = x[:, j]
-        if kept:
-            q, _ = np.linalg.qr(x[:, kept])
-            rest = rest - q @ (q.T @ rest)
-        norm = column_norms(x[:, [j]])[0]
-        if column_norms(rest[:, None])[0] <= tol * norm or norm == 0:
+        rest = x[:, j].copy()
+        for _ in range(2):
+            rest -= basis[:kept].T @ (basis[:kept] @ rest)
+        left = column_norms(rest[:, None])[0]
+        if norms[j] == 0 or left <= tol * norms[j]:
             aliased.append(name)
         else:
-            kept.append(j)
+            basis[kept] = rest / left
+            kept += 1
     return aliased
 
 
