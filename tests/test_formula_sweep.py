@@ -63,6 +63,9 @@ FITTED = [
     "ograde + age",  # an ordered factor (--ordered-factor ograde=high): ograde.L, ograde.Q
     "ograde * age",
     "ordered(grade)",
+    "ordered(edu) + sex",  # 13 levels: .L .Q .C ^4 ... ^12
+    "0 + sex:site",
+    "age * group - 1",
     "offset(edu) + age",
     "age + offset(log(edu)) + sex",
     "scale(age) + sex",
