@@ -17,7 +17,7 @@ import pytest
 from conftest import PSCALAR, subject_values, write_cohort
 from test_faults import tmpfs
 
-from greyarray.io import cifti
+from greyarray.io.formats import cifti
 from greyarray.stats import lm
 
 N_SUBJECTS = 16

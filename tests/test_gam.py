@@ -14,7 +14,7 @@ import pytest
 from conftest import PSCALAR, require, write_cohort
 
 from greyarray import cli
-from greyarray.io import cifti
+from greyarray.io.formats import cifti
 from greyarray.stats import gam
 
 GAM_DATA = Path(__file__).parent / "data" / "gam"
