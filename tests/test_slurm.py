@@ -205,9 +205,11 @@ def _tmp_writer(out: Path, job: str, timeout: float = 60) -> int:
     while time.monotonic() < deadline:
         for path in temporaries(out):
             pid = int(path.name.split("-")[-2])
-            try:
+            try:  # the job's greyarray, never another process that took a dead one's PID
+                if b"greyarray" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    continue
                 os.kill(pid, signal.SIGSTOP)
-            except ProcessLookupError:
+            except (FileNotFoundError, ProcessLookupError):
                 continue
             if path.exists():
                 return pid
