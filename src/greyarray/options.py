@@ -88,6 +88,24 @@ def add_nprocs(parser, what: str) -> None:
     )
 
 
+def add_thresholds(parser) -> None:
+    """ModelArray's element threshold (num.subj.lthr.abs / .rel), for every model."""
+    option(
+        parser,
+        "--num-subj-lthr-abs",
+        type=float,
+        default=10,
+        help="fit an element only with more subjects with a finite value than this",
+    )
+    option(
+        parser,
+        "--num-subj-lthr-rel",
+        type=float,
+        default=0.2,
+        help="... and more than this fraction of all subjects",
+    )
+
+
 def add_logging(parser) -> None:
     option(
         parser,

@@ -16,7 +16,13 @@ from pathlib import Path
 
 from greyarray import __version__
 from greyarray.errors import GreyArrayError, one_line
-from greyarray.options import Parser, add_nprocs, non_negative_int, reference_levels
+from greyarray.options import (
+    Parser,
+    add_nprocs,
+    add_thresholds,
+    non_negative_int,
+    reference_levels,
+)
 
 log = logging.getLogger("greyarray")
 
@@ -209,6 +215,7 @@ def build_parser(commands: str = "") -> Parser:
         help="with --model: reference level of a factor, e.g. sex=F (default: the first level "
         "in R's order)",
     )
+    add_thresholds(model)
     model.add_argument(
         "--analysis-name",
         metavar="NAME",

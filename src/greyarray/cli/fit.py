@@ -11,6 +11,7 @@ from greyarray.options import (
     Parser,
     add_logging,
     add_nprocs,
+    add_thresholds,
     non_negative_int,
     option,
     permutation_options,
@@ -92,20 +93,7 @@ def _model_inputs(parser, analysis: str, formula_help: str) -> None:
 
 def _thresholds(parser) -> None:
     """ModelArray's element threshold (num.subj.lthr.abs / .rel)."""
-    option(
-        parser,
-        "--num-subj-lthr-abs",
-        type=float,
-        default=10,
-        help="fit an element only with more subjects with a finite value than this",
-    )
-    option(
-        parser,
-        "--num-subj-lthr-rel",
-        type=float,
-        default=0.2,
-        help="... and more than this fraction of all subjects",
-    )
+    add_thresholds(parser)
 
 
 def _permutation_options(parser) -> None:

@@ -280,3 +280,24 @@ def threshold_rule(lthr_abs: float, lthr_rel: float, n: int) -> str:
         f"an element is fitted only where more than max({lthr_abs:g}, {lthr_rel:g} x {n}) = "
         f"{max(lthr_abs, lthr_rel * n):g} participants have a finite value"
     )
+
+
+def single_subject_levels(
+    formula: str, phenotypes: pd.DataFrame, rows: np.ndarray
+) -> dict[str, list[str]]:
+    """The formula's factors (text columns, and any column inside ``factor()``/``C()``) with
+    levels that only one of the subjects used (``rows``) has, in R's level order: such a
+    level's coefficient rests on one subject. The results writer says so."""
+    _, rhs = parse_formula(formula)
+    used = phenotypes.iloc[rows]
+    found = {}
+    for column in used.columns:
+        name = re.escape(str(column))
+        mentioned = re.search(rf"(?<![\w.]){name}(?![\w.])", rhs)
+        wrapped = re.search(rf"\b(?:factor|C)\(\s*`?{name}`?\s*[,)]", rhs)
+        if not mentioned or not (wrapped or not pd.api.types.is_numeric_dtype(used[column])):
+            continue
+        counts = used[column].dropna().astype(str).value_counts()
+        if single := sorted(counts.index[counts == 1], key=r_sort_key):
+            found[str(column)] = single
+    return found

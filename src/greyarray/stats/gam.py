@@ -34,7 +34,13 @@ from greyarray.io.h5read import read_scalar
 from greyarray.io.inputs import open_hdf5
 from greyarray.io.names import check_name
 from greyarray.stats import gam_fit
-from greyarray.stats.design import build_design, match_cohort, parse_formula, threshold_rule
+from greyarray.stats.design import (
+    build_design,
+    match_cohort,
+    parse_formula,
+    single_subject_levels,
+    threshold_rule,
+)
 from greyarray.stats.lm import BLOCK_BYTES
 from greyarray.stats.results import p_adjust_fdr, write_results
 from greyarray.stats.smooths import BASES, MAX_KNOTS, smooth_term
@@ -490,6 +496,10 @@ def fit_gam(
         "n_with_phenotypes": len(models[0].rows),
         "threshold": threshold_rule(lthr_abs, lthr_rel, len(names)),
         "cohort_file": str(cohort_path),
+        "scalar": scalar,
+        "threshold_abs": lthr_abs,
+        "threshold_rel": lthr_rel,
+        "single_subject_levels": single_subject_levels(formula, phenotypes, models[0].rows),
     }
     write_results(h5_path, analysis, columns, matrix, about, overwrite=overwrite)
     return columns
