@@ -1,33 +1,36 @@
-"""Kill GreyArray runs with SIGKILL at chosen moments of their HDF5 update (tests only).
+"""Kill GreyArray runs with SIGKILL at every write of their HDF5 update (tests only).
 
     python3 tests/kill_points.py SPEC.json
 
+Every operation of a run that changes a file is a moment: each write, truncate and open for
+writing that HDF5 makes (h5py is given a Python file object for files opened for writing, so
+that each of HDF5's writes is a call here), and each os-level change (open for writing,
+mkdir, unlink, rmdir, rename, fsync, copy_file_range, fallocate, chmod, chown, flock, ...).
+A run killed at moment k dies just before its k-th such operation, as a kill between two
+system calls would leave it. Moments are deterministic: a failure is reproduced by its number.
+
 SPEC (JSON): ``snapshots`` (a folder) and ``scenarios``, each with ``name``; ``args``
 (greyarray's arguments, ``{moment}`` replaced by the moment; or null for ``generic_update``
-below, a writer as harmonize's: a new scalar group); ``path`` (the HDF5); ``spread`` (how many
-moments spread evenly over the update, besides those around its landmarks); and ``mode``:
+below, a writer as harmonize's: a new scalar group); ``path`` (the HDF5); ``moments``
+("all", or how many, spread evenly); ``mode``:
 
-- ``whole``: every run is the whole command, forked from this process, one after another on
-  the same file as a user's reruns would be (a kill -9 loop);
-- ``entry``: the command runs once up to the update, then every run is forked there, each on
-  the file as it was (``pristine`` restores it first). The fit is not repeated: fast.
+- ``entry``: the command runs once up to ``updating_hdf5``; there a first run (not killed)
+  counts the moments of the update, then one run per moment is forked, each on the file as it
+  was (``pristine`` is copied to ``path`` first). The fit is not repeated: fast.
+- ``whole``: every run is the whole command forked from this process (moments counted from
+  its start), one after another on the same file, as a user's reruns would be (a kill -9 loop).
+  Works with any writer, also one that writes the user's file in place.
 
-A moment k kills the run at the k-th event of the update: every Python function call and
-builtin call and return (``sys.setprofile``), from the moment ``updating_hdf5`` is entered
-until it returns (between any two h5py operations, before and after each copy, fsync and
-rename). A first run, not killed, counts the events and where the landmarks are (lock, copy,
-fsync, rename); the moments are spread over them and set around each landmark. Moments are
-deterministic, so a failure is reproduced by its number. What the previous killed run left
-(its temporary folder) is removed before each run, as the run itself would do first (which
-would shift its moments); the tests check that a real next run removes it.
-
-Prints one JSON line per run: scenario, moment (0 for the counting run), status ("killed" or
-the exit code), and a snapshot of the file as the run left it.
+What a killed run left (its temporary folder) is removed before the next run, as the run would
+itself do first; the tests check that a real next run removes it. Prints one JSON line per
+run: scenario, moment (0 for the counting run), status ("killed" or the exit code), the
+operations counted (the counting run: each one's label), a snapshot of the file it left.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import os
@@ -39,26 +42,86 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # no BLAS threads across fork()
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from greyarray.io import fileio, h5update
+import h5py
 
-LANDMARKS = ("flock", "copy_file_range", "fsync", "replace")
-STATE: dict = {"hook": None, "entry": None}
-_original = h5update.updating_hdf5
+STATE: dict = {"count": None, "moment": None, "labels": None, "entry": None}
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+ORIGINAL = {}
+
+
+def event(label: str) -> None:
+    """One operation that changes a file is about to happen."""
+    if STATE["count"] is None:
+        return
+    STATE["count"] += 1
+    if STATE["count"] == STATE["moment"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if STATE["labels"] is not None:
+        STATE["labels"].append(label)
+
+
+def counted(module, name: str, when=None):
+    original = getattr(module, name)
+    ORIGINAL[name] = original
+
+    def call(*args, **kwargs):
+        if when is None or when(*args, **kwargs):
+            event(name)
+        return original(*args, **kwargs)
+
+    setattr(module, name, call)
+
+
+for _name in (
+    "mkdir", "rmdir", "unlink", "remove", "rename", "replace", "link", "fsync", "ftruncate",
+    "copy_file_range", "sendfile", "posix_fallocate", "fchmod", "fchown", "setxattr",
+):  # fmt: skip
+    counted(os, _name)
+counted(os, "open", lambda path, flags, *a, **k: bool(flags & WRITE_FLAGS))
+counted(fcntl, "flock")
+counted(fcntl, "ioctl")
+
+
+class Written(io.FileIO):
+    """The file HDF5 writes, as a Python file object: each write is a moment."""
+
+    def write(self, data):
+        event("hdf5 write")
+        return super().write(data)
+
+    def truncate(self, size=None):
+        event("hdf5 truncate")
+        return super().truncate(size)
+
+
+class File(h5py.File):
+    """h5py.File; a file opened for writing is written through ``Written``."""
+
+    def __init__(self, name, mode="r", *args, **kwargs):
+        if isinstance(name, (str, os.PathLike)) and mode != "r":
+            event("hdf5 open")
+            exists = os.path.exists(name) and mode in ("a", "r+")
+            name = Written(name, "r+" if exists else "w+")
+            kwargs.pop("locking", None)  # HDF5 does not lock a Python file object
+        super().__init__(name, mode, *args, **kwargs)
+
+
+h5py.File = File
+
+from greyarray.io import fileio, h5update  # noqa: E402
+
+_update = h5update.updating_hdf5
 
 
 @contextlib.contextmanager
-def _counted(*args, **kwargs):
+def _entered(*args, **kwargs):
     if STATE["entry"] is not None:  # mode entry: the runs are forked here
         fork_at_entry(STATE.pop("entry"))
-    sys.setprofile(STATE["hook"])
-    try:
-        with _original(*args, **kwargs) as h5:
-            yield h5
-    finally:
-        sys.setprofile(None)
+    with _update(*args, **kwargs) as h5:
+        yield h5
 
 
-h5update.updating_hdf5 = _counted  # before any writer imports it
+h5update.updating_hdf5 = _entered  # before any writer imports it
 
 from greyarray import cli  # noqa: E402
 from greyarray.stats import gam, lm, results  # noqa: E402, F401 (imported before the forks)
@@ -87,61 +150,8 @@ def command(scenario: dict, moment: int) -> int:
     return cli.main([str(a).replace("{moment}", str(moment)) for a in scenario["args"]])
 
 
-def install_hook(moment: int | None, told: dict) -> None:
-    """Count events; die at ``moment`` (None: count, and note where the landmarks are)."""
-    count = [0]
-    told["events"], told["landmarks"] = 0, {}
-
-    def hook(frame, event, arg):
-        count[0] += 1
-        told["events"] = count[0]
-        if count[0] == moment:
-            os.kill(os.getpid(), signal.SIGKILL)
-        if moment is None and event == "c_call":
-            name = getattr(arg, "__name__", "")
-            if name in LANDMARKS:
-                told["landmarks"].setdefault(name, count[0])
-
-    STATE["hook"] = hook
-
-
-def moments(counted: dict, spread: int) -> list[int]:
-    events = counted["events"]
-    chosen = {round(1 + i * (events - 1) / max(1, spread - 1)) for i in range(spread)}
-    for at in counted["landmarks"].values():
-        chosen |= {at - 1, at, at + 1}
-    return sorted(m for m in chosen if 1 <= m <= events)
-
-
-def run_forked(child) -> dict:
-    """``child()`` in a forked process (its exit code, or 'killed'), and what it told."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read)
-        told: dict = {}
-        try:
-            code = child(told)
-        except BaseException:  # reported as exit 99
-            code = 99
-        os.write(write, json.dumps(told).encode())
-        os._exit(code if isinstance(code, int) else 98)
-    os.close(write)
-    with os.fdopen(read) as pipe:
-        told = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
-        return {"status": "killed"}
-    return {"status": os.waitstatus_to_exitcode(status), **json.loads(told or "{}")}
-
-
-def report(scenario: dict, moment: int, done: dict, snapshots: Path) -> dict:
-    path = Path(scenario["path"])
-    snapshot = snapshots / f"{scenario['name']}-{moment:06d}.h5"
-    shutil.copyfile(path, snapshot)
-    line = {"scenario": scenario["name"], "moment": moment, **done, "snapshot": str(snapshot)}
-    os.write(1, (json.dumps(line) + "\n").encode())  # fd 1: Python's stdout is captured
-    return done
+def start_counting(moment: int | None) -> None:
+    STATE.update(count=0, moment=moment, labels=[] if moment is None else None)
 
 
 def prepare(scenario: dict) -> None:
@@ -151,64 +161,105 @@ def prepare(scenario: dict) -> None:
     fileio.remove_stale_temporaries(path.parent)
 
 
+def report(scenario: dict, moment: int, status, told: dict, snapshots: Path) -> None:
+    snapshot = snapshots / f"{scenario['name']}-{moment:06d}.h5"
+    shutil.copyfile(scenario["path"], snapshot)
+    line = {"scenario": scenario["name"], "moment": moment, "status": status, **told}
+    line["snapshot"] = str(snapshot)
+    os.write(1, (json.dumps(line) + "\n").encode())  # fd 1: Python's stdout is captured
+
+
+def wait(pid: int, pipe: int) -> tuple[object, dict]:
+    with os.fdopen(pipe) as read:
+        told = read.read()
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+        return "killed", {}
+    return os.waitstatus_to_exitcode(status), json.loads(told or "{}")
+
+
+def tell(pipe: int) -> None:
+    """In a run that ends normally: what it counted, for the parent."""
+    told = {"moments": STATE["count"]}
+    if STATE["labels"] is not None:
+        told["labels"] = STATE["labels"]
+    STATE["count"] = None
+    with os.fdopen(pipe, "w") as write:
+        write.write(json.dumps(told))
+
+
+def chosen(scenario: dict, told: dict) -> list[int]:
+    """ "all" the moments the counting run had, or that many spread evenly over them."""
+    wanted, last = scenario["moments"], told["moments"]
+    if wanted == "all":
+        return list(range(1, last + 1))
+    return sorted({round(1 + i * (last - 1) / max(1, wanted - 1)) for i in range(wanted)})
+
+
 def whole_runs(scenario: dict, snapshots: Path) -> None:
-    def run(moment):
-        def child(told):
-            install_hook(moment, told)
-            return command(scenario, moment or 0)
-
-        return run_forked(child)
-
-    prepare(scenario)
-    counted = report(scenario, 0, run(None), snapshots)
-    for moment in moments(counted, scenario["spread"]):
+    def run(moment: int | None):
         prepare(scenario)
-        report(scenario, moment, run(moment), snapshots)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read)
+            start_counting(moment)
+            try:
+                code = command(scenario, moment or 0)
+            except BaseException:  # reported as exit 99
+                code = 99
+            tell(write)
+            os._exit(code if isinstance(code, int) else 98)
+        os.close(write)
+        status, told = wait(pid, read)
+        report(scenario, moment or 0, status, told, snapshots)
+        return told
+
+    told = run(None)
+    for moment in chosen(scenario, told):
+        run(moment)
 
 
 def fork_at_entry(job: tuple) -> None:
     """In the command, where its update starts: fork every run from here, then end."""
     scenario, snapshots = job
-    parent = os.getpid()
 
-    def run(moment):
+    def run(moment: int | None):
         prepare(scenario)
         read, write = os.pipe()
         pid = os.fork()
         if pid == 0:  # the run: goes on with the update, then ends in entry_runs
             os.close(read)
-            told: dict = {}
-            install_hook(moment, told)
-            STATE["pipe"], STATE["told"] = write, told
+            start_counting(moment)
+            STATE["pipe"] = write
             return None
         os.close(write)
-        with os.fdopen(read) as pipe:
-            told = pipe.read()
-        _, status = os.waitpid(pid, 0)
-        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
-            return report(scenario, moment or 0, {"status": "killed"}, snapshots)
-        code = os.waitstatus_to_exitcode(status)
-        return report(scenario, moment or 0, {"status": code, **json.loads(told)}, snapshots)
+        status, told = wait(pid, read)
+        report(scenario, moment or 0, status, told, snapshots)
+        return told
 
-    counted = run(None)
-    if os.getpid() != parent:
+    told = run(None)
+    if told is None:
         return
-    for moment in moments(counted, scenario["spread"]):
+    for moment in chosen(scenario, told):
         if run(moment) is None:
             return
     os._exit(0)
 
 
 def entry_runs(scenario: dict, snapshots: Path) -> None:
-    def runner(_told):
+    pid = os.fork()
+    if pid == 0:
         STATE["entry"] = (scenario, snapshots)
         prepare(scenario)
-        code = command(scenario, 0)
+        try:
+            code = command(scenario, 0)
+        except BaseException:
+            code = 99
         if "pipe" in STATE:  # a run forked at the entry: report and end
-            os.write(STATE["pipe"], json.dumps(STATE["told"]).encode())
-        os._exit(code)
-
-    run_forked(runner)
+            tell(STATE["pipe"])
+        os._exit(code if isinstance(code, int) else 98)
+    os.waitpid(pid, 0)
 
 
 def main() -> int:

@@ -29,7 +29,7 @@ from test_export import fake_results, write_results
 from test_faults import one_error_line, tmpfs
 
 from greyarray.errors import BusyError
-from greyarray.io import cifti, h5update
+from greyarray.io import cifti, fileio, h5update
 
 HERE = Path(__file__).parent
 MODELARRAY_OPEN = HERE / "r" / "modelarray_open.R"
@@ -75,30 +75,32 @@ def contents(path: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def killed(small, tmp_path_factory) -> dict[str, list[dict]]:
-    """tests/kill_points.py's runs of fit-lm (a kill -9 loop: whole commands, one after another
-    on one file), fit-gam and a generic writer (forked where the update starts, each on the
-    file as it was), one process for all; per scenario its runs (moment 0 counts, unkilled)."""
+    """tests/kill_points.py's runs, one process for all: fit-lm, fit-gam and a generic writer
+    each killed at every write of their update (forked where the update starts, each on the
+    file as it was), and a kill -9 loop of whole fit-lm runs, one after another on one file.
+    Per scenario its runs (moment 0: the counting run, not killed); "R": what R read."""
     folder = tmp_path_factory.mktemp("killed")
     h5, csv = small
+    lm = ["fit-lm", "--formula", "thickness ~ age + site", "--analysis-name", "lm{moment}"]
     commands = {
-        "lm": ["fit-lm", "--formula", "thickness ~ age + site", "--analysis-name", "lm{moment}"],
-        "gam": ["fit-gam", "--formula", "thickness ~ s(age, k=4, fx=TRUE)"],
-        "generic": None,
+        "lm": ("entry", lm),
+        "gam": ("entry", ["fit-gam", "--formula", "thickness ~ s(age, k=4, fx=TRUE)"]),
+        "generic": ("entry", None),
+        "loop": ("whole", lm),
     }
     scenarios = []
-    for name, args in commands.items():
+    for name, (mode, args) in commands.items():
         (folder / name).mkdir()
         path = folder / name / "data.h5"
         shutil.copyfile(h5, path)
-        whole = name == "lm"
         scenarios.append(
             {
                 "name": name,
-                "mode": "whole" if whole else "entry",
+                "mode": mode,
                 "args": args and [*args, "--input-hdf5", str(path), "--cohort-file", str(csv)],
                 "path": str(path),
-                "pristine": None if whole else str(h5),
-                "spread": 10,
+                "pristine": str(h5) if mode == "entry" else None,
+                "moments": "all" if mode == "entry" else 8,
             }
         )
     spec = folder / "spec.json"
@@ -116,9 +118,9 @@ def killed(small, tmp_path_factory) -> dict[str, list[dict]]:
     for line in done.stdout.splitlines():
         run = json.loads(line)
         runs.setdefault(run["scenario"], []).append(run)
-    # R opens every file fit-lm's loop left, and each distinct file of the others (one R run)
-    files = [Path(run["snapshot"]) for run in runs["lm"]]
-    distinct = {sha256(Path(r["snapshot"])): r for s in ("gam", "generic") for r in runs[s]}
+    # R opens every file the loop left, and each distinct file the other runs left (one R run)
+    files = [Path(run["snapshot"]) for run in runs["loop"]]
+    distinct = {sha256(Path(r["snapshot"])): r for s in ("lm", "gam", "generic") for r in runs[s]}
     files += [Path(run["snapshot"]) for run in distinct.values()]
     runs["R"] = r_reads(files)
     return runs
@@ -154,13 +156,12 @@ def python_reads(path: Path) -> dict[tuple[str, str], tuple[int, int, float]]:
     }
 
 
-def check_runs(runs: list[dict], adds: str) -> None:
+def check_runs(runs: list[dict], adds: str, minimum: int = 20) -> list[str]:
     """After every run: what was in the file is byte-identical, and what the run adds (the
     objects whose path contains ``adds``, with the run's moment) is all there, equal to what
-    the unkilled run added, or not at all. Both outcomes must occur, in 20 runs or more."""
+    the unkilled run added, or not at all. Returns each run's outcome."""
     counted, runs = runs[0], runs[1:]
     assert counted["status"] == 0, counted
-    assert set(counted["landmarks"]) == {"flock", "copy_file_range", "fsync", "replace"}
     reference = adds.format(moment=0)
     snapshot = contents(Path(counted["snapshot"]))
     complete = {k: v for k, v in snapshot.items() if reference in k}
@@ -181,18 +182,35 @@ def check_runs(runs: list[dict], adds: str) -> None:
         assert added or run["status"] == "killed", run
         if follow:
             before = after
-    assert len(outcomes) >= 20 and {"absent", "complete"} <= set(outcomes), outcomes
+    assert len(outcomes) >= minimum and {"absent", "complete"} <= set(outcomes), outcomes
+    return outcomes
+
+
+def test_fit_lm_killed_at_every_write(killed):
+    """fit-lm killed before each of the 20+ writes of its update (locks, copy, HDF5's writes,
+    fsync, rename, cleanup): the file opens, in R too, earlier results are byte-identical,
+    the new one absent or complete; killed after the rename, it is complete."""
+    runs = killed["lm"]
+    labels = runs[0]["labels"]
+    assert {"flock", "copy_file_range", "posix_fallocate", "hdf5 write", "fsync", "replace"} <= (
+        set(labels)
+    )
+    outcomes = check_runs(runs, "results/lm")
+    assert outcomes.index("complete") == labels.index("replace") + 1  # killed after the rename
+    for run in runs:
+        assert_r_read(killed["R"], Path(run["snapshot"]))
 
 
 def test_kill_9_loop_over_fit_lm(killed, small):
-    """fit-lm killed at 20+ moments of its update, run after run on one file: after each, the
-    file opens in R as ModelArray opens it (and for writing, as writeResults does), earlier
-    results are byte-identical, the new one absent or whole; the next run cleans up."""
-    runs = killed["lm"]
-    check_runs(runs, "results/lm{moment}")
+    """Whole fit-lm runs killed one after another on one file (each a new analysis): after
+    each, R opens the file as ModelArray does (and for writing, as writeResults does), every
+    earlier result is byte-identical; the next run removes what the killed one left."""
+    runs = killed["loop"]
+    check_runs(runs, "results/lm{moment}", minimum=8)
     for run in runs:
         assert_r_read(killed["R"], Path(run["snapshot"]))
-    folder = Path(runs[0]["snapshot"]).parent.parent / "lm"
+    folder = Path(runs[0]["snapshot"]).parent.parent / "loop"
+    assert [p.name for p in folder.iterdir() if p.name.startswith(fileio.TMP_PREFIX)]
     done = run_greyarray(
         "fit-lm", "--input-hdf5", folder / "data.h5", "--cohort-file", small[1],
         "--formula", "thickness ~ age", "--analysis-name", "next",
@@ -201,13 +219,13 @@ def test_kill_9_loop_over_fit_lm(killed, small):
     assert [p.name for p in folder.iterdir()] == ["data.h5"]  # no temporary left
 
 
-def test_kill_at_any_moment_of_fit_gam(killed):
+def test_fit_gam_killed_at_every_write(killed):
     check_runs(killed["gam"], "results/gam")
     for run in killed["gam"]:
         assert_r_read(killed["R"], Path(run["snapshot"]))
 
 
-def test_kill_at_any_moment_of_any_writer(killed):
+def test_any_writer_killed_at_every_write(killed):
     """The mechanism every writer inherits (here a new scalar, as harmonize writes one)."""
     check_runs(killed["generic"], "harmoniz")
     for run in killed["generic"]:
