@@ -37,9 +37,12 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
+    refusal = ""  # the error line, for the record of a refused run
+
     def error(self, message: str):
         self.print_usage(sys.stderr)
-        self.exit(UsageError.exit_code, f"{self.prog}: error: {one_line(message)}\n")
+        self.refusal = f"{self.prog}: error: {one_line(message)}"
+        self.exit(UsageError.exit_code, f"{self.refusal}\n")
 
 
 def default_nprocs() -> int:
