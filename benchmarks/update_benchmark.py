@@ -35,9 +35,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from benchmark import build_cohort, run
+from benchmark import run
+from permutation_benchmark import build
 
-from greyarray.demo import template_path
 from greyarray.io import h5update
 from greyarray.stats import results
 
@@ -45,14 +45,6 @@ HERE = Path(__file__).resolve().parent
 GREYARRAY = [sys.executable, "-m", "greyarray"]
 COLUMNS = 12  # fit-lm's default columns for 'thickness ~ age + sex' (element_id included)
 STEPS = {"_locked": "lock", "_copy": "copy", "_sync": "fsync copy"}
-
-
-def build(work: Path, n: int) -> tuple[Path, Path]:
-    csv = build_cohort(work / f"n{n}" / "cohort", n, template_path())
-    h5 = work / f"n{n}" / "update.h5"
-    if not h5.exists():
-        run([*GREYARRAY, "to-modelarray", "--cohort-file", str(csv), "--output", str(h5)])
-    return h5, csv
 
 
 @contextmanager
@@ -138,7 +130,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "ga-bench")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "update.json")
     args = parser.parse_args()
-    h5, csv = build(args.work, args.subjects)
+    h5, csv = build(args.work, args.subjects, "update.h5")
     size = h5.stat().st_size
     h5.read_bytes()  # page cache warm, as for every row
     fit = [*GREYARRAY, "fit-lm", "--input-hdf5", str(h5), "--cohort-file", str(csv)]

@@ -388,3 +388,24 @@ def test_a_file_replaced_while_waiting_for_the_lock_is_locked_again(small, tmp_p
         file.attrs["mine"] = 1
     with h5py.File(h5) as done:
         assert done.attrs["theirs"] == 1 and done.attrs["mine"] == 1
+
+
+def test_an_update_where_the_kernel_cannot_copy(small, tmp_path, monkeypatch):
+    """No reflink, no copy_file_range (another file system, another kernel): read and write."""
+    import errno
+
+    h5 = tmp_path / "data.h5"
+    shutil.copyfile(small[0], h5)
+    before = contents(h5)
+
+    def cross_device(*args):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", cross_device)
+    monkeypatch.setattr(h5update, "COPY_BLOCK", 4096)
+    with h5update.updating_hdf5(h5) as file:
+        file.attrs["touched"] = 1
+    after = contents(h5)
+    assert {k: after[k] for k in before} == before
+    with h5py.File(h5) as file:
+        assert file.attrs["touched"] == 1

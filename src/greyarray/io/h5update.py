@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 FICLONE = 0x40049409  # ioctl: share every block of a file (btrfs, XFS, bcachefs, OCFS2, ...)
 COPY_STEP = 1 << 30  # bytes per copy_file_range call
+COPY_BLOCK = 8 << 20  # bytes per read and write where copy_file_range cannot copy
 UNSUPPORTED = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTTY, errno.EBADF}
 
 
@@ -180,7 +181,7 @@ def _reserve(out: int, offset: int, length: int) -> None:
     process fills meanwhile can then not fail a write of HDF5's (HDF5 2.0 crashes when it
     closes a file after a failed write). HDF5 trims the file to its end when it closes it.
     A file system that cannot reserve (ZFS) is written without."""
-    if length > 0:
+    if length > 0 and hasattr(os, "posix_fallocate"):  # not on macOS
         try:
             os.posix_fallocate(out, offset, length)
         except OSError as err:
@@ -189,7 +190,7 @@ def _reserve(out: int, offset: int, length: int) -> None:
 
 
 def _copy_bytes(fd: int, out: int, size: int) -> None:
-    """``size`` bytes: copy_file_range (no copy through user space), else sendfile."""
+    """``size`` bytes: copy_file_range (in the kernel; Linux), else read and write."""
     done = 0
     try:
         while done < size:
@@ -197,15 +198,16 @@ def _copy_bytes(fd: int, out: int, size: int) -> None:
             if step == 0:
                 break
             done += step
+    except AttributeError:  # not Linux
+        pass
     except OSError as err:
         if err.errno not in UNSUPPORTED:  # a full disk is the caller's error
             raise
-    while done < size:  # another file system or kernel: sendfile
-        os.lseek(out, done, os.SEEK_SET)
-        step = os.sendfile(out, fd, done, min(COPY_STEP, size - done))
-        if step == 0:
+    while done < size:  # another file system or system
+        block = os.pread(fd, min(COPY_BLOCK, size - done), done)
+        if not block:
             raise OSError(errno.EIO, f"the file ended at byte {done} of {size}")
-        done += step
+        done += os.pwrite(out, block, done)
 
 
 def _copy_identity(fd: int, out: int, st: os.stat_result, path: Path) -> None:
@@ -227,7 +229,7 @@ def _copy_identity(fd: int, out: int, st: os.stat_result, path: Path) -> None:
             mine.st_uid,
             mine.st_gid,
         )
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, AttributeError):  # no extended attributes (macOS)
         for name in os.listxattr(fd):
             with contextlib.suppress(OSError):
                 os.setxattr(out, name, os.getxattr(fd, name))
