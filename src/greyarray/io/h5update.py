@@ -68,6 +68,8 @@ def updating_hdf5(path: Path, need: int = 0, what: str = "results") -> Iterator:
     """
     import h5py
 
+    from greyarray.io.store import LIBVER  # R's HDF5 1.10 must read what is added
+
     path = Path(path)
     target = Path(os.path.realpath(path))  # a symlink: update the file it names
     with _locked(path, target) as (fd, before):
@@ -77,7 +79,7 @@ def updating_hdf5(path: Path, need: int = 0, what: str = "results") -> Iterator:
             copy = private / target.name
             _copy(fd, copy, path, need, what)
             try:
-                h5 = h5py.File(copy, "r+", locking=False)  # private: nobody else opens it
+                h5 = h5py.File(copy, "r+", libver=LIBVER, locking=False)  # private: unlocked
             except OSError as err:
                 raise DataError(f"{path}: damaged HDF5 file ({_h5_reason(err)})") from None
             try:
