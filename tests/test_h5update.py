@@ -29,7 +29,8 @@ from test_export import fake_results, write_results
 from test_faults import one_error_line, tmpfs
 
 from greyarray.errors import BusyError
-from greyarray.io import cifti, fileio, h5update
+from greyarray.io import fileio, h5update
+from greyarray.io.formats import cifti
 
 HERE = Path(__file__).parent
 MODELARRAY_OPEN = HERE / "r" / "modelarray_open.R"

@@ -30,7 +30,7 @@ from conftest import PSCALAR, run_greyarray, subject_values, write_cohort
 from test_faults import one_error_line
 
 from greyarray.bids import derivatives
-from greyarray.io import cifti
+from greyarray.io.formats import cifti
 
 NO_ELEMENT = "No element was fitted: results/lm holds only NaN"
 

@@ -22,10 +22,11 @@ from greyarray import __version__
 from greyarray.errors import GreyArrayError, one_line
 from greyarray.options import (
     Parser,
+    add_factor_options,
     add_nprocs,
     add_thresholds,
+    factor_options,
     non_negative_int,
-    reference_levels,
 )
 
 log = logging.getLogger("greyarray")
@@ -211,14 +212,7 @@ def build_parser(commands: str = "") -> Parser:
         help="with a smooth --model: add this term's delta adjusted R-squared and partial "
         "R-squared (ModelArray.gam's changed.rsq.term.index), e.g. 's(age)'",
     )
-    model.add_argument(
-        "--reference-level",
-        nargs="+",
-        default=[],
-        metavar="COLUMN=LEVEL",
-        help="with --model: reference level of a factor, e.g. sex=F (default: the first level "
-        "in R's order)",
-    )
+    add_factor_options(model, "with --model: ")
     add_thresholds(model)
     model.add_argument(
         "--analysis-name",
@@ -257,7 +251,7 @@ def main(argv: list[str], commands: str = "") -> int:
             )
         settings = run.Run.from_args(args, command_line)
         log.info("%s", one_line(settings.command_line))
-        settings.reference_levels = reference_levels(args.reference_level)
+        settings.reference_levels, settings.ordered_factors = factor_options(args)
         return _level(settings)
     except BaseException:  # refused, interrupted or a bug: the log records its line and code
         if settings is not None:

@@ -65,21 +65,22 @@ def model(settings: Run) -> int:
 def _fitter(settings: Run, formula: str, smooth: bool):
     """(fit(h5, cohort, formula, analysis, overwrite), check of a cohort table before any
     conversion): fit-lm's, or fit-gam's for a formula with smooth terms s(...)."""
-    references, args = settings.reference_levels, settings.args
+    references, ordered, args = settings.reference_levels, settings.ordered_factors, settings.args
+    factors = {"reference_levels": references, "ordered_factors": ordered}
     permutations = permutation_options(args)
     thresholds = {"lthr_abs": args.num_subj_lthr_abs, "lthr_rel": args.num_subj_lthr_rel}
     if not smooth:
         from greyarray.stats.design import build_design
-        from greyarray.stats.lm import fit_lm
+        from greyarray.stats.lm import check_model, fit_lm
         from greyarray.stats.permutation import exchangeable_units
 
         def check_lm(table) -> None:
-            design = build_design(formula, table, references)
+            check_model(formula)
+            design = build_design(formula, table, references, ordered)
             if permutations is not None and permutations.blocks is not None:
                 exchangeable_units(table, design.rows, permutations.blocks, "the cohort")
 
-        fit = partial(fit_lm, reference_levels=references, permutations=permutations, **thresholds)
-        return fit, check_lm
+        return partial(fit_lm, **factors, **thresholds, permutations=permutations), check_lm
     if permutations is not None:
         raise UsageError("--permutations applies to linear models, not to a --model with s()")
     from greyarray.stats.gam import GamModel, changed_term_name, fit_gam, parse_gam_formula
@@ -88,8 +89,8 @@ def _fitter(settings: Run, formula: str, smooth: bool):
     if changed is not None:
         changed_term_name(parse_gam_formula(formula), changed)  # a usage error, before any work
     return (
-        partial(fit_gam, method=method, changed_rsq_term=changed, **thresholds),
-        lambda table: GamModel(parse_gam_formula(formula), table, method),
+        partial(fit_gam, method=method, changed_rsq_term=changed, **factors, **thresholds),
+        lambda table: GamModel(parse_gam_formula(formula), table, method, references, ordered),
     )
 
 
@@ -193,6 +194,12 @@ def _about(h5, analysis: str, meta: dict) -> dict:
         about["NumberOfRowsWithPhenotypes"] = record["n_with_phenotypes"]
     if record.get("reference_levels"):
         about["ReferenceLevels"] = record["reference_levels"]
+    if record.get("ordered_factors"):
+        about["OrderedFactors"] = record["ordered_factors"]
+    if record.get("offset"):
+        about["Offset"] = record["offset"]
+    if record.get("aliased_columns_left_out"):
+        about["AliasedColumnsLeftOut"] = record["aliased_columns_left_out"]
     if record.get("notes"):  # unfitted elements, empty columns, one-subject levels
         about["Warnings"] = record["notes"]
     return about
