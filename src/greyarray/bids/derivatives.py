@@ -262,7 +262,8 @@ def write_statmaps(
 SIDECAR_KEYS = {
     "ModelArrayColumn", "Description", "Scalar", "Analysis", "SourceHDF5", "CohortFile",
     "Model", "FittedBy", "NumberOfRows", "ElementThreshold", "Permutations", "Method",
-    "Smoothing", "NumberOfRowsWithPhenotypes", "ReferenceLevels", "Warnings",
+    "Smoothing", "NumberOfRowsWithPhenotypes", "ReferenceLevels", "OrderedFactors", "Offset",
+    "AliasedColumnsLeftOut", "Warnings",
 }  # fmt: skip
 
 
