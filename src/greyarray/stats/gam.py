@@ -34,10 +34,16 @@ from greyarray.io.h5read import read_scalar
 from greyarray.io.inputs import open_hdf5
 from greyarray.io.names import check_name
 from greyarray.stats import gam_fit
-from greyarray.stats.design import build_design, match_cohort, parse_formula, threshold_rule
+from greyarray.stats.design import (
+    build_design,
+    match_cohort,
+    parse_formula,
+    r_sort_key,
+    threshold_rule,
+)
 from greyarray.stats.lm import BLOCK_BYTES
 from greyarray.stats.results import p_adjust_fdr, write_results
-from greyarray.stats.smooths import BASES, MAX_KNOTS, smooth_term
+from greyarray.stats.smooths import BASES, MAX_KNOTS, Smooth, smooth_term, tensor_term
 
 log = logging.getLogger(__name__)
 
@@ -63,25 +69,45 @@ DEFAULT_MODEL_STATS = ("dev.expl",)
 PATTERN_CACHE = 32  # designs kept for sets of valid subjects (each is small)
 
 
+SMOOTH_KINDS = ("s", "te", "ti")
+
+
 @dataclass(frozen=True)
 class SmoothSpec:
-    """One ``s(x, k=, fx=, bs=)`` term."""
+    """One smooth term: ``s(x, k=, fx=, bs=, by=)``, ``te(x, z, ...)`` or ``ti(...)``."""
 
     term: str  # as written in the formula
-    var: str
-    k: int
+    kind: str  # s, te or ti
+    variables: tuple[str, ...]
+    k: tuple[int, ...]  # per margin (s: one)
     fx: bool
-    bs: str
+    bs: tuple[str, ...]  # per margin
+    by: str | None = None  # a factor: one smooth per level (an ordered factor's first: none)
 
     @property
     def label(self) -> str:
-        """mgcv's label, e.g. ``s(age)``."""
-        return f"s({self.var})"
+        """mgcv's label, e.g. ``s(age)``, ``ti(age,edu)`` (a factor ``by`` appends
+        ``:<by><level>`` to each level's smooth)."""
+        return f"{self.kind}({','.join(self.variables)})"
 
     @property
     def name(self) -> str:
-        """ModelArray's column prefix, e.g. ``s_age``."""
-        return f"s_{self.var}"
+        """ModelArray's name of the term (its changed-R-squared prefix): ``s_age``,
+        ``ti_age_edu``, ``s_age_BYosex``."""
+        name = f"{self.kind}_{'_'.join(self.variables)}"
+        return f"{name}_BY{self.by}" if self.by else name
+
+
+def smooth_column(label: str) -> str:
+    """ModelArray.gam's column prefix of a smooth (``analyseOneElement.gam``): ``s(age)`` ->
+    ``s_age``, ``s(age):osexM`` -> ``s_age_BYosexM``, ``ti(age,edu)`` -> ``ti_age_edu``."""
+    parts = re.split(r"[()]", label)
+    if parts[-1] == "":  # R's strsplit drops one empty string at the end
+        parts.pop()
+    name = f"{parts[0]}_{parts[1]}"
+    if len(parts) > 2:
+        name += "_" + "".join(parts[2:])
+    return name.replace(":", "BY").replace(",", "_")
 
 
 @dataclass(frozen=True)
@@ -118,11 +144,34 @@ def _split_terms(rhs: str) -> list[str]:
     return [t for t in terms if t]
 
 
+def _is_smooth(term: str) -> bool:
+    return re.match(r"(s|te|ti)\s*\(", term) is not None
+
+
 def is_gam_formula(formula: str) -> bool:
-    """True when the formula has a smooth term ``s(...)`` (route it to fit-gam)."""
-    return "~" in formula and any(
-        re.match(r"s\s*\(", t) for t in _split_terms(formula.split("~", 1)[1])
-    )
+    """True when the formula has a smooth term ``s(...)``, ``te(...)`` or ``ti(...)`` (route it
+    to fit-gam)."""
+    return "~" in formula and any(_is_smooth(t) for t in _split_terms(formula.split("~", 1)[1]))
+
+
+def _constant(node: ast.expr, formula: str, term: str):
+    """A constant argument: a number, string, TRUE/FALSE, or R's ``c(...)`` of them (a list)."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.Name) and node.id in ("T", "F"):
+        return node.id == "T"
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "c":
+        return [_constant(arg, formula, term) for arg in node.args]
+    raise UsageError(f"formula {formula!r}: {term!r}: {ast.unparse(node)!r} is not a constant")
+
+
+def _per_margin(value, n: int, default, what: str, formula: str, term: str) -> tuple:
+    values = value if isinstance(value, list) else [value]
+    if len(values) == 1:
+        values = values * n
+    if len(values) != n:
+        raise UsageError(f"formula {formula!r}: {term!r} needs one {what} or {n}")
+    return tuple(default if v is None else v for v in values)
 
 
 def _smooth_spec(term: str, formula: str) -> SmoothSpec:
@@ -131,36 +180,86 @@ def _smooth_spec(term: str, formula: str) -> SmoothSpec:
         call = call.body
     except SyntaxError:
         raise UsageError(f"formula {formula!r}: cannot read smooth term {term!r}") from None
-    if len(call.args) != 1 or not isinstance(call.args[0], ast.Name):
+    if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name):
+        raise UsageError(f"formula {formula!r}: cannot read smooth term {term!r}")
+    kind = call.func.id
+    if not call.args or not all(isinstance(arg, ast.Name) for arg in call.args):
+        raise UsageError(f"formula {formula!r}: {term!r} must smooth variables, e.g. {kind}(x)")
+    variables = tuple(arg.id for arg in call.args)
+    if kind == "s" and len(variables) > 1:
         raise UsageError(
-            f"formula {formula!r}: {term!r} must smooth one variable (s(x, ...)); tensor "
-            "and multi-variable smooths are not supported"
+            f"formula {formula!r}: {term!r}: a smooth of several variables (thin plate) is not "
+            "supported; use a tensor product, te(...) or ti(...)"
         )
-    args = {"k": 10, "fx": False, "bs": "tp"}
+    if len(set(variables)) < len(variables):
+        raise UsageError(f"formula {formula!r}: {term!r} repeats a variable")
+    args: dict = {"k": None, "fx": False, "bs": None, "by": None}
     for kw in call.keywords:
-        if kw.arg not in args or not isinstance(kw.value, (ast.Constant, ast.Name)):
-            raise UsageError(f"formula {formula!r}: {term!r}: only k=, fx= and bs= are supported")
-        value = kw.value.id if isinstance(kw.value, ast.Name) else kw.value.value
-        args[kw.arg] = {"T": True, "F": False}.get(value, value) if kw.arg == "fx" else value
-    if args["bs"] not in BASES:
-        raise UsageError(f"formula {formula!r}: bs={args['bs']!r} (supported: {', '.join(BASES)})")
-    if not isinstance(args["k"], int) or not isinstance(args["fx"], bool):
-        raise UsageError(f"formula {formula!r}: {term!r} needs an integer k and fx=TRUE/FALSE")
-    k = max(args["k"], 3)  # mgcv raises k to the minimum (3) with a warning
-    return SmoothSpec(term, call.args[0].id, k, args["fx"], args["bs"])
+        if kw.arg not in args:
+            raise UsageError(
+                f"formula {formula!r}: {term!r}: only k=, fx=, bs= and by= are supported"
+            )
+        if kw.arg == "by":
+            if not isinstance(kw.value, ast.Name):
+                raise UsageError(f"formula {formula!r}: {term!r}: by= must name a column")
+            args["by"] = kw.value.id
+        else:
+            args[kw.arg] = _constant(kw.value, formula, term)
+    if args["by"] is not None and kind != "s":
+        raise UsageError(f"formula {formula!r}: {term!r}: by= is supported in s() only")
+    if not isinstance(args["fx"], bool):
+        raise UsageError(f"formula {formula!r}: {term!r} needs fx=TRUE or fx=FALSE")
+    n = len(variables)
+    default_bs, default_k = ("tp", 10) if kind == "s" else ("cr", 5)
+    bs = _per_margin(args["bs"], n, default_bs, "bs", formula, term)
+    ks = _per_margin(args["k"], n, default_k, "k", formula, term)
+    for b in bs:
+        if b not in BASES:
+            raise UsageError(f"formula {formula!r}: bs={b!r} (supported: {', '.join(BASES)})")
+    if not all(isinstance(k, int) and not isinstance(k, bool) for k in ks):
+        raise UsageError(f"formula {formula!r}: {term!r} needs an integer k")
+    if kind == "s":
+        ks = (max(ks[0], 3),)  # mgcv raises k to the minimum (3) with a warning
+    elif min(ks) < 3:
+        ks = (5,) * n  # te/ti: mgcv warns and resets every k to its default
+    return SmoothSpec(term, kind, variables, ks, args["fx"], bs, args["by"])
 
 
 def parse_gam_formula(formula: str) -> GamFormula:
     response, rhs = parse_formula(formula)
     terms = _split_terms(rhs)
-    smooths = tuple(_smooth_spec(t, formula) for t in terms if re.match(r"s\s*\(", t))
-    parametric = tuple(t for t in terms if not re.match(r"s\s*\(", t))
-    if len({s.var for s in smooths}) < len(smooths):
-        raise UsageError(f"formula {formula!r}: a variable is smoothed twice")
+    smooths = tuple(_smooth_spec(t, formula) for t in terms if _is_smooth(t))
+    parametric = tuple(t for t in terms if not _is_smooth(t))
+    keys = [(s.label, s.by) for s in smooths]
+    if len(set(keys)) < len(keys):
+        raise UsageError(f"formula {formula!r}: a smooth term is repeated")
     return GamFormula(response, smooths, parametric, tuple(terms))
 
 
 # --- one model (full or reduced) -------------------------------------------------------------
+
+
+def _column(phenotypes: pd.DataFrame, name: str, smooth: SmoothSpec) -> pd.Series:
+    if name not in phenotypes.columns:
+        names = ", ".join(phenotypes.columns)
+        raise DataError(f"smooth {smooth.term!r}: no column {name!r} (cohort columns: {names})")
+    return phenotypes[name]
+
+
+def _factor(values: pd.Series, smooth: SmoothSpec) -> tuple[np.ndarray, list[str], bool]:
+    """A ``by`` variable as mgcv reads it: (codes, -1 where missing; levels; ordered). A text
+    column is a factor with R's level order; an ordered factor keeps its levels."""
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        levels = [str(level) for level in values.cat.categories]
+        return values.cat.codes.to_numpy(), levels, bool(values.cat.ordered)
+    if pd.api.types.is_numeric_dtype(values):
+        raise DataError(
+            f"smooth {smooth.term!r}: by={smooth.by} is numeric; only a factor by-variable "
+            "(one smooth per level) is supported"
+        )
+    levels = sorted({str(v) for v in values.dropna()}, key=r_sort_key)
+    codes = values.map(lambda v: -1 if pd.isna(v) else levels.index(str(v)))
+    return codes.to_numpy(int), levels, False
 
 
 class GamModel:
@@ -174,18 +273,16 @@ class GamModel:
         self.intercept = design.intercept
         self.references = design.references
         rows = design.rows
-        covariates = []
-        for smooth in formula.smooths:
-            if smooth.var not in phenotypes.columns:
-                names = ", ".join(phenotypes.columns)
-                raise DataError(
-                    f"smooth {smooth.term!r}: no column {smooth.var!r} (cohort columns: {names})"
-                )
-            values = pd.to_numeric(phenotypes[smooth.var], errors="coerce").to_numpy(float)
-            covariates.append(values)
         keep = np.ones(rows.size, bool)
-        for values in covariates:
-            keep &= np.isfinite(values[rows])
+        covariates, factors = {}, {}
+        for smooth in formula.smooths:
+            for var in smooth.variables:
+                values = pd.to_numeric(_column(phenotypes, var, smooth), errors="coerce")
+                covariates[var] = values.to_numpy(float)[rows]
+                keep &= np.isfinite(covariates[var])
+            if smooth.by:
+                factors[smooth.by] = _factor(_column(phenotypes, smooth.by, smooth), smooth)
+                keep &= factors[smooth.by][0][rows] >= 0
         if not keep.all():
             log.warning(
                 "%d subjects have a missing smooth covariate and are left out, as gam leaves "
@@ -194,15 +291,27 @@ class GamModel:
             )
         self.rows = rows[keep]  # subjects (HDF5 order) this model can use
         self.param_matrix = design.matrix[keep]
-        self.covariates = [values[self.rows] for values in covariates]
-        for smooth, values in zip(formula.smooths, self.covariates, strict=True):
-            distinct = np.unique(values).size
-            if smooth.bs in ("tp", "ts") and distinct > MAX_KNOTS:
-                raise DataError(
-                    f"smooth {smooth.term!r}: {distinct} distinct values of {smooth.var!r}; mgcv "
-                    f"then draws {MAX_KNOTS} random knots with R's generator, which GreyArray "
-                    "does not reproduce: use bs='cr' (or round the covariate)"
-                )
+        self.covariates = {var: values[keep] for var, values in covariates.items()}
+        self.factors = {
+            by: (codes[self.rows], levels, ordered)
+            for by, (codes, levels, ordered) in factors.items()
+        }
+        self.blocks: list[tuple[SmoothSpec, str]] = []  # (term, mgcv's label of each smooth)
+        for smooth in formula.smooths:
+            for bs, var in zip(smooth.bs, smooth.variables, strict=True):
+                distinct = np.unique(self.covariates[var]).size
+                if bs in ("tp", "ts") and distinct > MAX_KNOTS:
+                    raise DataError(
+                        f"smooth {smooth.term!r}: {distinct} distinct values of {var!r}; mgcv "
+                        f"then draws {MAX_KNOTS} random knots with R's generator, which "
+                        "GreyArray does not reproduce: use bs='cr' (or round the covariate)"
+                    )
+            if smooth.by is None:
+                self.blocks.append((smooth, smooth.label))
+                continue
+            _, levels, ordered = self.factors[smooth.by]
+            for level in levels[1:] if ordered and len(levels) > 1 else levels:
+                self.blocks.append((smooth, f"{smooth.label}:{smooth.by}{level}"))
         self._designs: OrderedDict[bytes, gam_fit.Design | None] = OrderedDict()
 
     def design(self, used: np.ndarray) -> gam_fit.Design | None:
@@ -220,24 +329,39 @@ class GamModel:
     def _build(self, used: np.ndarray) -> gam_fit.Design | None:
         parts = [self.param_matrix[used]]
         blocks, start = [], parts[0].shape[1]
-        for spec, values in zip(self.formula.smooths, self.covariates, strict=True):
+        labels = iter(label for _, label in self.blocks)
+        for spec in self.formula.smooths:
             try:
-                smooth = smooth_term(values[used], spec.bs, spec.k, spec.fx)
+                smooths = self._smooths(spec, used)
             except DataError as err:
                 log.debug("pattern skipped: %s", err)
                 return None
-            k = smooth.X.shape[1]
-            blocks.append(
-                gam_fit.SmoothBlock(
-                    spec.label, slice(start, start + k), smooth.S, smooth.shrink, smooth.deriv
+            for smooth in smooths:
+                k = smooth.X.shape[1]
+                retest = bool(smooth.S) and smooth.null_space_dim == 0
+                cols = slice(start, start + k)
+                blocks.append(
+                    gam_fit.SmoothBlock(next(labels), cols, smooth.S, retest, smooth.deriv)
                 )
-            )
-            parts.append(smooth.X)
-            start += k
+                parts.append(smooth.X)
+                start += k
         design = gam_fit.Design(
             np.hstack(parts), slice(0, parts[0].shape[1]), blocks, self.intercept
         )
         return design if design.ok else None
+
+    def _smooths(self, spec: SmoothSpec, used: np.ndarray) -> list[Smooth]:
+        """The smooths of one term on the subjects ``used``."""
+        xs = [self.covariates[var][used] for var in spec.variables]
+        if spec.kind != "s":
+            return [tensor_term(xs, list(spec.bs), list(spec.k), spec.fx, spec.kind == "ti")]
+        if spec.by is None:
+            return smooth_term(xs[0], spec.bs[0], spec.k[0], spec.fx)
+        codes, levels, ordered = self.factors[spec.by]
+        codes = codes[used]
+        if np.unique(codes).size < len(levels):  # gam drops unused levels: other columns
+            raise DataError(f"a level of {spec.by!r} has no subject")
+        return smooth_term(xs[0], spec.bs[0], spec.k[0], spec.fx, (codes, levels, ordered))
 
     def fit(self, y: np.ndarray, used: np.ndarray):
         """Fit elements (columns of ``y``, rows = self.rows) sharing the subjects ``used``:
@@ -276,7 +400,7 @@ class Results:
     """Per-element arrays of every statistic, filled block by block."""
 
     def __init__(self, model: GamModel, n_elements: int):
-        n_s, n_p = len(model.formula.smooths), len(model.param_columns)
+        n_s, n_p = len(model.blocks), len(model.param_columns)
         self.smooth = {s: np.full((n_elements, n_s), np.nan) for s in SMOOTH_STATS}
         self.param = {s: np.full((n_elements, n_p), np.nan) for s in PARAM_STATS}
         self.model = {s: np.full(n_elements, np.nan) for s in (*MODEL_STATS, "sse")}
@@ -362,7 +486,7 @@ def table(request: Request, model: GamModel, full: Results, reduced: Results | N
     """(column names, matrix columns x elements) in ModelArray.gam's order."""
     n = full.model["nobs"].size
     names, rows = ["element_id"], [np.arange(n, dtype=np.float64)]
-    smooth_names = [s.name for s in request.formula.smooths]
+    smooth_names = [smooth_column(label) for _, label in model.blocks]
     for i, name in enumerate(smooth_names):
         for stat in request.smooth_stats:
             names.append(f"{name}.{stat}")
@@ -399,13 +523,14 @@ def table(request: Request, model: GamModel, full: Results, reduced: Results | N
 
 
 def _changed_term_sign(formula, model, full: Results, written: str) -> np.ndarray:
-    """Sign of the term's effect (ModelArray issue #87): for a smooth, of the mean over the
-    subjects of its first derivative; for a one-column parametric term, of its estimate."""
-    for i, smooth in enumerate(formula.smooths):
-        if smooth.term == written:
-            return full.sign[:, i]
+    """Sign of the term's effect (ModelArray issue #87): for a smooth of one covariate (one
+    level of a factor ``by``), of the mean over the subjects of its first derivative; for a
+    one-column parametric term, of its estimate; otherwise NaN."""
+    blocks = [i for i, (spec, _) in enumerate(model.blocks) if spec.term == written]
+    if len(blocks) == 1:
+        return full.sign[:, blocks[0]]
     matching = [i for i, c in enumerate(model.param_columns) if c == written]
-    if len(matching) == 1:
+    if len(matching) == 1 and not blocks:
         return np.sign(full.param["estimate"][:, matching[0]])
     return np.full(full.sign.shape[0], np.nan)
 
