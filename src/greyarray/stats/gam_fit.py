@@ -349,28 +349,22 @@ class Evaluator:
             return Dp, None, None, logdetA, None, None, D, None, None, tau, None, None
         m = len(Lt)
         edges = np.cumsum([p] + [L.shape[0] for L in Lt])
-        Us = [U[edges[j] : edges[j + 1]] for j in range(m)]
-        Ws = [Uj / d for Uj in Us]  # U_j D^-1
-        u = [Uj @ z for Uj in Us]  # sqrt(lambda_j) Lt_j beta
-        g = [vt.T @ ((Uj.T @ uj) / d) for Uj, uj in zip(Us, u, strict=True)]  # A^-1 B_j beta
-        Dp1 = np.array([uj @ uj for uj in u])
-        tr1 = np.array([np.sum(Uj * Uj) for Uj in Us])
-        D1 = np.array([2 * (r @ gj) for gj in g])
-        tau1 = -np.array([np.sum(Wj * Wj) for Wj in Ws])
-        Dp2, tr2, D2, tau2 = (np.zeros((m, m)) for _ in range(4))
-        for j in range(m):
-            for k in range(j, m):
-                same = float(j == k)
-                C = Us[k] @ Us[j].T  # U_k U_j'
-                ABg = [
-                    vt.T @ ((Us[a].T @ (Us[a] @ (Us[b].T @ u[b]))) / d) for a, b in ((k, j), (j, k))
-                ]
-                Dp2[j, k] = same * Dp1[j] - 2 * (u[k] @ C @ u[j])
-                tr2[j, k] = same * tr1[j] - np.sum(C * C)
-                D2[j, k] = 2 * (g[j] @ g[k]) + 2 * (r @ (same * g[j] - ABg[0] - ABg[1]))
-                tau2[j, k] = same * tau1[j] + 2 * np.sum(C * (Ws[k] @ Ws[j].T))
-                for T in (Dp2, tr2, D2, tau2):
-                    T[k, j] = T[j, k]
+        # P_j = U_j'U_j: A^-1 B_j = V D^-1 P_j D V', so every trace and product below is one
+        P = np.stack([U[edges[j] : edges[j + 1]].T @ U[edges[j] : edges[j + 1]] for j in range(m)])
+        flat = P.reshape(m, -1)
+        W = P @ z  # (m, p): P_j z, with sqrt(lambda_j) Lt_j beta = U_j z
+        G = (W / d) @ vt  # rows g_j = A^-1 B_j beta = V D^-1 P_j z
+        Ps = P @ ((vt @ r) / d)  # rows P_j D^-1 V'r
+        Dp1 = W @ z
+        tr1 = np.trace(P, axis1=1, axis2=2)
+        D1 = 2 * (G @ r)
+        tau1 = -(np.diagonal(P, axis1=1, axis2=2) / d**2).sum(axis=1)
+        X = W @ Ps.T  # [j, k]: r'A^-1 B_k g_j
+        Dp2 = np.diag(Dp1) - 2 * (W @ W.T)
+        tr2 = np.diag(tr1) - flat @ flat.T
+        D2 = 2 * (G @ G.T) + np.diag(D1) - 2 * (X + X.T)
+        tau2 = np.diag(tau1) + 2 * (flat @ (P / d[:, None] ** 2).reshape(m, -1).T)
+        tau2 = (tau2 + tau2.T) / 2
         return Dp, Dp1, Dp2, logdetA, tr1, tr2, D, D1, D2, tau, tau1, tau2
 
 
