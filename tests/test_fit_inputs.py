@@ -273,3 +273,20 @@ def test_nesting_operator_is_refused_not_fitted_otherwise(run_cli, converted, h5
     model, so it is refused (64) with the spelling that fits R's."""
     line = refused(run_cli, 64, h5, *fit_args(h5, converted[1], "thickness ~ age %in% sex"))
     assert "'%in%' is not supported" in line and "'age:sex'" in line
+
+
+@pytest.mark.parametrize(
+    "formula, code, expected",
+    [
+        ("thickness ~ s(age, logage)", 64, "a smooth of several variables (thin plate)"),
+        ("thickness ~ te(age, logage, by = sex)", 64, "by= is supported in s() only"),
+        ("thickness ~ s(age, k = c(4, 5))", 64, "takes one k and one bs"),
+        ("thickness ~ ti(age, logage, bs = 'ps')", 64, "bs='ps' (supported: tp, ts, cr, cs)"),
+        ("thickness ~ s(age) + s(age)", 64, "a smooth term is repeated"),
+        ("thickness ~ s(age, by = logage)", 65, "by=logage is numeric"),
+        ("thickness ~ te(age, nosuch)", 65, "no column 'nosuch'"),
+    ],
+)
+def test_smooth_terms_fit_gam_refuses(run_cli, converted, h5, formula, code, expected):
+    line = refused(run_cli, code, h5, *fit_args(h5, converted[1], formula, "fit-gam"))
+    assert expected in line

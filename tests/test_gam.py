@@ -256,6 +256,76 @@ def test_formula_parsing():
     for given in ("s(age)", "s_age", "1", "s(age, k=4, fx=TRUE, bs='cr')"):
         assert gam.changed_term_name(parsed, given) == (parsed.smooths[0].term, "s_age")
     assert gam.changed_term_name(parsed, "2") == ("sex", "sex")
+    # ModelArray's helpers' formulas, as they print them
+    contix = gam.parse_gam_formula(
+        "FA~ti(age,k=4,fx=TRUE)+ti(edu,k=4,fx=TRUE)+ti(age,edu,k=4,fx=TRUE)"
+    )
+    assert gam.is_gam_formula("FA~ti(age,k=4,fx=TRUE)") and gam.is_gam_formula("FA ~ te(a, b)")
+    assert [s.label for s in contix.smooths] == ["ti(age)", "ti(edu)", "ti(age,edu)"]
+    assert contix.smooths[2] == gam.SmoothSpec(
+        "ti(age,edu,k=4,fx=TRUE)", "ti", ("age", "edu"), (4, 4), True, ("cr", "cr")
+    )
+    assert gam.changed_term_name(contix, "3") == ("ti(age,edu,k=4,fx=TRUE)", "ti_age_edu")
+    fx_smooth = gam.parse_gam_formula("FA~osex+s(age,k=4,fx=TRUE)+s(age,k=4,by=osex,fx=TRUE)")
+    assert fx_smooth.smooths[1].by == "osex" and fx_smooth.parametric == ("osex",)
+    assert gam.changed_term_name(fx_smooth, "3")[1] == "s_age_BYosex"  # ModelArray's prefix
+    te = gam.parse_gam_formula('y ~ te(age, edu, k = c(4, 6), bs = c("tp", "cr"))').smooths[0]
+    assert (te.k, te.bs, te.fx) == ((4, 6), ("tp", "cr"), False)
+    assert gam.parse_gam_formula("y ~ te(a, b, k = c(4, 5, 6))").smooths[0].k == (5, 5)  # mgcv
+    assert gam.parse_gam_formula("y ~ s(a, by = NA)").smooths[0].by is None
+
+
+def test_modelarray_smooth_names():
+    """analyseOneElement.gam's renaming of tidy()'s smooth terms."""
+    names = {
+        "s(age)": "s_age",
+        "s(age):osexM": "s_age_BYosexM",
+        "ti(age,edu)": "ti_age_edu",
+        "te(age,edu)": "te_age_edu",
+        "s(age):sexF": "s_age_BYsexF",
+    }
+    for label, name in names.items():
+        assert gam.smooth_column(label) == name
+
+
+def test_log_determinant_of_overlapping_penalties():
+    """log|l1 S1 + l2 S2| (te's two margins on one block) and its derivatives in log l, by
+    mgcv's similarity transform: equal to a direct computation where that is accurate, to
+    central differences, and still accurate where l2 / l1 = 1e14 (the direct sum's small
+    eigenvalues are rounding noise there)."""
+    from greyarray.stats.gam_fit import stable_log_det
+
+    rng = np.random.default_rng(4)
+    m1, m2 = rng.normal(size=(5, 3)), rng.normal(size=(4, 2))
+    S1 = np.kron(m1 @ m1.T, np.eye(4))  # rank 9 of 20, as te's S1 = Sm1 x I
+    S2 = np.kron(np.eye(5), m2 @ m2.T)  # rank 10
+    values, vectors = np.linalg.eigh(S1 + S2)
+    Y = vectors[:, values > values.max() * 1e-10]  # the range of the sum
+    roots = []
+    for S in (S1, S2):
+        v, u = np.linalg.eigh(S)
+        keep = v > v.max() * 1e-10
+        roots.append(Y.T @ (u[:, keep] * np.sqrt(v[keep])))
+    for rho in ([0.3, -1.2], [2.0, 9.0]):
+        lam = np.exp(rho)
+        det, det1, det2 = stable_log_det(roots, lam, True)
+        assert abs(det - np.linalg.slogdet(Y.T @ (lam[0] * S1 + lam[1] * S2) @ Y)[1]) < 1e-9
+        h = 1e-5
+        for j in range(2):
+            step = np.eye(2)[j] * h
+            up, down = (stable_log_det(roots, np.exp(rho + s), True) for s in (step, -step))
+            assert abs((up[0] - down[0]) / (2 * h) - det1[j]) < 1e-6
+            assert np.abs((up[1] - down[1]) / (2 * h) - det2[j]).max() < 1e-6
+    # l2 = 1e14 l1: log|.| -> 10 log(1e14) + log|S2|+ + log|S1| on S2's null space (in the
+    # range of the sum), within 1e-9; the direct sum's small eigenvalues are rounding noise
+    lam = np.array([1.0, 1e14])
+    det = stable_log_det(roots, lam, False)[0]
+    v2, u2 = np.linalg.eigh(Y.T @ S2 @ Y)
+    null = v2 < v2.max() * 1e-10
+    S1_null = u2[:, null].T @ Y.T @ S1 @ Y @ u2[:, null]
+    expected = 10 * np.log(1e14) + np.log(v2[~null]).sum() + np.linalg.slogdet(S1_null)[1]
+    assert abs(det - expected) < 1e-9
+    assert abs(np.linalg.slogdet(Y.T @ (S1 + 1e14 * S2) @ Y)[1] - expected) > 1e-6
 
 
 def test_cli_fit_then_export(tmp_path, run_cli):

@@ -165,12 +165,17 @@ def _constant(node: ast.expr, formula: str, term: str):
     raise UsageError(f"formula {formula!r}: {term!r}: {ast.unparse(node)!r} is not a constant")
 
 
-def _per_margin(value, n: int, default, what: str, formula: str, term: str) -> tuple:
+def _per_margin(value, n: int, default, what: str, term: str) -> tuple:
+    """One value per margin: a single value is repeated; for te/ti, a vector of the wrong
+    length is replaced by the default, as mgcv does (with a warning)."""
     values = value if isinstance(value, list) else [value]
     if len(values) == 1:
         values = values * n
     if len(values) != n:
-        raise UsageError(f"formula {formula!r}: {term!r} needs one {what} or {n}")
+        log.warning(
+            "%s: %s has %d values for %d margins; mgcv uses %r", term, what, len(values), n, default
+        )
+        values = [default] * n
     return tuple(default if v is None else v for v in values)
 
 
@@ -200,6 +205,8 @@ def _smooth_spec(term: str, formula: str) -> SmoothSpec:
                 f"formula {formula!r}: {term!r}: only k=, fx=, bs= and by= are supported"
             )
         if kw.arg == "by":
+            if isinstance(kw.value, ast.Name) and kw.value.id == "NA":  # mgcv's default
+                continue
             if not isinstance(kw.value, ast.Name):
                 raise UsageError(f"formula {formula!r}: {term!r}: by= must name a column")
             args["by"] = kw.value.id
@@ -211,8 +218,10 @@ def _smooth_spec(term: str, formula: str) -> SmoothSpec:
         raise UsageError(f"formula {formula!r}: {term!r} needs fx=TRUE or fx=FALSE")
     n = len(variables)
     default_bs, default_k = ("tp", 10) if kind == "s" else ("cr", 5)
-    bs = _per_margin(args["bs"], n, default_bs, "bs", formula, term)
-    ks = _per_margin(args["k"], n, default_k, "k", formula, term)
+    if kind == "s" and any(isinstance(args[a], list) for a in ("k", "bs")):
+        raise UsageError(f"formula {formula!r}: {term!r} takes one k and one bs")
+    bs = _per_margin(args["bs"], n, default_bs, "bs", term)
+    ks = _per_margin(args["k"], n, default_k, "k", term)
     for b in bs:
         if b not in BASES:
             raise UsageError(f"formula {formula!r}: bs={b!r} (supported: {', '.join(BASES)})")
@@ -221,7 +230,8 @@ def _smooth_spec(term: str, formula: str) -> SmoothSpec:
     if kind == "s":
         ks = (max(ks[0], 3),)  # mgcv raises k to the minimum (3) with a warning
     elif min(ks) < 3:
-        ks = (5,) * n  # te/ti: mgcv warns and resets every k to its default
+        log.warning("%s: k < 3; mgcv resets every margin's k to 5", term)
+        ks = (5,) * n
     return SmoothSpec(term, kind, variables, ks, args["fx"], bs, args["by"])
 
 
