@@ -6,7 +6,7 @@
 # missing values. METHOD: REML or GCV.Cp. FULL: 1 for full.outputs, 0 for ModelArray's defaults.
 # CHANGED: index of the right-hand-side term for changed.rsq.term.index, 0 for none.
 # ORDERED: COLUMN=REFERENCE makes that column an ordered factor, the reference level first, then
-# the others in R's order (as ModelArray's gen_gamFormula_fxSmooth makes one).
+# the others in their order of appearance (as ModelArray's gen_gamFormula_fxSmooth makes one).
 # Column order: element_id, smooth terms (statistics term by term), parametric terms, model
 # statistics, <term>.delta.adj.rsq, <term>.partial.rsq, their .signed versions (sign of the mean
 # first derivative of the fitted smooth, by central differences, for a term of one covariate
@@ -20,6 +20,13 @@ suppressMessages({
 })
 args <- commandArgs(trailingOnly = TRUE)
 phen <- read.csv(args[1])
+if (length(args) > 7) {  # as gen_gamFormula_fxSmooth: the reference, then the rest as they come
+  ordered_spec <- strsplit(args[8], "=", fixed = TRUE)[[1]]
+  column <- phen[[ordered_spec[1]]]
+  groups <- unique(column)
+  phen[[ordered_spec[1]]] <- ordered(column, levels = c(ordered_spec[2],
+                                                         groups[groups != ordered_spec[2]]))
+}
 for (column in setdiff(names(phen), "source_file")) {  # text columns are factors (a by= needs one)
   if (is.character(phen[[column]])) phen[[column]] <- factor(phen[[column]])
 }
@@ -29,12 +36,6 @@ method <- args[4]
 full <- args[5] == "1"
 changed <- as.integer(args[6])
 out_path <- args[7]
-if (length(args) > 7) {
-  ordered_spec <- strsplit(args[8], "=", fixed = TRUE)[[1]]
-  column <- phen[[ordered_spec[1]]]
-  phen[[ordered_spec[1]]] <- ordered(column, levels = c(ordered_spec[2],
-                                                         sort(setdiff(unique(column), ordered_spec[2]))))
-}
 
 smooth_stats <- if (full) c("edf", "ref.df", "statistic", "p.value") else c("statistic", "p.value")
 param_stats <- if (full) c("estimate", "std.error", "statistic", "p.value") else
