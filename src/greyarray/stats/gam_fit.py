@@ -108,7 +108,7 @@ class PenaltyLogDet:
     smoothing parameters are. Penalties of different smooths act on disjoint columns."""
 
     def __init__(self, smooths: list[SmoothBlock], roots: list[np.ndarray]):
-        self.groups: list[tuple[list[int], float | list[np.ndarray]]] = []
+        self.groups: list[tuple[list[int], float | tuple]] = []
         self.ranks = np.zeros(len(roots))
         self.rank = 0
         j = 0
@@ -125,7 +125,8 @@ class PenaltyLogDet:
                 total = sum(S / np.sqrt(np.sum(S * S)) for S in block.S)
                 values, vectors = np.linalg.eigh(total)
                 Y = vectors[:, values > values.max() * EPS**0.66]
-                self.groups.append((idx, [Y.T @ roots[i].T for i in idx]))
+                rS = [Y.T @ roots[i].T for i in idx]
+                self.groups.append((idx, (rS, [r @ r.T for r in rS])))
                 self.rank += Y.shape[1]
 
     def __call__(self, rho: np.ndarray, deriv: bool):
@@ -136,7 +137,7 @@ class PenaltyLogDet:
                 det += self.ranks[idx[0]] * rho[idx[0]] + part
                 det1[idx[0]] = self.ranks[idx[0]]
                 continue
-            d, d1, d2 = stable_log_det(part, np.exp(rho[idx]), deriv)
+            d, d1, d2 = stable_log_det(part[0], np.exp(rho[idx]), deriv, part[1])
             det += d
             if deriv:
                 det1[idx] = d1
@@ -144,12 +145,12 @@ class PenaltyLogDet:
         return det, det1, det2
 
 
-def stable_log_det(rS: list[np.ndarray], sp: np.ndarray, deriv: bool):
+def stable_log_det(rS: list[np.ndarray], sp: np.ndarray, deriv: bool, Si=None):
     """mgcv's C ``get_stableS`` (no fixed penalty): log|sum_i sp_i rS_i rS_i'| (full rank q),
-    its gradient and Hessian in log sp."""
-    rS = [r.copy() for r in rS]
+    its gradient and Hessian in log sp (``Si``: the rS_i rS_i', if already at hand)."""
     q = rS[0].shape[0]
-    Si = [r @ r.T for r in rS]
+    Si = [r @ r.T for r in rS] if Si is None else list(Si)
+    rS = [r.copy() for r in rS]
     d_tol, r_tol = EPS**0.3, EPS**0.75
     S = np.zeros((q, q))
     K, Q = 0, q
