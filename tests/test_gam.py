@@ -14,13 +14,13 @@ import pytest
 from conftest import PSCALAR, require, write_cohort
 
 from greyarray import cli
-from greyarray.io import cifti
+from greyarray.io.formats import cifti
 from greyarray.stats import gam
 
 GAM_DATA = Path(__file__).parent / "data" / "gam"
 R_SCRIPT = Path(__file__).parent / "r" / "gam_reference.R"
 
-CASES = {  # fixture name: (formula, method, full outputs, changed-R-squared term)
+CASES = {  # fixture name: (formula, method, full outputs, changed-R-squared term[, ordered])
     "fx_reml": ("y ~ s(age, k = 4, fx = TRUE) + sex", "REML", True, None),
     "tp_reml_rsq": ("y ~ s(age) + sex", "REML", False, "s(age)"),
     "tp_reml_full": ("y ~ s(age) + sex", "REML", True, None),
@@ -37,6 +37,15 @@ CASES = {  # fixture name: (formula, method, full outputs, changed-R-squared ter
     "te_reml": ("y ~ te(age, x2) + sex", "REML", True, None),
     "te_gcv": ('y ~ te(age, x2, k = c(4, 6), bs = c("tp", "cr"))', "GCV.Cp", True, None),
     "by_gcv": ('y ~ sex + s(age, by = sex, bs = "cr")', "GCV.Cp", True, "2"),
+    # ModelArray's gen_gamFormula_fxSmooth(k = 4) formula: osex an ordered factor, F first
+    "fxsmooth_reml": (
+        "y ~ osex + s(age, k = 4, fx = TRUE) + s(age, k = 4, by = osex, fx = TRUE)",
+        "REML",
+        True,
+        "3",
+        {"osex": "F"},
+    ),
+    "by_reml": ("y ~ osex + s(age) + s(age, by = osex)", "REML", True, "3", {"osex": "F"}),
 }
 
 
@@ -90,7 +99,7 @@ def fixture_results(tmp_path_factory):
     phenotypes = pd.read_csv(GAM_DATA / "phenotypes.csv")
     values = pd.read_csv(GAM_DATA / "values.csv").to_numpy(np.float32)
     h5 = make_h5(folder, phenotypes, values)
-    for name, (formula, method, full, changed) in CASES.items():
+    for name, (formula, method, full, changed, *ordered) in CASES.items():
         gam.fit_gam(
             h5,
             folder / "cohort.csv",
@@ -99,25 +108,34 @@ def fixture_results(tmp_path_factory):
             method=method,
             full_outputs=full,
             changed_rsq_term=changed,
+            ordered_factors=ordered[0] if ordered else None,
         )
     return h5
 
 
-def test_fixed_df_smooth_equals_r(fixture_results):
-    """fx=TRUE: a linear model in mgcv's basis; statistics 1e-8 relative, p-values 1e-10."""
-    ours = read_results(fixture_results, "fx_reml")
-    worst = differences(ours, expected_csv(GAM_DATA / "expected_fx_reml.csv"))
+@pytest.mark.parametrize("name", ["fx_reml", "fxsmooth_reml"])
+def test_fixed_df_smooth_equals_r(fixture_results, name):
+    """fx=TRUE: a linear model in mgcv's basis; statistics 1e-8 relative, p-values 1e-10. With
+    ModelArray's factor-smooth helper: s(age, by = osex) for an ordered factor is one smooth,
+    for the level after the reference (s_age_BYosexM), beside osex's polynomial contrast
+    (osex.L)."""
+    ours = read_results(fixture_results, name)
+    worst = differences(ours, expected_csv(GAM_DATA / f"expected_{name}.csv"))
     for column, diff in worst.items():
         assert diff <= (1e-10 if "p.value" in column else 1e-8), (column, diff)
     assert ours.iloc[7, 1:].isna().all()  # 14 valid subjects: not more than max(10, 0.2 x 80)
     assert ours["model.nobs"].iloc[8] == 73  # the Inf and the NaNs are missing subjects
     assert ours["s_age.ref.df"].iloc[0] == 3
+    if name == "fxsmooth_reml":
+        assert {"s_age_BYosexM.statistic", "osex.L.estimate", "s_age_BYosex.partial.rsq"} <= set(
+            ours.columns
+        )
 
 
 PENALISED = ["tp_reml_rsq", "tp_reml_full", "cr_gcv", "shrink_reml", "ti_reml", "te_reml"]
 
 
-@pytest.mark.parametrize("name", [*PENALISED, "te_gcv", "by_gcv"])
+@pytest.mark.parametrize("name", [*PENALISED, "te_gcv", "by_gcv", "by_reml"])
 def test_penalised_smooths_equal_r(fixture_results, name):
     """Penalised smooths (REML and GCV.Cp): s(), factor by= (one smooth per level), ti()
     (marginal-removal constraints, a smoothing parameter per margin), te() (a penalty per
@@ -249,7 +267,7 @@ def test_formula_parsing():
     assert gam.is_gam_formula("FA ~ s(age, k=4, fx=TRUE) + sex")
     assert not gam.is_gam_formula("FA ~ age + sex")
     parsed = gam.parse_gam_formula("FA ~ s(age, k=4, fx=TRUE, bs='cr') + sex")
-    spec = gam.SmoothSpec("s(age, k=4, fx=TRUE, bs='cr')", "s", ("age",), (4,), True, ("cr",))
+    spec = gam.SmoothSpec('s(age, k = 4, fx = TRUE, bs = "cr")', "s", ("age",), (4,), True, ("cr",))
     assert parsed.smooths[0] == spec
     assert parsed.parametric_rhs == "sex"
     assert gam.parse_gam_formula("FA ~ s(age)").parametric_rhs == "1"
@@ -263,9 +281,9 @@ def test_formula_parsing():
     assert gam.is_gam_formula("FA~ti(age,k=4,fx=TRUE)") and gam.is_gam_formula("FA ~ te(a, b)")
     assert [s.label for s in contix.smooths] == ["ti(age)", "ti(edu)", "ti(age,edu)"]
     assert contix.smooths[2] == gam.SmoothSpec(
-        "ti(age,edu,k=4,fx=TRUE)", "ti", ("age", "edu"), (4, 4), True, ("cr", "cr")
+        "ti(age, edu, k = 4, fx = TRUE)", "ti", ("age", "edu"), (4, 4), True, ("cr", "cr")
     )
-    assert gam.changed_term_name(contix, "3") == ("ti(age,edu,k=4,fx=TRUE)", "ti_age_edu")
+    assert gam.changed_term_name(contix, "3") == ("ti(age, edu, k = 4, fx = TRUE)", "ti_age_edu")
     fx_smooth = gam.parse_gam_formula("FA~osex+s(age,k=4,fx=TRUE)+s(age,k=4,by=osex,fx=TRUE)")
     assert fx_smooth.smooths[1].by == "osex" and fx_smooth.parametric == ("osex",)
     assert gam.changed_term_name(fx_smooth, "3")[1] == "s_age_BYosex"  # ModelArray's prefix

@@ -15,11 +15,10 @@ parametric terms.
 
 from __future__ import annotations
 
-import ast
 import logging
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +32,12 @@ from greyarray.io.fileio import check_writable
 from greyarray.io.h5read import read_scalar
 from greyarray.io.inputs import open_hdf5
 from greyarray.io.names import check_name
+from greyarray.stats import formula as rf
 from greyarray.stats import gam_fit
 from greyarray.stats.design import (
     build_design,
     match_cohort,
-    parse_formula,
+    prepare_phenotypes,
     r_sort_key,
     threshold_rule,
 )
@@ -76,7 +76,7 @@ SMOOTH_KINDS = ("s", "te", "ti")
 class SmoothSpec:
     """One smooth term: ``s(x, k=, fx=, bs=, by=)``, ``te(x, z, ...)`` or ``ti(...)``."""
 
-    term: str  # as written in the formula
+    term: str  # mgcv's term label (R's deparse of the call)
     kind: str  # s, te or ti
     variables: tuple[str, ...]
     k: tuple[int, ...]  # per margin (s: one)
@@ -112,57 +112,57 @@ def smooth_column(label: str) -> str:
 
 @dataclass(frozen=True)
 class GamFormula:
-    response: str
+    response: str  # the response as R writes it (back-quoted if it must be)
     smooths: tuple[SmoothSpec, ...]
-    parametric: tuple[str, ...]  # the other right-hand-side terms, as written
-    terms: tuple[str, ...]  # every right-hand-side term in order (ModelArray's term index)
+    parametric: tuple[str, ...]  # the other right-hand-side terms (R's term labels)
+    terms: tuple[str, ...]  # every right-hand-side term in R's order (ModelArray's term index)
+    intercept: bool = True
+    scalar: str = ""  # the response as a scalar name
 
     @property
     def parametric_rhs(self) -> str:
         return " + ".join(self.parametric) if self.parametric else "1"
 
+    @property
+    def text(self) -> str:
+        """The formula written again from its terms (as mgcv rebuilds its parts)."""
+        rhs = " + ".join(self.terms) if self.terms else "1"
+        return f"{self.response} ~ {rhs}" + ("" if self.intercept else " - 1")
+
     def without(self, term: str) -> GamFormula:
         """The reduced model of ModelArray's changed.rsq.term.index (term dropped)."""
-        return GamFormula(
-            self.response,
-            tuple(s for s in self.smooths if s.term != term),
-            tuple(t for t in self.parametric if t != term),
-            tuple(t for t in self.terms if t != term),
+        return replace(
+            self,
+            smooths=tuple(s for s in self.smooths if s.term != term),
+            parametric=tuple(t for t in self.parametric if t != term),
+            terms=tuple(t for t in self.terms if t != term),
         )
-
-
-def _split_terms(rhs: str) -> list[str]:
-    """Top-level ``+``-separated terms (parentheses respected)."""
-    terms, depth, start = [], 0, 0
-    for i, char in enumerate(rhs):
-        depth += char == "("
-        depth -= char == ")"
-        if char == "+" and depth == 0:
-            terms.append(rhs[start:i].strip())
-            start = i + 1
-    terms.append(rhs[start:].strip())
-    return [t for t in terms if t]
-
-
-def _is_smooth(term: str) -> bool:
-    return re.match(r"(s|te|ti)\s*\(", term) is not None
 
 
 def is_gam_formula(formula: str) -> bool:
     """True when the formula has a smooth term ``s(...)``, ``te(...)`` or ``ti(...)`` (route it
     to fit-gam)."""
-    return "~" in formula and any(_is_smooth(t) for t in _split_terms(formula.split("~", 1)[1]))
+    return bool(rf.model_formula(formula).smooths)
 
 
-def _constant(node: ast.expr, formula: str, term: str):
-    """A constant argument: a number, string, TRUE/FALSE, or R's ``c(...)`` of them (a list)."""
-    if isinstance(node, ast.Constant):
+def _constant(node: rf.Node, formula: str, term: str):
+    """A constant argument: a number, string, TRUE/FALSE (T/F), NA (None), a bare word (as
+    the name of a basis), or R's ``c(...)`` of them (a list)."""
+    if isinstance(node, rf.Num):
+        return int(node.value) if node.value == int(node.value) else node.value
+    if isinstance(node, rf.Call) and node.fn == "-" and len(node.args) == 1:
+        value = _constant(node.args[0], formula, term)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return -value
+    if isinstance(node, rf.Str):
         return node.value
-    if isinstance(node, ast.Name) and node.id in ("T", "F"):
-        return node.id == "T"
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "c":
+    if isinstance(node, rf.Const):
+        return None if node.value == "NA" else node.value
+    if isinstance(node, rf.Name):
+        return {"T": True, "F": False}.get(node.id, node.id)
+    if isinstance(node, rf.Call) and node.fn == "c" and not any(node.names):
         return [_constant(arg, formula, term) for arg in node.args]
-    raise UsageError(f"formula {formula!r}: {term!r}: {ast.unparse(node)!r} is not a constant")
+    raise UsageError(f"formula {formula!r}: {term!r}: '{rf.deparse(node)}' is not a constant")
 
 
 def _per_margin(value, n: int, default, what: str, term: str) -> tuple:
@@ -179,18 +179,13 @@ def _per_margin(value, n: int, default, what: str, term: str) -> tuple:
     return tuple(default if v is None else v for v in values)
 
 
-def _smooth_spec(term: str, formula: str) -> SmoothSpec:
-    try:
-        call = ast.parse(term.replace("TRUE", "True").replace("FALSE", "False"), mode="eval")
-        call = call.body
-    except SyntaxError:
-        raise UsageError(f"formula {formula!r}: cannot read smooth term {term!r}") from None
-    if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name):
-        raise UsageError(f"formula {formula!r}: cannot read smooth term {term!r}")
-    kind = call.func.id
-    if not call.args or not all(isinstance(arg, ast.Name) for arg in call.args):
-        raise UsageError(f"formula {formula!r}: {term!r} must smooth variables, e.g. {kind}(x)")
-    variables = tuple(arg.id for arg in call.args)
+def _smooth_spec(smooth: rf.SmoothCall, formula: str) -> SmoothSpec:
+    term, kind = smooth.label, smooth.kind
+    if kind not in SMOOTH_KINDS:
+        raise UsageError(f"formula {formula!r}: {term!r}: {kind}() is not supported (s, te, ti)")
+    if not smooth.variables or not all(isinstance(v, rf.Name) for v in smooth.variables):
+        raise UsageError(f"formula {formula!r}: {term!r} must smooth columns, e.g. {kind}(age)")
+    variables = tuple(v.id for v in smooth.variables)
     if kind == "s" and len(variables) > 1:
         raise UsageError(
             f"formula {formula!r}: {term!r}: a smooth of several variables (thin plate) is not "
@@ -199,19 +194,17 @@ def _smooth_spec(term: str, formula: str) -> SmoothSpec:
     if len(set(variables)) < len(variables):
         raise UsageError(f"formula {formula!r}: {term!r} repeats a variable")
     args: dict = {"k": None, "fx": False, "bs": None, "by": None}
-    for kw in call.keywords:
-        if kw.arg not in args:
+    for name, node in smooth.arguments.items():
+        if name not in args:
             raise UsageError(
                 f"formula {formula!r}: {term!r}: only k=, fx=, bs= and by= are supported"
             )
-        if kw.arg == "by":
-            if isinstance(kw.value, ast.Name) and kw.value.id == "NA":  # mgcv's default
-                continue
-            if not isinstance(kw.value, ast.Name):
-                raise UsageError(f"formula {formula!r}: {term!r}: by= must name a column")
-            args["by"] = kw.value.id
-        else:
-            args[kw.arg] = _constant(kw.value, formula, term)
+        if name != "by":
+            args[name] = _constant(node, formula, term)
+        elif isinstance(node, rf.Name):
+            args["by"] = node.id
+        elif not (isinstance(node, rf.Const) and node.value == "NA"):  # NA: mgcv's default
+            raise UsageError(f"formula {formula!r}: {term!r}: by= must name a column")
     if args["by"] is not None and kind != "s":
         raise UsageError(f"formula {formula!r}: {term!r}: by= is supported in s() only")
     if not isinstance(args["fx"], bool):
@@ -227,8 +220,8 @@ def _smooth_spec(term: str, formula: str) -> SmoothSpec:
             raise UsageError(f"formula {formula!r}: bs={b!r} (supported: {', '.join(BASES)})")
     if not all(isinstance(k, int) and not isinstance(k, bool) for k in ks):
         raise UsageError(f"formula {formula!r}: {term!r} needs an integer k")
-    if kind == "s":
-        ks = (max(ks[0], 3),)  # mgcv raises k to the minimum (3) with a warning
+    if kind == "s":  # mgcv: k < 0 is the default (10); below 3 it is raised to 3 (a warning)
+        ks = (default_k if ks[0] < 0 else max(ks[0], 3),)
     elif min(ks) < 3:
         log.warning("%s: k < 3; mgcv resets every margin's k to 5", term)
         ks = (5,) * n
@@ -236,14 +229,35 @@ def _smooth_spec(term: str, formula: str) -> SmoothSpec:
 
 
 def parse_gam_formula(formula: str) -> GamFormula:
-    response, rhs = parse_formula(formula)
-    terms = _split_terms(rhs)
-    smooths = tuple(_smooth_spec(t, formula) for t in terms if _is_smooth(t))
-    parametric = tuple(t for t in terms if not _is_smooth(t))
+    model = rf.model_formula(formula)
+    if model.bars:
+        raise UsageError(
+            f"formula {formula!r}: random-effect terms (... | ...) are lme4's: use fit-lmm, or "
+            's(g, bs = "re") in a GAM'
+        )
+    smooths = tuple(_smooth_spec(s, formula) for s in model.smooths)
     keys = [(s.label, s.by) for s in smooths]
     if len(set(keys)) < len(keys):
-        raise UsageError(f"formula {formula!r}: a smooth term is repeated")
-    return GamFormula(response, smooths, parametric, tuple(terms))
+        raise UsageError(
+            f"formula {formula!r}: a variable is smoothed twice the same way (mgcv warns and "
+            "drops columns by gam.side, which GreyArray does not reproduce)"
+        )
+    smooth_labels = {s.term for s in smooths}
+    labels = model.all_terms.labels
+    parametric = tuple(t for t in labels if t not in smooth_labels)
+    offsets = [model.all_terms.names[i] for i in model.all_terms.offsets]
+    if offsets:
+        raise UsageError(
+            f"formula {formula!r}: offset() in a GAM is not supported (mgcv would fit it)"
+        )
+    return GamFormula(
+        rf.deparse(model.response),
+        smooths,
+        parametric,
+        tuple(labels),
+        model.all_terms.intercept,
+        model.response_name,
+    )
 
 
 # --- one model (full or reduced) -------------------------------------------------------------
@@ -254,6 +268,12 @@ def _column(phenotypes: pd.DataFrame, name: str, smooth: SmoothSpec) -> pd.Serie
         names = ", ".join(phenotypes.columns)
         raise DataError(f"smooth {smooth.term!r}: no column {name!r} (cohort columns: {names})")
     return phenotypes[name]
+
+
+def _covariate(values: pd.Series, name: str, smooth: SmoothSpec) -> np.ndarray:
+    if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+        raise DataError(f"smooth {smooth.term!r}: {name!r} is not numeric (mgcv smooths numbers)")
+    return values.to_numpy(np.float64)
 
 
 def _factor(values: pd.Series, smooth: SmoothSpec) -> tuple[np.ndarray, list[str], bool]:
@@ -275,23 +295,30 @@ def _factor(values: pd.Series, smooth: SmoothSpec) -> tuple[np.ndarray, list[str
 class GamModel:
     """A formula on the cohort: its subjects, parametric design and per-pattern designs."""
 
-    def __init__(self, formula: GamFormula, phenotypes: pd.DataFrame, method: str):
+    def __init__(
+        self,
+        formula: GamFormula,
+        phenotypes: pd.DataFrame,
+        method: str,
+        references: dict[str, str] | None = None,
+        ordered: dict[str, str] | None = None,
+    ):
         self.formula = formula
         self.method = method
-        design = build_design(f"{formula.response} ~ {formula.parametric_rhs}", phenotypes)
+        design = build_design(formula.text, phenotypes, references, ordered)
         self.param_columns = design.columns
         self.intercept = design.intercept
         self.references = design.references
         rows = design.rows
+        table = prepare_phenotypes(phenotypes, references, ordered)  # --ordered-factor etc.
         keep = np.ones(rows.size, bool)
         covariates, factors = {}, {}
         for smooth in formula.smooths:
             for var in smooth.variables:
-                values = pd.to_numeric(_column(phenotypes, var, smooth), errors="coerce")
-                covariates[var] = values.to_numpy(float)[rows]
+                covariates[var] = _covariate(_column(table, var, smooth), var, smooth)[rows]
                 keep &= np.isfinite(covariates[var])
             if smooth.by:
-                factors[smooth.by] = _factor(_column(phenotypes, smooth.by, smooth), smooth)
+                factors[smooth.by] = _factor(_column(table, smooth.by, smooth), smooth)
                 keep &= factors[smooth.by][0][rows] >= 0
         if not keep.all():
             log.warning(
@@ -479,12 +506,15 @@ def changed_term_name(formula: GamFormula, term: str) -> tuple[str, str]:
     ModelArray's changed.rsq.term.index (1-based position on the right-hand side)."""
     if term.strip().isdigit() and 1 <= int(term) <= len(formula.terms):
         term = formula.terms[int(term) - 1]
-    compact = term.replace(" ", "")
+    try:  # written as R would deparse it: spacing and quotes do not matter
+        written = rf.deparse(rf.parse(term))
+    except SyntaxError:
+        written = term
     for smooth in formula.smooths:
-        if compact in (smooth.term.replace(" ", ""), smooth.label, smooth.name):
+        if written in (smooth.term, smooth.label) or term.strip() == smooth.name:
             return smooth.term, smooth.name
     for param in formula.parametric:
-        if compact == param.replace(" ", ""):
+        if written == param:
             return param, param
     raise UsageError(
         f"--changed-rsq-term {term!r} is not a term of the formula "
@@ -558,6 +588,8 @@ def fit_gam(
     lthr_abs: float = 10,
     lthr_rel: float = 0.2,
     overwrite: bool = False,
+    reference_levels: dict[str, str] | None = None,
+    ordered_factors: dict[str, str] | None = None,
 ) -> list[str]:
     """Fit ``formula`` (mgcv syntax, gaussian) at every element and write results/<analysis>
     with ModelArray.gam's columns; returns the column names."""
@@ -570,7 +602,7 @@ def fit_gam(
     if changed_rsq_term is not None:
         written, _ = changed_term_name(parsed, changed_rsq_term)
         reduced_formula = parsed.without(written)
-    scalar = scalar or parsed.response
+    scalar = scalar or parsed.scalar
     cohort = read_csv_table(cohort_path, "cohort file")
     check_writable(h5_path)  # results go into the HDF5: refuse a read-only one before fitting
     with open_hdf5(h5_path) as h5:
@@ -579,9 +611,10 @@ def fit_gam(
             raise OutputError(f"{h5_path}: results/{analysis} exists; use --overwrite")
         names, values = stored.names, stored.values
         phenotypes = match_cohort(cohort, names, scalar, cohort_path)
-        models = [GamModel(parsed, phenotypes, method)]
+        factors = (reference_levels, ordered_factors)
+        models = [GamModel(parsed, phenotypes, method, *factors)]
         if reduced_formula is not None:
-            models.append(GamModel(reduced_formula, phenotypes, method))
+            models.append(GamModel(reduced_formula, phenotypes, method, *factors))
         n_elements = values.shape[1]
         results = [Results(m, n_elements) for m in models]
         threshold = max(len(names) * lthr_rel, lthr_abs)
@@ -621,6 +654,7 @@ def fit_gam(
         "smoothing": method,
         "changed_rsq_term": changed_rsq_term,
         "reference_levels": models[0].references,
+        "ordered_factors": dict(ordered_factors or {}),
         "n_subjects": len(names),
         "n_with_phenotypes": len(models[0].rows),
         "threshold": threshold_rule(lthr_abs, lthr_rel, len(names)),
