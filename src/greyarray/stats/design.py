@@ -266,8 +266,11 @@ def prepare_phenotypes(
             raise UsageError(
                 f"{option} {column}={reference}: no such level (levels: {', '.join(labels.levels)})"
             )
-        if column in ordered:
-            seen = list(dict.fromkeys(v for v in text if v is not None))
+        if column in ordered:  # first appearance in the cohort file, where the user's R
+            # session met them (rows here may be in the HDF5's order: match_cohort)
+            order = phenotypes.attrs.get("cohort_rows", np.arange(len(text)))
+            seen = list(dict.fromkeys(text[i] for i in np.argsort(order, kind="stable")))
+            seen = [v for v in seen if v is not None]
         else:
             seen = labels.levels
         levels = [reference] + [level for level in seen if level != reference]
@@ -1134,7 +1137,10 @@ def match_cohort(cohort: pd.DataFrame, names: list[str], scalar: str, path: Path
             else f"{len(extra)} cohort rows are not in the HDF5 (e.g. {extra[0]!r})"
         )
         raise DataError(f"{path}: cohort does not match scalars/{scalar}/column_names: {what}")
-    return cohort.set_index(sources).loc[names].reset_index(drop=True)
+    position = pd.Series(np.arange(len(cohort)), index=sources.to_numpy())
+    matched = cohort.set_index(sources).loc[names].reset_index(drop=True)
+    matched.attrs["cohort_rows"] = position.loc[names].to_numpy()  # each row's place in the file
+    return matched
 
 
 def threshold_rule(lthr_abs: float, lthr_rel: float, n: int) -> str:
