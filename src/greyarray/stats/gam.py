@@ -67,8 +67,6 @@ DEFAULT_SMOOTH_STATS = ("statistic", "p.value")
 DEFAULT_PARAM_STATS = ("estimate", "statistic", "p.value")
 DEFAULT_MODEL_STATS = ("dev.expl",)
 PATTERN_CACHE = 32  # designs kept for sets of valid subjects (each is small)
-
-
 SMOOTH_KINDS = ("s", "te", "ti")
 
 
