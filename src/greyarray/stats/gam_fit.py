@@ -73,7 +73,7 @@ class Design:
         self.log_det_R = float(np.log(diag).sum())
         self.col_sums = self.X.sum(axis=0)
         self.penalties = [(block.cols, S) for block in self.smooths for S in block.S]
-        self.Lt, self.St, roots = [], [], []
+        self.Lt, self.St, roots, log_dets = [], [], [], []
         for cols, S in self.penalties:
             values, vectors = np.linalg.eigh(S)
             keep = values > values.max() * EPS**0.75
@@ -82,7 +82,8 @@ class Design:
             self.Lt.append(Lt)
             self.St.append(Lt.T @ Lt)
             roots.append(root)
-        self.log_det = PenaltyLogDet(self.smooths, roots)
+            log_dets.append(float(np.log(values[keep]).sum()))
+        self.log_det = PenaltyLogDet(self.smooths, roots, log_dets)
         self.Mp = p - self.log_det.rank
         self.rho0 = np.log(initial_sp(self.X, self.penalties))
         if len(self.St) == 1:  # one penalty: its eigenbasis makes A diagonal; exact zeros
@@ -107,7 +108,8 @@ class PenaltyLogDet:
     transforms, so that no term leaks into the null space of another however different the
     smoothing parameters are. Penalties of different smooths act on disjoint columns."""
 
-    def __init__(self, smooths: list[SmoothBlock], roots: list[np.ndarray]):
+    def __init__(self, smooths: list[SmoothBlock], roots: list[np.ndarray], log_dets: list[float]):
+        """``roots[j]``: R_j with S_j = R_j'R_j (rank rows); ``log_dets[j]``: log|S_j|+."""
         self.groups: list[tuple[list[int], float | tuple]] = []
         self.ranks = np.zeros(len(roots))
         self.rank = 0
@@ -116,10 +118,8 @@ class PenaltyLogDet:
             idx = list(range(j, j + len(block.S)))
             j += len(block.S)
             if len(idx) == 1:
-                values = np.linalg.eigvalsh(block.S[0])
-                keep = values > values.max() * EPS**0.75
                 self.ranks[idx[0]] = roots[idx[0]].shape[0]
-                self.groups.append((idx, float(np.log(values[keep]).sum())))
+                self.groups.append((idx, log_dets[idx[0]]))
                 self.rank += roots[idx[0]].shape[0]
             elif idx:
                 total = sum(S / np.sqrt(np.sum(S * S)) for S in block.S)
