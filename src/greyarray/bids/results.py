@@ -70,10 +70,11 @@ def _fitter(settings: Run, formula: str, smooth: bool):
     permutations = permutation_options(args)
     if not smooth:
         from greyarray.stats.design import build_design
-        from greyarray.stats.lm import fit_lm
+        from greyarray.stats.lm import check_model, fit_lm
         from greyarray.stats.permutation import exchangeable_units
 
         def check_lm(table) -> None:
+            check_model(formula)
             design = build_design(formula, table, references, ordered)
             if permutations is not None and permutations.blocks is not None:
                 exchangeable_units(table, design.rows, permutations.blocks, "the cohort")

@@ -35,11 +35,12 @@ from greyarray.io.names import check_name
 from greyarray.stats import formula as rf
 from greyarray.stats import gam_fit
 from greyarray.stats.design import (
+    Factor,
+    Numeric,
     build_design,
     match_cohort,
-    prepare_phenotypes,
-    r_sort_key,
     threshold_rule,
+    variable,
 )
 from greyarray.stats.lm import BLOCK_BYTES
 from greyarray.stats.results import p_adjust_fdr, write_results
@@ -261,33 +262,27 @@ def parse_gam_formula(formula: str) -> GamFormula:
 # --- one model (full or reduced) -------------------------------------------------------------
 
 
-def _column(phenotypes: pd.DataFrame, name: str, smooth: SmoothSpec) -> pd.Series:
-    if name not in phenotypes.columns:
-        names = ", ".join(phenotypes.columns)
-        raise DataError(f"smooth {smooth.term!r}: no column {name!r} (cohort columns: {names})")
-    return phenotypes[name]
-
-
-def _covariate(values: pd.Series, name: str, smooth: SmoothSpec) -> np.ndarray:
-    if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
-        raise DataError(f"smooth {smooth.term!r}: {name!r} is not numeric (mgcv smooths numbers)")
-    return values.to_numpy(np.float64)
-
-
-def _factor(values: pd.Series, smooth: SmoothSpec) -> tuple[np.ndarray, list[str], bool]:
-    """A ``by`` variable as mgcv reads it: (codes, -1 where missing; levels; ordered). A text
-    column is a factor with R's level order; an ordered factor keeps its levels."""
-    if isinstance(values.dtype, pd.CategoricalDtype):
-        levels = [str(level) for level in values.cat.categories]
-        return values.cat.codes.to_numpy(), levels, bool(values.cat.ordered)
-    if pd.api.types.is_numeric_dtype(values):
+def _smooth_variable(name: str, smooth: SmoothSpec, phenotypes, rows, factors):
+    """A smooth's covariate (numbers) or its ``by=`` (a factor: codes, levels, ordered) on the
+    design's rows, as the design layer reads the cohort (``--ordered-factor`` included)."""
+    try:
+        value = variable(name, phenotypes, rows, *factors)
+    except (UsageError, DataError) as err:
+        raise DataError(f"smooth {smooth.term!r}: {err}") from None
+    if name != smooth.by:
+        if not isinstance(value, Numeric) or value.values.ndim != 1:
+            raise DataError(
+                f"smooth {smooth.term!r}: {name!r} is not numeric (mgcv smooths numbers)"
+            )
+        return value.values
+    if not isinstance(value, Factor) or value.levels == ["FALSE", "TRUE"]:
+        kind = "logical" if isinstance(value, Factor) else "numeric"
         raise DataError(
-            f"smooth {smooth.term!r}: by={smooth.by} is numeric; only a factor by-variable "
-            "(one smooth per level) is supported"
+            f"smooth {smooth.term!r}: by={name} is {kind}; "
+            "mgcv multiplies the smooth by it, which is not supported: only a factor by= (one "
+            "smooth per level)"
         )
-    levels = sorted({str(v) for v in values.dropna()}, key=r_sort_key)
-    codes = values.map(lambda v: -1 if pd.isna(v) else levels.index(str(v)))
-    return codes.to_numpy(int), levels, False
+    return value.codes, value.levels, value.ordered
 
 
 class GamModel:
@@ -308,16 +303,19 @@ class GamModel:
         self.intercept = design.intercept
         self.references = design.references
         rows = design.rows
-        table = prepare_phenotypes(phenotypes, references, ordered)  # --ordered-factor etc.
         keep = np.ones(rows.size, bool)
         covariates, factors = {}, {}
         for smooth in formula.smooths:
             for var in smooth.variables:
-                covariates[var] = _covariate(_column(table, var, smooth), var, smooth)[rows]
+                covariates[var] = _smooth_variable(
+                    var, smooth, phenotypes, rows, (references, ordered)
+                )
                 keep &= np.isfinite(covariates[var])
             if smooth.by:
-                factors[smooth.by] = _factor(_column(table, smooth.by, smooth), smooth)
-                keep &= factors[smooth.by][0][rows] >= 0
+                factors[smooth.by] = _smooth_variable(
+                    smooth.by, smooth, phenotypes, rows, (references, ordered)
+                )
+                keep &= factors[smooth.by][0] >= 0
         if not keep.all():
             log.warning(
                 "%d subjects have a missing smooth covariate and are left out, as gam leaves "
@@ -327,10 +325,7 @@ class GamModel:
         self.rows = rows[keep]  # subjects (HDF5 order) this model can use
         self.param_matrix = design.matrix[keep]
         self.covariates = {var: values[keep] for var, values in covariates.items()}
-        self.factors = {
-            by: (codes[self.rows], levels, ordered)
-            for by, (codes, levels, ordered) in factors.items()
-        }
+        self.factors = {by: (f[0][keep], *f[1:]) for by, f in factors.items()}
         self.blocks: list[tuple[SmoothSpec, str]] = []  # (term, mgcv's label of each smooth)
         for smooth in formula.smooths:
             for bs, var in zip(smooth.bs, smooth.variables, strict=True):
