@@ -1,8 +1,10 @@
-"""mgcv's smooth bases for one covariate, built as mgcv 1.8-41 builds them.
+"""mgcv's smooths, built as mgcv 1.8-41 builds them.
 
 ``tp`` (thin plate regression spline, ``smooth.construct.tp.smooth.spec`` and C
 ``tprs_setup``), ``cr`` (cubic regression spline, C ``crspl``/``getFS``), and their shrinkage
-versions ``ts``/``cs``; then ``smoothCon``'s penalty rescaling and sum-to-zero constraint.
+versions ``ts``/``cs``; then ``smoothCon``'s penalty rescaling and sum-to-zero constraint, its
+factor ``by=`` (one smooth per level), and the tensor products ``te``/``ti`` of such margins
+(``smooth.construct.tensor.smooth.spec``).
 
 Why so literal: ``summary.gam``'s smooth test statistic is not invariant to the choice of basis
 of the smooth (it averages two quadratic forms whose roles depend on eigenvector signs in that
@@ -50,7 +52,6 @@ class Smooth:
     deriv: np.ndarray | None  # (n, q): d/dx of the columns at the data (one covariate only)
     S: tuple[np.ndarray, ...]  # (q, q) each, scaled as smoothCon scales them; () when fx=TRUE
     null_space_dim: int  # mgcv's null.space.dim: penalised and 0 means summary.gam's reTest
-    by_level: str | None = None  # the level of a factor ``by`` (label s(x):<by><level>)
 
 
 def r_mean(x: np.ndarray) -> float:
@@ -312,11 +313,11 @@ def smooth_term(
         return [Smooth(columns(b.X), columns(b.dX), S, null)]
     codes, levels, ordered = by
     smooths = []
-    for j, level in enumerate(levels):
+    for j in range(len(levels)):
         if ordered and j == 0 and len(levels) > 1:
             continue
         dummy = (codes == j).astype(np.float64)[:, None]
-        smooths.append(Smooth(columns(dummy * b.X), columns(dummy * b.dX), S, null, level))
+        smooths.append(Smooth(columns(dummy * b.X), columns(dummy * b.dX), S, null))
     return smooths
 
 
