@@ -803,7 +803,7 @@ def spline_basis(
 ) -> np.ndarray:
     """R's ``ns(x, df, knots, intercept)`` or ``bs(x, df, knots, degree, intercept)`` on the
     non-missing values: interior knots at R's type-7 quantiles, boundary knots at the range."""
-    from greyarray.stats.smooths import r_quantile7, r_seq01
+    from greyarray.stats.smooths import r_quantile7, r_seq
 
     order = 4 if natural else degree + 1
     if order <= 1:
@@ -814,7 +814,7 @@ def spline_basis(
     if df is not None and knots is None:
         n_knots = int(df) - 1 - int(intercept) if natural else int(df) - order + (1 - intercept)
         n_knots = max(n_knots, 0)
-        knots = r_quantile7(x, r_seq01(n_knots + 2)[1:-1]) if n_knots > 0 else np.array([])
+        knots = r_quantile7(x, r_seq(0.0, 1.0, n_knots + 2)[1:-1]) if n_knots > 0 else np.array([])
     elif knots is None:
         knots = np.array([])
     all_knots = np.sort(np.concatenate([np.repeat(boundary, order), knots]))
