@@ -39,6 +39,7 @@ def converted(tmp_path_factory):
     table["allnan"] = np.nan
     table["one"] = "x"
     table["logage"] = np.log(table["age"])
+    table["flag"] = ["TRUE", "FALSE"] * (N_SUBJECTS // 2)
     for i in range(20):
         table[f"v{i}"] = rng.normal(size=N_SUBJECTS)
     table.to_csv(csv, index=False)
@@ -349,3 +350,22 @@ def test_nesting_operator_is_rs(run_cli, converted, h5):
         names = list(file["results/nested/column_names"].asstr()[()])
     assert "age:sexF.estimate" in names and "age:sexM.estimate" in names
     np.testing.assert_array_equal(nested, ix)
+
+
+@pytest.mark.parametrize(
+    "formula, code, expected",
+    [
+        ("thickness ~ s(age, logage)", 64, "a smooth of several variables (thin plate)"),
+        ("thickness ~ te(age, logage, by = sex)", 64, "by= is supported in s() only"),
+        ("thickness ~ s(age, k = c(4, 5))", 64, "takes one k and one bs"),
+        ("thickness ~ ti(age, logage, bs = 'ps')", 64, "bs='ps' (supported: tp, ts, cr, cs)"),
+        ("thickness ~ s(age) + s(age, k = 5)", 64, "a variable is smoothed twice the same way"),
+        ("thickness ~ s(age, by = logage)", 65, "by=logage is numeric"),
+        ("thickness ~ s(age, by = flag)", 65, "by=flag is logical; mgcv multiplies the smooth"),
+        ("thickness ~ te(age, nosuch)", 65, "unknown column 'nosuch'"),
+        ("thickness ~ ti(age, sex)", 65, "'sex' is not numeric (mgcv smooths numbers)"),
+    ],
+)
+def test_smooth_terms_fit_gam_refuses(run_cli, converted, h5, formula, code, expected):
+    line = refused(run_cli, code, h5, *fit_args(h5, converted[1], formula, "fit-gam"))
+    assert expected in line

@@ -37,9 +37,12 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
+    refusal = ""  # the error line, for the record of a refused run
+
     def error(self, message: str):
         self.print_usage(sys.stderr)
-        self.exit(UsageError.exit_code, f"{self.prog}: error: {one_line(message)}\n")
+        self.refusal = f"{self.prog}: error: {one_line(message)}"
+        self.exit(UsageError.exit_code, f"{self.refusal}\n")
 
 
 def default_nprocs() -> int:
@@ -85,6 +88,24 @@ def add_nprocs(parser, what: str) -> None:
         default=default_nprocs(),
         metavar="N",
         help=f"{what} (default: the CPUs this process may use, here {default_nprocs()})",
+    )
+
+
+def add_thresholds(parser) -> None:
+    """ModelArray's element threshold (num.subj.lthr.abs / .rel), for every model."""
+    option(
+        parser,
+        "--num-subj-lthr-abs",
+        type=float,
+        default=10,
+        help="fit an element only with more subjects with a finite value than this",
+    )
+    option(
+        parser,
+        "--num-subj-lthr-rel",
+        type=float,
+        default=0.2,
+        help="... and more than this fraction of all subjects",
     )
 
 

@@ -12,6 +12,7 @@ from greyarray.options import (
     add_factor_options,
     add_logging,
     add_nprocs,
+    add_thresholds,
     factor_options,
     non_negative_int,
     option,
@@ -85,20 +86,7 @@ def _model_inputs(parser, analysis: str, formula_help: str) -> None:
 
 def _thresholds(parser) -> None:
     """ModelArray's element threshold (num.subj.lthr.abs / .rel)."""
-    option(
-        parser,
-        "--num-subj-lthr-abs",
-        type=float,
-        default=10,
-        help="fit an element only with more subjects with a finite value than this",
-    )
-    option(
-        parser,
-        "--num-subj-lthr-rel",
-        type=float,
-        default=0.2,
-        help="... and more than this fraction of all subjects",
-    )
+    add_thresholds(parser)
 
 
 def _permutation_options(parser) -> None:
@@ -190,7 +178,8 @@ def fit_gam_parser(prog: str = "greyarray fit-gam") -> Parser:
         prog=prog,
         description="Fit a GAM (mgcv::gam, gaussian) at every element with ModelArray.gam's "
         "rules and outputs, and write results/<analysis> into the HDF5. Smooth terms "
-        "s(x, k=, fx=, bs=) with bs tp, ts, cr or cs, plus parametric terms as in fit-lm.",
+        "s(x, k=, fx=, bs=, by=) with bs tp, ts, cr or cs (by= a factor: one smooth per "
+        "level), tensor products te(x, z, ...) and ti(...), plus parametric terms as in fit-lm.",
     )
     _model_inputs(parser, "gam", "e.g. 'thickness ~ s(age, k=4, fx=TRUE) + sex'")
     add_factor_options(parser)

@@ -41,6 +41,7 @@ from greyarray.stats.design import (
     build_design,
     match_cohort,
     parse_formula,
+    single_subject_levels,
     threshold_rule,
 )
 from greyarray.stats.linalg import column_norms
@@ -343,6 +344,10 @@ def fit_lm(
         "n_with_phenotypes": len(design.rows),
         "threshold": threshold_rule(lthr_abs, lthr_rel, len(names)),
         "cohort_file": str(cohort_path),
+        "scalar": scalar,
+        "threshold_abs": lthr_abs,
+        "threshold_rel": lthr_rel,
+        "single_subject_levels": single_subject_levels(formula, phenotypes, design.rows),
     }
     if permutations is not None:
         about["permutations"] = {
