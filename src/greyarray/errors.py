@@ -78,6 +78,18 @@ class Interrupted(BaseException):
         return 128 + self.signum
 
 
+RECEIVED: list[Interrupted] = []  # signals received during this run (cli/signals.py records them)
+
+
+def check_interrupted() -> None:
+    """Before an output is published: a signal whose exception Python swallowed (raised inside
+    a ``__del__`` or a weakref callback) still stops the run here, so nothing is published after
+    a SIGTERM, whatever code the signal landed in."""
+    if RECEIVED:
+        first = RECEIVED[0]
+        raise Interrupted(first.signum, first.name)
+
+
 def one_line(message: str) -> str:
     """``message`` as one bounded terminal line: user values (CSV fields, paths) may hold
     newlines, NULs, escape sequences or megabytes, and a message built from them must still be
