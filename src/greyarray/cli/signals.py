@@ -67,6 +67,7 @@ def signals_end_the_run() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         sys.unraisablehook = hook
+        RECEIVED.clear()  # a later run in this process (tests) starts without them
 
 
 def _file_handlers() -> list[logging.FileHandler]:
