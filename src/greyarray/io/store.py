@@ -16,13 +16,15 @@ produce) on ``nprocs`` threads and stored with ``write_direct_chunk``; zlib rele
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import platform
 import shlex
 import sys
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,10 +32,15 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
-from greyarray.errors import DataError
+from greyarray.errors import DataError, OutputError
 from greyarray.io import ciftixml
 from greyarray.io.cifti import Geometry, checked_geometry
-from greyarray.io.fileio import check_output, remove_stale_temporaries, replacing
+from greyarray.io.fileio import (
+    check_free_space,
+    check_output,
+    remove_stale_temporaries,
+    replacing,
+)
 from greyarray.io.h5read import read_scalar
 from greyarray.io.inputs import open_hdf5
 from greyarray.io.names import refuse_inputs, safe_name, unique_files
@@ -231,6 +238,135 @@ def _write_chunks(dset, block: np.ndarray, start: int, pool, options: StoreOptio
 
     for (r, c), data in zip(corners, pool.map(encode, corners), strict=True):
         dset.id.write_direct_chunk((r, start + c), data)
+
+
+# ---- a scalar added to an HDF5 file (harmonize) ---------------------------------------------
+GEOMETRY_OBJECTS = ("greyordinates", "parcels", "greyarray/geometry")
+
+
+def options_like(values: h5py.Dataset, nprocs: int = 1) -> StoreOptions:
+    """The storage of an existing scalar (dtype, compression), for a scalar derived from it."""
+    compression = values.compression if values.compression in ("gzip", "lzf") else "none"
+    level = values.compression_opts if compression == "gzip" else 4
+    return StoreOptions(
+        dtype=values.dtype.name,
+        compression=compression,
+        compression_level=int(level or 4),
+        shuffle=bool(values.shuffle),
+        nprocs=nprocs,
+    )
+
+
+@dataclass
+class ScalarOutput:
+    """A scalar being written by ``scalar_output``: ``h5`` is the output file (readable),
+    ``write`` stores a stripe of elements (chunk-aligned), ``group`` makes a group published
+    with the scalar."""
+
+    h5: h5py.File
+    values: h5py.Dataset
+    options: StoreOptions
+    pool: ThreadPoolExecutor
+    staged: list[tuple[str, str]]  # (staging name, final name)
+
+    @property
+    def chunk_width(self) -> int:
+        return int(self.values.chunks[1])
+
+    def write(self, start: int, block: np.ndarray) -> None:
+        """Columns start, start+1, ... (start is a multiple of the chunk width)."""
+        block = np.ascontiguousarray(block, dtype=self.values.dtype)
+        if self.options.compression in ("gzip", "none"):
+            _write_chunks(self.values, block, start, self.pool, self.options)
+        else:
+            self.values[:, start : start + block.shape[1]] = block
+
+    def group(self, path: str) -> h5py.Group:
+        """A new group that appears at ``path`` (replacing one there) with the scalar."""
+        return _staging_group(self.h5, path, self.staged)
+
+
+def _staging_group(h5: h5py.File, path: str, staged: list[tuple[str, str]]) -> h5py.Group:
+    parent, name = path.rsplit("/", 1)
+    staging = f"{parent}/.{name}.incomplete"
+    if staging in h5:  # left by a run that was killed
+        del h5[staging]
+    staged.append((staging, path))
+    return h5.require_group(parent).create_group(f".{name}.incomplete")
+
+
+@contextlib.contextmanager
+def scalar_output(
+    path: Path,
+    name: str,
+    column_names: Sequence[str],
+    n_elements: int,
+    options: StoreOptions,
+    *,
+    overwrite: bool = False,
+    template: Path | None = None,
+    command_line: str | None = None,
+) -> Iterator[ScalarOutput]:
+    """Add ``scalars/<name>`` (values written stripe by stripe in the block, column_names) to
+    the HDF5 file at ``path``, with the groups the block makes: the one place GreyArray adds a
+    scalar to a file, existing or new.
+
+    An existing file (the user's, with hours of results) is opened once; everything is written
+    under staging names (``scalars/.<name>.incomplete``) and moved into place when the block
+    succeeds, so a failure leaves every existing object as it was (the staging groups are
+    removed, or by the next run). An existing ``scalars/<name>`` is replaced only with
+    ``overwrite``. A new file gets the geometry of ``template`` and is written in a private
+    temporary, renamed into place at the end."""
+    n = len(column_names)
+    itemsize = np.dtype(options.dtype).itemsize
+    with contextlib.ExitStack() as stack:
+        if path.exists():
+            check_free_space(path, n * n_elements * itemsize + 2**22, f"scalars/{name}")
+            h5 = stack.enter_context(open_hdf5(path, "a", libver=LIBVER))
+            if f"scalars/{name}" in h5 and not overwrite:
+                raise OutputError(f"{path}: scalars/{name} exists; use --overwrite to replace it")
+        else:
+            tmp = stack.enter_context(replacing(path, overwrite))
+            h5 = stack.enter_context(h5py.File(tmp, "w", libver=LIBVER))
+            if template is not None:
+                _copy_geometry(template, h5)
+            _write_provenance(h5.require_group("greyarray"), options, command_line or "")
+        staged: list[tuple[str, str]] = []
+        scalar = _staging_group(h5, f"scalars/{name}", staged)
+        values = scalar.create_dataset(
+            "values",
+            shape=(n, n_elements),
+            dtype=options.dtype,
+            chunks=chunk_shape(n, n_elements, itemsize, options),
+            **options.filters,
+        )
+        _strings(scalar, "column_names", column_names)
+        pool = stack.enter_context(thread_pool(options.nprocs))
+        try:
+            yield ScalarOutput(h5, values, options, pool, staged)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                for staging, _ in staged:
+                    if staging in h5:
+                        del h5[staging]
+            raise
+        for staging, final in staged:
+            if final in h5:
+                if final.startswith("scalars/") and not overwrite:
+                    raise OutputError(
+                        f"{path}: {final} was written meanwhile by another run; use --overwrite"
+                    )
+                del h5[final]
+            h5.move(staging, final)
+
+
+def _copy_geometry(template: Path, h5: h5py.File) -> None:
+    """The element geometry (ModelArrayIO's and GreyArray's) of another ModelArray file."""
+    with open_hdf5(template) as source:
+        for name in GEOMETRY_OBJECTS:
+            if name in source:
+                parent = h5.require_group(name.rsplit("/", 1)[0]) if "/" in name else h5
+                source.copy(source[name], parent, name=name.rsplit("/", 1)[-1])
 
 
 def _write_modelarrayio_geometry(h5: h5py.File, geometry: Geometry) -> None:

@@ -1,0 +1,744 @@
+"""ComBat harmonization at every element, as neuroCombat 0.2.12 computes it, streamed in stripes.
+
+ComBat (Johnson et al. 2007; for imaging Fortin et al. 2017, 2018) removes batch (site, scanner)
+effects in location and scale while keeping the covariates' effects. Per element v, with
+subjects i in batches b and covariate columns X (GreyArray's formula language: factors with R's
+treatment contrasts, no intercept: the batch columns hold it):
+
+1. y_iv = sum_b B_bv [i in b] + X_i B_v + e_iv by least squares (one-hot batch columns; with a
+   reference batch its column is all ones); the grand mean is sum_b (n_b / n) B_bv (or B_ref,v),
+   the pooled variance the mean squared residual (over the reference batch's subjects only);
+2. standardised data s_iv = (y_iv - grand_v - X_i B_v) / sqrt(var_v); per batch the location
+   gamma_hat (batch mean of s; with a reference, the difference from the reference's) and the
+   scale delta_hat (variance of s, ddof 1; 1 with --mean-only; a zero becomes 1);
+3. empirical Bayes over elements: per batch, gamma_hat ~ N(gamma_bar, t2) and delta_hat ~
+   InvGamma(a, b) by the method of moments; parametric posteriors by neuroCombat's ``it_sol``
+   (all elements iterated together until the largest relative change is below 1e-4), or
+   non-parametric ones (``int_eprior``: every other element's estimates weighted by the
+   likelihood of this element's data), or none (--no-eb); with --mean-only the parametric
+   posterior is neuroCombat's postmean(gamma_hat, gamma_bar, 1, 1, t2);
+4. harmonised y*_iv = (s_iv - gamma*_bv) / sqrt(delta*_bv) sqrt(var_v) + grand_v + X_i B_v
+   (the reference batch's data are returned unchanged).
+
+Formula for formula neuroCombat's, but the data are read twice in stripes of elements: the first
+pass keeps per element only the coefficients, grand mean, pooled variance and per batch the count,
+mean and centred sum of squares of s (the empirical Bayes steps need nothing else); the second
+pass standardises, adjusts and writes. Memory does not grow with the number of elements beyond
+those few numbers per element, nor with subjects beyond one stripe.
+
+A smooth term ``s(x)`` gives ComBat-GAM as neuroHarmonize 2.5.2 fits it (combat_gam.py).
+
+Missing values (GreyArray's rules; neuroCombat has none): a subject without a batch or with a
+missing covariate is not harmonised (its row is NaN) and left out of every estimate; a subject's
+non-finite value at an element stays NaN and is left out of that element's estimates. A batch
+with fewer subjects with a value at an element than ComBat needs (2; 1 with --mean-only) is left
+out of that element: its subjects are NaN there, the other batches are harmonised, and the count
+is reported per batch. A batch with fewer such subjects in the whole cohort is an error naming it.
+Elements whose residual variance is zero (every subject the same value) are left as they are and
+out of the priors (neuroCombat replaces their variance by a boolean median and shifts them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from greyarray.errors import DataError, UsageError
+from greyarray.stats.combat_gam import Spline, cross_validate, folds, penalty_grid
+from greyarray.stats.compiled import compiled
+from greyarray.stats.design import aliased_columns, build_design, r_sort_key
+from greyarray.stats.linalg import column_norms
+
+log = logging.getLogger(__name__)
+
+BLOCK_BYTES = 32 * 2**20  # float64 values of one stripe of elements, all subjects
+BATCH = 256  # elements with missing values solved together
+CONVERGENCE = 1e-4  # neuroCombat's it_sol
+HARMONISED, UNCHANGED, NOT_HARMONISED = 0, 1, 2  # element status
+
+
+@dataclass(frozen=True)
+class Options:
+    """ComBat's choices (neuroCombat's eb, parametric, mean_only, ref_batch); ``seed`` draws
+    ComBat-GAM's cross-validation folds."""
+
+    eb: bool = True
+    parametric: bool = True
+    mean_only: bool = False
+    reference: str | None = None
+    seed: int = 0
+
+    @property
+    def minimum(self) -> int:
+        """Subjects a batch needs: a location needs 1, a variance 2."""
+        return 1 if self.mean_only else 2
+
+    def describe(self) -> str:
+        """In words, e.g. 'parametric empirical Bayes, location and scale'."""
+        if not self.eb:
+            how = "no empirical Bayes (each element's own estimates)"
+        else:
+            how = f"{'parametric' if self.parametric else 'non-parametric'} empirical Bayes"
+        what = "location only (--mean-only)" if self.mean_only else "location and scale"
+        reference = f", reference batch {self.reference}" if self.reference is not None else ""
+        return f"{how}, {what}{reference}"
+
+
+def batch_label(value: object) -> str:
+    """A batch value as text (a site read as 3.0 because of a missing value is '3')."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def covariate_terms(covariates: str | None) -> str:
+    """The right-hand side as given (``age + sex``, ``~ age``); '' for none."""
+    text = (covariates or "").strip()
+    return text[1:].strip() if text.startswith("~") else text
+
+
+# ---- the location model -------------------------------------------------------------------------
+@dataclass
+class Model:
+    """What ComBat knows of the subjects (rows in HDF5 order): batch, covariate columns and
+    smooth terms. The design is [batch one-hot (reference column all ones), covariates, splines]."""
+
+    batch_column: str
+    covariates: str  # the right-hand side, as given
+    levels: list[str]
+    batch: np.ndarray  # (n,) code of each subject's batch; -1: not harmonised
+    reference: int | None
+    linear: np.ndarray  # (n, q) covariate columns (rows of subjects not harmonised: 0)
+    linear_names: list[str]
+    splines: list[Spline] = field(default_factory=list)
+    smooth_values: np.ndarray | None = None  # (n, n_smooths) the smoothed variables
+
+    @property
+    def n_batch(self) -> int:
+        return len(self.levels)
+
+    @property
+    def used(self) -> np.ndarray:
+        return self.batch >= 0
+
+    @property
+    def onehot(self) -> np.ndarray:
+        """(n, batches) indicators (rows of subjects not harmonised: 0)."""
+        out = np.zeros((len(self.batch), self.n_batch))
+        out[np.flatnonzero(self.used), self.batch[self.used]] = 1
+        return out
+
+    @property
+    def columns(self) -> list[str]:
+        smooth = [name for spline in self.splines for name in spline.names]
+        return [f"{self.batch_column}{level}" for level in self.levels] + [
+            *self.linear_names,
+            *smooth,
+        ]
+
+    def matrix(self) -> np.ndarray:
+        """(n, p) the design: batch columns, covariates, spline bases."""
+        batch = self.onehot
+        if self.reference is not None:
+            batch[self.used, self.reference] = 1
+        parts = [batch, self.linear]
+        for j, spline in enumerate(self.splines):
+            basis = np.zeros((len(self.batch), spline.size))
+            basis[self.used] = spline.basis(self.smooth_values[self.used, j])
+            parts.append(basis)
+        return np.hstack(parts)
+
+    def about(self) -> dict:
+        return {
+            "batch_column": self.batch_column,
+            "covariates": self.covariates,
+            "levels": self.levels,
+            "reference": None if self.reference is None else self.levels[self.reference],
+            "columns": self.columns,
+            "smooth": [s.variable for s in self.splines],
+        }
+
+
+def parse_covariates(covariates: str, response: str) -> tuple[str, list[str]]:
+    """(parametric right-hand side, smoothed variables): ``age + s(bmi) + sex`` ->
+    ('age + sex', ['bmi']). Smooths take no arguments: neuroHarmonize's basis is fixed."""
+    import re
+
+    from greyarray.stats.gam import parse_gam_formula
+
+    rhs = covariate_terms(covariates)
+    if not rhs:
+        return "1", []
+    formula = parse_gam_formula(f"{response} ~ {rhs}")
+    smooths = []
+    for smooth in formula.smooths:
+        if not re.fullmatch(r"s\(\s*[A-Za-z_.][\w.]*\s*\)", smooth.term):
+            raise UsageError(
+                f"--covariates {rhs!r}: {smooth.term!r}: write s({smooth.var}) without "
+                "arguments (ComBat-GAM uses neuroHarmonize's smooth: cubic B-splines, df 10, "
+                "penalty chosen by 5-fold cross-validation)"
+            )
+        smooths.append(smooth.var)
+    return formula.parametric_rhs, smooths
+
+
+def build_model(
+    table: pd.DataFrame,
+    batch_column: str,
+    covariates: str | None,
+    options: Options,
+    response: str,
+    where: str,
+) -> Model:
+    """The model of ``table`` (cohort rows in HDF5 order), refusing what ComBat cannot fit."""
+    if batch_column not in table.columns:
+        raise UsageError(
+            f"{where}: no batch column {batch_column!r} (columns: {', '.join(table.columns)})"
+        )
+    rhs = covariate_terms(covariates)
+    parametric, smooth = parse_covariates(rhs, response)
+    design = build_design(f"{response} ~ {parametric}", table)
+    keep = [j for j, name in enumerate(design.columns) if name != "Intercept"]
+    linear = np.zeros((len(table), len(keep)))
+    linear[design.rows] = design.matrix[:, keep]
+    has = np.zeros(len(table), bool)
+    has[design.rows] = True
+    values = np.zeros((len(table), len(smooth)))
+    for j, variable in enumerate(smooth):
+        if variable not in table.columns:
+            raise DataError(f"{where}: s({variable}): no column {variable!r}")
+        column = pd.to_numeric(table[variable], errors="coerce")
+        if column.isna().sum() > table[variable].isna().sum():
+            raise DataError(f"{where}: s({variable}): column {variable!r} is not numeric")
+        values[:, j] = column.to_numpy(float)
+        has &= np.isfinite(values[:, j])
+    labels = table[batch_column]
+    has &= labels.notna().to_numpy()
+    levels = _levels(labels[has])
+    batch = np.full(len(table), -1)
+    batch[has] = [levels.index(batch_label(v)) for v in labels[has]]
+    _refuse_small(levels, batch, options, batch_column, where)
+    reference = None
+    if options.reference is not None:
+        if options.reference not in levels:
+            raise UsageError(
+                f"--reference-batch {options.reference!r}: no such {batch_column} "
+                f"(batches: {', '.join(levels)})"
+            )
+        reference = levels.index(options.reference)
+    model = Model(
+        batch_column,
+        rhs,
+        levels,
+        batch,
+        reference,
+        linear,
+        [design.columns[j] for j in keep],
+        [Spline.fit(v, values[has, j]) for j, v in enumerate(smooth)],
+        values if smooth else None,
+    )
+    x = model.matrix()[has]
+    if aliased := aliased_columns(x, model.columns):
+        raise DataError(
+            f"{where}: covariate column(s) {', '.join(map(repr, aliased))} cannot be told from "
+            f"the {batch_column} columns and the covariates before them (constant within each "
+            f"{batch_column}, or a copy of another column): ComBat would remove or distort it; "
+            "leave it out"
+        )
+    if (left := int((~has).sum())) > 0:
+        log.warning(
+            "%d of %d subjects have no %s or a missing covariate: they are not harmonised "
+            "(their rows of the output are NaN)",
+            left,
+            len(table),
+            batch_column,
+        )
+    return model
+
+
+def _levels(labels: pd.Series) -> list[str]:
+    """Batch levels: numbers in numeric order, text in R's order."""
+    if pd.api.types.is_numeric_dtype(labels):
+        return [batch_label(v) for v in sorted(labels.unique())]
+    return sorted({batch_label(v) for v in labels}, key=r_sort_key)
+
+
+def _refuse_small(levels, batch, options: Options, column: str, where: str) -> None:
+    counts = np.bincount(batch[batch >= 0], minlength=len(levels))
+    if len(levels) < 2:
+        raise DataError(
+            f"{where}: {column} has {len(levels)} batch(es) among the subjects with every "
+            "covariate; ComBat needs 2 or more"
+        )
+    small = [f"{levels[b]!r} ({counts[b]})" for b in np.flatnonzero(counts < options.minimum)]
+    if small:
+        raise DataError(
+            f"{where}: {column} {', '.join(small)}: a batch needs {options.minimum} or more "
+            "subjects with every covariate to estimate its scale (--mean-only needs 1), or "
+            "leave it out of the cohort"
+        )
+
+
+# ---- pass 1: per element estimates -------------------------------------------------------------
+class Estimates:
+    """Everything ComBat keeps per element, filled stripe by stripe, then ``finish``ed."""
+
+    def __init__(self, model: Model, n_elements: int, options: Options, nprocs: int = 1):
+        b, p = model.n_batch, len(model.columns)
+        self.model, self.options, self.nprocs = model, options, nprocs
+        self.coef = np.full((p, n_elements), np.nan)
+        self.grand_mean = np.full(n_elements, np.nan)
+        self.var_pooled = np.full(n_elements, np.nan)
+        self.count = np.zeros((b, n_elements), np.int32)  # subjects with a value, per batch
+        self.mean = np.full((b, n_elements), np.nan)  # batch means of the standardised data
+        self.m2 = np.full((b, n_elements), np.nan)  # centred sums of squares
+        self.status = np.zeros(n_elements, np.int8)
+        self.alpha = np.full((len(model.splines), n_elements), np.nan)
+        self.x = model.matrix()
+        self.onehot = model.onehot
+        self.used = model.used
+        self.x_used = np.ascontiguousarray(self.x[self.used])
+        self.qr = np.linalg.qr(self.x_used)
+        self.rng = np.random.default_rng(options.seed)
+        self.grid = (
+            penalty_grid(model.splines, b + len(model.linear_names), p) if model.splines else None
+        )
+        self.gamma_hat = self.delta_hat = self.gamma_star = self.delta_star = None
+        self.priors: dict[str, list[float]] = {}
+
+    def add(self, start: int, values: np.ndarray) -> None:
+        """Estimate the elements start, start+1, ... from ``values`` (n, width)."""
+        width = values.shape[1]
+        span = slice(start, start + width)
+        y = np.where(np.isfinite(values), values, np.nan)
+        finite = np.isfinite(y) & self.used[:, None]
+        count = (self.onehot.T @ finite).astype(np.int32)
+        present = count >= self.options.minimum
+        ok = finite & present[np.maximum(self.model.batch, 0)] & self.used[:, None]
+        self.count[:, span] = count
+        status = np.zeros(width, np.int8)
+        if self.model.reference is not None:
+            status[~present[self.model.reference]] = NOT_HARMONISED
+        coef = np.full((self.x.shape[1], width), np.nan)
+        if self.model.splines:
+            self._fit_smooth(start, y, ok, present, coef, status)
+        else:
+            self._fit_linear(y, ok, present, coef, status)
+        fitted = self.x @ np.nan_to_num(coef)
+        n_ok = ok.sum(axis=0)
+        b = self.model.n_batch
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if self.model.reference is None:
+                weights = (self.onehot.T @ ok) / n_ok
+                grand = (weights * coef[:b]).sum(axis=0)
+                resid = np.where(ok, y - fitted, 0)
+                var = (resid**2).sum(axis=0) / n_ok
+            else:
+                ref = self.model.reference
+                in_ref = ok & (self.model.batch == ref)[:, None]
+                grand = coef[ref]
+                resid = np.where(in_ref, y - fitted, 0)
+                var = (resid**2).sum(axis=0) / in_ref.sum(axis=0)
+        low = np.where(ok, y, np.inf).min(axis=0)
+        high = np.where(ok, y, -np.inf).max(axis=0)
+        constant = ((low == high) | (var == 0)) & (status == HARMONISED)
+        status[constant] = UNCHANGED
+        status[(n_ok == 0) & (status == HARMONISED)] = NOT_HARMONISED
+        good = status == HARMONISED
+        mod = self.x[:, b:] @ np.nan_to_num(coef[b:])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s = np.where(ok & good, (y - grand - mod) / np.sqrt(var), 0)
+            counted = self.onehot.T @ (ok & good)
+            mean = (self.onehot.T @ s) / counted
+            centred = np.where(ok & good, s - mean[np.maximum(self.model.batch, 0)], 0)
+            m2 = self.onehot.T @ centred**2
+        mean[:, ~good] = np.nan
+        m2[:, ~good] = np.nan
+        self.coef[:, span] = coef
+        self.grand_mean[span] = np.where(good, grand, np.nan)
+        self.var_pooled[span] = np.where(good, var, np.nan)
+        self.mean[:, span] = np.where(present, mean, np.nan)
+        self.m2[:, span] = np.where(present, m2, np.nan)
+        self.status[span] = status
+
+    def _fit_linear(self, y, ok, present, coef, status) -> None:
+        """Least squares: one QR for the elements whose subjects are all there, batches of
+        QRs of the masked design for the others (a dropped batch's column pinned to 0)."""
+        complete = (ok == self.used[:, None]).all(axis=0) & present.all(axis=0)
+        complete &= status == HARMONISED
+        if complete.any():
+            q, r = self.qr
+            coef[:, complete] = np.linalg.solve(r, q.T @ y[self.used][:, complete])
+        partial = np.flatnonzero(~complete & (status == HARMONISED) & ok.any(axis=0))
+        b, (n, p) = self.model.n_batch, self.x.shape
+        step = max(1, min(BATCH, BLOCK_BYTES // (8 * (n + p) * p)))
+        for i in range(0, partial.size, step):
+            chunk = partial[i : i + step]
+            mask = ok[:, chunk].T.astype(np.float64)  # (k, n)
+            pinned = np.zeros((chunk.size, p, p))
+            for j in range(b):
+                if j != self.model.reference:
+                    pinned[~present[j, chunk], j, j] = 1
+            design = np.concatenate([self.x[None] * mask[..., None], pinned], axis=1)
+            target = np.concatenate(
+                [np.where(mask.T > 0, y[:, chunk], 0).T, np.zeros((chunk.size, p))], axis=1
+            )
+            q, r = np.linalg.qr(design)
+            diag = np.abs(np.diagonal(r, axis1=1, axis2=2))
+            full = (diag > 1e-7 * column_norms(design)).all(axis=1)
+            status[chunk[~full]] = NOT_HARMONISED
+            solved = np.linalg.solve(r[full], np.swapaxes(q[full], 1, 2) @ target[full][..., None])[
+                ..., 0
+            ]
+            coef[:, chunk[full]] = solved.T
+
+    def _fit_smooth(self, start, y, ok, present, coef, status) -> None:
+        """ComBat-GAM: per element, the penalty by cross-validation (folds drawn in element
+        order from one generator, as neuroHarmonize draws them), then the penalised fit."""
+        alphas, penalties = self.grid
+        b, n_used = self.model.n_batch, int(self.used.sum())
+        for e in range(y.shape[1]):
+            rows = np.flatnonzero(ok[:, e])
+            fold = folds(self.rng, rows.size, len(alphas))
+            if status[e] != HARMONISED or rows.size == 0:
+                continue
+            keep = np.ones(self.x.shape[1], bool)
+            keep[:b] = present[:, e] | (np.arange(b) == self.model.reference)
+            if rows.size == n_used and keep.all():
+                x, penalty = self.x_used, penalties
+            else:
+                x = np.ascontiguousarray(self.x[np.ix_(rows, np.flatnonzero(keep))])
+                penalty = np.ascontiguousarray(penalties[:, keep][:, :, keep])
+            try:
+                chosen, solved = cross_validate(x, y[rows, e], fold, penalty)
+            except np.linalg.LinAlgError:
+                status[e] = NOT_HARMONISED
+                continue
+            coef[keep, e] = solved
+            coef[~keep, e] = 0
+            self.alpha[:, start + e] = alphas[chosen]
+
+    # ---- empirical Bayes ------------------------------------------------------------------------
+    def finish(self) -> None:
+        """gamma_hat, delta_hat, the priors and gamma*, delta* for every batch."""
+        options, ref = self.options, self.model.reference
+        valid = np.isfinite(self.mean)
+        gamma_hat = self.mean.copy()
+        if ref is not None:  # the reference's column is all ones: others are differences
+            others = np.arange(len(gamma_hat)) != ref
+            gamma_hat[others] = self.mean[others] - self.mean[ref]
+        if options.mean_only:
+            delta_hat = np.where(valid, 1.0, np.nan)
+        else:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                delta_hat = self.m2 / (self.count - 1)
+            delta_hat[delta_hat == 0] = 1  # neuroCombat's convert_zeroes
+        gamma_star = np.full_like(gamma_hat, np.nan)
+        delta_star = np.full_like(gamma_hat, np.nan)
+        priors = {"gamma_bar": [], "t2": [], "a": [], "b": []}
+        for k in range(len(self.model.levels)):
+            on = np.flatnonzero(valid[k])
+            g, d = gamma_hat[k, on], delta_hat[k, on]
+            if options.eb and on.size < 2:
+                raise DataError(
+                    f"{self.model.batch_column} {self.model.levels[k]!r}: empirical Bayes "
+                    f"needs 2 or more elements with estimates, there are {on.size}; use --no-eb"
+                )
+            gamma_bar, t2 = (g.mean(), g.var(ddof=1)) if on.size > 1 else (np.nan, np.nan)
+            a = b = np.nan
+            if not options.mean_only and on.size > 1:
+                m, s2 = d.mean(), d.var(ddof=1)
+                a, b = (2 * s2 + m**2) / s2, (m * s2 + m**3) / s2
+            for name, value in zip(priors, (gamma_bar, t2, a, b), strict=True):
+                priors[name].append(float(value))
+            n, mean, m2 = self.count[k, on].astype(float), self.mean[k, on], self.m2[k, on]
+            if not options.eb:
+                gs, ds = g, d
+            elif options.parametric and options.mean_only:
+                gs, ds = _postmean(g, gamma_bar, 1, 1, t2), np.ones_like(g)
+            elif options.parametric:
+                gs, ds = _it_sol(n, mean, m2, g, d, gamma_bar, t2, a, b)
+            else:
+                gs, ds = _int_eprior(n, mean, m2, g, d, self.nprocs)
+            gamma_star[k, on], delta_star[k, on] = gs, ds
+        if ref is not None:
+            gamma_star[ref] = np.where(valid[ref], 0, np.nan)
+            delta_star[ref] = np.where(valid[ref], 1, np.nan)
+        self.gamma_hat, self.delta_hat = gamma_hat, delta_hat
+        self.gamma_star, self.delta_star, self.priors = gamma_star, delta_star, priors
+
+
+def _postmean(g_hat, g_bar, n, d_star, t2):
+    return (t2 * n * g_hat + d_star * g_bar) / (t2 * n + d_star)
+
+
+def _it_sol(n, mean, m2, g_hat, d_hat, g_bar, t2, a, b):
+    """neuroCombat's it_sol for one batch, every element at once: the sum of squares about the
+    new gamma is m2 + n (mean - gamma)^2; the loop ends when the largest relative change of
+    either is at most 1e-4 (a NaN change ends it, as neuroCombat's comparison does)."""
+    g_old, d_old, change = g_hat, d_hat, 1.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        while change > CONVERGENCE:
+            g_new = _postmean(g_hat, g_bar, n, d_old, t2)
+            sum2 = m2 + n * (mean - g_new) ** 2
+            d_new = (0.5 * sum2 + b) / (n / 2.0 + a - 1.0)
+            change = max(
+                np.max(np.abs(g_new - g_old) / g_old), np.max(np.abs(d_new - d_old) / d_old)
+            )
+            g_old, d_old = g_new, d_new
+    return g_new, d_new
+
+
+def _int_eprior(n, mean, m2, g_hat, d_hat, nprocs: int = 1):
+    """neuroCombat's int_eprior (non-parametric posteriors) for one batch: element i's
+    posterior averages the other elements' (gamma_hat, delta_hat), weighted by the likelihood
+    of its data under each (every pair of elements: quadratic in their number). Weights are taken
+    in log space: neuroCombat's products underflow to 0/0 beyond a few hundred subjects per
+    batch; where they do not, the values are the same."""
+    from greyarray.io.threads import thread_pool
+
+    arrays = [np.ascontiguousarray(a, dtype=np.float64) for a in (n, mean, m2, g_hat, d_hat)]
+    gamma, delta = np.empty(g_hat.size), np.empty(g_hat.size)
+    step = max(1, -(-g_hat.size // (8 * nprocs)))
+    with thread_pool(nprocs) as pool:  # the kernel releases the GIL
+        list(
+            pool.map(
+                lambda lo: _eprior_kernel(*arrays, lo, min(lo + step, g_hat.size), gamma, delta),
+                range(0, g_hat.size, step),
+            )
+        )
+    return gamma, delta
+
+
+@compiled
+def _eprior_kernel(n, mean, m2, g_hat, d_hat, lo, hi, gamma, delta):  # pragma: no cover
+    log_d = np.log(2 * np.pi * d_hat)
+    for i in range(lo, hi):
+        top, total, g_sum, d_sum = -np.inf, 0.0, 0.0, 0.0
+        for k in range(g_hat.size):
+            if k == i:
+                continue
+            value = -0.5 * n[i] * log_d[k] - (m2[i] + n[i] * (mean[i] - g_hat[k]) ** 2) / (
+                2 * d_hat[k]
+            )
+            if value > top:  # rescale what was summed to the new largest term
+                scale = np.exp(top - value)
+                total, g_sum, d_sum, top = total * scale, g_sum * scale, d_sum * scale, value
+            w = np.exp(value - top)
+            total += w
+            g_sum += g_hat[k] * w
+            d_sum += d_hat[k] * w
+        gamma[i], delta[i] = g_sum / total, d_sum / total
+
+
+# ---- pass 2: harmonised values -----------------------------------------------------------------
+@dataclass
+class Adjuster:
+    """Harmonises stripes with finished estimates (of this cohort or of an earlier fit)."""
+
+    model: Model  # the subjects to harmonise (batch codes into the estimates' levels)
+    coef: np.ndarray
+    grand_mean: np.ndarray
+    var_pooled: np.ndarray
+    gamma_star: np.ndarray
+    delta_star: np.ndarray
+    status: np.ndarray
+
+    def __post_init__(self):
+        self.x = self.model.matrix()
+        b = self.model.n_batch
+        self.covariates = self.x[:, b:]
+        self.summary = Summary.zeros(b, len(self.model.batch), self.coef.shape[1])
+
+    def adjust(self, start: int, values: np.ndarray) -> np.ndarray:
+        """(n, width) harmonised values of elements start, ...; NaN where not harmonised."""
+        span = slice(start, start + values.shape[1])
+        b = self.model.n_batch
+        batch, used = np.maximum(self.model.batch, 0), self.model.used
+        grand, var = self.grand_mean[span], self.var_pooled[span]
+        gamma, delta = self.gamma_star[:, span][batch], self.delta_star[:, span][batch]
+        mod = self.covariates @ np.nan_to_num(self.coef[b:, span])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            s = (values - grand - mod) / np.sqrt(var)
+            out = (s - gamma) / np.sqrt(delta) * np.sqrt(var) + grand + mod
+        if self.model.reference is not None:
+            ref = used & (self.model.batch == self.model.reference)
+            out[ref] = np.where(np.isfinite(gamma[ref]), values[ref], np.nan)
+        status = self.status[span]
+        out[:, status == UNCHANGED] = values[:, status == UNCHANGED]
+        out[:, status == NOT_HARMONISED] = np.nan
+        out[~used] = np.nan
+        out[~np.isfinite(out)] = np.nan
+        self.summary.add(self.model.batch, span, values, out)
+        return out
+
+
+@dataclass
+class Summary:
+    """Per batch mean maps and per subject means, before and after (for the report)."""
+
+    batch_sum: np.ndarray  # (2, batches, elements): before, after
+    batch_count: np.ndarray
+    subject_sum: np.ndarray  # (2, subjects)
+    subject_count: np.ndarray
+
+    @classmethod
+    def zeros(cls, n_batch: int, n_subjects: int, n_elements: int) -> Summary:
+        return cls(
+            np.zeros((2, n_batch, n_elements)),
+            np.zeros((2, n_batch, n_elements)),
+            np.zeros((2, n_subjects)),
+            np.zeros((2, n_subjects)),
+        )
+
+    def add(self, batch: np.ndarray, span: slice, before: np.ndarray, after: np.ndarray):
+        n_batch = self.batch_sum.shape[1]
+        onehot = np.zeros((len(batch), n_batch))
+        onehot[np.flatnonzero(batch >= 0), batch[batch >= 0]] = 1
+        for k, values in enumerate((np.where(batch[:, None] >= 0, before, np.nan), after)):
+            finite = np.isfinite(values)
+            clean = np.where(finite, values, 0)
+            self.batch_sum[k, :, span] += onehot.T @ clean
+            self.batch_count[k, :, span] += onehot.T @ finite
+            self.subject_sum[k] += clean.sum(axis=1)
+            self.subject_count[k] += finite.sum(axis=1)
+
+    def means(self) -> tuple[np.ndarray, np.ndarray]:
+        """(batch means (2, batches, elements), subject means (2, subjects)); NaN: no value."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.batch_sum / self.batch_count, self.subject_sum / self.subject_count
+
+
+# ---- streaming ---------------------------------------------------------------------------------
+def stripe_width(values, n_subjects: int, unit: int | None = None) -> int:
+    """Elements per stripe: whole chunks (of the output, else of the stored dataset), about
+    BLOCK_BYTES of float64."""
+    if unit is None:
+        chunks = getattr(values, "chunks", None)
+        unit = chunks[1] if chunks and chunks[0] >= n_subjects else 64
+    return unit * max(1, BLOCK_BYTES // (8 * n_subjects * unit))
+
+
+def stripes(values, width: int, desc: str | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, float64 block) over the columns of ``values`` (an h5py dataset or an array)."""
+    from tqdm import tqdm
+
+    starts = range(0, values.shape[1], width)
+    for start in tqdm(
+        starts, desc=desc, unit="stripe", disable=None if desc else True, leave=False
+    ):
+        yield start, np.asarray(values[:, start : start + width], dtype=np.float64)
+
+
+def estimate(
+    model: Model, values, options: Options, width: int | None = None, nprocs: int = 1
+) -> Estimates:
+    """Pass 1 over ``values`` (subjects x elements), then the empirical Bayes step."""
+    estimates = Estimates(model, values.shape[1], options, nprocs)
+    width = width or stripe_width(values, values.shape[0])
+    for start, block in stripes(values, width, "Estimating"):
+        estimates.add(start, block)
+    estimates.finish()
+    return estimates
+
+
+def adjuster(estimates: Estimates) -> Adjuster:
+    return Adjuster(
+        estimates.model,
+        estimates.coef,
+        estimates.grand_mean,
+        estimates.var_pooled,
+        estimates.gamma_star,
+        estimates.delta_star,
+        estimates.status,
+    )
+
+
+def harmonize_array(
+    values: np.ndarray,
+    table: pd.DataFrame,
+    batch_column: str,
+    covariates: str | None = None,
+    options: Options = Options(),
+    width: int | None = None,
+) -> tuple[np.ndarray, Estimates]:
+    """(harmonised values, estimates) of an in-memory (subjects x elements) matrix, stripe by
+    stripe exactly as the command streams an HDF5 dataset (for tests and small data)."""
+    model = build_model(table, batch_column, covariates, options, "y", "cohort")
+    estimates = estimate(model, values, options, width)
+    adjust = adjuster(estimates)
+    width = width or stripe_width(values, values.shape[0])
+    out = np.empty(values.shape)
+    for start, block in stripes(values, width):
+        out[:, start : start + block.shape[1]] = adjust.adjust(start, block)
+    return out, estimates
+
+
+def log_gaps(estimates: Estimates) -> list[str]:
+    """What was not harmonised, in words (logged as warnings, kept in the summary)."""
+    model, status = estimates.model, estimates.status
+    lines = []
+    if (unchanged := int((status == UNCHANGED).sum())) > 0:
+        lines.append(
+            f"{unchanged} elements have no variance left after the covariates (e.g. every "
+            "subject the same value): left as they are and out of the priors"
+        )
+    if (failed := int((status == NOT_HARMONISED).sum())) > 0:
+        lines.append(
+            f"{failed} elements could not be fitted (too few subjects with a value, or the "
+            "reference batch without enough): NaN for every subject"
+        )
+    minimum = estimates.options.minimum
+    for k, level in enumerate(model.levels):
+        short = int(((estimates.count[k] < minimum) & (status == HARMONISED)).sum())
+        if short:
+            lines.append(
+                f"{model.batch_column} {level!r}: {short} elements have fewer than {minimum} "
+                "subjects with a value; its subjects are NaN there (the other batches are "
+                "harmonised)"
+            )
+    for line in lines:
+        log.warning("%s", line)
+    return lines
+
+
+def about(estimates: Estimates, method: str, input_scalar: str) -> dict:
+    """What the fit was (the JSON kept with the estimates, the methods text, sidecars)."""
+    model, options = estimates.model, estimates.options
+    counts = np.bincount(model.batch[model.used], minlength=model.n_batch)
+    return {
+        "method": method,
+        "input_scalar": input_scalar,
+        "options": asdict(options),
+        "options_text": options.describe(),
+        "reproduces": "neuroHarmonize 2.5.2" if model.splines else "neuroCombat 0.2.12",
+        "subjects_per_batch": dict(zip(model.levels, map(int, counts), strict=True)),
+        "n_subjects": len(model.batch),
+        "n_harmonised_subjects": int(model.used.sum()),
+        "elements": {
+            "harmonised": int((estimates.status == HARMONISED).sum()),
+            "unchanged": int((estimates.status == UNCHANGED).sum()),
+            "not_harmonised": int((estimates.status == NOT_HARMONISED).sum()),
+        },
+        **model.about(),
+    }
+
+
+def dumps(record: dict) -> str:
+    return json.dumps(record, sort_keys=True)
+
+
+def model_path(text: str) -> tuple[Path, str]:
+    """``F.h5:scalar`` -> (F.h5, scalar); the last ':' separates them."""
+    path, sep, name = text.rpartition(":")
+    if not sep or not path or not name:
+        raise UsageError(
+            f"--apply-from {text!r}: expected FILE.h5:SCALAR, e.g. data.h5:thickness_combat"
+        )
+    return Path(path), name
