@@ -301,9 +301,11 @@ class Estimates:
         self.status = np.zeros(n_elements, np.int8)
         self.alpha = np.full((len(model.splines), n_elements), np.nan)
         self.x = model.matrix()
-        self.onehot = model.onehot
         self.used = model.used
         self.x_used = np.ascontiguousarray(self.x[self.used])
+        self.batch_used = model.batch[self.used]
+        self.onehot_used = np.ascontiguousarray(model.onehot[self.used])
+        self.sizes = np.bincount(self.batch_used, minlength=b).astype(np.int32)
         self.qr = np.linalg.qr(self.x_used)
         self.rng = np.random.default_rng(options.seed)
         self.grid = (
@@ -313,70 +315,106 @@ class Estimates:
         self.priors: dict[str, list[float]] = {}
 
     def add(self, start: int, values: np.ndarray) -> None:
-        """Estimate the elements start, start+1, ... from ``values`` (n, width)."""
-        width = values.shape[1]
-        span = slice(start, start + width)
-        y = np.where(np.isfinite(values), values, np.nan)
-        finite = np.isfinite(y) & self.used[:, None]
-        count = (self.onehot.T @ finite).astype(np.int32)
-        present = count >= self.options.minimum
-        ok = finite & present[np.maximum(self.model.batch, 0)] & self.used[:, None]
-        self.count[:, span] = count
-        status = np.zeros(width, np.int8)
-        if self.model.reference is not None:
-            status[~present[self.model.reference]] = NOT_HARMONISED
-        coef = np.full((self.x.shape[1], width), np.nan)
-        if self.model.splines:
-            self._fit_smooth(start, y, ok, present, coef, status)
-        else:
-            self._fit_linear(y, ok, present, coef, status)
-        fitted = self.x @ np.nan_to_num(coef)
-        n_ok = ok.sum(axis=0)
-        b = self.model.n_batch
-        with np.errstate(divide="ignore", invalid="ignore"):
-            if self.model.reference is None:
-                weights = (self.onehot.T @ ok) / n_ok
-                grand = (weights * coef[:b]).sum(axis=0)
-                resid = np.where(ok, y - fitted, 0)
-                var = (resid**2).sum(axis=0) / n_ok
-            else:
-                ref = self.model.reference
-                in_ref = ok & (self.model.batch == ref)[:, None]
-                grand = coef[ref]
-                resid = np.where(in_ref, y - fitted, 0)
-                var = (resid**2).sum(axis=0) / in_ref.sum(axis=0)
-        low = np.where(ok, y, np.inf).min(axis=0)
-        high = np.where(ok, y, -np.inf).max(axis=0)
-        constant = ((low == high) | (var == 0)) & (status == HARMONISED)
-        status[constant] = UNCHANGED
-        status[(n_ok == 0) & (status == HARMONISED)] = NOT_HARMONISED
-        good = status == HARMONISED
-        mod = self.x[:, b:] @ np.nan_to_num(coef[b:])
-        with np.errstate(divide="ignore", invalid="ignore"):
-            s = np.where(ok & good, (y - grand - mod) / np.sqrt(var), 0)
-            counted = self.onehot.T @ (ok & good)
-            mean = (self.onehot.T @ s) / counted
-            centred = np.where(ok & good, s - mean[np.maximum(self.model.batch, 0)], 0)
-            m2 = self.onehot.T @ centred**2
-        mean[:, ~good] = np.nan
-        m2[:, ~good] = np.nan
-        self.coef[:, span] = coef
-        self.grand_mean[span] = np.where(good, grand, np.nan)
-        self.var_pooled[span] = np.where(good, var, np.nan)
-        self.mean[:, span] = np.where(present, mean, np.nan)
-        self.m2[:, span] = np.where(present, m2, np.nan)
-        self.status[span] = status
+        """Estimate the elements start, start+1, ... from ``values`` (n, width).
 
-    def _fit_linear(self, y, ok, present, coef, status) -> None:
+        Every moment ComBat needs comes from per-batch sums of the residuals r = y - X B: with
+        part_b the fitted batch term, s = (part_b - grand + r) / sd, so the batch mean of s is
+        (part_b - grand + mean_b(r)) / sd and its centred sum of squares sum_b (r - mean_b(r))^2
+        / var; no standardised copy of the data is made. Linear models: one QR solve for the
+        stripe and one compiled sweep over it; elements with a missing value (and ComBat-GAM)
+        go through ``_add_general``."""
+        y = values if self.used.all() else values[self.used]
+        elements = np.arange(start, start + y.shape[1])
+        if self.model.splines:
+            self._add_general(elements, y)
+            return
+        q, r = self.qr
+        coef = np.linalg.solve(r, q.T @ y)
+        sum_r, sum_r2, low, high, missing = _residual_sums(
+            y, self.x_used, np.nan_to_num(coef), self.batch_used, self.model.n_batch
+        )
+        whole = ~missing
+        count = np.repeat(self.sizes[:, None], whole.sum(), axis=1)
+        self._store(
+            elements[whole],
+            coef[:, whole],
+            count,
+            np.zeros(whole.sum(), np.int8),
+            sum_r[:, whole],
+            sum_r2[:, whole],
+            low[whole] == high[whole],
+        )
+        if missing.any():
+            self._add_general(elements[missing], y[:, missing])
+
+    def _add_general(self, elements: np.ndarray, y: np.ndarray) -> None:
+        """Elements with missing values (each its own subjects; a batch with too few left out)
+        and ComBat-GAM's per element fits."""
+        ref = self.model.reference
+        finite = np.isfinite(y)
+        count = np.rint(self.onehot_used.T @ finite).astype(np.int32)
+        present = count >= self.options.minimum
+        status = np.zeros(y.shape[1], np.int8)
+        if ref is not None:
+            status[~present[ref]] = NOT_HARMONISED
+        ok = finite & present[self.batch_used]
+        complete = ok.all(axis=0)
+        coef = np.full((self.x.shape[1], y.shape[1]), np.nan)
+        if self.model.splines:
+            self._fit_smooth(elements, y, ok, present, coef, status)
+        else:
+            self._fit_linear(y, ok, complete, present, coef, status)
+        resid = np.where(ok, y - self.x_used @ np.nan_to_num(coef), 0)
+        sum_r = self.onehot_used.T @ resid
+        sum_r2 = self.onehot_used.T @ resid**2
+        low = np.where(ok, y, np.inf).min(axis=0)
+        constant = low == np.where(ok, y, -np.inf).max(axis=0)
+        status[(ok.sum(axis=0) == 0) & (status == HARMONISED)] = NOT_HARMONISED
+        self._store(elements, coef, count, status, sum_r, sum_r2, constant, present)
+
+    def _store(self, elements, coef, count, status, sum_r, sum_r2, constant, present=None):
+        """The per element estimates from the residual sums (see ``add``)."""
+        b, ref = self.model.n_batch, self.model.reference
+        if present is None:
+            present = count >= self.options.minimum
+        n_b = np.where(present, count, 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if ref is None:
+                n_ok = n_b.sum(axis=0)
+                grand = (n_b * coef[:b]).sum(axis=0) / n_ok
+                var = sum_r2.sum(axis=0) / n_ok
+                part = coef[:b]
+            else:
+                grand = coef[ref]
+                var = sum_r2[ref] / n_b[ref]
+                part = coef[ref] + np.where(np.arange(b)[:, None] == ref, 0, coef[:b])
+            mean_r = sum_r / n_b
+            m2 = np.maximum(sum_r2 - n_b * mean_r**2, 0) / var
+            mean = (part - grand + mean_r) / np.sqrt(var)
+        status = status.copy()
+        status[(constant | (var == 0)) & (status == HARMONISED)] = UNCHANGED
+        good = status == HARMONISED
+        keep = present & good
+        self.count[:, elements] = count
+        self.coef[:, elements] = coef
+        self.grand_mean[elements] = np.where(good, grand, np.nan)
+        self.var_pooled[elements] = np.where(good, var, np.nan)
+        self.mean[:, elements] = np.where(keep, mean, np.nan)
+        self.m2[:, elements] = np.where(keep, m2, np.nan)
+        self.status[elements] = status
+
+    def _fit_linear(self, y, ok, complete, present, coef, status) -> None:
         """Least squares: one QR for the elements whose subjects are all there, batches of
         QRs of the masked design for the others (a dropped batch's column pinned to 0)."""
-        complete = (ok == self.used[:, None]).all(axis=0) & present.all(axis=0)
-        complete &= status == HARMONISED
+        complete = complete & (status == HARMONISED)
         if complete.any():
             q, r = self.qr
-            coef[:, complete] = np.linalg.solve(r, q.T @ y[self.used][:, complete])
+            target = y if complete.all() else y[:, complete]
+            coef[:, complete] = np.linalg.solve(r, q.T @ target)
+        if ok is None:
+            return
         partial = np.flatnonzero(~complete & (status == HARMONISED) & ok.any(axis=0))
-        b, (n, p) = self.model.n_batch, self.x.shape
+        b, (n, p) = self.model.n_batch, self.x_used.shape
         step = max(1, min(BATCH, BLOCK_BYTES // (8 * (n + p) * p)))
         for i in range(0, partial.size, step):
             chunk = partial[i : i + step]
@@ -385,7 +423,7 @@ class Estimates:
             for j in range(b):
                 if j != self.model.reference:
                     pinned[~present[j, chunk], j, j] = 1
-            design = np.concatenate([self.x[None] * mask[..., None], pinned], axis=1)
+            design = np.concatenate([self.x_used[None] * mask[..., None], pinned], axis=1)
             target = np.concatenate(
                 [np.where(mask.T > 0, y[:, chunk], 0).T, np.zeros((chunk.size, p))], axis=1
             )
@@ -398,11 +436,11 @@ class Estimates:
             ]
             coef[:, chunk[full]] = solved.T
 
-    def _fit_smooth(self, start, y, ok, present, coef, status) -> None:
+    def _fit_smooth(self, elements, y, ok, present, coef, status) -> None:
         """ComBat-GAM: per element, the penalty by cross-validation (folds drawn in element
         order from one generator, as neuroHarmonize draws them), then the penalised fit."""
         alphas, penalties = self.grid
-        b, n_used = self.model.n_batch, int(self.used.sum())
+        b, n_used = self.model.n_batch, self.x_used.shape[0]
         for e in range(y.shape[1]):
             rows = np.flatnonzero(ok[:, e])
             fold = folds(self.rng, rows.size, len(alphas))
@@ -413,16 +451,16 @@ class Estimates:
             if rows.size == n_used and keep.all():
                 x, penalty = self.x_used, penalties
             else:
-                x = np.ascontiguousarray(self.x[np.ix_(rows, np.flatnonzero(keep))])
+                x = np.ascontiguousarray(self.x_used[np.ix_(rows, np.flatnonzero(keep))])
                 penalty = np.ascontiguousarray(penalties[:, keep][:, :, keep])
             try:
-                chosen, solved = cross_validate(x, y[rows, e], fold, penalty)
+                chosen, solved = cross_validate(x, np.ascontiguousarray(y[rows, e]), fold, penalty)
             except np.linalg.LinAlgError:
                 status[e] = NOT_HARMONISED
                 continue
             coef[keep, e] = solved
             coef[~keep, e] = 0
-            self.alpha[:, start + e] = alphas[chosen]
+            self.alpha[:, elements[e]] = alphas[chosen]
 
     # ---- empirical Bayes ------------------------------------------------------------------------
     def finish(self) -> None:
@@ -454,7 +492,8 @@ class Estimates:
             a = b = np.nan
             if not options.mean_only and on.size > 1:
                 m, s2 = d.mean(), d.var(ddof=1)
-                a, b = (2 * s2 + m**2) / s2, (m * s2 + m**3) / s2
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    a, b = (2 * s2 + m**2) / s2, (m * s2 + m**3) / s2
             for name, value in zip(priors, (gamma_bar, t2, a, b), strict=True):
                 priors[name].append(float(value))
             n, mean, m2 = self.count[k, on].astype(float), self.mean[k, on], self.m2[k, on]
@@ -537,6 +576,80 @@ def _eprior_kernel(n, mean, m2, g_hat, d_hat, lo, hi, gamma, delta):  # pragma: 
         gamma[i], delta[i] = g_sum / total, d_sum / total
 
 
+@compiled
+def _residual_sums(y, x, coef, batch, n_batch):  # pragma: no cover - compiled
+    """Per batch sums of the residuals y - x coef and of their squares, each column's least
+    and largest value, and which columns hold a non-finite value (left to the general path)."""
+    n, w = y.shape
+    p = x.shape[1]
+    sum_r = np.zeros((n_batch, w))
+    sum_r2 = np.zeros((n_batch, w))
+    low = np.full(w, np.inf)
+    high = np.full(w, -np.inf)
+    missing = np.zeros(w, np.bool_)
+    fitted = np.empty(w)
+    for i in range(n):
+        fitted[:] = 0.0
+        for c in range(p):
+            xc = x[i, c]
+            if xc != 0.0:
+                for j in range(w):
+                    fitted[j] += xc * coef[c, j]
+        b = batch[i]
+        for j in range(w):
+            v = y[i, j]
+            if not np.isfinite(v):
+                missing[j] = True
+                continue
+            r = v - fitted[j]
+            sum_r[b, j] += r
+            sum_r2[b, j] += r * r
+            low[j] = min(low[j], v)
+            high[j] = max(high[j], v)
+    return sum_r, sum_r2, low, high, missing
+
+
+@compiled
+def _adjust_kernel(
+    y, cov, coef, a, k, batch, ref, mode, out, sums, counts, subject_sums, subject_counts
+):  # pragma: no cover - compiled
+    """out = mod + a_b (y - mod) + k_b per subject and element (mode 1: copied, 2: NaN; the
+    reference batch and subjects not harmonised as Adjuster says), and the report's sums."""
+    n, w = y.shape
+    q = cov.shape[1]
+    mod = np.empty(w)
+    for i in range(n):
+        mod[:] = 0.0
+        for c in range(q):
+            xc = cov[i, c]
+            if xc != 0.0:
+                for j in range(w):
+                    mod[j] += xc * coef[c, j]
+        b = batch[i]
+        for j in range(w):
+            v = y[i, j]
+            if b < 0 or mode[j] == 2:
+                o = np.nan
+            elif mode[j] == 1:
+                o = v
+            elif b == ref:
+                o = v if np.isfinite(k[b, j]) else np.nan
+            else:
+                o = mod[j] + a[b, j] * (v - mod[j]) + k[b, j]
+            out[i, j] = o
+            if np.isfinite(v):
+                subject_sums[0, i] += v
+                subject_counts[0, i] += 1
+                if b >= 0:
+                    sums[0, b, j] += v
+                    counts[0, b, j] += 1
+            if np.isfinite(o):
+                subject_sums[1, i] += o
+                subject_counts[1, i] += 1
+                sums[1, b, j] += o
+                counts[1, b, j] += 1
+
+
 # ---- pass 2: harmonised values -----------------------------------------------------------------
 @dataclass
 class Adjuster:
@@ -553,29 +666,39 @@ class Adjuster:
     def __post_init__(self):
         self.x = self.model.matrix()
         b = self.model.n_batch
-        self.covariates = self.x[:, b:]
+        self.covariates = np.ascontiguousarray(self.x[:, b:])
         self.summary = Summary.zeros(b, len(self.model.batch), self.coef.shape[1])
 
-    def adjust(self, start: int, values: np.ndarray) -> np.ndarray:
-        """(n, width) harmonised values of elements start, ...; NaN where not harmonised."""
+    def adjust(self, start: int, values: np.ndarray, dtype=np.float64) -> np.ndarray:
+        """(n, width) harmonised values of elements start, ... (in ``dtype``); NaN where not
+        harmonised.
+
+        y* = (s - gamma*) / sqrt(delta*) sd + grand + mod with s = (y - grand - mod) / sd is
+        mod + a (y - mod) + k, with a = 1 / sqrt(delta*) and k = grand (1 - a) - gamma* sd a per
+        batch and element: one compiled sweep, which also adds up the report's means."""
         span = slice(start, start + values.shape[1])
         b = self.model.n_batch
-        batch, used = np.maximum(self.model.batch, 0), self.model.used
-        grand, var = self.grand_mean[span], self.var_pooled[span]
-        gamma, delta = self.gamma_star[:, span][batch], self.delta_star[:, span][batch]
-        mod = self.covariates @ np.nan_to_num(self.coef[b:, span])
         with np.errstate(invalid="ignore", divide="ignore"):
-            s = (values - grand - mod) / np.sqrt(var)
-            out = (s - gamma) / np.sqrt(delta) * np.sqrt(var) + grand + mod
-        if self.model.reference is not None:
-            ref = used & (self.model.batch == self.model.reference)
-            out[ref] = np.where(np.isfinite(gamma[ref]), values[ref], np.nan)
-        status = self.status[span]
-        out[:, status == UNCHANGED] = values[:, status == UNCHANGED]
-        out[:, status == NOT_HARMONISED] = np.nan
-        out[~used] = np.nan
-        out[~np.isfinite(out)] = np.nan
-        self.summary.add(self.model.batch, span, values, out)
+            sd = np.sqrt(self.var_pooled[span])
+            a = 1 / np.sqrt(self.delta_star[:, span])
+            k = self.grand_mean[span] * (1 - a) - self.gamma_star[:, span] * sd * a
+        out = np.empty(values.shape, dtype)
+        s = self.summary
+        _adjust_kernel(
+            values,
+            self.covariates,
+            np.ascontiguousarray(np.nan_to_num(self.coef[b:, span])),
+            np.ascontiguousarray(a),
+            np.ascontiguousarray(k),
+            self.model.batch,
+            -1 if self.model.reference is None else self.model.reference,
+            np.ascontiguousarray(self.status[span]),
+            out,
+            s.batch_sum[:, :, span],
+            s.batch_count[:, :, span],
+            s.subject_sum,
+            s.subject_count,
+        )
         return out
 
 
@@ -596,18 +719,6 @@ class Summary:
             np.zeros((2, n_subjects)),
             np.zeros((2, n_subjects)),
         )
-
-    def add(self, batch: np.ndarray, span: slice, before: np.ndarray, after: np.ndarray):
-        n_batch = self.batch_sum.shape[1]
-        onehot = np.zeros((len(batch), n_batch))
-        onehot[np.flatnonzero(batch >= 0), batch[batch >= 0]] = 1
-        for k, values in enumerate((np.where(batch[:, None] >= 0, before, np.nan), after)):
-            finite = np.isfinite(values)
-            clean = np.where(finite, values, 0)
-            self.batch_sum[k, :, span] += onehot.T @ clean
-            self.batch_count[k, :, span] += onehot.T @ finite
-            self.subject_sum[k] += clean.sum(axis=1)
-            self.subject_count[k] += finite.sum(axis=1)
 
     def means(self) -> tuple[np.ndarray, np.ndarray]:
         """(batch means (2, batches, elements), subject means (2, subjects)); NaN: no value."""

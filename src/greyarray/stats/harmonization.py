@@ -153,7 +153,7 @@ def harmonize(request: Request) -> Done:
         values = read_scalar(source, request.scalar).values
         width = combat.stripe_width(values, len(names), out.chunk_width)
         for start, block in combat.stripes(values, width, "Harmonizing"):
-            out.write(start, adjust.adjust(start, block))
+            out.write(start, adjust.adjust(start, block, out.values.dtype))
         group = out.group(f"{GROUP}/{request.output_scalar}")
         if fitted is None:
             save(group, estimates, _used_columns(table, model), about)
@@ -446,7 +446,7 @@ def load(text: str) -> Fitted:
             arrays = {name: group[name][()] for name in ARRAYS}
             arrays["alpha"] = group["alpha"][()] if "alpha" in group else None
             raw = bytes(group["covariates_table"][0]).decode()
-            table = pd.read_csv(io.StringIO(raw), float_precision="round_trip")
+            table = pd.read_csv(io.StringIO(raw))
             knots = list(group["smooth_knots"][()]) if "smooth_knots" in group else []
             strings(group["batch_levels"], f"{where}/batch_levels", 10**6)
         except (KeyError, ValueError, TypeError, OSError) as err:
