@@ -70,8 +70,7 @@ def run(cmd: list[str], env: dict | None = None) -> dict:
     its peak RSS through wait4)."""
     done = subprocess.run(
         ["/usr/bin/time", "-f", "@@@ %e %M", *cmd],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
         text=True,
         env=env,
     )
@@ -240,8 +239,8 @@ def markdown(result: dict) -> str:
         large = result["large"]
         lines += [
             "",
-            f"91,282 x {large['subjects']:,}: greyarray harmonize {large['greyarray']['seconds']} s, "
-            f"peak RSS {large['greyarray']['peak_rss_mb']} MB.",
+            f"91,282 x {large['subjects']:,}: greyarray harmonize "
+            f"{large['greyarray']['seconds']} s, peak RSS {large['greyarray']['peak_rss_mb']} MB.",
         ]
     return "\n".join(lines) + "\n"
 

@@ -18,7 +18,6 @@ from combat_reference import (
     cohort_data,
     neurocombat_calls,
     neuroharmonize_calls,
-    new_subjects,
 )
 
 from greyarray.stats import combat
@@ -205,7 +204,14 @@ def test_command_writes_a_scalar_beside_the_input(cohort_h5, run_cli, variant):
         group = file["greyarray/harmonization/thickness_combat"]
         about = json.loads(group.attrs["about"])
         assert about["method"] == "ComBat" and about["batch_column"] == "site"
-        assert about["columns"] == ["sitesiteA", "sitesiteB", "sitesiteC", "sitesiteD", "age", "sexM"]
+        assert about["columns"] == [
+            "sitesiteA",
+            "sitesiteB",
+            "sitesiteC",
+            "sitesiteD",
+            "age",
+            "sexM",
+        ]
         assert group["gamma_star"].shape == (4, 100)
     assert relative(read(h5, "thickness_combat"), expected[variant]) < COMBAT_TOLERANCE
     assert not [o for o in objects(h5) if "incomplete" in o]
@@ -249,7 +255,9 @@ def test_missing_value_is_left_out_of_its_element(fixture):
     values[5, 17] = np.nan
     ours, _ = harmonize_array(values, cohort, "site", "age + sex", Options(eb=False))
     assert np.isnan(ours[5, 17]) and np.isfinite(np.delete(ours, 5, axis=0)[:, 17]).all()
-    complete, _ = harmonize_array(expected["values"], cohort, "site", "age + sex", Options(eb=False))
+    complete, _ = harmonize_array(
+        expected["values"], cohort, "site", "age + sex", Options(eb=False)
+    )
     assert np.allclose(np.delete(ours, 17, axis=1), np.delete(complete, 17, axis=1), rtol=1e-12)
     rest = np.delete(np.arange(len(cohort)), 5)
     alone, _ = harmonize_array(
@@ -374,3 +382,47 @@ def test_apply_from_refusals(tmp_path, fixture, run_cli, edit, extra, code, word
     )  # fmt: skip
     assert got == code and words in one_error(err)
     assert objects(tmp_path / "new.h5") == listed
+
+
+# ---- the BIDS-App, the report, the methods text, R -----------------------------------------------
+def test_group_harmonize_then_model(tmp_path):
+    """group --harmonize site --model: the HDF5 keeps both scalars, the model is fitted to the
+    harmonised one with its covariates kept by default, the report shows the sites before and
+    after, the methods text names ComBat; R (hdf5r, rhdf5) reads the harmonised scalar."""
+    from conftest import require, run_greyarray
+    from test_r_interop import rscript
+
+    from greyarray.demo import write_bids_demo
+
+    bids, out = write_bids_demo(tmp_path / "bids", 12), tmp_path / "out"
+    model = ["--model", "thickness ~ age + sex", "--scalar", "thickness"]
+    done = run_greyarray(bids, out, "group", "--harmonize", "site", *model)
+    assert done.returncode == 0, done.stderr
+    assert "model fitted to thickness_combat" in done.stdout
+    h5 = out / "group" / "desc-thickness_modelarray.h5"
+    with h5py.File(h5) as file:
+        assert sorted(file["scalars"]) == ["thickness", "thickness_combat"]
+        about = json.loads(file["greyarray/harmonization/thickness_combat"].attrs["about"])
+        harmonised = file["scalars/thickness_combat/values"][:, :500].astype(np.float64)
+        names = list(file["results/lm/column_names"].asstr()[()])
+        slope = file["results/lm/results_matrix"][names.index("age.estimate"), :500]
+    assert about["covariates"] == "age + sex" and about["subjects_per_batch"] == {"A": 6, "B": 6}
+    cohort = pd.read_csv(out / "group" / "desc-thickness_cohort.csv")
+    design = np.column_stack([np.ones(12), cohort["age"], cohort["sex"] == "M"])
+    assert np.allclose(np.linalg.lstsq(design, harmonised, rcond=None)[0][1], slope, rtol=1e-9)
+    citation = (out / "logs" / "CITATION.md").read_text()
+    assert "#### Harmonization of thickness" in citation and "$" not in citation
+    assert "- [@johnson2007] Johnson, Li, Rabinovic (2007)" in citation
+    assert "neuroCombat 0.2.12" in citation
+    page = (out / "group.html").read_text()
+    assert 'id="thickness-harmonised-by-site-thickness-combat"' in page
+    assert page.count("mean - average of sites") >= 4  # 2 sites, before and after
+    require("Rscript")
+    dims = rscript("read", h5, "thickness_combat", tmp_path / "v.bin").split()
+    assert dims == ["91282", "12"]
+    seen = np.fromfile(tmp_path / "v.bin", "<f4").reshape(12, 91282)
+    with h5py.File(h5) as file:
+        assert np.array_equal(seen, file["scalars/thickness_combat/values"][()])
+    again = run_greyarray(bids, out, "group", "--harmonize", "site", "--harmonize-covariates",
+                          "age", "--scalar", "thickness", "--no-report")  # fmt: skip
+    assert again.returncode == 73 and "--overwrite" in one_error(again.stderr)

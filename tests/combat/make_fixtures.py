@@ -32,9 +32,10 @@ def main() -> None:
         results = ref.run(ref.create(ref.venv()), Path(tmp), values, cohort, calls)
     OUT.mkdir(parents=True, exist_ok=True)
     cohort.to_csv(OUT / "cohort.csv", index=False)
-    wanted = {
-        name: results[name] for name in [*ref.NEUROCOMBAT_VARIANTS, "gam", "linear"]
-    } | {"gam.apply": results["gam.apply"], "linear.apply": results["linear.apply"]}
+    wanted = {name: results[name] for name in [*ref.NEUROCOMBAT_VARIANTS, "gam", "linear"]} | {
+        "gam.apply": results["gam.apply"],
+        "linear.apply": results["linear.apply"],
+    }
     np.savez_compressed(OUT / "expected.npz", values=values, held_out=held_out, **wanted)
     print(f"wrote {OUT}")
 

@@ -209,6 +209,21 @@ def build_parser(commands: str = "") -> Parser:
         help="with --model: reference level of a factor, e.g. sex=F (default: the first level "
         "in R's order)",
     )
+    harmonize = parser.add_argument_group("harmonization (group level)")
+    harmonize.add_argument(
+        "--harmonize",
+        metavar="COLUMN",
+        help="remove site effects from every scalar with ComBat (neuroCombat's numbers, "
+        "parametric empirical Bayes) before any --model, by this participants.tsv or "
+        "sessions.tsv column; the HDF5 keeps both <scalar> and <scalar>_combat, and --model is "
+        "fitted to the harmonised one",
+    )
+    harmonize.add_argument(
+        "--harmonize-covariates",
+        metavar="TERMS",
+        help="with --harmonize: effects to keep, e.g. 'age + sex', s(age) for ComBat-GAM "
+        "(default: the --model's terms)",
+    )
     model.add_argument(
         "--analysis-name",
         metavar="NAME",

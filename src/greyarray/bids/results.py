@@ -28,12 +28,14 @@ log = logging.getLogger("greyarray")
 
 def model(settings: Run) -> int:
     """Convert (unless the response's HDF5 exists), fit, export: the whole pipeline."""
+    from greyarray.bids import harmonize
     from greyarray.stats.design import parse_formula
     from greyarray.stats.gam import is_gam_formula
 
     formula = settings.args.model
     response, _ = parse_formula(formula)
     fit, check_table = _fitter(settings, formula, is_gam_formula(formula))
+    check_table = harmonize.combined(check_table, harmonize.check(settings))
     analysis = settings.args.analysis_name or ("gam" if is_gam_formula(formula) else "lm")
     h5 = group.h5_path(settings, response)
     if h5.exists() and not settings.args.overwrite:
@@ -51,12 +53,18 @@ def model(settings: Run) -> int:
         group.convert(settings, only, check_table, "model")
         _check_can_fit(h5, response, analysis, settings.args.overwrite)
     cohort = h5.with_name(h5.name.replace("_modelarray.h5", "_cohort.csv"))
-    columns = fit(h5, cohort, formula, analysis, overwrite=settings.args.overwrite)
+    scalar, lines = response, []
+    if harmonize.wanted(settings):  # the model is fitted to the harmonised scalar
+        scalar, line = harmonize.harmonize_scalar(settings, h5, cohort, response)
+        lines = [f"Harmonised by {settings.args.harmonize}:", line, ""]
+    columns = fit(h5, cohort, formula, analysis, overwrite=settings.args.overwrite, scalar=scalar)
     maps = _export(settings, analysis, {response})
     return _finish(
         settings,
         [
-            f"Exported {len(maps)} statistical maps to {settings.group_dir}",
+            *lines,
+            f"Exported {len(maps)} statistical maps to {settings.group_dir}"
+            + (f" (model fitted to {scalar})" if scalar != response else ""),
             *_significance(h5, analysis, formula, columns),
         ],
     )

@@ -156,7 +156,7 @@ def harmonize(request: Request) -> Done:
             out.write(start, adjust.adjust(start, block, out.values.dtype))
         group = out.group(f"{GROUP}/{request.output_scalar}")
         if fitted is None:
-            save(group, estimates, _used_columns(table, model), about)
+            save(group, estimates, used_columns(table, model), about)
         else:
             fitted.save(group, model, about)
         save_summary(group, adjust)
@@ -195,7 +195,7 @@ def _counts(model: combat.Model) -> dict[str, int]:
     return {level: int(c) for level, c in zip(model.levels, counts, strict=True)}
 
 
-def _used_columns(table: pd.DataFrame, model: combat.Model) -> pd.DataFrame:
+def used_columns(table: pd.DataFrame, model: combat.Model) -> pd.DataFrame:
     """The cohort columns the model reads: the batch column and those named in the covariates."""
     rhs = model.covariates
     named = [
