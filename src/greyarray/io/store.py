@@ -68,6 +68,7 @@ class StoreOptions:
     chunk_elements: int = 0  # 0: derive from target_chunk_mb
     target_chunk_mb: float = 1.0
     nprocs: int = 1
+    encoder: str = "zlib"  # zlib: HDF5's own bytes; isal: ISA-L's deflate (levels 0-3, ~10x faster)
 
     @property
     def description(self) -> str:
@@ -234,6 +235,10 @@ def _write_chunks(dset, block: np.ndarray, start: int, pool, options: StoreOptio
             return piece.tobytes()
         if options.shuffle:  # HDF5's shuffle filter: byte k of every value, for k in order
             piece = piece.view(np.uint8).reshape(-1, block.dtype.itemsize).T
+        if options.encoder == "isal":  # a zlib stream like any other: every reader inflates it
+            from isal import isal_zlib
+
+            return isal_zlib.compress(piece.tobytes(), min(options.compression_level, 3))
         return zlib.compress(piece.tobytes(), options.compression_level)
 
     for (r, c), data in zip(corners, pool.map(encode, corners), strict=True):
@@ -245,16 +250,54 @@ GEOMETRY_OBJECTS = ("greyordinates", "parcels", "greyarray/geometry")
 
 
 def options_like(values: h5py.Dataset, nprocs: int = 1) -> StoreOptions:
-    """The storage of an existing scalar (dtype, compression), for a scalar derived from it."""
+    """The storage of an existing scalar (dtype, compression), for a scalar derived from it;
+    gzip is written by ISA-L at level 1 (the same ratio as zlib's level 4 on maps, whose low
+    mantissa bytes do not compress, ~10x faster)."""
     compression = values.compression if values.compression in ("gzip", "lzf") else "none"
-    level = values.compression_opts if compression == "gzip" else 4
     return StoreOptions(
         dtype=values.dtype.name,
         compression=compression,
-        compression_level=int(level or 4),
+        compression_level=1,
         shuffle=bool(values.shuffle),
         nprocs=nprocs,
+        encoder="isal" if compression == "gzip" else "zlib",
     )
+
+
+def read_stripe(values: h5py.Dataset, start: int, stop: int, pool=None) -> np.ndarray:
+    """``values[:, start:stop]``; chunks of all subjects compressed with gzip (+ shuffle), as
+    GreyArray and ModelArrayIO store scalars, are read raw and inflated by ISA-L on ``pool``'s
+    threads; any other layout goes through h5py."""
+    rows, width = values.chunks or (0, 0)
+    plain = values.compression == "gzip" and not values.fletcher32 and values.scaleoffset is None
+    if pool is None or rows != values.shape[0] or not plain:
+        return values[:, start:stop]
+    from isal import isal_zlib
+
+    first = start // width * width
+    corners = list(range(first, stop, width))
+    try:
+        raw = [values.id.read_direct_chunk((0, c)) for c in corners]
+    except (OSError, KeyError, ValueError):  # a chunk never written: HDF5's fill value
+        return values[:, start:stop]
+    if any(mask for mask, _ in raw):  # a filter was skipped for some chunk
+        return values[:, start:stop]
+    dtype, size = values.dtype, values.dtype.itemsize
+
+    def decode(data: bytes) -> np.ndarray:
+        flat = np.frombuffer(isal_zlib.decompress(data), np.uint8)
+        if values.shuffle:  # byte k of every value is plane k (a column copy per plane is 2x
+            planes = flat.reshape(size, -1)  # faster than transposing)
+            flat = np.empty((planes.shape[1], size), np.uint8)
+            for k in range(size):
+                flat[:, k] = planes[k]
+        return flat.view(dtype).reshape(rows, width)
+
+    out = np.empty((rows, stop - start), dtype)
+    for corner, piece in zip(corners, pool.map(decode, [d for _, d in raw]), strict=True):
+        lo, hi = max(corner, start), min(corner + width, stop)
+        out[:, lo - start : hi - start] = piece[:, lo - corner : hi - corner]
+    return out
 
 
 @dataclass

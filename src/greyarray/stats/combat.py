@@ -736,24 +736,40 @@ def stripe_width(values, n_subjects: int, unit: int | None = None) -> int:
     return unit * max(1, BLOCK_BYTES // (8 * n_subjects * unit))
 
 
-def stripes(values, width: int, desc: str | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """(start, float64 block) over the columns of ``values`` (an h5py dataset or an array)."""
+def stripes(
+    values, width: int, desc: str | None = None, read=None
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, float64 block) over the columns of ``values`` (an h5py dataset or an array);
+    ``read(values, start, stop)`` reads a stripe (default: slicing). The next stripe is read
+    in a background thread while the caller works on this one."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
-    starts = range(0, values.shape[1], width)
-    for start in tqdm(
-        starts, desc=desc, unit="stripe", disable=None if desc else True, leave=False
-    ):
-        yield start, np.asarray(values[:, start : start + width], dtype=np.float64)
+    starts = list(range(0, values.shape[1], width))
+
+    def load(start: int) -> np.ndarray:
+        stop = min(start + width, values.shape[1])
+        block = read(values, start, stop) if read else values[:, start:stop]
+        return np.asarray(block, dtype=np.float64)
+
+    quiet = None if desc else True
+    with ThreadPoolExecutor(1) as ahead:
+        future = ahead.submit(load, starts[0]) if starts else None
+        for k in tqdm(range(len(starts)), desc=desc, unit="stripe", disable=quiet, leave=False):
+            block = future.result()
+            if k + 1 < len(starts):
+                future = ahead.submit(load, starts[k + 1])
+            yield starts[k], block
 
 
 def estimate(
-    model: Model, values, options: Options, width: int | None = None, nprocs: int = 1
+    model: Model, values, options: Options, width: int | None = None, nprocs: int = 1, read=None
 ) -> Estimates:
     """Pass 1 over ``values`` (subjects x elements), then the empirical Bayes step."""
     estimates = Estimates(model, values.shape[1], options, nprocs)
     width = width or stripe_width(values, values.shape[0])
-    for start, block in stripes(values, width, "Estimating"):
+    for start, block in stripes(values, width, "Estimating", read):
         estimates.add(start, block)
     estimates.finish()
     return estimates

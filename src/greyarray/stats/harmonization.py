@@ -31,6 +31,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import h5py
@@ -43,7 +44,8 @@ from greyarray.io.fileio import check_output, check_writable
 from greyarray.io.h5read import decode, read_scalar, strings
 from greyarray.io.inputs import open_hdf5
 from greyarray.io.names import check_name
-from greyarray.io.store import options_like, scalar_output
+from greyarray.io.store import options_like, read_stripe, scalar_output
+from greyarray.io.threads import thread_pool
 from greyarray.stats import combat
 from greyarray.stats.combat_gam import Spline
 from greyarray.stats.design import build_design, match_cohort
@@ -89,6 +91,15 @@ class Done:
 
 
 def harmonize(request: Request) -> Done:
+    """Fit (or apply) and write; BLAS on one thread (its threads only contend with the
+    compression threads and each other on these small products)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return _harmonize(request)
+
+
+def _harmonize(request: Request) -> Done:
     check_name("output scalar", request.output_scalar)
     if request.in_place and request.output_scalar == request.scalar:
         raise UsageError(
@@ -121,9 +132,14 @@ def harmonize(request: Request) -> Done:
                 model.batch_column,
                 n_elements,
             )
-            estimates = combat.estimate(
-                model, stored.values, request.options, nprocs=request.nprocs
-            )
+            with thread_pool(request.nprocs) as pool:
+                estimates = combat.estimate(
+                    model,
+                    stored.values,
+                    request.options,
+                    nprocs=request.nprocs,
+                    read=partial(read_stripe, pool=pool),
+                )
             adjust = combat.adjuster(estimates)
             method = "ComBat-GAM" if model.splines else "ComBat"
             about = combat.about(estimates, method, request.scalar)
@@ -152,7 +168,8 @@ def harmonize(request: Request) -> Done:
         source = out.h5 if request.in_place else stack.enter_context(open_hdf5(request.input_hdf5))
         values = read_scalar(source, request.scalar).values
         width = combat.stripe_width(values, len(names), out.chunk_width)
-        for start, block in combat.stripes(values, width, "Harmonizing"):
+        read = partial(read_stripe, pool=out.pool)
+        for start, block in combat.stripes(values, width, "Harmonizing", read):
             out.write(start, adjust.adjust(start, block, out.values.dtype))
         group = out.group(f"{GROUP}/{request.output_scalar}")
         if fitted is None:
