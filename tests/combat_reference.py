@@ -14,9 +14,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
+if TYPE_CHECKING:  # numpy and pandas are imported where used: ``create`` runs before the
+    import numpy as np  # project's dependencies are installed (.ci/run)
+    import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 RUNNER = HERE / "combat" / "reference.py"
@@ -67,6 +69,8 @@ def run(
     interpreter: Path, folder: Path, values: np.ndarray, cohort: pd.DataFrame, calls: list[dict]
 ) -> dict[str, np.ndarray]:
     """Run the calls (tests/combat/reference.py) on ``values`` (subjects x elements)."""
+    import numpy as np
+
     np.save(folder / "values.npy", values)
     cohort.to_csv(folder / "cohort.csv", index=False)
     request = {
@@ -91,6 +95,9 @@ def cohort_data(seed: int, n_elements: int, sizes: dict[str, int]):
     """(values, cohort): float32-exact values with site effects in location and scale, ages on
     a quarter-year grid (neuroCombat casts covariates to float32: these are exact), sex F/M (and
     0/1 for neuroHarmonize, which takes numbers only), rows shuffled across sites."""
+    import numpy as np
+    import pandas as pd
+
     rng = np.random.default_rng(seed)
     site = np.repeat(list(sizes), list(sizes.values()))
     n = site.size
@@ -137,6 +144,8 @@ def neurocombat_calls(variants: dict[str, dict]) -> list[dict]:
 def new_subjects(cohort: pd.DataFrame, per_site: int = 2) -> list[int]:
     """Rows held out as new subjects: the first of every site (neuroHarmonize's
     harmonizationApply needs every training site among the new subjects)."""
+    import numpy as np
+
     rows = []
     for site in sorted(cohort["site"].unique()):
         rows += [int(r) for r in np.flatnonzero(cohort["site"] == site)[:per_site]]
