@@ -426,3 +426,22 @@ def test_group_harmonize_then_model(tmp_path):
     again = run_greyarray(bids, out, "group", "--harmonize", "site", "--harmonize-covariates",
                           "age", "--scalar", "thickness", "--no-report")  # fmt: skip
     assert again.returncode == 73 and "--overwrite" in one_error(again.stderr)
+
+
+def test_failure_midway_leaves_the_file_as_it_was(cohort_h5, run_cli, monkeypatch):
+    """A disk that fills while the scalar is written: one line (73), the staging groups gone,
+    every object of the user's file as it was."""
+    import errno
+
+    from greyarray.io import store
+
+    h5, csv, _, _ = cohort_h5
+    listed, before = objects(h5), read(h5, "thickness")
+
+    def full(self, start, block):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.ScalarOutput, "write", full)
+    code, _, err = harmonize(run_cli, h5, csv)
+    assert code == 73 and "no space left" in one_error(err)
+    assert objects(h5) == listed and np.array_equal(read(h5, "thickness"), before)

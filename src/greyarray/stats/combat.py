@@ -577,11 +577,21 @@ def _eprior_kernel(n, mean, m2, g_hat, d_hat, lo, hi, gamma, delta):  # pragma: 
 
 
 @compiled
+def _row_product(x, coef, i, out):  # pragma: no cover - compiled
+    """out = x[i] @ coef (skipping zeros: one-hot and spline columns are mostly 0)."""
+    out[:] = 0.0
+    for c in range(x.shape[1]):
+        xc = x[i, c]
+        if xc != 0.0:
+            for j in range(out.size):
+                out[j] += xc * coef[c, j]
+
+
+@compiled
 def _residual_sums(y, x, coef, batch, n_batch):  # pragma: no cover - compiled
     """Per batch sums of the residuals y - x coef and of their squares, each column's least
     and largest value, and which columns hold a non-finite value (left to the general path)."""
     n, w = y.shape
-    p = x.shape[1]
     sum_r = np.zeros((n_batch, w))
     sum_r2 = np.zeros((n_batch, w))
     low = np.full(w, np.inf)
@@ -589,12 +599,7 @@ def _residual_sums(y, x, coef, batch, n_batch):  # pragma: no cover - compiled
     missing = np.zeros(w, np.bool_)
     fitted = np.empty(w)
     for i in range(n):
-        fitted[:] = 0.0
-        for c in range(p):
-            xc = x[i, c]
-            if xc != 0.0:
-                for j in range(w):
-                    fitted[j] += xc * coef[c, j]
+        _row_product(x, coef, i, fitted)
         b = batch[i]
         for j in range(w):
             v = y[i, j]
@@ -616,15 +621,9 @@ def _adjust_kernel(
     """out = mod + a_b (y - mod) + k_b per subject and element (mode 1: copied, 2: NaN; the
     reference batch and subjects not harmonised as Adjuster says), and the report's sums."""
     n, w = y.shape
-    q = cov.shape[1]
     mod = np.empty(w)
     for i in range(n):
-        mod[:] = 0.0
-        for c in range(q):
-            xc = cov[i, c]
-            if xc != 0.0:
-                for j in range(w):
-                    mod[j] += xc * coef[c, j]
+        _row_product(cov, coef, i, mod)
         b = batch[i]
         for j in range(w):
             v = y[i, j]
