@@ -736,11 +736,12 @@ def stripe_width(values, n_subjects: int, unit: int | None = None) -> int:
 
 
 def stripes(
-    values, width: int, desc: str | None = None, read=None
+    values, width: int, desc: str | None = None, read=None, dtype=np.float64
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """(start, float64 block) over the columns of ``values`` (an h5py dataset or an array);
-    ``read(values, start, stop)`` reads a stripe (default: slicing). The next stripe is read
-    in a background thread while the caller works on this one."""
+    """(start, block) over the columns of ``values`` (an h5py dataset or an array), as
+    ``dtype`` (None: as stored); ``read(values, start, stop)`` reads a stripe (default:
+    slicing). The next stripe is read in a background thread while the caller works on this
+    one."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
@@ -750,7 +751,7 @@ def stripes(
     def load(start: int) -> np.ndarray:
         stop = min(start + width, values.shape[1])
         block = read(values, start, stop) if read else values[:, start:stop]
-        return np.asarray(block, dtype=np.float64)
+        return np.asarray(block, dtype=dtype)
 
     quiet = None if desc else True
     with ThreadPoolExecutor(1) as ahead:

@@ -169,7 +169,7 @@ def _harmonize(request: Request) -> Done:
         values = read_scalar(source, request.scalar).values
         width = combat.stripe_width(values, len(names), out.chunk_width)
         read = partial(read_stripe, pool=out.pool)
-        for start, block in combat.stripes(values, width, "Harmonizing", read):
+        for start, block in combat.stripes(values, width, "Harmonizing", read, dtype=None):
             out.write(start, adjust.adjust(start, block, out.values.dtype))
         group = out.group(f"{GROUP}/{request.output_scalar}")
         if fitted is None:
