@@ -619,34 +619,39 @@ def _adjust_kernel(
     y, cov, coef, a, k, batch, ref, mode, out, sums, counts, subject_sums, subject_counts
 ):  # pragma: no cover - compiled
     """out = mod + a_b (y - mod) + k_b per subject and element (mode 1: copied, 2: NaN; the
-    reference batch and subjects not harmonised as Adjuster says), and the report's sums."""
+    reference batch and subjects not harmonised as Adjuster says), and the report's sums.
+    Each row is one branch-free loop (vectorised), then its few exceptions."""
     n, w = y.shape
     mod = np.empty(w)
+    special = np.flatnonzero(mode != 0)
     for i in range(n):
-        _row_product(cov, coef, i, mod)
         b = batch[i]
-        for j in range(w):
-            v = y[i, j]
-            if b < 0 or mode[j] == 2:
-                o = np.nan
-            elif mode[j] == 1:
-                o = v
-            elif b == ref:
-                o = v if np.isfinite(k[b, j]) else np.nan
-            else:
-                o = mod[j] + a[b, j] * (v - mod[j]) + k[b, j]
-            out[i, j] = o
-            if np.isfinite(v):
-                subject_sums[0, i] += v
-                subject_counts[0, i] += 1
-                if b >= 0:
-                    sums[0, b, j] += v
-                    counts[0, b, j] += 1
-            if np.isfinite(o):
-                subject_sums[1, i] += o
-                subject_counts[1, i] += 1
-                sums[1, b, j] += o
-                counts[1, b, j] += 1
+        row, result = y[i], out[i]
+        if b < 0:
+            result[:] = np.nan
+        elif b == ref:
+            for j in range(w):
+                result[j] = row[j] if k[b, j] == k[b, j] else np.nan
+        else:
+            _row_product(cov, coef, i, mod)
+            scale, shift = a[b], k[b]
+            for j in range(w):
+                result[j] = mod[j] + scale[j] * (row[j] - mod[j]) + shift[j]
+        for j in special:
+            result[j] = row[j] if mode[j] == 1 and b >= 0 else np.nan
+        for side in range(2):
+            values = row if side == 0 else result
+            total, count = 0.0, 0
+            for j in range(w):
+                v = np.float64(values[j])
+                if v - v == 0.0:  # finite
+                    total += v
+                    count += 1
+                    if b >= 0:
+                        sums[side, b, j] += v
+                        counts[side, b, j] += 1
+            subject_sums[side, i] += total
+            subject_counts[side, i] += count
 
 
 # ---- pass 2: harmonised values -----------------------------------------------------------------
@@ -683,6 +688,7 @@ class Adjuster:
             k = self.grand_mean[span] * (1 - a) - self.gamma_star[:, span] * sd * a
         out = np.empty(values.shape, dtype)
         s = self.summary
+        sums, counts = np.zeros((2, b, out.shape[1])), np.zeros((2, b, out.shape[1]))
         _adjust_kernel(
             values,
             self.covariates,
@@ -693,11 +699,13 @@ class Adjuster:
             -1 if self.model.reference is None else self.model.reference,
             np.ascontiguousarray(self.status[span]),
             out,
-            s.batch_sum[:, :, span],
-            s.batch_count[:, :, span],
+            sums,
+            counts,
             s.subject_sum,
             s.subject_count,
         )
+        s.batch_sum[:, :, span] += sums
+        s.batch_count[:, :, span] += counts
         return out
 
 
