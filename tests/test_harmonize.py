@@ -155,7 +155,7 @@ def test_live_references(tmp_path):
     from combat_reference import python, run
 
     interpreter = python()
-    values, cohort = cohort_data(7, 40, {"s1": 9, "s2": 11, "s3": 10})
+    values, cohort = cohort_data(7, 20, {"s1": 9, "s2": 11, "s3": 10})
     variants = {"parametric": {}, "reference_nonparametric": OPTIONS_REF_NP}
     calls = neurocombat_calls(variants) + neuroharmonize_calls([], seed=3)[:1]
     theirs = run(interpreter, tmp_path, values, cohort, calls)
@@ -267,17 +267,16 @@ def test_missing_value_is_left_out_of_its_element(fixture):
     assert np.allclose(ours[rest, 17], alone[:, 0], rtol=1e-12)
 
 
-def test_batch_with_too_few_values_is_reported_per_element(fixture, caplog):
+def test_batch_with_too_few_values_is_reported_per_element(fixture):
     """A batch with one subject with a value at an element: its subjects are NaN there, the
     other batches are harmonised as if it were absent, and the count is said per batch."""
     expected, cohort = fixture
     values = expected["values"].copy()
     site_d = np.flatnonzero(cohort["site"] == "siteD")
     values[site_d[1:], 40] = np.nan
-    with caplog.at_level(logging.WARNING):
-        ours, estimates = harmonize_array(values, cohort, "site", "age + sex", Options(eb=False))
-    combat.log_gaps(estimates)
-    assert "site 'siteD': 1 elements have fewer than 2 subjects" in caplog.text
+    ours, estimates = harmonize_array(values, cohort, "site", "age + sex", Options(eb=False))
+    said = " ".join(combat.log_gaps(estimates))
+    assert "site 'siteD': 1 elements have fewer than 2 subjects" in said
     assert np.isnan(ours[site_d, 40]).all()
     assert estimates.count[3, 40] == 1 and np.isnan(estimates.gamma_star[3, 40])
     others = np.flatnonzero(cohort["site"] != "siteD")
@@ -300,7 +299,9 @@ def test_constant_element_is_left_as_it_is(fixture):
     assert np.allclose(ours[:, rest], without, rtol=1e-12)
 
 
-def test_subject_without_covariate_is_not_harmonised(fixture, caplog):
+def test_subject_without_covariate_is_not_harmonised(fixture, caplog, monkeypatch):
+    # a library's logging.config call may disable loggers made before it (test order)
+    monkeypatch.setattr(logging.getLogger(combat.__name__), "disabled", False)
     expected, cohort = fixture
     cohort = cohort.copy()
     cohort.loc[4, "age"] = np.nan
