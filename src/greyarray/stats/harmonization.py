@@ -226,9 +226,9 @@ def used_columns(table: pd.DataFrame, model: combat.Model) -> pd.DataFrame:
 
 # ---- the estimates in the HDF5 ------------------------------------------------------------------
 def _dataset(group: h5py.Group, name: str, data, dtype=None) -> None:
-    data = np.asarray(data, dtype=dtype)
-    options = {"compression": "gzip", "shuffle": True} if data.size > 1024 else {}
-    group.create_dataset(name, data=data, **options)
+    """Uncompressed: estimates are float64 noise that gzip barely shrinks (~20 MB for 91k
+    elements), and deflating them took a second of every run."""
+    group.create_dataset(name, data=np.asarray(data, dtype=dtype))
 
 
 def _text(group: h5py.Group, name: str, values) -> None:
