@@ -21,7 +21,7 @@ import pandas as pd
 
 from greyarray.bids import citation
 from greyarray.bids.run import Run
-from greyarray.errors import OutputError
+from greyarray.errors import OutputError, UsageError
 from greyarray.io.inputs import open_hdf5
 
 log = logging.getLogger("greyarray")
@@ -47,9 +47,15 @@ def covariates(settings: Run) -> str:
     from greyarray.stats.gam import parse_gam_formula
 
     formula = parse_gam_formula(args.model)
-    terms = [f"s({s.var})" for s in formula.smooths] + [
-        t for t in formula.parametric if t not in ("1", "0", "-1")
-    ]
+    terms = []
+    for smooth in formula.smooths:
+        if smooth.kind != "s" or len(smooth.variables) != 1:
+            raise UsageError(
+                f"--model {args.model!r}: {smooth.term} has no ComBat-GAM counterpart; give "
+                "--harmonize-covariates (e.g. s(age) + s(edu))"
+            )
+        terms += [f"s({smooth.variables[0]})", *([smooth.by] if smooth.by else [])]
+    terms += [t for t in formula.parametric if t not in ("1", "0", "-1")]
     terms = [t for t in terms if not _names(t, args.harmonize)]  # the batch is not kept
     return " + ".join(terms)
 
@@ -86,10 +92,12 @@ def _warn_unprotected(model: str, terms: str, batch: str) -> None:
 
     formula = parse_gam_formula(model)
     kept = parse_gam_formula(f"y ~ {terms}") if terms else None
-    variables = {s.var for s in kept.smooths} | set(kept.parametric) if kept else set()
+    variables = (
+        {v for s in kept.smooths for v in s.variables} | set(kept.parametric) if kept else set()
+    )
     missing = [
         t
-        for t in [*(s.var for s in formula.smooths), *formula.parametric]
+        for t in [*(v for s in formula.smooths for v in s.variables), *formula.parametric]
         if t not in variables and f"s({t})" not in terms and not _names(t, batch)
     ]
     if missing:

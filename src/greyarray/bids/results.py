@@ -73,19 +73,22 @@ def model(settings: Run) -> int:
 def _fitter(settings: Run, formula: str, smooth: bool):
     """(fit(h5, cohort, formula, analysis, overwrite), check of a cohort table before any
     conversion): fit-lm's, or fit-gam's for a formula with smooth terms s(...)."""
-    references, args = settings.reference_levels, settings.args
+    references, ordered, args = settings.reference_levels, settings.ordered_factors, settings.args
+    factors = {"reference_levels": references, "ordered_factors": ordered}
     permutations = permutation_options(args)
+    thresholds = {"lthr_abs": args.num_subj_lthr_abs, "lthr_rel": args.num_subj_lthr_rel}
     if not smooth:
         from greyarray.stats.design import build_design
-        from greyarray.stats.lm import fit_lm
+        from greyarray.stats.lm import check_model, fit_lm
         from greyarray.stats.permutation import exchangeable_units
 
         def check_lm(table) -> None:
-            design = build_design(formula, table, references)
+            check_model(formula)
+            design = build_design(formula, table, references, ordered)
             if permutations is not None and permutations.blocks is not None:
                 exchangeable_units(table, design.rows, permutations.blocks, "the cohort")
 
-        return partial(fit_lm, reference_levels=references, permutations=permutations), check_lm
+        return partial(fit_lm, **factors, **thresholds, permutations=permutations), check_lm
     if permutations is not None:
         raise UsageError("--permutations applies to linear models, not to a --model with s()")
     from greyarray.stats.gam import GamModel, changed_term_name, fit_gam, parse_gam_formula
@@ -94,8 +97,8 @@ def _fitter(settings: Run, formula: str, smooth: bool):
     if changed is not None:
         changed_term_name(parse_gam_formula(formula), changed)  # a usage error, before any work
     return (
-        partial(fit_gam, method=method, changed_rsq_term=changed),
-        lambda table: GamModel(parse_gam_formula(formula), table, method),
+        partial(fit_gam, method=method, changed_rsq_term=changed, **factors, **thresholds),
+        lambda table: GamModel(parse_gam_formula(formula), table, method, references, ordered),
     )
 
 
@@ -177,13 +180,7 @@ def _sidecar(h5_path: Path) -> dict:
 
 def _about(h5, analysis: str, meta: dict) -> dict:
     """What the sidecars say about the fit: from GreyArray's record, else what the file shows."""
-    group_ = h5["results"][analysis]
-    record = {}
-    if "greyarray_about" in group_.attrs:
-        try:
-            record = json.loads(group_.attrs["greyarray_about"])
-        except (TypeError, ValueError):
-            record = {}
+    record = _record(h5["results"][analysis])
     n = len(read_scalar(h5, meta["Scalar"]).names)
     about = {
         "Model": record.get(
@@ -205,7 +202,24 @@ def _about(h5, analysis: str, meta: dict) -> dict:
         about["NumberOfRowsWithPhenotypes"] = record["n_with_phenotypes"]
     if record.get("reference_levels"):
         about["ReferenceLevels"] = record["reference_levels"]
+    if record.get("ordered_factors"):
+        about["OrderedFactors"] = record["ordered_factors"]
+    if record.get("offset"):
+        about["Offset"] = record["offset"]
+    if record.get("aliased_columns_left_out"):
+        about["AliasedColumnsLeftOut"] = record["aliased_columns_left_out"]
+    if record.get("notes"):  # unfitted elements, empty columns, one-subject levels
+        about["Warnings"] = record["notes"]
     return about
+
+
+def _record(group) -> dict:
+    """What GreyArray recorded about a fit (``greyarray_about``); {} for R's results."""
+    try:
+        record = json.loads(group.attrs["greyarray_about"])
+    except (KeyError, TypeError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _section(meta: dict, analysis: str, about: dict, n_maps: int) -> dict:
@@ -268,10 +282,10 @@ def _permutation_text(options: dict | None) -> str:
 def _significance(h5_path: Path, analysis: str, formula: str, columns: list[str]) -> list[str]:
     with open_hdf5(h5_path) as h5:
         table = h5[f"results/{analysis}/results_matrix"][()]
-    fitted = int(np.isfinite(table[1]).sum())
+        notes = _record(h5["results"][analysis]).get("notes") or []
+    fitted = int(np.isfinite(table[1:]).any(axis=0).sum())
     lines = [f"\nModel {formula}: fitted at {fitted:,} of {table.shape[1]:,} elements"]
-    if fitted < table.shape[1]:
-        lines[0] += " (the others have too few participants with finite values)"
+    lines += [f"  WARNING: {note}" for note in notes]
     for i, name in enumerate(columns):
         if name.endswith(".p.value.fdr"):
             significant = int((table[i] < 0.05).sum())

@@ -178,13 +178,14 @@ def parse_covariates(covariates: str, response: str) -> tuple[str, list[str]]:
     formula = parse_gam_formula(f"{response} ~ {rhs}")
     smooths = []
     for smooth in formula.smooths:
-        if not re.fullmatch(r"s\(\s*[A-Za-z_.][\w.]*\s*\)", smooth.term):
+        plain = smooth.kind == "s" and len(smooth.variables) == 1 and smooth.by is None
+        if not plain or not re.fullmatch(r"s\(\s*[A-Za-z_.][\w.]*\s*\)", smooth.term):
             raise UsageError(
-                f"--covariates {rhs!r}: {smooth.term!r}: write s({smooth.var}) without "
+                f"--covariates {rhs!r}: {smooth.term!r}: write s(x) of one variable without "
                 "arguments (ComBat-GAM uses neuroHarmonize's smooth: cubic B-splines, df 10, "
                 "penalty chosen by 5-fold cross-validation)"
             )
-        smooths.append(smooth.var)
+        smooths.append(smooth.variables[0])
     return formula.parametric_rhs, smooths
 
 

@@ -473,8 +473,11 @@ def load(text: str) -> Fitted:
 
 
 def _geometry(h5: h5py.File) -> bytes | None:
-    dataset = h5.get("greyarray/geometry/cifti_xml")
-    return bytes(dataset[0]) if isinstance(dataset, h5py.Dataset) else None
+    """What identifies the elements GreyArray stored (None: a file of another tool)."""
+    from greyarray.io.spaces import read_geometry
+
+    space = read_geometry(h5)
+    return None if space is None else space.identity()
 
 
 def read_summary(group: h5py.Group) -> dict:
