@@ -446,3 +446,20 @@ def test_failure_midway_leaves_the_file_as_it_was(cohort_h5, run_cli, monkeypatc
     code, _, err = harmonize(run_cli, h5, csv)
     assert code == 73 and "no space left" in one_error(err)
     assert objects(h5) == listed and np.array_equal(read(h5, "thickness"), before)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["group", "--harmonize-covariates", "age"],
+        ["participant", "--harmonize", "site"],
+        ["group", "--harmonize", "site", "--analysis-name", "lm"],
+    ],
+)
+def test_bids_app_refuses_harmonize_where_it_does_not_apply(tmp_path, extra):
+    from conftest import run_greyarray
+
+    (tmp_path / "bids").mkdir()
+    done = run_greyarray(tmp_path / "bids", tmp_path / "out", *extra)
+    assert done.returncode == 64 and "--harmonize" in one_error(done.stderr)
+    assert not (tmp_path / "out").exists()

@@ -19,7 +19,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 from greyarray import __version__
-from greyarray.errors import GreyArrayError, one_line
+from greyarray.errors import GreyArrayError, UsageError, one_line
 from greyarray.options import (
     Parser,
     add_factor_options,
@@ -264,6 +264,7 @@ def main(argv: list[str], commands: str = "") -> int:
             raise UnknownLevelError(
                 f"unknown analysis level {args.analysis_level!r}; use participant or group"
             )
+        _check_harmonize(args)
         settings = run.Run.from_args(args, command_line)
         log.info("%s", one_line(settings.command_line))
         settings.reference_levels, settings.ordered_factors = factor_options(args)
@@ -288,6 +289,21 @@ def given_output_dir(argv: list[str]) -> Path | None:
         parser.parse_known_args(argv, found)
     given = getattr(found, "output_dir", None)
     return Path(given) if given else None
+
+
+def _check_harmonize(args) -> None:
+    """--harmonize where it applies, before anything is read."""
+    if args.harmonize_covariates is not None and not args.harmonize:
+        raise UsageError("--harmonize-covariates needs --harmonize COLUMN")
+    if args.harmonize and (
+        args.analysis_level != "group"
+        or args.reports_only
+        or (args.analysis_name and not args.model)
+    ):
+        raise UsageError(
+            "--harmonize applies at the group level, when converting or before a --model "
+            "(not with participant, --reports-only or an --analysis-name export)"
+        )
 
 
 def _level(settings) -> int:
