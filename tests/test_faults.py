@@ -408,6 +408,36 @@ def test_a_signal_python_swallows_still_ends_the_run_with_its_code(monkeypatch, 
     assert "Exception ignored" not in err
 
 
+def test_a_swallowed_signal_publishes_nothing(monkeypatch, tmp_path, capsys):
+    """A SIGTERM swallowed inside a __del__ before the output is published: the run stops at
+    the publishing step, with the temporary removed and no output (seen under load)."""
+    import argparse
+
+    from greyarray import cli
+    from greyarray.io.fileio import atomic_write
+
+    class DiesOnCollection:
+        def __del__(self):
+            cli.signals._raise_interrupted(signal.SIGTERM, None)
+
+    def command(args) -> int:
+        DiesOnCollection()
+        atomic_write(tmp_path / "out.txt", b"x")
+        return 0
+
+    def parser() -> argparse.ArgumentParser:
+        made = argparse.ArgumentParser()
+        made.add_argument("--log-level", default="INFO")
+        return made
+
+    monkeypatch.setitem(cli.COMMANDS, "export-results", (parser, command, "test"))
+    assert cli.main(["export-results"]) == 143
+    assert "interrupted by SIGTERM; temporary files removed" in one_error_line(
+        capsys.readouterr().err
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_pattern_whose_subject_captures_a_slash(tmp_path, template):
     from bids_datasets import hcp
 

@@ -165,7 +165,8 @@ def factor_options(args) -> tuple[dict[str, str], dict[str, str]]:
 
 def permutation_options(args):
     """fit-lm's or group --model's permutation options, or None; the other permutation flags
-    without --permutations are a usage error. Shards exist for fit-lm only."""
+    without --permutations are a usage error. fit-lm's --merge-shards names the shard files;
+    the BIDS-App's gives their number K, and its caller names the files (``merge`` is empty)."""
     shard, merge = getattr(args, "permutation_shard", None), getattr(args, "merge_shards", None)
     if args.permutations <= 0:
         given = [
@@ -189,6 +190,6 @@ def permutation_options(args):
         blocks=args.exchangeability_blocks,
         seed=args.seed,
         shard=parse_shard(shard) if shard else None,
-        merge=tuple(merge or ()),
+        merge=tuple(merge) if isinstance(merge, list) else (),
         nprocs=args.nprocs,
     )

@@ -27,6 +27,7 @@ from greyarray.options import (
     add_thresholds,
     factor_options,
     non_negative_int,
+    positive_int,
 )
 
 log = logging.getLogger("greyarray")
@@ -199,6 +200,21 @@ def build_parser(commands: str = "") -> Parser:
         default=0,
         help="with --permutations: seed of the random permutations",
     )
+    shards = model.add_mutually_exclusive_group()
+    shards.add_argument(
+        "--permutation-shard",
+        metavar="I/K",
+        help="with --model and --permutations: compute only shard I of K of the permutations "
+        "(one task of a SLURM array) from the HDF5 an earlier group run wrote, and save its "
+        "null distribution beside it; nothing is converted, no results or maps are written",
+    )
+    shards.add_argument(
+        "--merge-shards",
+        type=positive_int,
+        metavar="K",
+        help="with --model and --permutations: merge the K shards the --permutation-shard runs "
+        "saved (same options), then write the results and maps, equal to one run's",
+    )
     model.add_argument(
         "--gam-method",
         choices=["REML", "GCV.Cp"],
@@ -309,6 +325,15 @@ def _check_harmonize(args) -> None:
 def _level(settings) -> int:
     """The run of the level and mode asked for."""
     args = settings.args
+    model_only = {
+        "--permutations": args.permutations,
+        "--tfce": args.tfce,
+        "--exchangeability-blocks": args.exchangeability_blocks,
+        "--permutation-shard": args.permutation_shard,
+        "--merge-shards": args.merge_shards,
+    }
+    if not args.model and (given := [flag for flag, value in model_only.items() if value]):
+        raise UsageError(f"{', '.join(given)} needs --model FORMULA (group level)")
     if args.reports_only:
         from greyarray.bids import reports
 

@@ -35,6 +35,7 @@ BIDSIGNORE = [
     "*_cohort.csv",
     "*_modelarray.json",
     "*.html",
+    "*.perm-shard-*.npz",  # group --model --permutation-shard: null distributions
 ]
 LEGACY_BIDSIGNORE = ["group/"]  # hid the statistical maps (GreyArray 0.1.0)
 # ModelArray statistic (after "<term>.") -> BIDS stat label; others: label() of the name

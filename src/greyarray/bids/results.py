@@ -34,10 +34,13 @@ def model(settings: Run) -> int:
 
     formula = settings.args.model
     response, _ = parse_formula(formula)
-    fit, check_table = _fitter(settings, formula, is_gam_formula(formula))
-    check_table = harmonize.combined(check_table, harmonize.check(settings))
     analysis = settings.args.analysis_name or ("gam" if is_gam_formula(formula) else "lm")
     h5 = group.h5_path(settings, response)
+    permutations = _permutations(settings, h5, analysis)
+    fit, check_table = _fitter(settings, formula, is_gam_formula(formula), permutations)
+    check_table = harmonize.combined(check_table, harmonize.check(settings))
+    if permutations is not None and permutations.shard is not None:
+        return _shard(settings, h5, response, fit, formula, analysis, permutations.shard)
     if h5.exists() and not settings.args.overwrite:
         log.info("Using %s (converted earlier; --overwrite checks its inputs again)", h5)
         _check_can_fit(h5, response, analysis, settings.args.overwrite)
@@ -70,12 +73,50 @@ def model(settings: Run) -> int:
     )
 
 
-def _fitter(settings: Run, formula: str, smooth: bool):
+def _permutations(settings: Run, h5: Path, analysis: str):
+    """The permutation options; with --merge-shards K, the K files the shards saved."""
+    permutations = permutation_options(settings.args)
+    if (count := settings.args.merge_shards) is not None:
+        from dataclasses import replace
+
+        from greyarray.stats.permutation import shard_path
+
+        files = tuple(shard_path(h5, analysis, (i, count)) for i in range(1, count + 1))
+        permutations = replace(permutations, merge=files)
+    return permutations
+
+
+def _shard(settings: Run, h5: Path, scalar: str, fit, formula: str, analysis: str, shard) -> int:
+    """One shard of the permutations (a SLURM array task): from the group level's HDF5, which
+    is never converted here (K tasks start at once), to a file beside it."""
+    from greyarray.stats.permutation import shard_path
+
+    if not h5.exists():
+        raise MissingInputError(
+            f"{h5}: not found; --permutation-shard reads the HDF5 of an earlier group run "
+            "(run the group level first)"
+        )
+    from greyarray.bids import harmonize
+
+    if harmonize.wanted(settings):  # the shards permute what the model is fitted to: the
+        scalar = harmonize.output_name(scalar)  # harmonised scalar, made by the group run
+    with open_hdf5(h5) as file:
+        read_scalar(file, scalar)
+    settings.open_output("shard")
+    cohort = h5.with_name(h5.name.replace("_modelarray.h5", "_cohort.csv"))
+    fit(h5, cohort, formula, analysis, overwrite=settings.args.overwrite, scalar=scalar)
+    i, k = shard
+    return settings.finish(
+        [f"Shard {i} of {k} of the permutations of {formula}: {shard_path(h5, analysis, shard)}"]
+    )
+
+
+def _fitter(settings: Run, formula: str, smooth: bool, permutations):
     """(fit(h5, cohort, formula, analysis, overwrite), check of a cohort table before any
     conversion): fit-lm's, or fit-gam's for a formula with smooth terms s(...)."""
-    references, ordered, args = settings.reference_levels, settings.ordered_factors, settings.args
+    references, ordered = settings.reference_levels, settings.ordered_factors
     factors = {"reference_levels": references, "ordered_factors": ordered}
-    permutations = permutation_options(args)
+    args = settings.args
     thresholds = {"lthr_abs": args.num_subj_lthr_abs, "lthr_rel": args.num_subj_lthr_rel}
     if not smooth:
         from greyarray.stats.design import build_design
@@ -93,7 +134,7 @@ def _fitter(settings: Run, formula: str, smooth: bool):
         raise UsageError("--permutations applies to linear models, not to a --model with s()")
     from greyarray.stats.gam import GamModel, changed_term_name, fit_gam, parse_gam_formula
 
-    method, changed = args.gam_method, args.changed_rsq_term
+    method, changed = settings.args.gam_method, settings.args.changed_rsq_term
     if changed is not None:
         changed_term_name(parse_gam_formula(formula), changed)  # a usage error, before any work
     return (

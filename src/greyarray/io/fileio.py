@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from greyarray.errors import BusyError, OutputError
+from greyarray.errors import BusyError, OutputError, check_interrupted
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -183,6 +183,7 @@ def replacing(path: Path, overwrite: bool = True) -> Iterator[Path]:
 
 
 def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
+    check_interrupted()
     if path.is_dir():
         raise OutputError(f"{path}: is a folder; give a file name")
     if overwrite:
@@ -211,6 +212,7 @@ def staging(folder: Path) -> Iterator[Path]:
     with private_folder(folder) as private:
         try:
             yield private
+            check_interrupted()
             for entry in sorted(private.iterdir()):
                 if (folder / entry.name).is_dir():
                     raise OutputError(f"{folder / entry.name}: is a folder; cannot replace it")

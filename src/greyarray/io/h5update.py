@@ -39,7 +39,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from greyarray.errors import BusyError, DataError, OutputError
+from greyarray.errors import BusyError, DataError, OutputError, check_interrupted
 from greyarray.io.fileio import (
     check_free_space,
     output_failure,
@@ -94,6 +94,7 @@ def updating_hdf5(path: Path, need: int = 0, what: str = "results") -> Iterator:
                     "ignores HDF5's file lock); nothing was written: run again"
                 )
             links = os.fstat(fd).st_nlink
+            check_interrupted()
             try:
                 os.replace(copy, target)
             except OSError as err:

@@ -50,6 +50,10 @@ class FileStamp:
     def of(cls, st: os.stat_result) -> FileStamp:
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
+    def read(self, path: Path, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` of ``path``, still this file (see ``read_checked``)."""
+        return read_checked(path, self, offset, size)
+
     def change(self, other: FileStamp) -> str | None:
         """None when ``other`` is the same file unchanged, else what happened to it."""
         if (self.device, self.inode) != (other.device, other.inode):
@@ -86,6 +90,31 @@ def open_regular(path: Path, what: str = "file") -> Iterator[tuple[int, FileStam
         yield fd, FileStamp.of(st)
     finally:
         os.close(fd)
+
+
+class LocalFile:
+    """An open regular file as sources.inspect reads it (an S3 object offers the same:
+    remote.RemoteObject): ``read(offset, size)``, ``keep`` (nothing: the write pass reads the
+    file again) and ``done``, which verifies the file was not rewritten while being read."""
+
+    def __init__(self, path: Path, fd: int, stamp: FileStamp):
+        self.path, self.fd, self.stamp, self.size = path, fd, stamp, stamp.size
+
+    def read(self, offset: int, size: int) -> bytes:
+        return pread_exact(self.fd, size, offset, self.path)
+
+    def keep(self, raw: bytes) -> None:
+        pass
+
+    def done(self, data_offset: int) -> FileStamp:
+        verify(self.path, self.fd, self.stamp)
+        return self.stamp
+
+
+@contextlib.contextmanager
+def opened(path: Path) -> Iterator[LocalFile]:
+    with open_regular(path) as (fd, stamp):
+        yield LocalFile(path, fd, stamp)
 
 
 def pread_exact(fd: int, size: int, offset: int, path: Path) -> bytes:
