@@ -230,6 +230,21 @@ def build_parser(commands: str = "") -> Parser:
     )
     add_factor_options(model, "with --model: ")
     add_thresholds(model)
+    harmonize = parser.add_argument_group("harmonization (group level)")
+    harmonize.add_argument(
+        "--harmonize",
+        metavar="COLUMN",
+        help="remove site effects from every scalar with ComBat (neuroCombat's numbers, "
+        "parametric empirical Bayes) before any --model, by this participants.tsv or "
+        "sessions.tsv column; the HDF5 keeps both <scalar> and <scalar>_combat, and --model is "
+        "fitted to the harmonised one",
+    )
+    harmonize.add_argument(
+        "--harmonize-covariates",
+        metavar="TERMS",
+        help="with --harmonize: effects to keep, e.g. 'age + sex', s(age) for ComBat-GAM "
+        "(default: the --model's terms)",
+    )
     model.add_argument(
         "--analysis-name",
         metavar="NAME",
@@ -265,6 +280,7 @@ def main(argv: list[str], commands: str = "") -> int:
             raise UnknownLevelError(
                 f"unknown analysis level {args.analysis_level!r}; use participant or group"
             )
+        _check_harmonize(args)
         settings = run.Run.from_args(args, command_line)
         log.info("%s", one_line(settings.command_line))
         settings.reference_levels, settings.ordered_factors = factor_options(args)
@@ -289,6 +305,21 @@ def given_output_dir(argv: list[str]) -> Path | None:
         parser.parse_known_args(argv, found)
     given = getattr(found, "output_dir", None)
     return Path(given) if given else None
+
+
+def _check_harmonize(args) -> None:
+    """--harmonize where it applies, before anything is read."""
+    if args.harmonize_covariates is not None and not args.harmonize:
+        raise UsageError("--harmonize-covariates needs --harmonize COLUMN")
+    if args.harmonize and (
+        args.analysis_level != "group"
+        or args.reports_only
+        or (args.analysis_name and not args.model)
+    ):
+        raise UsageError(
+            "--harmonize applies at the group level, when converting or before a --model "
+            "(not with participant, --reports-only or an --analysis-name export)"
+        )
 
 
 def _level(settings) -> int:

@@ -67,6 +67,7 @@ def update(
     analysis: dict | None = None,
     reports: dict | None = None,
     discarded: tuple[str, list[str]] | None = None,
+    harmonization: dict | None = None,
 ) -> Path | None:
     """Record the group level's facts, one analysis and/or the reports' paragraph
     (boilerplate/reports.md), forget the sections of ``discarded`` (scalar, analyses) whose
@@ -74,10 +75,10 @@ def update(
     CITATION.md, or None while no group level has run."""
     make_folder(logs_dir)
     with locked(logs_dir / LOCK):  # group runs of two SLURM chains may end together
-        return _update(logs_dir, facts, analysis, reports, discarded)
+        return _update(logs_dir, facts, analysis, reports, discarded, harmonization)
 
 
-def _update(logs_dir, facts, analysis, reports, discarded) -> Path | None:
+def _update(logs_dir, facts, analysis, reports, discarded, harmonization=None) -> Path | None:
     state = load_state(logs_dir)
     if discarded is not None:
         scalar, names = discarded
@@ -90,14 +91,23 @@ def _update(logs_dir, facts, analysis, reports, discarded) -> Path | None:
         state["analyses"][f"{analysis['scalar']}/{analysis['analysis']}"] = analysis
     if reports is not None:
         state["reports"] = reports
+    if harmonization is not None:  # one paragraph per harmonised scalar
+        state.setdefault("harmonization", {})[harmonization["scalar"]] = harmonization
     write_json(logs_dir / STATE, state)
     if state["facts"] is None:
         return None
-    return write(logs_dir, state["facts"], list(state["analyses"].values()), state.get("reports"))
+    harmonized = list(state.get("harmonization", {}).values())
+    analyses = list(state["analyses"].values())
+    return write(logs_dir, state["facts"], analyses, state.get("reports"), harmonized)
 
 
-def render(facts: dict, analyses: list[dict], reports: dict | None = None) -> str:
-    sections = "".join(Template(template("analysis.md")).substitute(a) for a in analyses)
+def render(
+    facts: dict, analyses: list[dict], reports: dict | None = None, harmonized: list | None = None
+) -> str:
+    sections = "".join(
+        Template(template("harmonization.md")).substitute(h) for h in harmonized or []
+    )
+    sections += "".join(Template(template("analysis.md")).substitute(a) for a in analyses)
     text = Template(template("methods.md")).substitute({**facts, "analysis_text": sections})
     if reports is not None:
         text += Template(template("reports.md")).substitute(reports)
@@ -107,11 +117,17 @@ def render(facts: dict, analyses: list[dict], reports: dict | None = None) -> st
     return text + "".join(f"- [@{key}] {reference_text(bib[key])}\n" for key in cited)
 
 
-def write(logs_dir: Path, facts: dict, analyses: list[dict], reports: dict | None = None) -> Path:
+def write(
+    logs_dir: Path,
+    facts: dict,
+    analyses: list[dict],
+    reports: dict | None = None,
+    harmonized: list | None = None,
+) -> Path:
     """CITATION.md, CITATION.html and CITATION.bib in ``logs_dir``."""
     import markdown
 
-    text = render(facts, analyses, reports)
+    text = render(facts, analyses, reports, harmonized)
     body = markdown.markdown(text)
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

@@ -54,11 +54,22 @@ def h5_path(settings: Run, scalar: str) -> Path:
 
 
 def run(settings: Run) -> int:
-    plans = convert(settings, settings.find("group"))
+    from greyarray.bids import harmonize
+
+    plans = convert(settings, settings.find("group"), harmonize.check(settings))
+    harmonized = []
+    if harmonize.wanted(settings):  # every scalar, each in its own HDF5
+        harmonized = ["", f"Harmonised by {settings.args.harmonize}:"] + [
+            harmonize.harmonize_scalar(settings, plan.h5, plan.csv, plan.name)[1] for plan in plans
+        ]
+        harmonized.append(
+            '  In R, ModelArray(h5, scalar_types = "<scalar>_combat") reads the harmonised values'
+        )
     outliers, report = [], []
     if reports.wanted(settings):  # every HDF5 on disk, not only this run's
         outliers, report = reports.group_report(settings), [reports.report_line(settings)]
-    return settings.finish(summary(plans) + outliers + r_hint(settings, plans[0]) + report)
+    lines = summary(plans) + harmonized + outliers + r_hint(settings, plans[0]) + report
+    return settings.finish(lines)
 
 
 def convert(

@@ -28,6 +28,7 @@ log = logging.getLogger("greyarray")
 
 def model(settings: Run) -> int:
     """Convert (unless the response's HDF5 exists), fit, export: the whole pipeline."""
+    from greyarray.bids import harmonize
     from greyarray.stats.design import parse_formula
     from greyarray.stats.gam import is_gam_formula
 
@@ -37,6 +38,7 @@ def model(settings: Run) -> int:
     h5 = group.h5_path(settings, response)
     permutations = _permutations(settings, h5, analysis)
     fit, check_table = _fitter(settings, formula, is_gam_formula(formula), permutations)
+    check_table = harmonize.combined(check_table, harmonize.check(settings))
     if permutations is not None and permutations.shard is not None:
         return _shard(settings, h5, response, fit, formula, analysis, permutations.shard)
     if h5.exists() and not settings.args.overwrite:
@@ -54,12 +56,18 @@ def model(settings: Run) -> int:
         group.convert(settings, only, check_table, "model")
         _check_can_fit(h5, response, analysis, settings.args.overwrite)
     cohort = h5.with_name(h5.name.replace("_modelarray.h5", "_cohort.csv"))
-    columns = fit(h5, cohort, formula, analysis, overwrite=settings.args.overwrite)
+    scalar, lines = response, []
+    if harmonize.wanted(settings):  # the model is fitted to the harmonised scalar
+        scalar, line = harmonize.harmonize_scalar(settings, h5, cohort, response)
+        lines = [f"Harmonised by {settings.args.harmonize}:", line, ""]
+    columns = fit(h5, cohort, formula, analysis, overwrite=settings.args.overwrite, scalar=scalar)
     maps = _export(settings, analysis, {response})
     return _finish(
         settings,
         [
-            f"Exported {len(maps)} statistical maps to {settings.group_dir}",
+            *lines,
+            f"Exported {len(maps)} statistical maps to {settings.group_dir}"
+            + (f" (model fitted to {scalar})" if scalar != response else ""),
             *_significance(h5, analysis, formula, columns),
         ],
     )
@@ -88,11 +96,15 @@ def _shard(settings: Run, h5: Path, scalar: str, fit, formula: str, analysis: st
             f"{h5}: not found; --permutation-shard reads the HDF5 of an earlier group run "
             "(run the group level first)"
         )
+    from greyarray.bids import harmonize
+
+    if harmonize.wanted(settings):  # the shards permute what the model is fitted to: the
+        scalar = harmonize.output_name(scalar)  # harmonised scalar, made by the group run
     with open_hdf5(h5) as file:
         read_scalar(file, scalar)
     settings.open_output("shard")
     cohort = h5.with_name(h5.name.replace("_modelarray.h5", "_cohort.csv"))
-    fit(h5, cohort, formula, analysis, overwrite=settings.args.overwrite)
+    fit(h5, cohort, formula, analysis, overwrite=settings.args.overwrite, scalar=scalar)
     i, k = shard
     return settings.finish(
         [f"Shard {i} of {k} of the permutations of {formula}: {shard_path(h5, analysis, shard)}"]

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from greyarray.cli import convert, demo, fit
+from greyarray.cli import convert, demo, fit, harmonize
 from greyarray.cli.signals import RECEIVED, configure_logging, fail, signals_end_the_run
 from greyarray.errors import GreyArrayError, Interrupted
 from greyarray.options import Parser
@@ -42,6 +42,11 @@ COMMANDS: dict[str, tuple[Callable[[], Parser], Callable[[argparse.Namespace], i
         fit.fit_gam_parser,
         fit.run_fit_gam,
         "ModelArray.gam's GAMs (mgcv's numbers) at every element, in minutes",
+    ),
+    "harmonize": (
+        harmonize.harmonize_parser,
+        harmonize.run_harmonize,
+        "remove site effects with ComBat or ComBat-GAM (neuroCombat's, neuroHarmonize's numbers)",
     ),
     "demo": (demo.demo_parser, demo.run_demo, "run the whole pipeline on a synthetic demo dataset"),
 }

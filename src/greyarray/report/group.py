@@ -20,7 +20,7 @@ import pandas as pd
 
 from greyarray.errors import DataError, MissingInputError
 from greyarray.io import h5read
-from greyarray.report import figures, plots, qc, stream
+from greyarray.report import figures, harmonization, plots, qc, stream
 from greyarray.report.html import (
     Anchors,
     Facts,
@@ -127,6 +127,9 @@ def group_report(
                 )
                 sections.append(section)
                 outliers += flagged
+            for name in harmonization.harmonized(h5):
+                log.info("Report: harmonisation %s in %s", name, item.h5)
+                sections.append(harmonization.section(h5, name, layout, anchors, surface_kind))
             where = item.label or (scalars[0] if len(scalars) == 1 else item.h5.name)
             for analysis in analyses_in(h5):
                 if analyses is not None and analysis not in analyses:
