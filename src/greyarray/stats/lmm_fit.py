@@ -1,0 +1,945 @@
+"""The estimation of fit-lmm: lme4's profiled deviance, optimised for many elements at once, and
+lmerTest's Satterthwaite degrees of freedom.
+
+lme4's split (Bates et al. 2015, JSS 67(1), section 3) is followed: the random-effects structure
+gives Z and the relative covariance factor Lambda(theta) (one lower-triangular q x q block T per
+term and level, theta its lower triangle column by column, diagonal bounded below by 0); for a
+theta, the penalised least squares problem gives L_theta (L L' = Lambda'Z'Z Lambda + I), R_X, the
+conditional estimates and the penalised residual sum r^2, and the profiled criterion is what
+lme4's C++ ``lmerResp::Laplace`` returns::
+
+    ML:   log|L|^2 + n (1 + log(2 pi r^2 / n))
+    REML: log|L|^2 + log|R_X|^2 + (n - p) (1 + log(2 pi r^2 / (n - p)))
+
+Every element shares X, Z and the grouping, so the criterion is written through cross products
+that are computed once per set of valid observations. With W = Lambda M^-1 Lambda' (M = L L'),
+X'V^-1 X, X'V^-1 y and y'V^-1 y (V the marginal covariance over sigma^2) are
+``G = X'X - B'WB``, ``h = X'y - B'Wc``, ``s = y'y - c'Wc`` (B = Z'X, c = Z'y); then
+beta = G^-1 h, r^2 = s - h'beta and |R_X|^2 = |G|. These are the "pieces" every engine returns:
+
+- ``OneFactor``: all random terms share one grouping factor (``(1 | g)``, ``(1 + x | g)``,
+  ``(1 | g) + (0 + x | g)``). W is block diagonal, one d x d block per group, and depends on the
+  group only through A_j = Z_j'Z_j: groups with equal A_j (a random intercept: groups of equal
+  size) form one class, and the pieces are sums over classes of W_c times per-class sums of
+  B_j and c_j products (shared for X, per element for y). The criterion and its exact gradient
+  (dW = P dT K + (P dT K)', P = I - W A, K = M^-1 T') cost a few matrix products per element.
+- ``TwoFactors``: two grouping factors, crossed or nested. Levels of the factor with more levels
+  are eliminated first (their blocks are diagonal), leaving a Schur complement on the other
+  factor's levels, per connected component of the levels that share observations (a family for
+  ``(1 | family/participant)``, a site for ``(1 | site) + (1 | participant)``). Compiled, one
+  element at a time; the gradient by central differences of the pieces.
+
+``minimise`` runs a projected Newton method with lme4's bounds on every element at once (a
+Hessian by differences of the gradient, a backtracking line search, lme4's ``check.boundary``),
+and falls back to L-BFGS-B per element where it does not converge. ``summarise`` gives lme4's
+estimates, ``vcov``, ``VarCorr``, ``logLik``, and lmerTest's Satterthwaite df: the Hessian of
+the deviance in (theta, sigma) (lmerTest's ``devfun_vp``) and the Jacobian of
+vcov(beta) = sigma^2 G^-1, exactly as ``lmerTest:::as_lmerModLT`` and ``contest1D`` combine them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+from scipy import optimize, special
+
+from greyarray.stats.compiled import compiled
+
+SINGULAR_TOL = 1e-4  # lme4's isSingular(tol = 1e-4)
+BOUNDARY_TOL = 1e-5  # lmerControl(boundary.tol = 1e-5)
+EIGEN_TOL = 1e-8  # lmerTest's as_lmerModLT(tol = 1e-8)
+
+
+@dataclass(frozen=True)
+class Factor:
+    """The random terms of one grouping factor, merged: ``z`` (n, d) holds their columns side by
+    side and ``tmap`` (d, d) the index into theta of each entry of the relative covariance
+    factor T (-1: structurally zero, between uncorrelated terms and above the diagonal)."""
+
+    codes: np.ndarray  # (n,) level of each row
+    z: np.ndarray  # (n, d)
+    tmap: np.ndarray  # (d, d) int
+
+    def restricted(self, rows: np.ndarray) -> Factor:
+        return Factor(self.codes[rows], self.z[rows], self.tmap)
+
+
+def theta_layout(sizes: list[int]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per term of q coefficients, its (q, q) map into theta (lme4's order: the lower triangle
+    column by column, terms one after another); and theta's lower bounds (0 on diagonals)."""
+    maps, lower, start = [], [], 0
+    for q in sizes:
+        tmap = np.full((q, q), -1, dtype=np.int64)
+        for j in range(q):
+            for i in range(j, q):
+                tmap[i, j] = start
+                lower.append(0.0 if i == j else -np.inf)
+                start += 1
+        maps.append(tmap)
+    return maps, np.array(lower)
+
+
+def merge_terms(maps: list[np.ndarray]) -> np.ndarray:
+    """Block-diagonal map of several terms of one factor (uncorrelated with each other)."""
+    d = sum(m.shape[0] for m in maps)
+    out = np.full((d, d), -1, dtype=np.int64)
+    at = 0
+    for m in maps:
+        out[at : at + m.shape[0], at : at + m.shape[0]] = m
+        at += m.shape[0]
+    return out
+
+
+def indicator(codes: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
+    """(levels present x rows) sparse indicator, and each row's level among those present."""
+    levels, inverse = np.unique(codes, return_inverse=True)
+    inverse = inverse.ravel()
+    ones = np.ones(codes.size)
+    matrix = sp.csr_matrix((ones, (inverse, np.arange(codes.size))), (levels.size, codes.size))
+    return matrix, inverse
+
+
+def t_matrix(theta: np.ndarray, tmap: np.ndarray) -> np.ndarray:
+    """(E, d, d) relative covariance factors from theta (E, k)."""
+    out = np.zeros((theta.shape[0], *tmap.shape))
+    rows, cols = np.nonzero(tmap >= 0)
+    out[:, rows, cols] = theta[:, tmap[rows, cols]]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# one grouping factor: classes of groups with equal Z_j'Z_j
+
+
+@compiled
+def _class_terms(t, a, ta, tb, pa, pb, grad):  # pragma: no cover - compiled
+    """Per element e and class c: log|M|, W's pairs and (with ``grad``) their derivatives in
+    each theta (which sits at T[ta[j], tb[j]]). M = I + T'AT, K = M^-1 T', W = T K,
+    dW_j = P e_a K[b, :] + transpose with P = I - W A, d log|M| = 2 (K A)[b, a]."""
+    n_el, d = t.shape[0], t.shape[1]
+    n_cl, n_th, n_pr = a.shape[0], ta.size, pa.size
+    logdet = np.empty((n_el, n_cl))
+    w = np.empty((n_el, n_cl, n_pr))
+    dlog = np.empty((n_el, n_cl, n_th if grad else 0))
+    dw = np.empty((n_el, n_cl, n_th if grad else 0, n_pr))
+    m = np.empty((d, d))
+    chol = np.empty((d, d))
+    minv = np.empty((d, d))
+    k = np.empty((d, d))
+    ww = np.empty((d, d))
+    p = np.empty((d, d))
+    ka = np.empty((d, d))
+    vec = np.empty(d)
+    for e in range(n_el):
+        te = t[e]
+        for c in range(n_cl):
+            ac = a[c]
+            for i in range(d):  # M = I + T'AT
+                for j in range(d):
+                    total = 0.0
+                    for r in range(d):
+                        tr = te[r, i]
+                        if tr != 0.0:
+                            for s in range(d):
+                                total += tr * ac[r, s] * te[s, j]
+                    m[i, j] = total + (1.0 if i == j else 0.0)
+            ld = 0.0
+            for j in range(d):  # Cholesky M = L L'
+                diag = m[j, j]
+                for r in range(j):
+                    diag -= chol[j, r] * chol[j, r]
+                diag = np.sqrt(diag)
+                chol[j, j] = diag
+                ld += 2.0 * np.log(diag)
+                for i in range(j + 1, d):
+                    total = m[i, j]
+                    for r in range(j):
+                        total -= chol[i, r] * chol[j, r]
+                    chol[i, j] = total / diag
+                for i in range(j):
+                    chol[i, j] = 0.0
+            logdet[e, c] = ld
+            for col in range(d):  # M^-1 column by column
+                for i in range(d):
+                    total = 1.0 if i == col else 0.0
+                    for r in range(i):
+                        total -= chol[i, r] * vec[r]
+                    vec[i] = total / chol[i, i]
+                for i in range(d - 1, -1, -1):
+                    total = vec[i]
+                    for r in range(i + 1, d):
+                        total -= chol[r, i] * vec[r]
+                    vec[i] = total / chol[i, i]
+                for i in range(d):
+                    minv[i, col] = vec[i]
+            for i in range(d):  # K = M^-1 T'
+                for j in range(d):
+                    total = 0.0
+                    for r in range(d):
+                        total += minv[i, r] * te[j, r]
+                    k[i, j] = total
+            for i in range(d):  # W = T K
+                for j in range(d):
+                    total = 0.0
+                    for r in range(d):
+                        total += te[i, r] * k[r, j]
+                    ww[i, j] = total
+            for q in range(n_pr):
+                w[e, c, q] = ww[pa[q], pb[q]]
+            if not grad:
+                continue
+            for i in range(d):  # P = I - W A, KA = K A
+                for j in range(d):
+                    total = 0.0
+                    total2 = 0.0
+                    for r in range(d):
+                        total += ww[i, r] * ac[r, j]
+                        total2 += k[i, r] * ac[r, j]
+                    p[i, j] = (1.0 if i == j else 0.0) - total
+                    ka[i, j] = total2
+            for th in range(n_th):
+                ra, rb = ta[th], tb[th]
+                dlog[e, c, th] = 2.0 * ka[rb, ra]
+                for q in range(n_pr):
+                    x, y = pa[q], pb[q]
+                    dw[e, c, th, q] = p[x, ra] * k[rb, y] + p[y, ra] * k[rb, x]
+    return logdet, w, dlog, dw
+
+
+@compiled
+def _class_terms2(t, a, ta, tb, grad):  # pragma: no cover - compiled
+    """_class_terms for d = 2 (a random intercept and slope), in closed form; pairs are
+    (0, 0), (1, 0), (1, 1)."""
+    n_el, n_cl, n_th = t.shape[0], a.shape[0], ta.size
+    logdet = np.empty((n_el, n_cl))
+    w = np.empty((n_el, n_cl, 3))
+    dlog = np.empty((n_el, n_cl, n_th if grad else 0))
+    dw = np.empty((n_el, n_cl, n_th if grad else 0, 3))
+    k = np.empty((2, 2))
+    for e in range(n_el):
+        t00, t01, t10, t11 = t[e, 0, 0], t[e, 0, 1], t[e, 1, 0], t[e, 1, 1]
+        for c in range(n_cl):
+            a00, a01, a11 = a[c, 0, 0], a[c, 0, 1], a[c, 1, 1]
+            # A T
+            at00 = a00 * t00 + a01 * t10
+            at01 = a00 * t01 + a01 * t11
+            at10 = a01 * t00 + a11 * t10
+            at11 = a01 * t01 + a11 * t11
+            m00 = 1.0 + t00 * at00 + t10 * at10
+            m01 = t00 * at01 + t10 * at11
+            m11 = 1.0 + t01 * at01 + t11 * at11
+            det = m00 * m11 - m01 * m01
+            logdet[e, c] = np.log(det)
+            i00, i01, i11 = m11 / det, -m01 / det, m00 / det
+            k[0, 0] = i00 * t00 + i01 * t01  # K = M^-1 T'
+            k[0, 1] = i00 * t10 + i01 * t11
+            k[1, 0] = i01 * t00 + i11 * t01
+            k[1, 1] = i01 * t10 + i11 * t11
+            w00 = t00 * k[0, 0] + t01 * k[1, 0]
+            w10 = t10 * k[0, 0] + t11 * k[1, 0]
+            w11 = t10 * k[0, 1] + t11 * k[1, 1]
+            w[e, c, 0], w[e, c, 1], w[e, c, 2] = w00, w10, w11
+            if not grad:
+                continue
+            k00, k01, k10, k11 = k[0, 0], k[0, 1], k[1, 0], k[1, 1]
+            p00 = 1.0 - (w00 * a00 + w10 * a01)
+            p01 = -(w00 * a01 + w10 * a11)
+            p10 = -(w10 * a00 + w11 * a01)
+            p11 = 1.0 - (w10 * a01 + w11 * a11)
+            for th in range(n_th):
+                ra, rb = ta[th], tb[th]
+                pa0 = p00 if ra == 0 else p01
+                pa1 = p10 if ra == 0 else p11
+                kb0 = k00 if rb == 0 else k10
+                kb1 = k01 if rb == 0 else k11
+                # (K A)[b, a]
+                dlog[e, c, th] = 2.0 * (kb0 * (a00 if ra == 0 else a01) + kb1 * (a01 if ra == 0 else a11))
+                dw[e, c, th, 0] = 2.0 * pa0 * kb0
+                dw[e, c, th, 1] = pa1 * kb0 + pa0 * kb1
+                dw[e, c, th, 2] = 2.0 * pa1 * kb1
+    return logdet, w, dlog, dw
+
+
+class OneFactor:
+    """The pieces for random terms sharing one grouping factor, on a fixed set of rows."""
+
+    analytic = True
+
+    def __init__(self, x: np.ndarray, factor: Factor):
+        self.x, self.factor = x, factor
+        z, d, p = factor.z, factor.z.shape[1], x.shape[1]
+        rows, cols = np.nonzero(factor.tmap >= 0)
+        self.ta, self.tb = rows, cols
+        self.theta_index = factor.tmap[rows, cols]
+        order = np.argsort(self.theta_index)
+        self.ta, self.tb = self.ta[order], self.tb[order]
+        self.pa, self.pb = np.triu_indices(d)
+        self.pa, self.pb = self.pb.copy(), self.pa.copy()  # (a >= b) pairs of W's lower triangle
+        groups, _ = indicator(factor.codes)
+        self.n_groups = groups.shape[0]
+        self.zsum = [groups.multiply(z[None, :, a]).tocsr() for a in range(d)]  # c_j = Z_j'y
+        a_j = np.stack([np.stack([self.zsum[a] @ z[:, b] for b in range(d)], 1) for a in range(d)], 1)
+        b_j = np.stack([self.zsum[a] @ x for a in range(d)], 1)  # (m, d, p)
+        keys, self.class_of, counts = np.unique(
+            a_j.reshape(self.n_groups, -1), axis=0, return_inverse=True, return_counts=True
+        )
+        self.class_of = self.class_of.ravel()
+        self.a = keys.reshape(-1, d, d)
+        self.counts = counts.astype(np.float64)
+        self.classes = sp.csr_matrix(
+            (np.ones(self.n_groups), (self.class_of, np.arange(self.n_groups))),
+            (len(counts), self.n_groups),
+        )
+        self.b = b_j
+        self.sym = np.where(self.pa == self.pb, 1.0, 2.0)  # W symmetric: off-diagonal pairs twice
+        pxx = []
+        for a, b in zip(self.pa, self.pb, strict=True):
+            outer = np.einsum("mi,mj->mij", b_j[:, a], b_j[:, b])
+            outer = (outer + outer.transpose(0, 2, 1)) / 2
+            pxx.append((self.classes @ outer.reshape(self.n_groups, -1)).reshape(-1, p, p))
+        self.pxx = np.stack(pxx, 1) * self.sym[None, :, None, None]  # (C, K, p, p)
+        self.xx = x.T @ x
+        self.n, self.p, self.d = x.shape[0], p, d
+
+    @property
+    def n_classes(self) -> int:
+        return self.a.shape[0]
+
+    def bytes_per_element(self) -> int:
+        return 8 * self.n_classes * self.pa.size * (self.p + 1 + 2 * (1 + len(self.ta)))
+
+    def stats(self, y: np.ndarray) -> dict:
+        """Per-element sums (elements first) for responses ``y`` (n, E)."""
+        y, beta0 = residualise(self.x, y)
+        c = [self.zsum[a] @ y for a in range(self.d)]  # (m, E) each
+        syy, sxy = [], []
+        for a, b in zip(self.pa, self.pb, strict=True):
+            syy.append(self.classes @ (c[a] * c[b]))
+            prod = (
+                self.b[:, a, :, None] * c[b][:, None, :] + self.b[:, b, :, None] * c[a][:, None, :]
+            ) / 2  # (m, p, E)
+            sxy.append(
+                (self.classes @ prod.reshape(self.n_groups, -1)).reshape(-1, self.p, y.shape[1])
+            )
+        syy = np.stack(syy, 1) * self.sym[None, :, None]  # (C, K, E)
+        sxy = np.stack(sxy, 1) * self.sym[None, :, None, None]  # (C, K, p, E)
+        return {
+            "syy": np.ascontiguousarray(syy.transpose(2, 0, 1)),
+            "sxy": np.ascontiguousarray(sxy.transpose(3, 0, 1, 2)),
+            "xy": (self.x.T @ y).T,
+            "yy": (y * y).sum(axis=0),
+            "beta0": beta0,
+        }
+
+    def pieces(self, theta: np.ndarray, stats: dict, grad: bool) -> dict:
+        n_el, k = theta.shape[0], self.ta.size
+        n_cl, n_pr, p = self.n_classes, self.pa.size, self.p
+        t = t_matrix(theta, self.factor.tmap)
+        if self.d == 2:
+            logdet, w, dlog, dw = _class_terms2(t, self.a, self.ta, self.tb, grad)
+        else:
+            logdet, w, dlog, dw = _class_terms(t, self.a, self.ta, self.tb, self.pa, self.pb, grad)
+        pxx = self.pxx.reshape(n_cl * n_pr, p * p)
+        out = {
+            "ldL2": logdet @ self.counts,
+            "G": self.xx - (w.reshape(n_el, -1) @ pxx).reshape(n_el, p, p),
+            "h": stats["xy"] - np.matmul(w.reshape(n_el, 1, -1), stats["sxy"].reshape(n_el, -1, p))[:, 0],
+            "s": stats["yy"] - np.einsum("ek,ek->e", w.reshape(n_el, -1), stats["syy"].reshape(n_el, -1)),
+        }
+        if grad:
+            dw = dw.transpose(0, 2, 1, 3).reshape(n_el, k, n_cl * n_pr)
+            out["dldL2"] = np.einsum("eck,c->ek", dlog, self.counts)
+            out["dG"] = -(dw.reshape(n_el * k, -1) @ pxx).reshape(n_el, k, p, p)
+            out["dh"] = -np.matmul(dw, stats["sxy"].reshape(n_el, -1, p))
+            out["ds"] = -np.matmul(dw, stats["syy"].reshape(n_el, -1, 1))[..., 0]
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# two grouping factors: Schur complement on the factor with fewer levels, per component
+
+
+@compiled
+def _two_factor_pieces(  # pragma: no cover - compiled
+    t1, t2, a1, u1, a2, u2, pair_start, pair_f, pair_a, comp_i, comp_i_start, comp_f,
+    comp_f_start, f_local,
+):
+    """Per element: log|M| and Q = [X y]' Z Lambda M^-1 Lambda' Z' [X y] ((p+1) x (p+1)).
+
+    a1 (m1, d1, d1), u1 (E, m1, d1, p+1) = Z1_i'[X y]; a2, u2 the same for factor 2; the
+    observations shared by level i of factor 1 and level f of factor 2 give pair_a = Z1_i'Z2_f
+    (d1 x d2), listed per i (pair_start) with pair_f. Components list their levels of each
+    factor; f_local is the position of f within its component."""
+    n_el, d1, d2 = t1.shape[0], t1.shape[1], t2.shape[1]
+    pp = u1.shape[3]
+    logdet = np.zeros(n_el)
+    q_out = np.zeros((n_el, pp, pp))
+    for e in range(n_el):
+        te1, te2 = t1[e], t2[e]
+        for c in range(comp_i_start.size - 1):
+            f0, f1 = comp_f_start[c], comp_f_start[c + 1]
+            size = (f1 - f0) * d2
+            s = np.eye(size)
+            r = np.zeros((size, pp))
+            for fi in range(f0, f1):
+                f = comp_f[fi]
+                o = (fi - f0) * d2
+                s[o : o + d2, o : o + d2] += te2.T @ a2[f] @ te2
+                r[o : o + d2] = te2.T @ u2[e, f]
+            for ii in range(comp_i_start[c], comp_i_start[c + 1]):
+                i = comp_i[ii]
+                m = np.eye(d1) + te1.T @ a1[i] @ te1
+                chol = np.linalg.cholesky(m)
+                for j in range(d1):
+                    logdet[e] += 2.0 * np.log(chol[j, j])
+                u = te1.T @ u1[e, i]
+                nmat = np.zeros((d1, size))
+                for pi in range(pair_start[i], pair_start[i + 1]):
+                    o = f_local[pair_f[pi]] * d2
+                    nmat[:, o : o + d2] = te1.T @ pair_a[pi] @ te2
+                minv = np.linalg.inv(m)
+                mu = minv @ u
+                q_out[e] += u.T @ mu
+                s -= nmat.T @ minv @ nmat
+                r -= nmat.T @ mu
+            if size:
+                chol = np.linalg.cholesky(s)
+                for j in range(size):
+                    logdet[e] += 2.0 * np.log(chol[j, j])
+                q_out[e] += r.T @ np.linalg.solve(s, r)
+    return logdet, q_out
+
+
+class TwoFactors:
+    """The pieces for random terms on two grouping factors (crossed or nested)."""
+
+    analytic = False
+
+    def __init__(self, x: np.ndarray, first: Factor, second: Factor):
+        (one, i_of), (two, f_of) = indicator(first.codes), indicator(second.codes)
+        if one.shape[0] < two.shape[0]:  # eliminate the factor with more levels first
+            first, second, one, two, i_of, f_of = second, first, two, one, f_of, i_of
+        self.n1, self.n2 = one.shape[0], two.shape[0]
+        self.first, self.second, self.x = first, second, x
+        self.n, self.p = x.shape
+        self.sums1 = [one.multiply(first.z[None, :, a]).tocsr() for a in range(first.z.shape[1])]
+        self.sums2 = [two.multiply(second.z[None, :, a]).tocsr() for a in range(second.z.shape[1])]
+        self.a1 = _gram(self.sums1, first.z)
+        self.a2 = _gram(self.sums2, second.z)
+        pairs, pair_index = np.unique(i_of * self.n2 + f_of, return_inverse=True)
+        pair_rows = sp.csr_matrix(
+            (np.ones(self.n), (pair_index.ravel(), np.arange(self.n))), (pairs.size, self.n)
+        )
+        d1, d2 = first.z.shape[1], second.z.shape[1]
+        self.pair_a = np.stack(
+            [
+                np.stack(
+                    [pair_rows @ (first.z[:, a] * second.z[:, b]) for b in range(d2)], 1
+                )
+                for a in range(d1)
+            ],
+            1,
+        )  # (pairs, d1, d2)
+        pi, pf = pairs // self.n2, pairs % self.n2
+        self.pair_start = np.searchsorted(pi, np.arange(self.n1 + 1))
+        self.pair_f = pf
+        graph = sp.csr_matrix(
+            (np.ones(pairs.size), (pi, self.n1 + pf)), (self.n1 + self.n2, self.n1 + self.n2)
+        )
+        n_comp, label = sp.csgraph.connected_components(graph, directed=False)
+        self.comp_i = np.argsort(label[: self.n1], kind="stable")
+        self.comp_i_start = np.searchsorted(label[: self.n1][self.comp_i], np.arange(n_comp + 1))
+        self.comp_f = np.argsort(label[self.n1 :], kind="stable")
+        self.comp_f_start = np.searchsorted(label[self.n1 :][self.comp_f], np.arange(n_comp + 1))
+        self.f_local = np.empty(self.n2, dtype=np.int64)
+        for c in range(n_comp):
+            members = self.comp_f[self.comp_f_start[c] : self.comp_f_start[c + 1]]
+            self.f_local[members] = np.arange(members.size)
+        self.ux1 = np.stack([s @ x for s in self.sums1], 1)  # (m1, d1, p)
+        self.ux2 = np.stack([s @ x for s in self.sums2], 1)
+        self.xx = x.T @ x
+
+    def bytes_per_element(self) -> int:
+        d1, d2 = self.first.z.shape[1], self.second.z.shape[1]
+        return 8 * (self.p + 1) * (self.n1 * d1 + self.n2 * d2) * 2
+
+    def stats(self, y: np.ndarray) -> dict:
+        y, beta0 = residualise(self.x, y)
+
+        def joined(sums, ux):
+            uy = np.stack([s @ y for s in sums], 1)  # (m, d, E)
+            u = np.concatenate(
+                [np.broadcast_to(ux[..., None], (*ux.shape, y.shape[1])), uy[:, :, None]], 2
+            )
+            return np.ascontiguousarray(u.transpose(3, 0, 1, 2))  # (E, m, d, p+1)
+
+        return {
+            "u1": joined(self.sums1, self.ux1),
+            "u2": joined(self.sums2, self.ux2),
+            "xy": (self.x.T @ y).T,
+            "yy": (y * y).sum(axis=0),
+            "beta0": beta0,
+        }
+
+    def pieces(self, theta: np.ndarray, stats: dict, grad: bool) -> dict:
+        t1 = t_matrix(theta, self.first.tmap)
+        t2 = t_matrix(theta, self.second.tmap)
+        logdet, q = _two_factor_pieces(
+            t1, t2, self.a1, stats["u1"], self.a2, stats["u2"], self.pair_start, self.pair_f,
+            self.pair_a, self.comp_i, self.comp_i_start, self.comp_f, self.comp_f_start,
+            self.f_local,
+        )
+        p = self.p
+        return {
+            "ldL2": logdet,
+            "G": self.xx - q[:, :p, :p],
+            "h": stats["xy"] - q[:, :p, p],
+            "s": stats["yy"] - q[:, p, p],
+        }
+
+
+def residualise(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(y - X b, b) with b the least-squares coefficients: the mixed model of the residual is
+    the same model (beta shifted by b), and its cross products have no cancellation (y'y can
+    be a thousand times r^2, which would leave the criterion only 1e-13 precise)."""
+    q, r = np.linalg.qr(x)
+    coef = q.T @ y
+    beta0 = np.linalg.solve(r, coef)
+    rest = y - q @ coef
+    rest -= q @ (q.T @ rest)  # a second pass: X'rest is zero to rounding
+    beta0 += np.linalg.solve(r, q.T @ (y - x @ beta0 - rest))
+    return rest, beta0.T
+
+
+def _gram(sums, z) -> np.ndarray:
+    d = z.shape[1]
+    return np.ascontiguousarray(
+        np.stack([np.stack([sums[a] @ z[:, b] for b in range(d)], 1) for a in range(d)], 1)
+    )
+
+
+def engine(x: np.ndarray, factors: list[Factor]):
+    if len(factors) == 1:
+        return OneFactor(x, factors[0])
+    return TwoFactors(x, *factors)
+
+
+# --------------------------------------------------------------------------------------------
+# the profiled criterion
+
+
+class Criterion:
+    """lme4's profiled deviance (REML or ML) of a block of elements, with its gradient."""
+
+    def __init__(self, pieces_of, stats: dict, n: int, p: int, k: int, reml: bool, analytic: bool):
+        self.pieces_of, self.stats = pieces_of, stats
+        self.n, self.p, self.k, self.reml, self.analytic = n, p, k, reml, analytic
+        self.nu = n - p if reml else n
+
+    def subset(self, idx: np.ndarray) -> dict:
+        return {key: value[idx] for key, value in self.stats.items() if key != "beta0"}
+
+    def pieces(self, theta: np.ndarray, idx: np.ndarray, grad: bool) -> dict:
+        stats = self.subset(idx)
+        if not grad or self.analytic:
+            return self.pieces_of(theta, stats, grad)
+        out = self.pieces_of(theta, stats, False)
+        steps = 1e-5 * np.maximum(np.abs(theta), 0.1)  # central differences of each piece
+        for name in ("ldL2", "G", "h", "s"):
+            out["d" + name] = np.empty((theta.shape[0], self.k, *out[name].shape[1:]))
+        for j in range(self.k):
+            shift = np.zeros_like(theta)
+            shift[:, j] = steps[:, j]
+            up = self.pieces_of(theta + shift, stats, False)
+            down = self.pieces_of(theta - shift, stats, False)
+            for name in ("ldL2", "G", "h", "s"):
+                width = 2 * steps[:, j].reshape(-1, *([1] * (up[name].ndim - 1)))
+                out["d" + name][:, j] = (up[name] - down[name]) / width
+        return out
+
+    def profile(self, piece: dict, grad: bool) -> dict:
+        """beta, r^2, log|R_X|^2 and the criterion (and its gradient) from the pieces."""
+        g = piece["G"]
+        chol = np.linalg.cholesky(g)
+        beta = np.linalg.solve(g, piece["h"][..., None])[..., 0]
+        r2 = piece["s"] - np.einsum("ep,ep->e", piece["h"], beta)
+        ld_rx2 = 2 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
+        nu = self.nu
+        dev = piece["ldL2"] + nu * (1 + np.log(2 * np.pi * r2 / nu))
+        if self.reml:
+            dev = dev + ld_rx2
+        out = {"dev": dev, "beta": beta, "r2": r2, "ld_rx2": ld_rx2, "chol": chol, **piece}
+        if grad:
+            dg, dh = piece["dG"], piece["dh"]
+            dr2 = (
+                piece["ds"]
+                - 2 * np.einsum("ekp,ep->ek", dh, beta)
+                + np.einsum("ep,ekpq,eq->ek", beta, dg, beta)
+            )
+            ginv = _cho_inverse(chol)
+            d_rx2 = np.einsum("epq,ekqp->ek", ginv, dg)
+            out["dr2"], out["d_rx2"], out["ginv"] = dr2, d_rx2, ginv
+            out["grad"] = piece["dldL2"] + nu * dr2 / r2[:, None] + (d_rx2 if self.reml else 0)
+        return out
+
+    def __call__(self, theta: np.ndarray, idx: np.ndarray, grad: bool = True) -> dict:
+        """The criterion at ``theta`` of elements ``idx``; ``beta`` of the residualised
+        response, ``fixef`` of the response."""
+        out = self.profile(self.pieces(theta, idx, grad), grad)
+        out["fixef"] = out["beta"] + self.stats["beta0"][idx]
+        return out
+
+
+def _cho_inverse(chol: np.ndarray) -> np.ndarray:
+    inv = np.linalg.inv(chol)
+    return np.einsum("eji,ejk->eik", inv, inv)
+
+
+# --------------------------------------------------------------------------------------------
+# optimisation
+
+
+@dataclass
+class Optimum:
+    theta: np.ndarray  # (E, k)
+    dev: np.ndarray  # (E,)
+    converged: np.ndarray  # (E,) bool
+
+
+def minimise(
+    criterion: Criterion,
+    theta0: np.ndarray,
+    lower: np.ndarray,
+    max_iter: int = 200,
+    gtol: float = 1e-10,
+    xtol: float = 1e-9,
+) -> Optimum:
+    """Projected quasi-Newton on every element at once, from ``theta0`` (E, k), with lme4's
+    lower bounds: BFGS updates of a Hessian that starts, and is checked, by differences of the
+    exact gradient. A point is a candidate when its projected gradient is below ``gtol``
+    (relative to the criterion) or its step below ``xtol`` (relative to theta); it is accepted
+    when the Hessian there has no direction of negative curvature (else it is left along
+    that direction: a saddle, or a ridge at a bound). Elements that do not converge are
+    minimised again one by one (L-BFGS-B from several starts)."""
+    n_el, k = theta0.shape
+    theta = np.maximum(theta0.astype(np.float64), lower)
+    everyone = np.arange(n_el)
+    state = criterion(theta, everyone)
+    dev, grad = state["dev"].copy(), state["grad"].copy()
+    hess = _positive(_hessian(criterion, theta, grad, everyone))
+    checked = np.zeros(n_el, dtype=bool)  # hess is a fresh difference Hessian
+    converged = np.zeros(n_el, dtype=bool)
+    active = everyone
+    for _ in range(max_iter):
+        if not active.size:
+            break
+        th, g, f = theta[active], grad[active], dev[active]
+        at_bound = (th <= lower) & (g >= 0)
+        small = np.where(at_bound, 0.0, np.abs(g)).max(axis=1) <= gtol * (1 + np.abs(f))
+        step = _newton_step(hess[active], g, at_bound)
+        tiny = (np.abs(step) <= xtol * np.maximum(1, np.abs(th))).all(axis=1)
+        candidate = small | tiny
+        if candidate.any():  # check the curvature with a difference Hessian
+            where = np.flatnonzero(candidate)
+            exact = _hessian(criterion, th[where], g[where], active[where])
+            curvature = _curvature(exact, at_bound[where])
+            scale = 1 + np.abs(np.diagonal(exact, axis1=1, axis2=2)).max(axis=1)
+            convex = curvature >= -1e-6 * scale
+            converged[active[where[convex]]] = True
+            saddle = where[~convex]
+            if saddle.size:
+                step[saddle] = _escape(exact[~convex], th[saddle], lower)
+                hess[active[saddle]] = _positive(exact[~convex])
+            keep = ~np.isin(np.arange(active.size), where[convex])
+            active, th, g, f, step = active[keep], th[keep], g[keep], f[keep], step[keep]
+            if not active.size:
+                break
+        new_theta, new_dev, new_grad, accepted = _line_search(
+            criterion, th, f, g, step, lower, active
+        )
+        moved = active[accepted]
+        s_k = new_theta[accepted] - th[accepted]
+        y_k = new_grad[accepted] - g[accepted]
+        theta[moved], dev[moved], grad[moved] = (
+            new_theta[accepted], new_dev[accepted], new_grad[accepted]
+        )
+        hess[moved] = _bfgs(hess[moved], s_k, y_k)
+        stuck = active[~accepted]  # no decrease along a quasi-Newton step: a fresh Hessian
+        retry = stuck[~checked[stuck]]
+        if retry.size:
+            hess[retry] = _positive(_hessian(criterion, theta[retry], grad[retry], retry))
+        checked[moved] = False
+        checked[retry] = True
+        active = np.sort(np.concatenate([moved, retry]))
+    failed = np.flatnonzero(~converged)
+    for e in failed:  # robust fallback, one element at a time
+        theta[e], dev[e], converged[e] = _fallback(criterion, theta[e], theta0[e], lower, e)
+    _check_boundary(criterion, theta, dev, lower)
+    return Optimum(theta, dev, converged)
+
+
+def _positive(hess: np.ndarray) -> np.ndarray:
+    """The Hessian with |eigenvalues| (floored): a positive definite model of the criterion."""
+    values, vectors = np.linalg.eigh(hess)
+    scale = np.abs(values).max(axis=1, keepdims=True)
+    values = np.maximum(np.abs(values), 1e-8 * scale + 1e-300)
+    return np.einsum("eij,ej,ekj->eik", vectors, values, vectors)
+
+
+def _bfgs(hess: np.ndarray, s: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Damped BFGS update (Powell): stays positive definite."""
+    hs = np.einsum("eij,ej->ei", hess, s)
+    shs = np.einsum("ei,ei->e", s, hs)
+    sy = np.einsum("ei,ei->e", s, y)
+    ok = shs > 0
+    theta = np.where(sy >= 0.2 * shs, 1.0, 0.8 * shs / np.where(ok, shs - sy, 1.0))
+    r = theta[:, None] * y + (1 - theta[:, None]) * hs
+    sr = np.einsum("ei,ei->e", s, r)
+    ok &= sr > 0
+    safe_shs, safe_sr = np.where(ok, shs, 1.0), np.where(ok, sr, 1.0)
+    update = hess - np.einsum("ei,ej->eij", hs, hs) / safe_shs[:, None, None] + np.einsum(
+        "ei,ej->eij", r, r
+    ) / safe_sr[:, None, None]
+    return np.where(ok[:, None, None], update, hess)
+
+
+def _curvature(hess: np.ndarray, at_bound: np.ndarray) -> np.ndarray:
+    """Smallest eigenvalue of the Hessian on the free parameters, and of the diagonal at the
+    bound (where only upward moves are allowed)."""
+    k = hess.shape[1]
+    free = ~at_bound
+    h = np.where(free[:, :, None] & free[:, None, :], hess, 0.0) + np.where(
+        at_bound, 1e300, 0.0
+    )[:, :, None] * np.eye(k)[None]
+    lowest = np.linalg.eigvalsh(h)[:, 0]
+    bound_diag = np.where(at_bound, np.diagonal(hess, axis1=1, axis2=2), np.inf).min(axis=1)
+    return np.minimum(lowest, bound_diag)
+
+
+def _hessian(criterion: Criterion, theta: np.ndarray, grad: np.ndarray, idx: np.ndarray):
+    """Forward differences of the gradient (symmetrised), upwards so bounds are respected."""
+    k = theta.shape[1]
+    hess = np.empty((theta.shape[0], k, k))
+    steps = 1e-6 * np.maximum(np.abs(theta), 1e-2) if criterion.analytic else (
+        1e-4 * np.maximum(np.abs(theta), 1e-2)
+    )
+    for j in range(k):
+        shifted = theta.copy()
+        shifted[:, j] += steps[:, j]
+        hess[:, :, j] = (criterion(shifted, idx)["grad"] - grad) / steps[:, j, None]
+    return (hess + hess.transpose(0, 2, 1)) / 2
+
+
+def _newton_step(hess: np.ndarray, grad: np.ndarray, at_bound: np.ndarray) -> np.ndarray:
+    """The quasi-Newton direction on the free parameters (``hess`` positive definite)."""
+    k = grad.shape[1]
+    free = ~at_bound
+    h = np.where(free[:, :, None] & free[:, None, :], hess, 0.0)
+    h = h + np.where(at_bound, 1.0, 0.0)[:, :, None] * np.eye(k)[None]
+    g = np.where(free, grad, 0.0)
+    return np.where(free, -np.linalg.solve(h, g[..., None])[..., 0], 0.0)
+
+
+def _escape(hess: np.ndarray, theta: np.ndarray, lower: np.ndarray) -> np.ndarray:
+    """A step along the most negative curvature (feasible: upwards at a bound)."""
+    _, vectors = np.linalg.eigh(hess)
+    direction = vectors[:, :, 0]
+    at = theta <= lower
+    flip = (np.where(at, direction, 0.0) < 0).any(axis=1)
+    direction = np.where(flip[:, None], -direction, direction)
+    blocked = (np.where(at, direction, 0.0) < 0).any(axis=1)
+    direction = np.where(blocked[:, None], np.where(at, np.abs(direction), 0.0), direction)
+    return direction * 0.1 * np.maximum(1.0, np.abs(theta).max(axis=1))[:, None]
+
+
+def _line_search(criterion, theta, dev, grad, step, lower, idx, max_halvings: int = 40):
+    """Backtracking (Armijo) along the projected path; returns the accepted points."""
+    n_el = theta.shape[0]
+    new_theta, new_dev = theta.copy(), dev.copy()
+    new_grad = np.zeros_like(grad)
+    accepted = np.zeros(n_el, dtype=bool)
+    alpha = np.ones(n_el)
+    todo = np.arange(n_el)
+    for _ in range(max_halvings):
+        if not todo.size:
+            break
+        trial = np.maximum(theta[todo] + alpha[todo, None] * step[todo], lower)
+        moved = trial - theta[todo]
+        state = criterion(trial, idx[todo])
+        decrease = np.einsum("ek,ek->e", grad[todo], moved)
+        roundoff = 1e-14 * np.abs(dev[todo])  # the criterion's own rounding noise
+        ok = np.isfinite(state["dev"]) & (
+            state["dev"] <= dev[todo] + 1e-4 * np.minimum(decrease, 0) + roundoff
+        ) & (np.abs(moved).max(axis=1) > 0)
+        good = todo[ok]
+        new_theta[good], new_dev[good] = trial[ok], state["dev"][ok]
+        new_grad[good] = state["grad"][ok]
+        accepted[good] = True
+        todo = todo[~ok]
+        alpha[todo] /= 2
+    return new_theta, new_dev, new_grad, accepted
+
+
+def _fallback(criterion: Criterion, theta: np.ndarray, start: np.ndarray, lower, e: int):
+    idx = np.array([e])
+
+    def fun(t):
+        state = criterion(t[None], idx)
+        value = state["dev"][0]
+        if not np.isfinite(value):
+            return 1e300, np.zeros_like(t)
+        return value, state["grad"][0]
+
+    bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower]
+    best = None
+    for x0 in (theta, start, np.where(np.isfinite(lower), 1.0, 0.0)):
+        res = optimize.minimize(
+            fun, np.maximum(x0, lower), jac=True, method="L-BFGS-B", bounds=bounds,
+            options={"ftol": 1e-15, "gtol": 1e-9, "maxiter": 500},
+        )
+        if best is None or res.fun < best.fun:
+            best = res
+    return best.x, best.fun, bool(best.success)
+
+
+def _check_boundary(criterion: Criterion, theta, dev, lower) -> None:
+    """lme4's ``check.boundary``: a parameter within 1e-5 of its bound is set to the bound
+    where that does not raise the criterion."""
+    near = (theta - lower > 0) & (theta - lower < BOUNDARY_TOL)
+    for j in range(theta.shape[1]):
+        rows = np.flatnonzero(near[:, j])
+        if not rows.size:
+            continue
+        trial = theta[rows].copy()
+        trial[:, j] = lower[j]
+        value = criterion(trial, rows, grad=False)["dev"]
+        better = value < dev[rows]
+        theta[rows[better]] = trial[better]
+        dev[rows[better]] = value[better]
+
+
+# --------------------------------------------------------------------------------------------
+# lme4's and lmerTest's outputs
+
+
+def summarise(criterion: Criterion, optimum: Optimum, idx: np.ndarray | None = None) -> dict:
+    """Estimates, vcov, sigma, Satterthwaite df, t and p at the optimum (elements ``idx``)."""
+    idx = np.arange(optimum.theta.shape[0]) if idx is None else idx
+    theta = optimum.theta
+    state = criterion(theta, idx)
+    nu, p, k = criterion.nu, criterion.p, criterion.k
+    sigma2 = state["r2"] / nu
+    sigma = np.sqrt(sigma2)
+    ginv = state["ginv"]
+    vcov = sigma2[:, None, None] * ginv
+    # Hessian of lmerTest's devfun_vp(theta, sigma) at the optimum
+    hess = np.empty((theta.shape[0], k + 1, k + 1))
+    hess[:, :k, :k] = _theta_hessian(criterion, theta, idx, sigma2)
+    hess[:, :k, k] = hess[:, k, :k] = -2 * state["dr2"] / sigma[:, None] ** 3
+    hess[:, k, k] = 6 * state["r2"] / sigma2**2 - 2 * nu / sigma2
+    values, vectors = np.linalg.eigh(hess)
+    positive = values > EIGEN_TOL
+    inv_values = np.where(positive, 1 / np.where(positive, values, 1), 0.0)
+    vcov_varpar = 2 * np.einsum("eij,ej,ekj->eik", vectors, inv_values, vectors)
+    # Jacobian of vcov(beta) = sigma^2 G^-1: d/dtheta_j = -sigma^2 G^-1 dG_j G^-1, d/dsigma
+    jac = np.empty((theta.shape[0], k + 1, p))
+    diag_d = -sigma2[:, None, None] * np.einsum("epq,ejqr,erp->ejp", ginv, state["dG"], ginv)
+    jac[:, :k] = diag_d
+    jac[:, k] = 2 * sigma[:, None] * np.diagonal(ginv, axis1=1, axis2=2)
+    var = np.diagonal(vcov, axis1=1, axis2=2)
+    denom = np.einsum("eip,eij,ejp->ep", jac, vcov_varpar, jac)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df = 2 * var**2 / denom
+        se = np.sqrt(var)
+        t = state["fixef"] / se
+    p_value = 2 * special.stdtr(df, -np.abs(t))
+    npar = p + k + 1
+    dev = state["dev"]
+    return {
+        "beta": state["fixef"],
+        "se": se,
+        "df": df,
+        "t": t,
+        "p": p_value,
+        "sigma": sigma,
+        "dev": dev,
+        "logLik": -dev / 2,
+        "AIC": dev + 2 * npar,
+        "BIC": dev + np.log(criterion.n) * npar,
+    }
+
+
+def _theta_hessian(criterion: Criterion, theta, idx, sigma2) -> np.ndarray:
+    """d2/dtheta2 of log|L|^2 (+ log|R_X|^2) + r^2 / sigma^2 at fixed sigma, by central
+    differences of its gradient (exact derivatives for OneFactor, differences otherwise)."""
+    k = theta.shape[1]
+    hess = np.empty((theta.shape[0], k, k))
+    steps = 1e-5 * np.maximum(np.abs(theta), 1e-2) if criterion.analytic else (
+        2e-4 * np.maximum(np.abs(theta), 1e-2)
+    )
+
+    def gradient(t):
+        s = criterion(t, idx)
+        return s["dldL2"] + s["dr2"] / sigma2[:, None] + (s["d_rx2"] if criterion.reml else 0)
+
+    for j in range(k):
+        shift = np.zeros_like(theta)
+        shift[:, j] = steps[:, j]
+        hess[:, :, j] = (gradient(theta + shift) - gradient(theta - shift)) / (2 * steps[:, j, None])
+    return (hess + hess.transpose(0, 2, 1)) / 2
+
+
+def varcorr(theta: np.ndarray, sigma: np.ndarray, tmap: np.ndarray):
+    """Standard deviations (E, q) and correlations (E, q, q) of one term (lme4's VarCorr)."""
+    t = t_matrix(theta, tmap)
+    cov = np.einsum("eij,ekj->eik", t, t) * (sigma**2)[:, None, None]
+    sd = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cor = cov / (sd[:, :, None] * sd[:, None, :])
+    return sd, cor
+
+
+def singular(theta: np.ndarray, lower: np.ndarray) -> np.ndarray:
+    """lme4's isSingular: a diagonal parameter (lower bound 0) below 1e-4."""
+    diagonal = lower == 0
+    return (theta[:, diagonal] < SINGULAR_TOL).any(axis=1)
+
+
+def standardiser(z: np.ndarray) -> np.ndarray:
+    """C (q, q) such that Z C has, beside an intercept column, centred unit-variance columns
+    (without an intercept: unit root mean square). The model is the same (b = C b~, so
+    Sigma = C Sigma~ C'): only the optimiser's coordinates change, which makes the profiled
+    deviance of uncentred slopes (age in years beside an intercept) far better conditioned."""
+    q = z.shape[1]
+    c = np.eye(q)
+    ones = [a for a in range(q) if np.all(z[:, a] == 1)]
+    for a in range(q):
+        if a in ones:
+            continue
+        if ones:
+            mean = z[:, a].mean()
+            spread = np.sqrt(((z[:, a] - mean) ** 2).mean())
+            if spread > 0:
+                c[a, a] = 1 / spread
+                c[ones[0], a] = -mean / spread
+        else:
+            rms = np.sqrt((z[:, a] ** 2).mean())
+            if rms > 0:
+                c[a, a] = 1 / rms
+    return c
+
+
+def lme4_theta(theta: np.ndarray, tmaps: list[np.ndarray], standard: list[np.ndarray]):
+    """lme4's theta (lower Cholesky factors of each term's Sigma / sigma^2, diagonal >= 0)
+    from the optimiser's, whose terms' columns were multiplied by ``standard``."""
+    out = np.zeros_like(theta)
+    for tmap, c in zip(tmaps, standard, strict=True):
+        factor = np.einsum("ij,ejk->eik", c, t_matrix(theta, tmap))  # C T~: (C T~)(C T~)' = Sigma
+        _, upper = np.linalg.qr(factor.transpose(0, 2, 1))
+        signs = np.where(np.diagonal(upper, axis1=1, axis2=2) < 0, -1.0, 1.0)
+        lower_t = (upper * signs[:, :, None]).transpose(0, 2, 1)  # T with T T' = Sigma
+        rows, cols = np.nonzero(tmap >= 0)
+        out[:, tmap[rows, cols]] = lower_t[:, rows, cols]
+    return out
