@@ -33,7 +33,7 @@ import pandas as pd
 
 from greyarray import __version__
 from greyarray.demo import phenotypes, template_path, thickness_maps
-from greyarray.io import cifti
+from greyarray.io.formats import cifti
 
 HERE = Path(__file__).resolve().parent
 RESULT_NAMES = [

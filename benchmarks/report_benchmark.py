@@ -27,8 +27,8 @@ import h5py
 import numpy as np
 
 from greyarray import demo
-from greyarray.io import cifti
 from greyarray.io.cohort import load_cohort
+from greyarray.io.formats import cifti
 from greyarray.io.store import LIBVER, StoreOptions, chunk_shape, to_modelarray
 
 HERE = Path(__file__).resolve().parent

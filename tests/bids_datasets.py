@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from conftest import PCONN, PSCALAR, WRONG_TYPES
 
-from greyarray.io import cifti
+from greyarray.io.formats import cifti
 
 
 @dataclass

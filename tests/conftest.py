@@ -17,7 +17,7 @@ import pytest
 
 from greyarray import cli
 from greyarray.demo import template_path
-from greyarray.io import cifti
+from greyarray.io.formats import cifti
 
 DATA = Path(__file__).parent / "data"
 CONTE91K = DATA / "Conte69.MyelinAndCorrThickness.91k_fs_LR.dscalar.nii"

@@ -17,7 +17,7 @@ from bids_datasets import description, hcp, raw_with_fmriprep, xcpd
 from conftest import CONTE32K, run_greyarray
 from test_export import NAMES, fake_results, write_results
 
-from greyarray.io import cifti
+from greyarray.io.formats import cifti
 
 GREYARRAY = [sys.executable, "-m", "greyarray"]
 

@@ -16,7 +16,8 @@ from bids_datasets import description
 from test_export import fake_results, write_results
 
 from greyarray import cli, demo
-from greyarray.io import cifti, mesh
+from greyarray.io import mesh
+from greyarray.io.formats import cifti
 
 SCRAMBLED = "sub-007"  # its map's values are shuffled over the brain: flagged, never dropped
 THICKNESS = "{0}/anat/{0}_space-fsLR_den-91k_thickness.dscalar.nii"

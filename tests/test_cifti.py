@@ -11,7 +11,7 @@ from conftest import CONTE32K, CONTE91K, PCONN, PSCALAR, WRONG_TYPES
 from nibabel.cifti2 import cifti2_axes
 
 from greyarray.errors import DataError, MissingInputError
-from greyarray.io import cifti
+from greyarray.io.formats import cifti
 
 
 @pytest.mark.parametrize("path", [CONTE91K, CONTE32K, PSCALAR, PCONN], ids=lambda p: p.name)
@@ -207,7 +207,7 @@ def test_own_nifti2_tables_equal_nibabels():
     nibabel costs ~50 ms of every export); nibabel's are the reference."""
     from nibabel.cifti2.cifti2 import CIFTI_BRAIN_STRUCTURES
 
-    from greyarray.io import ciftixml, nifti2
+    from greyarray.io.formats import ciftixml, nifti2
 
     assert nb.nifti2.header_dtype == nifti2.HEADER
     assert nifti2.HEADER.itemsize == nifti2.SIZE
@@ -221,7 +221,7 @@ def test_own_nifti2_tables_equal_nibabels():
 
 @pytest.mark.parametrize("kind", sorted(cifti.INTENTS))
 def test_written_header_equals_nibabels(kind):
-    from greyarray.io import nifti2
+    from greyarray.io.formats import nifti2
 
     shape = (7, 5) if kind == "pconn" else (1, 91282)
     reference = nb.Nifti2Header()

@@ -12,7 +12,7 @@ import pytest
 from conftest import CONTE32K, CONTE91K, PSCALAR, WRONG_TYPES, subject_values, write_cohort
 from test_cifti import shifted_geometry
 
-from greyarray.io import cifti
+from greyarray.io.formats import cifti
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ from conftest import CONTE32K, PCONN, PSCALAR, subject_values, write_cohort
 from test_cifti import shifted_geometry
 
 from greyarray.errors import DataError
-from greyarray.io import cifti
 from greyarray.io.cohort import load_cohort
 from greyarray.io.export import export_results
+from greyarray.io.formats import cifti
 from greyarray.io.store import StoreOptions, to_modelarray
 
 NAMES = [

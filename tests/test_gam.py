@@ -14,7 +14,7 @@ import pytest
 from conftest import PSCALAR, require, write_cohort
 
 from greyarray import cli
-from greyarray.io import cifti
+from greyarray.io.formats import cifti
 from greyarray.stats import gam
 
 GAM_DATA = Path(__file__).parent / "data" / "gam"
@@ -197,7 +197,7 @@ def test_formula_parsing():
     assert gam.is_gam_formula("FA ~ s(age, k=4, fx=TRUE) + sex")
     assert not gam.is_gam_formula("FA ~ age + sex")
     parsed = gam.parse_gam_formula("FA ~ s(age, k=4, fx=TRUE, bs='cr') + sex")
-    spec = gam.SmoothSpec("s(age, k=4, fx=TRUE, bs='cr')", "age", 4, True, "cr")
+    spec = gam.SmoothSpec('s(age, k = 4, fx = TRUE, bs = "cr")', "age", 4, True, "cr")
     assert parsed.smooths[0] == spec
     assert parsed.parametric_rhs == "sex"
     assert gam.parse_gam_formula("FA ~ s(age)").parametric_rhs == "1"

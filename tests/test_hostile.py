@@ -28,8 +28,9 @@ from test_export import NAMES, fake_results, write_results
 
 from greyarray.demo import template_path
 from greyarray.errors import MissingInputError
-from greyarray.io import cifti, export, store
+from greyarray.io import export, store
 from greyarray.io.cohort import load_cohort
+from greyarray.io.formats import cifti
 
 TEMPLATE = template_path()
 SRC = str(Path(__file__).resolve().parents[1] / "src")

@@ -23,8 +23,9 @@ from test_hostile import build, field
 
 from greyarray import cli
 from greyarray.errors import LINE_LIMIT, one_line
-from greyarray.io import cifti, store
+from greyarray.io import store
 from greyarray.io.cohort import load_cohort
+from greyarray.io.formats import cifti
 
 PREFIX = "greyarray: error: "
 

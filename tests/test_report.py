@@ -20,8 +20,9 @@ from PIL import Image
 from scipy import stats as scipy_stats
 
 from greyarray.errors import DataError, MissingInputError, OutputError
-from greyarray.io import cifti, mesh, store
+from greyarray.io import mesh, spaces
 from greyarray.io.cohort import load_cohort
+from greyarray.io.formats import cifti
 from greyarray.io.store import StoreOptions, to_modelarray
 from greyarray.report import (
     GroupInput,
@@ -323,7 +324,7 @@ def test_stored_layout_equals_nibabel_axes(group, tmp_path):
     stored CIFTI XML; a ModelArrayIO file (structure codes only) gets strips."""
     with h5py.File(group["h5"]) as h5:
         stored = Layout.from_h5(h5)
-        parsed = Layout.from_geometry(store.read_geometry(h5))
+        parsed = Layout.from_geometry(spaces.read_geometry(h5))
     assert stored.structures == parsed.structures and len(stored.structures) == 21
     assert len(stored.drawable) == 2
     for mine, theirs in zip(stored.surfaces, parsed.surfaces, strict=True):

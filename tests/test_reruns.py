@@ -28,7 +28,7 @@ from conftest import (
 from test_export import fake_results, write_results
 
 from greyarray import cli
-from greyarray.io import cifti
+from greyarray.io.formats import cifti
 
 GREYARRAY = [sys.executable, "-m", "greyarray"]
 XCPD = (

@@ -12,8 +12,9 @@ import pytest
 from conftest import CONTE91K, PCONN, PSCALAR, subject_values, write_cohort
 
 from greyarray import cli
-from greyarray.io import cifti, store
+from greyarray.io import spaces, store
 from greyarray.io.cohort import load_cohort
+from greyarray.io.formats import cifti
 from greyarray.io.store import StoreOptions, to_modelarray
 
 N = 30
@@ -76,7 +77,7 @@ def test_full_geometry_and_provenance(converted, geometry91k):
     out, _, csv = converted
     axis = geometry91k.axes[0]
     with h5py.File(out, "r") as h5:
-        geometry = store.read_geometry(h5)
+        geometry = spaces.read_geometry(h5)
         assert geometry.difference(geometry91k) is None and geometry.axes[0] == axis
         group = h5["greyarray/geometry"]
         names = group.attrs["structure_names"]
@@ -175,7 +176,7 @@ def test_parcellated_round_trip(tmp_path, path):
             assert list(h5["parcels/parcel_id_from"].asstr()[()]) == names
             assert list(h5["parcels/parcel_id_to"].asstr()[()]) == list(geometry.axes[1].name)
         assert "greyordinates" not in h5
-        assert store.read_geometry(h5).axes == geometry.axes
+        assert spaces.read_geometry(h5).axes == geometry.axes
     # pconn elements are the row-major flattening of nibabel's (rows, cols) matrix
     first = np.asarray(nb.load(csv.parent / pd.read_csv(csv)["source_file"][0]).dataobj)
     assert np.array_equal(first.ravel(), values[0])

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from greyarray.io import cifti
+from greyarray.io.formats import cifti
 
 log = logging.getLogger(__name__)
 

@@ -98,15 +98,48 @@ def add_logging(parser) -> None:
     )
 
 
-def reference_levels(items: Sequence[str]) -> dict[str, str]:
+def reference_levels(items: Sequence[str], option: str = "--reference-level") -> dict[str, str]:
     """``["sex=F", "site=b"]`` -> ``{"sex": "F", "site": "b"}``."""
     levels = {}
     for item in items or []:
         column, sep, level = item.partition("=")
         if not sep or not column.strip():
-            raise UsageError(f"--reference-level {item!r}: expected COLUMN=LEVEL, e.g. sex=F")
+            raise UsageError(f"{option} {item!r}: expected COLUMN=LEVEL, e.g. sex=F")
         levels[column.strip()] = level
     return levels
+
+
+def add_factor_options(parser, prefix: str = "") -> None:
+    """--reference-level and --ordered-factor: how a model reads a cohort column (fit-lm,
+    fit-gam, fit-lmm, and the BIDS-App's group --model with ``prefix`` "with --model: ")."""
+    option(
+        parser,
+        "--reference-level",
+        nargs="+",
+        default=[],
+        metavar="COLUMN=LEVEL",
+        help=f"{prefix}reference level of a factor, e.g. sex=F (default: the first level in R's "
+        "order, which ignores case as R does in UTF-8 locales)",
+    )
+    option(
+        parser,
+        "--ordered-factor",
+        nargs="+",
+        default=[],
+        metavar="COLUMN=REFERENCE",
+        help=f"{prefix}make COLUMN an ordered factor as ModelArray's gen_gamFormula_fxSmooth "
+        "does: REFERENCE first, then the other levels in their order in the cohort; it is "
+        "coded by R's polynomial contrasts (COLUMN.L, COLUMN.Q, ...) and s(x, by = COLUMN) "
+        "fits difference smooths",
+    )
+
+
+def factor_options(args) -> tuple[dict[str, str], dict[str, str]]:
+    """(reference levels, ordered factors) given by add_factor_options' flags."""
+    return (
+        reference_levels(args.reference_level),
+        reference_levels(args.ordered_factor, "--ordered-factor"),
+    )
 
 
 def permutation_options(args):

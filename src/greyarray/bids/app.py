@@ -16,7 +16,13 @@ from pathlib import Path
 
 from greyarray import __version__
 from greyarray.errors import GreyArrayError, one_line
-from greyarray.options import Parser, add_nprocs, non_negative_int, reference_levels
+from greyarray.options import (
+    Parser,
+    add_factor_options,
+    add_nprocs,
+    factor_options,
+    non_negative_int,
+)
 
 log = logging.getLogger("greyarray")
 
@@ -201,14 +207,7 @@ def build_parser(commands: str = "") -> Parser:
         help="with a smooth --model: add this term's delta adjusted R-squared and partial "
         "R-squared (ModelArray.gam's changed.rsq.term.index), e.g. 's(age)'",
     )
-    model.add_argument(
-        "--reference-level",
-        nargs="+",
-        default=[],
-        metavar="COLUMN=LEVEL",
-        help="with --model: reference level of a factor, e.g. sex=F (default: the first level "
-        "in R's order)",
-    )
+    add_factor_options(model, "with --model: ")
     model.add_argument(
         "--analysis-name",
         metavar="NAME",
@@ -232,7 +231,7 @@ def main(argv: list[str], commands: str = "") -> int:
             f"unknown analysis level {args.analysis_level!r}; use participant or group"
         )
     settings = run.Run.from_args(args, shlex.join(["greyarray", *argv]))
-    settings.reference_levels = reference_levels(args.reference_level)
+    settings.reference_levels, settings.ordered_factors = factor_options(args)
     log.info("%s", one_line(settings.command_line))
     try:
         return _level(settings)

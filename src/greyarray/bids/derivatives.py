@@ -173,14 +173,13 @@ def describe_column(column: str) -> str:
     return f"1 - {text}, for display" if stat.startswith("1m.") else text
 
 
-def statmap_path(folder: Path, meta: dict, analysis: str, column: str, kind: str) -> Path:
+def statmap_path(folder: Path, meta: dict, analysis: str, column: str, ext: str) -> Path:
     from greyarray.bids.discover import KEYS
-    from greyarray.io import cifti
 
     entities = "_".join(
         f"{KEYS[k]}-{v}" for k, v in meta["Entities"].items() if k not in ("stat", "desc")
     )
-    name = statmap_name(entities, meta["Scalar"], analysis, column, cifti.EXTENSIONS[kind])
+    name = statmap_name(entities, meta["Scalar"], analysis, column, ext)
     return folder / name
 
 
@@ -207,7 +206,7 @@ def write_statmaps(
     the names is refused; maps of an earlier export of this analysis that differ from the new
     ones (results refitted or rewritten by R) are replaced, and those no longer produced
     removed, only with ``overwrite``."""
-    from greyarray.io import cifti, export
+    from greyarray.io import export
     from greyarray.io.fileio import staging
     from greyarray.io.inputs import open_hdf5
     from greyarray.io.names import unique_files
@@ -218,7 +217,7 @@ def write_statmaps(
     folder = h5_path.parent
     files = unique_files(
         export.output_names(results),
-        lambda c: statmap_path(folder, meta, analysis, c, geometry.kind),
+        lambda c: statmap_path(folder, meta, analysis, c, geometry.extension),
         f"{h5_path}: results/{analysis} columns",
     )
     for path in files:
@@ -226,7 +225,7 @@ def write_statmaps(
     paths = {column: path for path, column in files.items()}
     earlier = set(exported_statmaps(folder, h5_path.name, {analysis}))
     stale = earlier - set(files) - {sidecar_of(path) for path in files}
-    writer, changed = cifti.CiftiWriter(geometry), 0
+    writer, changed = geometry.writer(), 0
     with staging(folder) as private:
         for column, values in export.result_maps(results):
             path, data = paths[column], writer.encode(values, column)
@@ -279,7 +278,7 @@ def exported_statmaps(folder: Path, h5_name: str, analyses: set[str]) -> list[Pa
     """The statistical maps (and sidecars) exported from these analyses of one HDF5: only the
     exact names GreyArray writes (a user's ``...statmap.mycopy.dscalar.nii`` is theirs), and
     a sidecar that is not GreyArray's (not a JSON object) is skipped."""
-    from greyarray.io.cifti import EXTENSIONS
+    from greyarray.io.spaces import MAP_EXTENSIONS
 
     found = []
     for sidecar in folder.glob("*_statmap.json"):
@@ -291,6 +290,6 @@ def exported_statmaps(folder: Path, h5_name: str, analyses: set[str]) -> list[Pa
             continue
         if info.get("SourceHDF5") == h5_name and info.get("Analysis") in analyses:
             stem = sidecar.name[: -len(".json")]
-            maps = [folder / f"{stem}{ext}" for ext in sorted(set(EXTENSIONS.values()))]
+            maps = [folder / f"{stem}{ext}" for ext in MAP_EXTENSIONS]
             found += [sidecar, *(path for path in maps if path.exists())]
     return found

@@ -79,7 +79,7 @@ def _check(settings: Run, name: str, item: discover.Found) -> dict:
         "kind": source.file.kind,
         "n_elements": source.file.geometry.n_elements,
         "map": source.map_name,
-        "geometry_sha256": hashlib.sha256(source.file.geometry.xml).hexdigest(),
+        "geometry_sha256": hashlib.sha256(source.file.geometry.identity).hexdigest(),
         "sha256": source.sha256,
         "nonfinite_count": source.n_nonfinite,
     }

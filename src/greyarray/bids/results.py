@@ -65,7 +65,8 @@ def model(settings: Run) -> int:
 def _fitter(settings: Run, formula: str, smooth: bool):
     """(fit(h5, cohort, formula, analysis, overwrite), check of a cohort table before any
     conversion): fit-lm's, or fit-gam's for a formula with smooth terms s(...)."""
-    references, args = settings.reference_levels, settings.args
+    references, ordered, args = settings.reference_levels, settings.ordered_factors, settings.args
+    factors = {"reference_levels": references, "ordered_factors": ordered}
     permutations = permutation_options(args)
     if not smooth:
         from greyarray.stats.design import build_design
@@ -73,11 +74,11 @@ def _fitter(settings: Run, formula: str, smooth: bool):
         from greyarray.stats.permutation import exchangeable_units
 
         def check_lm(table) -> None:
-            design = build_design(formula, table, references)
+            design = build_design(formula, table, references, ordered)
             if permutations is not None and permutations.blocks is not None:
                 exchangeable_units(table, design.rows, permutations.blocks, "the cohort")
 
-        return partial(fit_lm, reference_levels=references, permutations=permutations), check_lm
+        return partial(fit_lm, **factors, permutations=permutations), check_lm
     if permutations is not None:
         raise UsageError("--permutations applies to linear models, not to a --model with s()")
     from greyarray.stats.gam import GamModel, changed_term_name, fit_gam, parse_gam_formula
@@ -86,8 +87,8 @@ def _fitter(settings: Run, formula: str, smooth: bool):
     if changed is not None:
         changed_term_name(parse_gam_formula(formula), changed)  # a usage error, before any work
     return (
-        partial(fit_gam, method=method, changed_rsq_term=changed),
-        lambda table: GamModel(parse_gam_formula(formula), table, method),
+        partial(fit_gam, method=method, changed_rsq_term=changed, **factors),
+        lambda table: GamModel(parse_gam_formula(formula), table, method, references, ordered),
     )
 
 
@@ -197,6 +198,12 @@ def _about(h5, analysis: str, meta: dict) -> dict:
         about["NumberOfRowsWithPhenotypes"] = record["n_with_phenotypes"]
     if record.get("reference_levels"):
         about["ReferenceLevels"] = record["reference_levels"]
+    if record.get("ordered_factors"):
+        about["OrderedFactors"] = record["ordered_factors"]
+    if record.get("offset"):
+        about["Offset"] = record["offset"]
+    if record.get("aliased_columns_left_out"):
+        about["AliasedColumnsLeftOut"] = record["aliased_columns_left_out"]
     return about
 
 

@@ -48,6 +48,7 @@ class Run:
     stamp: str = field(default_factory=lambda: _stamp())
     log_file: Path | None = None
     reference_levels: dict[str, str] = field(default_factory=dict)
+    ordered_factors: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, command_line: str) -> Run:

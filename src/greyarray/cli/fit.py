@@ -9,12 +9,13 @@ from pathlib import Path
 from greyarray.cli.shared import check_report, report_option, write_report
 from greyarray.options import (
     Parser,
+    add_factor_options,
     add_logging,
     add_nprocs,
+    factor_options,
     non_negative_int,
     option,
     permutation_options,
-    reference_levels,
 )
 
 log = logging.getLogger("greyarray")
@@ -34,15 +35,7 @@ def fit_lm_parser(prog: str = "greyarray fit-lm") -> Parser:
     _model_inputs(
         parser, "lm", "R formula; its response is the scalar, e.g. 'thickness ~ age + sex'"
     )
-    option(
-        parser,
-        "--reference-level",
-        nargs="+",
-        default=[],
-        metavar="COLUMN=LEVEL",
-        help="reference level of a factor, e.g. sex=F (default: the first level in R's "
-        "order, which ignores case as R does in UTF-8 locales)",
-    )
+    add_factor_options(parser)
     option(
         parser,
         "--full-outputs",
@@ -158,6 +151,7 @@ def run_fit_lm(args: argparse.Namespace) -> int:
     from greyarray.stats.names import MODEL_STATS, TERM_STATS
 
     permutations = permutation_options(args)
+    references, ordered = factor_options(args)
     check_report(args.report, args.input_hdf5, args.cohort_file)
     columns = fit_lm(
         args.input_hdf5,
@@ -170,7 +164,8 @@ def run_fit_lm(args: argparse.Namespace) -> int:
         lthr_abs=args.num_subj_lthr_abs,
         lthr_rel=args.num_subj_lthr_rel,
         overwrite=args.overwrite,
-        reference_levels=reference_levels(args.reference_level),
+        reference_levels=references,
+        ordered_factors=ordered,
         permutations=permutations,
     )
     if permutations is not None and permutations.shard is not None:
@@ -198,6 +193,7 @@ def fit_gam_parser(prog: str = "greyarray fit-gam") -> Parser:
         "s(x, k=, fx=, bs=) with bs tp, ts, cr or cs, plus parametric terms as in fit-lm.",
     )
     _model_inputs(parser, "gam", "e.g. 'thickness ~ s(age, k=4, fx=TRUE) + sex'")
+    add_factor_options(parser)
     parser.add_argument(
         "--method",
         choices=["REML", "GCV.Cp"],
@@ -227,8 +223,9 @@ def fit_gam_parser(prog: str = "greyarray fit-gam") -> Parser:
 
 
 def run_fit_gam(args: argparse.Namespace) -> int:
-    from greyarray.stats.gam import fit_gam  # scipy and formulaic: only for this command
+    from greyarray.stats.gam import fit_gam  # scipy: only for this command
 
+    references, ordered = factor_options(args)
     columns = fit_gam(
         args.input_hdf5,
         args.cohort_file,
@@ -241,6 +238,8 @@ def run_fit_gam(args: argparse.Namespace) -> int:
         lthr_abs=args.num_subj_lthr_abs,
         lthr_rel=args.num_subj_lthr_rel,
         overwrite=args.overwrite,
+        reference_levels=references,
+        ordered_factors=ordered,
     )
     log.info(
         "Wrote results/%s (%d columns) to %s", args.analysis_name, len(columns), args.input_hdf5

@@ -22,11 +22,11 @@ import h5py
 import numpy as np
 
 from greyarray.errors import DataError
-from greyarray.io import cifti, h5read, store
-from greyarray.io.cifti import CiftiWriter, Geometry
+from greyarray.io import h5read
 from greyarray.io.fileio import remove_stale_temporaries, staging
 from greyarray.io.inputs import open_hdf5
 from greyarray.io.names import refuse_inputs, safe_name, unique_files
+from greyarray.io.spaces import ElementSpace, read_geometry
 
 log = logging.getLogger(__name__)
 
@@ -191,14 +191,16 @@ def _element_ids(column: np.ndarray, where: str, n_elements: int) -> np.ndarray:
     return ids
 
 
-def load_template(path: Path) -> Geometry:
-    """The geometry of a template CIFTI file (``--example-file`` or the cohort's first file)."""
+def load_template(path: Path) -> ElementSpace:
+    """The space of a template file (``--example-file`` or the cohort's first file)."""
+    from greyarray.io.formats import cifti
+
     return cifti.read_file(path).geometry
 
 
-def resolve_geometry(h5: h5py.File, template: Path | None) -> Geometry:
-    """Stored geometry, checked against the template when one is given."""
-    stored = store.read_geometry(h5)
+def resolve_geometry(h5: h5py.File, template: Path | None) -> ElementSpace:
+    """Stored space, checked against the template when one is given."""
+    stored = read_geometry(h5)
     if template is None:
         if stored is None:
             raise DataError(
@@ -206,43 +208,16 @@ def resolve_geometry(h5: h5py.File, template: Path | None) -> Geometry:
                 "give --example-file or --cohort-file"
             )
         return stored
-    geometry = load_template(template)
+    space = load_template(template)
     if stored is not None:
-        problem = stored.difference(geometry)
+        problem = stored.difference(space)
         if problem:
             raise DataError(
                 f"{template}: does not match the geometry stored in {h5.filename}: {problem}"
             )
         return stored
-    _check_modelarrayio_geometry(h5, geometry, template)
-    return geometry
-
-
-def _check_modelarrayio_geometry(h5: h5py.File, geometry: Geometry, template: Path) -> None:
-    """Files from ModelArrayIO record element counts and names: the template must agree."""
-    if "greyordinates" in h5:
-        table = h5["greyordinates"]
-        if not isinstance(table, h5py.Dataset) or len(table.shape) != 2:
-            raise DataError(f"{h5.filename}: greyordinates is not a 2-D dataset")
-        count = table.shape[-1]
-        names = h5read.decode(
-            table.attrs.get("structure_names", []), f"{h5.filename}: greyordinates"
-        )
-        if (
-            geometry.kind != "dscalar"
-            or count != geometry.n_elements
-            or (names and set(names) != set(map(str, geometry.axes[0].name)))
-        ):
-            raise DataError(
-                f"{template}: does not match the {count} greyordinates stored in {h5.filename}"
-            )
-    for key in ("parcel_id", "parcel_id_from"):
-        if f"parcels/{key}" in h5:
-            names = _strings(h5[f"parcels/{key}"], f"{h5.filename}: parcels/{key}")
-            if list(map(str, geometry.axes[0].name)) != names:
-                raise DataError(
-                    f"{template}: its parcels differ from those stored in {h5.filename}"
-                )
+    space.check_tables(h5, template)
+    return space
 
 
 def result_maps(results: Results) -> Iterator[tuple[str, np.ndarray]]:
@@ -264,10 +239,9 @@ def output_names(results: Results) -> list[str]:
     return names
 
 
-def output_files(results: Results, kind: str, output_dir: Path) -> dict[str, Path]:
+def output_files(results: Results, ext: str, output_dir: Path) -> dict[str, Path]:
     """{map name: file}, named ``<analysis>_<result><ext>`` as ModelArrayIO does; two names
     that would share a file are an error naming both."""
-    ext = cifti.EXTENSIONS[kind]
     files = unique_files(
         output_names(results),
         lambda name: output_dir / f"{results.analysis}_{safe_name(name)}{ext}",
@@ -285,14 +259,16 @@ def export_results(
         results = read_results(h5, analysis, geometry.n_elements)
     for name, levels in results.levels.items():
         log.info("%s is a factor; values are codes 1..%d for %s", name, len(levels), levels)
-    files = output_files(results, geometry.kind, output_dir)
+    files = output_files(results, geometry.extension, output_dir)
     refuse_inputs(files.values(), [h5_path, *([template] if template else [])])
     if output_dir.exists():
         log.warning("Output directory exists: %s", output_dir)
     remove_stale_temporaries(output_dir)
-    writer = CiftiWriter(geometry)
+    writer = geometry.writer()
     with staging(output_dir) as private:
         for name, values in result_maps(results):
             (private / files[name].name).write_bytes(writer.encode(values, name))
+        for name, data in writer.companions().items():
+            (private / name).write_bytes(data)
     log.info("Wrote %d files to %s", len(files), output_dir)
     return list(files.values())

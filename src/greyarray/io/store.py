@@ -1,9 +1,9 @@
 """Write the HDF5 file ModelArray reads, streaming subjects with bounded memory.
 
 Layout (see DEVELOPERS.md): ``scalars/<s>/values`` (subjects x elements),
-``scalars/<s>/column_names``, ``greyordinates`` or ``parcels/...`` exactly as ModelArrayIO writes
-them, and ``greyarray/`` with the full geometry (the element axis's CIFTI XML plus decoded arrays)
-and provenance.
+``scalars/<s>/column_names``, the element tables exactly as ModelArrayIO writes them and
+``greyarray/geometry`` (both written by the element space: ``spaces/``), and ``greyarray/`` with
+provenance.
 
 Chunks hold all subjects for a run of elements and are at most 1 MiB by default: ModelArray in R
 reads one element at a time through HDF5's 1 MiB chunk cache, and a larger chunk is re-read and
@@ -30,14 +30,12 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
-from greyarray.errors import DataError
-from greyarray.io import ciftixml
-from greyarray.io.cifti import Geometry, checked_geometry
 from greyarray.io.fileio import check_output, remove_stale_temporaries, replacing
 from greyarray.io.h5read import read_scalar
 from greyarray.io.inputs import open_hdf5
 from greyarray.io.names import refuse_inputs, safe_name, unique_files
 from greyarray.io.sources import Source, check_sources
+from greyarray.io.spaces.base import write_strings
 from greyarray.io.threads import thread_pool
 
 if TYPE_CHECKING:
@@ -146,10 +144,9 @@ def write_modelarray(
     overwrite: bool = True,
 ) -> None:
     """Write all scalars (which share one geometry) to ``path`` atomically."""
-    geometry = next(iter(scalars.values()))[0].file.geometry
+    space = next(iter(scalars.values()))[0].file.geometry
     with replacing(path, overwrite) as tmp, h5py.File(tmp, "w", libver=LIBVER) as h5:
-        _write_modelarrayio_geometry(h5, geometry)
-        _write_geometry(h5.create_group("greyarray/geometry"), geometry)
+        space.to_hdf5(h5)
         _write_provenance(h5["greyarray"], options, command_line or shlex.join(sys.argv))
         for name, sources in scalars.items():
             _write_scalar(h5, name, sources, options)
@@ -170,17 +167,17 @@ def _write_scalar(h5: h5py.File, name: str, sources: Sequence[Source], options: 
     values = h5.create_dataset(
         f"scalars/{name}/values", shape=(n, g), dtype=dtype, chunks=chunks, **options.filters
     )
-    _strings(h5, f"scalars/{name}/column_names", [s.column_name for s in sources])
+    write_strings(h5, f"scalars/{name}/column_names", [s.column_name for s in sources])
     prov = f"greyarray/sources/{name}"
-    _strings(h5, f"{prov}/path", [s.file.path.resolve() for s in sources])
-    _strings(h5, f"{prov}/sha256", [s.sha256 for s in sources])
-    _strings(h5, f"{prov}/map_name", [s.map_name for s in sources])
+    write_strings(h5, f"{prov}/path", [s.file.path.resolve() for s in sources])
+    write_strings(h5, f"{prov}/sha256", [s.sha256 for s in sources])
+    write_strings(h5, f"{prov}/map_name", [s.map_name for s in sources])
     h5.create_dataset(f"{prov}/nonfinite_count", data=[s.n_nonfinite for s in sources], dtype="i8")
     _fill(values, sources, options)
 
 
 def _fill(dset: h5py.Dataset, sources: Sequence[Source], options: StoreOptions) -> None:
-    from tqdm import tqdm  # here, not at the top: export-results reads geometry from this module
+    from tqdm import tqdm  # here, not at the top: export-results imports this module
 
     n, g = dset.shape
     width = dset.chunks[1]
@@ -233,46 +230,6 @@ def _write_chunks(dset, block: np.ndarray, start: int, pool, options: StoreOptio
         dset.id.write_direct_chunk((r, start + c), data)
 
 
-def _write_modelarrayio_geometry(h5: h5py.File, geometry: Geometry) -> None:
-    """``greyordinates`` / ``parcels`` exactly as ModelArrayIO 26 writes them."""
-    if geometry.kind == "dscalar":
-        codes, names = factorize(geometry.axes[0].name)
-        table = np.vstack([np.arange(len(codes)), codes])
-        dset = h5.create_dataset("greyordinates", data=table)
-        dset.attrs["column_names"] = ["vertex_id", "structure_id"]
-        dset.attrs["structure_names"] = [str(n) for n in names]
-    elif geometry.kind == "pscalar":
-        _strings(h5, "parcels/parcel_id", geometry.axes[0].name)
-    else:
-        _strings(h5, "parcels/parcel_id_from", geometry.axes[0].name)
-        _strings(h5, "parcels/parcel_id_to", geometry.axes[1].name)
-
-
-def _write_geometry(group: h5py.Group, geometry: Geometry) -> None:
-    """The full geometry: the CIFTI XML (what export rebuilds files from) and, for dense data,
-    decoded arrays so R or Python users can map elements without a CIFTI library."""
-    group.attrs["cifti_kind"] = geometry.kind
-    group.attrs["n_elements"] = geometry.n_elements
-    document = geometry.document()  # fixed-length, so gzip applies (91k: 600 KB -> ~100 KB)
-    group.create_dataset(
-        "cifti_xml", data=np.array([document], f"S{len(document)}"), compression="gzip"
-    )
-    if geometry.kind != "dscalar":
-        return
-    axis = geometry.axes[0]
-    codes, names = factorize(axis.name)
-    options = {"compression": "gzip", "shuffle": True}
-    group.create_dataset("structure", data=codes.astype("i2"), **options)
-    group.attrs["structure_names"] = [str(n) for n in names]
-    group.create_dataset("vertex", data=axis.vertex.astype("i4"), **options)
-    group.create_dataset("voxel_ijk", data=axis.voxel.astype("i4"), **options)
-    group.attrs["surface_structures"] = list(axis.nvertices)
-    group.attrs["surface_vertex_counts"] = list(axis.nvertices.values())
-    if axis.volume_shape is not None:
-        group.attrs["volume_shape"] = list(axis.volume_shape)
-        group.attrs["volume_affine"] = axis.affine
-
-
 def _write_provenance(group: h5py.Group, options: StoreOptions, command_line: str) -> None:
     from importlib.metadata import version
 
@@ -292,19 +249,6 @@ def _write_provenance(group: h5py.Group, options: StoreOptions, command_line: st
             "storage": options.description,
         }
     )
-
-
-def factorize(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """(0-based codes, unique values in order of first appearance), as pandas.factorize."""
-    uniques, first, inverse = np.unique(values, return_index=True, return_inverse=True)
-    order = np.argsort(first)
-    rank = np.empty_like(order)
-    rank[order] = np.arange(order.size)
-    return rank[inverse], [str(u) for u in uniques[order]]
-
-
-def _strings(h5: h5py.File, name: str, values) -> None:
-    h5.create_dataset(name, data=[str(v) for v in values], dtype=h5py.string_dtype())
 
 
 @dataclass(frozen=True)
@@ -347,44 +291,3 @@ def stored_inputs(h5_path: Path, scalar: str) -> StoredInputs:
             else []
         )
     return StoredInputs(names, sha, storage, analyses)
-
-
-def read_geometry(h5: h5py.File) -> Geometry | None:
-    """The geometry GreyArray stored, or None for files written by other tools.
-
-    Checked as a source file's XML is, and against the stored element count: export writes
-    this XML into every file, so a damaged one must stop it, not produce invalid CIFTI files.
-    """
-    top = h5.get("greyarray")
-    group = top.get("geometry") if isinstance(top, h5py.Group) else None
-    where = f"{h5.filename}: greyarray/geometry"
-    if group is not None and not isinstance(group, h5py.Group):
-        raise DataError(f"{where} is not a group (damaged file?)")
-    if group is None or "cifti_xml" not in group:
-        return None
-    dataset = group["cifti_xml"]
-    if (
-        not isinstance(dataset, h5py.Dataset)
-        or dataset.shape != (1,)
-        or dataset.dtype.kind != "S"
-        or dataset.dtype.itemsize > ciftixml.MAX_XML_BYTES
-    ):
-        raise DataError(f"{where}/cifti_xml is not one CIFTI XML string (damaged file?)")
-    document = bytes(dataset[0])
-    head, tail = b'<CIFTI Version="2"><Matrix>', b"</Matrix></CIFTI>"
-    if not (document.startswith(head) and document.endswith(tail)):
-        raise DataError(f"{where}/cifti_xml is not the CIFTI XML GreyArray stores (damaged?)")
-    kind = group.attrs.get("cifti_kind")
-    kind = kind.decode(errors="replace") if isinstance(kind, bytes) else str(kind)
-    if kind not in ("dscalar", "pscalar", "pconn"):
-        raise DataError(f"{where}: unknown stored CIFTI kind {kind[:40]!r}")
-    count = group.attrs.get("n_elements")
-    if not isinstance(count, (int, np.integer)) or isinstance(count, (bool, np.bool_)):
-        raise DataError(f"{where}: n_elements {str(count)[:40]!r} is not an integer")
-    geometry = checked_geometry(f"{where}/cifti_xml", kind, document[len(head) : -len(tail)])
-    if geometry.n_elements != count:
-        raise DataError(
-            f"{where}: n_elements is {count} but its CIFTI XML defines {geometry.n_elements} "
-            "elements"
-        )
-    return geometry

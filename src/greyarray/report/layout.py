@@ -16,8 +16,8 @@ import numpy as np
 from nibabel.cifti2 import cifti2_axes
 
 from greyarray.errors import DataError
-from greyarray.io import h5read, mesh, store
-from greyarray.io.cifti import Geometry
+from greyarray.io import h5read, mesh
+from greyarray.io.spaces import Geometry, read_geometry
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class Layout:
             rows = list(h5["parcels/parcel_id_from"].asstr()[()])
             cols = list(h5["parcels/parcel_id_to"].asstr()[()])
             return cls("pconn", n, parcels=rows, columns=cols)
-        geometry = store.read_geometry(h5)
+        geometry = read_geometry(h5)
         if geometry is not None:
             return cls.from_geometry(geometry)
         if "greyordinates" in h5:

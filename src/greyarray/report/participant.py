@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from greyarray.io import cifti
+from greyarray.io.formats import cifti
 from greyarray.report import figures, plots
 from greyarray.report.html import (
     Anchors,

@@ -24,7 +24,8 @@ from matplotlib.collections import PolyCollection
 from matplotlib.colors import Colormap, Normalize
 from matplotlib.figure import Figure
 
-from greyarray.io import cifti, mesh
+from greyarray.io import mesh
+from greyarray.io.formats import cifti
 
 VIEWS = (("L", "lateral"), ("L", "medial"), ("R", "medial"), ("R", "lateral"))
 PANEL = (300, 210)  # width, height in pixels of one view

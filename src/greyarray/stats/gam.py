@@ -15,11 +15,9 @@ parametric terms.
 
 from __future__ import annotations
 
-import ast
 import logging
-import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +31,9 @@ from greyarray.io.fileio import check_writable
 from greyarray.io.h5read import read_scalar
 from greyarray.io.inputs import open_hdf5
 from greyarray.io.names import check_name
+from greyarray.stats import formula as rf
 from greyarray.stats import gam_fit
-from greyarray.stats.design import build_design, match_cohort, parse_formula, threshold_rule
+from greyarray.stats.design import build_design, match_cohort, threshold_rule
 from greyarray.stats.lm import BLOCK_BYTES
 from greyarray.stats.results import p_adjust_fdr, write_results
 from greyarray.stats.smooths import BASES, MAX_KNOTS, smooth_term
@@ -67,7 +66,7 @@ PATTERN_CACHE = 32  # designs kept for sets of valid subjects (each is small)
 class SmoothSpec:
     """One ``s(x, k=, fx=, bs=)`` term."""
 
-    term: str  # as written in the formula
+    term: str  # mgcv's term label (R's deparse of the call)
     var: str
     k: int
     fx: bool
@@ -86,78 +85,91 @@ class SmoothSpec:
 
 @dataclass(frozen=True)
 class GamFormula:
-    response: str
+    response: str  # the response as R writes it (back-quoted if it must be)
     smooths: tuple[SmoothSpec, ...]
-    parametric: tuple[str, ...]  # the other right-hand-side terms, as written
-    terms: tuple[str, ...]  # every right-hand-side term in order (ModelArray's term index)
+    parametric: tuple[str, ...]  # the other right-hand-side terms (R's term labels)
+    terms: tuple[str, ...]  # every right-hand-side term in R's order (ModelArray's term index)
+    intercept: bool = True
+    scalar: str = ""  # the response as a scalar name
 
     @property
     def parametric_rhs(self) -> str:
         return " + ".join(self.parametric) if self.parametric else "1"
 
+    @property
+    def text(self) -> str:
+        """The formula written again from its terms (as mgcv rebuilds its parts)."""
+        rhs = " + ".join(self.terms) if self.terms else "1"
+        return f"{self.response} ~ {rhs}" + ("" if self.intercept else " - 1")
+
     def without(self, term: str) -> GamFormula:
         """The reduced model of ModelArray's changed.rsq.term.index (term dropped)."""
-        return GamFormula(
-            self.response,
-            tuple(s for s in self.smooths if s.term != term),
-            tuple(t for t in self.parametric if t != term),
-            tuple(t for t in self.terms if t != term),
+        return replace(
+            self,
+            smooths=tuple(s for s in self.smooths if s.term != term),
+            parametric=tuple(t for t in self.parametric if t != term),
+            terms=tuple(t for t in self.terms if t != term),
         )
-
-
-def _split_terms(rhs: str) -> list[str]:
-    """Top-level ``+``-separated terms (parentheses respected)."""
-    terms, depth, start = [], 0, 0
-    for i, char in enumerate(rhs):
-        depth += char == "("
-        depth -= char == ")"
-        if char == "+" and depth == 0:
-            terms.append(rhs[start:i].strip())
-            start = i + 1
-    terms.append(rhs[start:].strip())
-    return [t for t in terms if t]
 
 
 def is_gam_formula(formula: str) -> bool:
     """True when the formula has a smooth term ``s(...)`` (route it to fit-gam)."""
-    return "~" in formula and any(
-        re.match(r"s\s*\(", t) for t in _split_terms(formula.split("~", 1)[1])
-    )
+    return bool(rf.model_formula(formula).smooths)
 
 
-def _smooth_spec(term: str, formula: str) -> SmoothSpec:
-    try:
-        call = ast.parse(term.replace("TRUE", "True").replace("FALSE", "False"), mode="eval")
-        call = call.body
-    except SyntaxError:
-        raise UsageError(f"formula {formula!r}: cannot read smooth term {term!r}") from None
-    if len(call.args) != 1 or not isinstance(call.args[0], ast.Name):
+def _smooth_spec(smooth: rf.SmoothCall, formula: str) -> SmoothSpec:
+    term = smooth.label
+    variables = smooth.variables
+    if smooth.kind != "s" or len(variables) != 1 or not isinstance(variables[0], rf.Name):
         raise UsageError(
             f"formula {formula!r}: {term!r} must smooth one variable (s(x, ...)); tensor "
             "and multi-variable smooths are not supported"
         )
     args = {"k": 10, "fx": False, "bs": "tp"}
-    for kw in call.keywords:
-        if kw.arg not in args or not isinstance(kw.value, (ast.Constant, ast.Name)):
+    for name, node in smooth.arguments.items():
+        if name not in args or not isinstance(node, (rf.Num, rf.Str, rf.Const, rf.Name)):
             raise UsageError(f"formula {formula!r}: {term!r}: only k=, fx= and bs= are supported")
-        value = kw.value.id if isinstance(kw.value, ast.Name) else kw.value.value
-        args[kw.arg] = {"T": True, "F": False}.get(value, value) if kw.arg == "fx" else value
+        if isinstance(node, rf.Name):  # T, F, or a bare word as bs
+            value = {"T": True, "F": False}.get(node.id, node.id)
+        elif isinstance(node, rf.Num):
+            value = int(node.value) if node.value == int(node.value) else node.value
+        else:
+            value = node.value
+        args[name] = value
     if args["bs"] not in BASES:
         raise UsageError(f"formula {formula!r}: bs={args['bs']!r} (supported: {', '.join(BASES)})")
     if not isinstance(args["k"], int) or not isinstance(args["fx"], bool):
         raise UsageError(f"formula {formula!r}: {term!r} needs an integer k and fx=TRUE/FALSE")
     k = max(args["k"], 3)  # mgcv raises k to the minimum (3) with a warning
-    return SmoothSpec(term, call.args[0].id, k, args["fx"], args["bs"])
+    return SmoothSpec(term, variables[0].id, k, args["fx"], args["bs"])
 
 
 def parse_gam_formula(formula: str) -> GamFormula:
-    response, rhs = parse_formula(formula)
-    terms = _split_terms(rhs)
-    smooths = tuple(_smooth_spec(t, formula) for t in terms if re.match(r"s\s*\(", t))
-    parametric = tuple(t for t in terms if not re.match(r"s\s*\(", t))
+    model = rf.model_formula(formula)
+    if model.bars:
+        raise UsageError(
+            f"formula {formula!r}: random-effect terms (... | ...) are lme4's: use fit-lmm, or "
+            's(g, bs = "re") in a GAM'
+        )
+    smooths = tuple(_smooth_spec(s, formula) for s in model.smooths)
+    smooth_labels = {s.term for s in smooths}
+    labels = model.all_terms.labels
+    parametric = tuple(t for t in labels if t not in smooth_labels)
     if len({s.var for s in smooths}) < len(smooths):
         raise UsageError(f"formula {formula!r}: a variable is smoothed twice")
-    return GamFormula(response, smooths, parametric, tuple(terms))
+    offsets = [model.all_terms.names[i] for i in model.all_terms.offsets]
+    if offsets:
+        raise UsageError(
+            f"formula {formula!r}: offset() in a GAM is not supported (mgcv would fit it)"
+        )
+    return GamFormula(
+        rf.deparse(model.response),
+        smooths,
+        parametric,
+        tuple(labels),
+        model.all_terms.intercept,
+        model.response_name,
+    )
 
 
 # --- one model (full or reduced) -------------------------------------------------------------
@@ -166,10 +178,17 @@ def parse_gam_formula(formula: str) -> GamFormula:
 class GamModel:
     """A formula on the cohort: its subjects, parametric design and per-pattern designs."""
 
-    def __init__(self, formula: GamFormula, phenotypes: pd.DataFrame, method: str):
+    def __init__(
+        self,
+        formula: GamFormula,
+        phenotypes: pd.DataFrame,
+        method: str,
+        references: dict[str, str] | None = None,
+        ordered: dict[str, str] | None = None,
+    ):
         self.formula = formula
         self.method = method
-        design = build_design(f"{formula.response} ~ {formula.parametric_rhs}", phenotypes)
+        design = build_design(formula.text, phenotypes, references, ordered)
         self.param_columns = design.columns
         self.intercept = design.intercept
         self.references = design.references
@@ -345,12 +364,15 @@ def changed_term_name(formula: GamFormula, term: str) -> tuple[str, str]:
     ModelArray's changed.rsq.term.index (1-based position on the right-hand side)."""
     if term.strip().isdigit() and 1 <= int(term) <= len(formula.terms):
         term = formula.terms[int(term) - 1]
-    compact = term.replace(" ", "")
+    try:  # written as R would deparse it: spacing and quotes do not matter
+        written = rf.deparse(rf.parse(term))
+    except SyntaxError:
+        written = term
     for smooth in formula.smooths:
-        if compact in (smooth.term.replace(" ", ""), smooth.label, smooth.name):
+        if written in (smooth.term, smooth.label) or term.strip() == smooth.name:
             return smooth.term, smooth.name
     for param in formula.parametric:
-        if compact == param.replace(" ", ""):
+        if written == param:
             return param, param
     raise UsageError(
         f"--changed-rsq-term {term!r} is not a term of the formula "
@@ -423,6 +445,8 @@ def fit_gam(
     lthr_abs: float = 10,
     lthr_rel: float = 0.2,
     overwrite: bool = False,
+    reference_levels: dict[str, str] | None = None,
+    ordered_factors: dict[str, str] | None = None,
 ) -> list[str]:
     """Fit ``formula`` (mgcv syntax, gaussian) at every element and write results/<analysis>
     with ModelArray.gam's columns; returns the column names."""
@@ -435,7 +459,7 @@ def fit_gam(
     if changed_rsq_term is not None:
         written, _ = changed_term_name(parsed, changed_rsq_term)
         reduced_formula = parsed.without(written)
-    scalar = scalar or parsed.response
+    scalar = scalar or parsed.scalar
     cohort = read_csv_table(cohort_path, "cohort file")
     check_writable(h5_path)  # results go into the HDF5: refuse a read-only one before fitting
     with open_hdf5(h5_path) as h5:
@@ -444,9 +468,10 @@ def fit_gam(
             raise OutputError(f"{h5_path}: results/{analysis} exists; use --overwrite")
         names, values = stored.names, stored.values
         phenotypes = match_cohort(cohort, names, scalar, cohort_path)
-        models = [GamModel(parsed, phenotypes, method)]
+        factors = (reference_levels, ordered_factors)
+        models = [GamModel(parsed, phenotypes, method, *factors)]
         if reduced_formula is not None:
-            models.append(GamModel(reduced_formula, phenotypes, method))
+            models.append(GamModel(reduced_formula, phenotypes, method, *factors))
         n_elements = values.shape[1]
         results = [Results(m, n_elements) for m in models]
         threshold = max(len(names) * lthr_rel, lthr_abs)
@@ -486,6 +511,7 @@ def fit_gam(
         "smoothing": method,
         "changed_rsq_term": changed_rsq_term,
         "reference_levels": models[0].references,
+        "ordered_factors": dict(ordered_factors or {}),
         "n_subjects": len(names),
         "n_with_phenotypes": len(models[0].rows),
         "threshold": threshold_rule(lthr_abs, lthr_rel, len(names)),

@@ -1,8 +1,9 @@
 """Mass-univariate linear models, as ModelArray.lm fits them, for all elements at once.
 
 ModelArray.lm fits one ``stats::lm`` per element (~45 ms each). Here the design matrix is built
-once (formulaic, R's treatment contrasts and column names) and every element sharing a pattern of
-missing values is fitted in one QR solve. The rules are ModelArray's:
+once (stats/design.py: R's model matrix and column names) and every element sharing a pattern of
+missing values is fitted in one QR solve. An ``offset()`` is subtracted from the response (lm's
+fit, residuals and statistics are those of y - offset). The rules are ModelArray's:
 
 - an element is fitted only if its number of subjects with a finite value is strictly greater
   than max(``lthr_abs``, ``lthr_rel`` x number of subjects); otherwise every output but
@@ -27,7 +28,7 @@ import numpy as np
 from scipy import special
 from tqdm import tqdm
 
-from greyarray.errors import OutputError
+from greyarray.errors import OutputError, UsageError
 from greyarray.io.cohort import read_csv_table
 from greyarray.io.fileio import check_writable
 from greyarray.io.h5read import read_scalar
@@ -102,7 +103,10 @@ class Fitter:
         finite = np.isfinite(values)
         enough = finite.sum(axis=0) > self.threshold  # ModelArray counts all subjects
         used = finite[self.design.rows]  # among subjects with phenotypes
-        y = np.where(used, values[self.design.rows], 0).astype(np.float64)
+        y = values[self.design.rows].astype(np.float64)
+        if self.design.offset is not None:
+            y -= self.design.offset[:, None]
+        y = np.where(used, y, 0)
         complete = used.all(axis=0) & enough
         if complete.any():
             self._fit(
@@ -222,6 +226,7 @@ def fit_lm(
     lthr_rel: float = 0.2,
     overwrite: bool = False,
     reference_levels: dict[str, str] | None = None,
+    ordered_factors: dict[str, str] | None = None,
     permutations: PermutationOptions | None = None,
 ) -> list[str]:
     """Fit ``formula`` at every element of ``h5_path`` and write results/<analysis>.
@@ -245,7 +250,12 @@ def fit_lm(
             raise OutputError(f"{h5_path}: results/{analysis} exists; use --overwrite")
         names, values = stored.names, stored.values
         phenotypes = match_cohort(cohort, names, scalar, cohort_path)
-        design = build_design(formula, phenotypes, reference_levels)
+        design = build_design(formula, phenotypes, reference_levels, ordered_factors)
+        if permutations is not None and design.offset is not None:
+            raise UsageError(
+                f"formula {formula!r}: --permutations with an offset() is not supported "
+                "(R's lm would fit it; fit without --permutations)"
+            )
         fitter = Fitter(design, len(names), values.shape[1], lthr_abs, lthr_rel)
         if permutations is not None:  # numba: imported only when asked for
             from greyarray.stats import permutation
@@ -291,6 +301,9 @@ def fit_lm(
         "method": "lm",
         "formula": formula,
         "reference_levels": design.references,
+        "ordered_factors": dict(ordered_factors or {}),
+        "offset": [design.model.fixed.names[i] for i in design.model.fixed.offsets],
+        "aliased_columns_left_out": design.aliased,
         "n_subjects": len(names),
         "n_with_phenotypes": len(design.rows),
         "threshold": threshold_rule(lthr_abs, lthr_rel, len(names)),

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from greyarray.errors import DataError
-from greyarray.io import mesh
+from greyarray.io.spaces import Neighbours, read_neighbours
+from greyarray.io.spaces.base import csr
 from greyarray.stats.compiled import compiled
 
 HEIGHT = 2.0  # H, for surfaces and volumes
@@ -46,14 +46,10 @@ class Graph:
 
 def from_edges(n: int, edges: np.ndarray, weight: np.ndarray, exponent: np.ndarray) -> Graph:
     """A graph on ``n`` elements from undirected ``edges`` (pairs of element indices)."""
-    edges = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
-    both = np.concatenate([edges, edges[:, ::-1]])
-    both = both[np.lexsort((both[:, 1], both[:, 0]))]
-    indptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(both[:, 0], minlength=n), out=indptr[1:])
+    indptr, indices = csr(n, edges)
     return Graph(
         indptr,
-        both[:, 1].astype(np.int32),
+        indices,
         np.asarray(weight, dtype=np.float64),
         np.asarray(exponent, dtype=np.float64),
     )
@@ -130,76 +126,12 @@ def _tfce(values, order, indptr, indices, weight, exponent, height):
     return out
 
 
+def graph(neighbours: Neighbours) -> Graph:
+    """The TFCE graph of an element space's neighbourhood: E = 1 on surfaces, 0.5 in volumes."""
+    exponent = np.where(neighbours.surface, SURFACE_EXTENT, VOLUME_EXTENT)
+    return Graph(neighbours.indptr, neighbours.indices, neighbours.weight, exponent)
+
+
 def greyordinate_graph(h5: h5py.File) -> Graph:
-    """The TFCE graph of a dscalar HDF5 from its stored geometry (``greyarray/geometry``)."""
-    group = h5.get("greyarray/geometry")
-    if group is None or "structure" not in group:
-        kind = group.attrs.get("cifti_kind", "?") if group is not None else None
-        if kind in ("pscalar", "pconn"):
-            raise DataError(
-                f"{h5.filename}: TFCE needs dense greyordinates; {kind} data are parcellated "
-                "(no neighbourhood): run without --tfce"
-            )
-        raise DataError(
-            f"{h5.filename}: no stored greyordinate geometry (greyarray/geometry): TFCE needs "
-            "a dscalar HDF5 written by greyarray to-modelarray"
-        )
-    structure = group["structure"][()]
-    names = [str(s) for s in group.attrs["structure_names"]]
-    vertex = group["vertex"][()].astype(np.int64)
-    ijk = group["voxel_ijk"][()].astype(np.int64)
-    counts = dict(
-        zip(
-            [str(s) for s in group.attrs["surface_structures"]],
-            [int(c) for c in group.attrs["surface_vertex_counts"]],
-            strict=True,
-        )
-    )
-    n = structure.size
-    weight = np.ones(n)
-    exponent = np.full(n, VOLUME_EXTENT)
-    pieces = []
-    for code, name in enumerate(names):
-        elements = np.flatnonzero(structure == code)
-        if elements.size == 0:
-            continue
-        if name in counts:
-            hemisphere = mesh.HEMISPHERES.get(name)
-            if hemisphere is None or counts[name] != mesh.N_VERTICES:
-                raise DataError(
-                    f"{h5.filename}: no mesh for surface {name} ({counts[name]} vertices): "
-                    f"TFCE knows the fsLR 32k cortex ({mesh.N_VERTICES} vertices per hemisphere)"
-                )
-            pieces.append(surface_edges(elements, vertex[elements], hemisphere))
-            weight[elements] = mesh.vertex_areas(hemisphere)[vertex[elements]]
-            exponent[elements] = SURFACE_EXTENT
-        else:
-            pieces.append(voxel_edges(elements, ijk[elements]))
-    edges = np.concatenate(pieces) if pieces else np.empty((0, 2), np.int64)
-    return from_edges(n, edges, weight, exponent)
-
-
-def surface_edges(elements: np.ndarray, vertices: np.ndarray, hemisphere: str) -> np.ndarray:
-    """Triangle edges of the fsLR 32k mesh between the given vertices, as element pairs."""
-    lookup = np.full(mesh.N_VERTICES, -1, dtype=np.int64)
-    lookup[vertices] = elements
-    pairs = lookup[mesh.edges(mesh.surface(hemisphere, "midthickness").faces)]
-    return pairs[(pairs >= 0).all(axis=1)]
-
-
-def voxel_edges(elements: np.ndarray, ijk: np.ndarray) -> np.ndarray:
-    """Pairs of elements whose voxels touch by a face, edge or corner (26-neighbourhood)."""
-    shape = ijk.max(axis=0) + 2  # a margin, so that i + 1 never wraps into the next row
-    keys = np.ravel_multi_index((ijk + 1).T, shape + 1)
-    order = np.argsort(keys)
-    sorted_keys = keys[order]
-    pieces = []
-    for offset in np.ndindex(3, 3, 3):
-        step = np.array(offset) - 1
-        if tuple(step) <= (0, 0, 0):  # each pair once: the 13 "forward" offsets
-            continue
-        target = np.ravel_multi_index((ijk + 1 + step).T, shape + 1)
-        found = np.minimum(np.searchsorted(sorted_keys, target), keys.size - 1)
-        hit = sorted_keys[found] == target
-        pieces.append(np.column_stack([elements[hit], elements[order[found[hit]]]]))
-    return np.concatenate(pieces)
+    """The TFCE graph of the element space stored in ``h5`` (``greyarray/geometry``)."""
+    return graph(read_neighbours(h5, 26))

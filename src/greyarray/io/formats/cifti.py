@@ -16,28 +16,27 @@ defusedxml parsed.
 from __future__ import annotations
 
 import html
-import math
 import re
 import struct
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from greyarray.errors import DataError
-from greyarray.io import ciftixml, inputs, nifti2
-from greyarray.io.fileio import atomic_write
-
-if TYPE_CHECKING:  # nibabel is imported where its axes are used: it costs ~50 ms to import
-    from nibabel.cifti2 import cifti2_axes
+from greyarray.io import inputs
+from greyarray.io.formats import ciftixml, nifti2
+from greyarray.io.spaces.base import MapWriter
+from greyarray.io.spaces.cifti import (  # noqa: F401 (Geometry: what a CIFTI file's elements are)
+    CIFTI_ECODE,
+    EXTENSIONS,
+    Geometry,
+    checked_geometry,
+)
 
 NIFTI2_HEADER = nifti2.HEADER
 NIFTI2_SIZE = nifti2.SIZE
-CIFTI_ECODE = 32
 # NIfTI-2 header, extension flags, and the extensions (the CIFTI XML) before the data
 MAX_HEAD_BYTES = NIFTI2_SIZE + 4 + ciftixml.MAX_XML_BYTES + 2**20
 
@@ -64,92 +63,12 @@ KIND_NAMES = {
     "dpconn": "dense-parcellated connectivity",
 }
 SUPPORTED = ("dscalar", "pscalar", "pconn")
-EXTENSIONS = {"dscalar": ".dscalar.nii", "pscalar": ".pscalar.nii", "pconn": ".pconn.nii"}
 # NIfTI intent code and name each supported kind is written with (CIFTI-2 spec, appendix)
 INTENTS = {
     "dscalar": (3006, b"ConnDenseScalar"),
     "pscalar": (3008, b"ConnParcelScalr"),
     "pconn": (3003, b"ConnParcels"),
 }
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """What the elements of a CIFTI file are: its kind and the XML of its element axis, verbatim.
-
-    Two files with byte-identical ``xml`` have the same elements; otherwise ``axes`` (nibabel's
-    BrainModelAxis/ParcelsAxis, parsed on first use) decides. nibabel only ever parses XML that
-    ``ciftixml.check_elements`` accepted, re-serialised from defusedxml's tree.
-    """
-
-    kind: str  # dscalar | pscalar | pconn
-    xml: bytes  # the MatrixIndicesMap element(s) defining the elements
-    n_elements: int
-    source: str = field(default="", compare=False)  # the file it came from, for messages
-
-    @classmethod
-    def checked(cls, kind: str, xml: bytes, source: str) -> Geometry:
-        """A geometry whose XML passed ``ciftixml.check_elements``; element count from the XML."""
-        elements = _check_elements(kind, _document(xml), source)
-        geometry = cls(kind, xml, math.prod(elements.counts), source)
-        vars(geometry)["elements"] = elements  # the cached_property's value: checked once
-        return geometry
-
-    @cached_property
-    def elements(self) -> ciftixml.Elements:
-        """The checked element axis (counts per dimension, XML safe for nibabel)."""
-        return _check_elements(self.kind, self.document(), self.source)
-
-    @cached_property
-    def axes(self) -> tuple[cifti2_axes.Axis, ...]:
-        """The element axes: (BrainModelAxis,), (ParcelsAxis,) or (rows, columns) for pconn."""
-        from nibabel.cifti2.parse_cifti2 import Cifti2Extension
-
-        clean = self.elements.clean
-        dims = (0, 1) if self.kind == "pconn" else (1,)
-        try:
-            header = Cifti2Extension(code=CIFTI_ECODE, content=clean).get_content()
-            axes = tuple(header.get_axis(dim) for dim in dims)
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
-            message = " ".join(str(err).split())[:200] or type(err).__name__
-            raise DataError(
-                f"{self.source}: nibabel cannot read the CIFTI XML ({message})"
-            ) from None
-        if tuple(len(a) for a in axes) != self.elements.counts:
-            raise DataError(f"{self.source}: nibabel reads other element counts than the XML has")
-        return axes
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """Shape of one map's values as nibabel sees it (pconn: rows x columns), from the XML."""
-        return (self.n_elements,) if self.kind != "pconn" else self.elements.counts
-
-    def document(self) -> bytes:
-        """A minimal, valid CIFTI-2 XML document holding only the element axis."""
-        return _document(self.xml)
-
-    @classmethod
-    def from_axes(cls, kind: str, axes: tuple[cifti2_axes.Axis, ...]) -> Geometry:
-        """Build from nibabel axes (used when the XML comes from nibabel, e.g. stored geometry)."""
-        import nibabel as nb
-        from nibabel.cifti2 import cifti2_axes
-
-        full = (cifti2_axes.ScalarAxis(["x"]), *axes) if kind != "pconn" else axes
-        xml = nb.cifti2.Cifti2Header.from_axes(full).to_xml()
-        maps = _index_maps(xml, "<nibabel>")
-        element = b"".join(xml[m.start : m.end] for m in _element_maps(kind, maps))
-        return cls(kind, element, int(np.prod([len(a) for a in axes])), "<nibabel>")
-
-    def difference(self, other: Geometry) -> str | None:
-        """None when ``other`` has the same elements, else a short description of what differs."""
-        if self.kind != other.kind:
-            return f"it is a {other.kind} file, the first file is a {self.kind} file"
-        if self.xml == other.xml:
-            return None
-        for mine, theirs in zip(self.axes, other.axes, strict=True):
-            if mine != theirs:
-                return describe_axis_difference(mine, theirs)
-        return None
 
 
 @dataclass(frozen=True)
@@ -288,7 +207,7 @@ def parse(path: Path, head: bytes, file_size: int | None = None) -> CiftiFile:
     offset = _data_offset(path, header, head)
     xml = _cifti_xml(path, head, header, offset)
     _check_version(path, xml)
-    maps = _index_maps(xml, path)
+    maps = ciftixml.index_maps(xml, path)
     kind = _kind(path, maps)
     dim = header["dim"]
     if dim[0] != 6 or any(d != 1 for d in dim[1:5]) or min(dim[5], dim[6]) < 1:
@@ -296,7 +215,7 @@ def parse(path: Path, head: bytes, file_size: int | None = None) -> CiftiFile:
         raise DataError(f"{path}: NIfTI dims {shown} are not those of a CIFTI-2 matrix")
     rows, cols = int(dim[5]), int(dim[6])
     dtype = _data_dtype(path, header)
-    element_maps = _element_maps(kind, maps)
+    element_maps = ciftixml.element_maps(kind, maps)
     own = _check_header(path, xml, element_maps, kind)
     geometry = checked_geometry(path, kind, b"".join(xml[m.start : m.end] for m in element_maps))
     _check_dims(path, geometry, rows, cols)
@@ -410,45 +329,7 @@ def _check_version(path: Path, xml: bytes) -> None:
         )
 
 
-@dataclass(frozen=True)
-class _Map:
-    """One MatrixIndicesMap found in the raw XML: its index type and byte range."""
-
-    type: str
-    start: int
-    end: int
-
-
-def _index_maps(xml: bytes, path: Path | str) -> dict[int, _Map]:
-    """{matrix dimension: raw MatrixIndicesMap}, found by a linear scan (no parsing: the 600 KB
-    element axis is compared as bytes; ``_check_header`` and ``check_elements`` parse)."""
-    maps: dict[int, _Map] = {}
-    pos = 0
-    while (start := xml.find(b"<MatrixIndicesMap", pos)) >= 0:
-        close = xml.find(b">", start)
-        tag = xml[start : close + 1] if close >= 0 else b""
-        if tag.endswith(b"/>"):
-            end = start + len(tag)
-        else:
-            end = xml.find(b"</MatrixIndicesMap>", start)
-            end = end + len(b"</MatrixIndicesMap>") if end >= 0 and tag else -1
-        if end < 0:
-            raise DataError(f"{path}: malformed CIFTI XML (unclosed MatrixIndicesMap)")
-        dims = re.search(rb'AppliesToMatrixDimension\s*=\s*"([0-9]+(?:,[0-9]+)*)"', tag)
-        kind = re.search(rb'IndicesMapToDataType\s*=\s*"CIFTI_INDEX_TYPE_(\w+)"', tag)
-        if dims is None or kind is None:
-            raise DataError(
-                f"{path}: malformed CIFTI XML (MatrixIndicesMap without dimension/type)"
-            )
-        for dim in map(int, dims.group(1).split(b",")):
-            if dim in maps:
-                raise DataError(f"{path}: CIFTI XML maps matrix dimension {dim} twice")
-            maps[dim] = _Map(kind.group(1).decode(), start, end)
-        pos = end
-    return maps
-
-
-def _kind(path: Path, maps: dict[int, _Map]) -> str:
+def _kind(path: Path, maps: dict[int, ciftixml.Map]) -> str:
     if set(maps) != {0, 1}:
         raise DataError(f"{path}: CIFTI matrix has dimensions {sorted(maps)}; expected 2")
     kind = KINDS.get((maps[0].type, maps[1].type))
@@ -461,14 +342,7 @@ def _kind(path: Path, maps: dict[int, _Map]) -> str:
     raise DataError(f"{path}: is {what}; GreyArray converts dscalar, pscalar and pconn files")
 
 
-def _element_maps(kind: str, maps: dict[int, _Map]) -> list[_Map]:
-    """The maps defining the elements, in dimension order, each once."""
-    if kind != "pconn":
-        return [maps[1]]
-    return [maps[0]] if maps[0] == maps[1] else [maps[0], maps[1]]
-
-
-def _check_header(path: Path, xml: bytes, element_maps: list[_Map], kind: str):
+def _check_header(path: Path, xml: bytes, element_maps: list[ciftixml.Map], kind: str):
     """Check, per file, the XML outside the element axis (small), with the element axis cut out
     and a marker in its place: the marker must land where a MatrixIndicesMap may be."""
     parts, pos = [], 0
@@ -486,36 +360,6 @@ def _check_header(path: Path, xml: bytes, element_maps: list[_Map], kind: str):
     return own
 
 
-def _document(xml: bytes) -> bytes:
-    return b'<CIFTI Version="2"><Matrix>' + xml + b"</Matrix></CIFTI>"
-
-
-def _check_elements(kind: str, document: bytes, source: str) -> ciftixml.Elements:
-    try:
-        return ciftixml.check_elements(kind, document)
-    except ciftixml.XmlProblem as problem:
-        raise DataError(f"{source}: {problem}") from None
-
-
-_KNOWN: list[Geometry] = []  # recently checked geometries, most recent first
-_KNOWN_LOCK = threading.Lock()
-KNOWN_MAX = 4  # each holds a 91k geometry's axes (~20 MB)
-
-
-def checked_geometry(path: Path | str, kind: str, xml: bytes) -> Geometry:
-    """The checked Geometry of this element axis: checked once per distinct XML (a byte compare
-    finds it again: ~30 us for a 91k file, against tens of ms to check it)."""
-    with _KNOWN_LOCK:
-        known = next((g for g in _KNOWN if g.kind == kind and g.xml == xml), None)
-    if known is not None:
-        return known
-    geometry = Geometry.checked(kind, xml, str(path))
-    with _KNOWN_LOCK:
-        _KNOWN.insert(0, geometry)
-        del _KNOWN[KNOWN_MAX:]
-    return geometry
-
-
 def _data_dtype(path: Path, header: np.ndarray) -> np.dtype:
     code = int(header["datatype"])
     if code not in nifti2.KNOWN_CODES:
@@ -530,75 +374,6 @@ def _byteorder(header: np.ndarray) -> str:
     return header.dtype["sizeof_hdr"].byteorder
 
 
-def describe_axis_difference(ref: cifti2_axes.Axis, other: cifti2_axes.Axis) -> str:
-    """What differs between two element axes, in words a user can act on."""
-    from nibabel.cifti2 import cifti2_axes
-
-    if type(ref) is not type(other):
-        return f"{type(other).__name__} instead of {type(ref).__name__}"
-    if isinstance(ref, cifti2_axes.ParcelsAxis):
-        return _describe_parcels(ref, other)
-    if len(ref) != len(other):
-        return f"{len(other)} greyordinates, the first file has {len(ref)}"
-    if (ref.name != other.name).any():
-        i = int(np.flatnonzero(ref.name != other.name)[0])
-        return f"greyordinate {i} is {other.name[i]}, in the first file {ref.name[i]}"
-    if ref.nvertices != other.nvertices:
-        return f"surface sizes {other.nvertices}, the first file has {ref.nvertices}"
-    for label, mine, theirs in (
-        ("surface vertex", ref.vertex, other.vertex),
-        ("voxel", ref.voxel, other.voxel),
-    ):
-        bad = np.flatnonzero((np.asarray(mine) != np.asarray(theirs)).reshape(len(ref), -1).any(1))
-        if bad.size:
-            i = int(bad[0])
-            return (
-                f"{bad.size} {label} indices differ, first at greyordinate {i} ({ref.name[i]}): "
-                f"{_fmt(theirs[i])}, in the first file {_fmt(mine[i])}"
-            )
-    return _describe_volume(ref, other) or "greyordinate geometry differs"
-
-
-def _describe_volume(ref, other) -> str | None:
-    if ref.volume_shape != other.volume_shape:
-        return f"volume shape {other.volume_shape}, the first file has {ref.volume_shape}"
-    if (ref.affine is None) != (other.affine is None) or (
-        ref.affine is not None and not np.array_equal(ref.affine, other.affine)
-    ):
-        return (
-            f"volume affine differs (voxel-to-mm translation {_fmt(_origin(other.affine))}, "
-            f"in the first file {_fmt(_origin(ref.affine))})"
-        )
-    return None
-
-
-def _describe_parcels(ref: cifti2_axes.ParcelsAxis, other: cifti2_axes.ParcelsAxis) -> str:
-    if len(ref) != len(other):
-        return f"{len(other)} parcels, the first file has {len(ref)}"
-    for i, (a, b) in enumerate(zip(ref.name, other.name, strict=True)):
-        if a != b:
-            return f"parcel {i} is {b!r}, in the first file {a!r}"
-    for i, name in enumerate(ref.name):
-        same_vox = np.array_equal(ref.voxels[i], other.voxels[i])
-        mine, theirs = ref.vertices[i], other.vertices[i]
-        same_vert = mine.keys() == theirs.keys() and all(
-            np.array_equal(mine[k], theirs[k]) for k in mine
-        )
-        if not (same_vox and same_vert):
-            return f"parcel {name!r} covers other {'voxels' if not same_vox else 'vertices'}"
-    if ref.nvertices != other.nvertices:
-        return f"surface sizes {other.nvertices}, the first file has {ref.nvertices}"
-    return _describe_volume(ref, other) or "parcel definitions differ"
-
-
-def _origin(affine) -> object:
-    return None if affine is None else np.round(np.asarray(affine)[:3, 3], 3).tolist()
-
-
-def _fmt(value) -> str:
-    return str(np.asarray(value).tolist())
-
-
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
@@ -609,7 +384,7 @@ def xml_text(text: str) -> str:
     return _NOT_XML.sub("\ufffd", text)
 
 
-class CiftiWriter:
+class CiftiWriter(MapWriter):
     """Write many single-map CIFTI files sharing one geometry, without nibabel per file.
 
     The XML is the geometry's element axis verbatim (as the source files had it) after a scalar
@@ -619,6 +394,7 @@ class CiftiWriter:
 
     def __init__(self, geometry: Geometry):
         self.geometry = geometry
+        self.extension = geometry.extension
         self._rows, self._cols = (
             (1, geometry.n_elements) if geometry.kind != "pconn" else (geometry.shape)
         )
@@ -664,7 +440,3 @@ class CiftiWriter:
                 np.ascontiguousarray(data, "<f4").tobytes(),
             )
         )
-
-    def write(self, path: Path, values: np.ndarray, name: str = "") -> None:
-        """Write atomically: a temporary file in the same folder, then a rename."""
-        atomic_write(path, self.encode(values, name))

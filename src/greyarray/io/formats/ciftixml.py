@@ -19,11 +19,14 @@ import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from xml.parsers import expat
 
 import numpy as np
 from defusedxml import DefusedXmlException
 from defusedxml import ElementTree as SafeET
+
+from greyarray.errors import DataError
 
 MAX_XML_BYTES = 32 * 2**20  # real 91k files have ~0.6 MB
 # the CIFTI-2 standard's brain structures (nibabel's CIFTI_BRAIN_STRUCTURES, which a test
@@ -367,3 +370,48 @@ def _parcels(mim: ET.Element) -> int:
     if not parcels:
         raise XmlProblem("CIFTI XML PARCELS map has no parcels")
     return len(parcels)
+
+
+@dataclass(frozen=True)
+class Map:
+    """One MatrixIndicesMap found in the raw XML: its index type and byte range."""
+
+    type: str
+    start: int
+    end: int
+
+
+def index_maps(xml: bytes, path: Path | str) -> dict[int, Map]:
+    """{matrix dimension: raw MatrixIndicesMap}, found by a linear scan (no parsing: the 600 KB
+    element axis is compared as bytes; ``_check_header`` and ``check_elements`` parse)."""
+    maps: dict[int, Map] = {}
+    pos = 0
+    while (start := xml.find(b"<MatrixIndicesMap", pos)) >= 0:
+        close = xml.find(b">", start)
+        tag = xml[start : close + 1] if close >= 0 else b""
+        if tag.endswith(b"/>"):
+            end = start + len(tag)
+        else:
+            end = xml.find(b"</MatrixIndicesMap>", start)
+            end = end + len(b"</MatrixIndicesMap>") if end >= 0 and tag else -1
+        if end < 0:
+            raise DataError(f"{path}: malformed CIFTI XML (unclosed MatrixIndicesMap)")
+        dims = re.search(rb'AppliesToMatrixDimension\s*=\s*"([0-9]+(?:,[0-9]+)*)"', tag)
+        kind = re.search(rb'IndicesMapToDataType\s*=\s*"CIFTI_INDEX_TYPE_(\w+)"', tag)
+        if dims is None or kind is None:
+            raise DataError(
+                f"{path}: malformed CIFTI XML (MatrixIndicesMap without dimension/type)"
+            )
+        for dim in map(int, dims.group(1).split(b",")):
+            if dim in maps:
+                raise DataError(f"{path}: CIFTI XML maps matrix dimension {dim} twice")
+            maps[dim] = Map(kind.group(1).decode(), start, end)
+        pos = end
+    return maps
+
+
+def element_maps(kind: str, maps: dict[int, Map]) -> list[Map]:
+    """The maps defining the elements, in dimension order, each once."""
+    if kind != "pconn":
+        return [maps[1]]
+    return [maps[0]] if maps[0] == maps[1] else [maps[0], maps[1]]
