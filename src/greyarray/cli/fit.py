@@ -1,4 +1,4 @@
-"""``fit-lm`` and ``fit-gam``: ModelArray's models at every element, with its options."""
+"""``fit-lm``, ``fit-gam`` and ``fit-lmm``: the models at every element, with ModelArray's options."""
 
 from __future__ import annotations
 
@@ -83,21 +83,21 @@ def _model_inputs(parser, analysis: str, formula_help: str) -> None:
     parser.add_argument("--scalar", help="scalar to model (default: the formula's response)")
 
 
-def _thresholds(parser) -> None:
+def _thresholds(parser, rows: str = "subjects") -> None:
     """ModelArray's element threshold (num.subj.lthr.abs / .rel)."""
     option(
         parser,
         "--num-subj-lthr-abs",
         type=float,
         default=10,
-        help="fit an element only with more subjects with a finite value than this",
+        help=f"fit an element only with more {rows} with a finite value than this",
     )
     option(
         parser,
         "--num-subj-lthr-rel",
         type=float,
         default=0.2,
-        help="... and more than this fraction of all subjects",
+        help=f"... and more than this fraction of all {rows}",
     )
 
 
@@ -174,6 +174,70 @@ def run_fit_lm(args: argparse.Namespace) -> int:
         path = shard_path(args.input_hdf5, args.analysis_name, permutations.shard)
         log.info("Wrote the null distribution of shard %s to %s", args.permutation_shard, path)
         return 0
+    log.info(
+        "Wrote results/%s (%d columns) to %s", args.analysis_name, len(columns), args.input_hdf5
+    )
+    if args.report:
+        from greyarray.report import Thresholds
+
+        thresholds = Thresholds(args.num_subj_lthr_abs, args.num_subj_lthr_rel)
+        write_report(args.input_hdf5, args.cohort_file, args.report, thresholds)
+    return 0
+
+
+def fit_lmm_parser(prog: str = "greyarray fit-lmm") -> Parser:
+    parser = Parser(
+        prog=prog,
+        description="Fit a linear mixed model at every element with lme4's lmer numbers "
+        "(REML by default) and lmerTest's Satterthwaite t tests, and write results/<analysis> "
+        "into the HDF5. Random effects in lme4's syntax: (1 | participant_id), (1 + age | "
+        "participant_id) (correlated), (1 | participant_id) + (0 + age | participant_id) or "
+        "(age || participant_id) (uncorrelated), and two grouping factors, crossed "
+        "((1 | site) + (1 | participant_id)) or nested ((1 | family_id/participant_id)). "
+        "Fixed effects as in fit-lm.",
+    )
+    _model_inputs(
+        parser, "lmm", "R formula with random effects, e.g. "
+        "'thickness ~ age + sex + (1 | participant_id)'",
+    )  # fmt: skip
+    add_factor_options(parser)
+    criterion = parser.add_mutually_exclusive_group()
+    criterion.add_argument(
+        "--reml", dest="reml", action="store_true", default=True,
+        help="restricted maximum likelihood (lme4's default)",
+    )  # fmt: skip
+    criterion.add_argument(
+        "--ml", dest="reml", action="store_false", help="maximum likelihood (lmer's REML = FALSE)"
+    )
+    _thresholds(parser, "observations")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing results/<name>"
+    )
+    add_nprocs(parser, "threads fitting batches of elements")
+    report_option(parser)
+    add_logging(parser)
+    return parser
+
+
+def run_fit_lmm(args: argparse.Namespace) -> int:
+    from greyarray.stats.lmm import fit_lmm  # numba and scipy: only for this command
+
+    references, ordered = factor_options(args)
+    check_report(args.report, args.input_hdf5, args.cohort_file)
+    columns = fit_lmm(
+        args.input_hdf5,
+        args.cohort_file,
+        args.formula,
+        args.analysis_name,
+        scalar=args.scalar,
+        reml=args.reml,
+        lthr_abs=args.num_subj_lthr_abs,
+        lthr_rel=args.num_subj_lthr_rel,
+        overwrite=args.overwrite,
+        reference_levels=references,
+        ordered_factors=ordered,
+        nprocs=args.nprocs,
+    )
     log.info(
         "Wrote results/%s (%d columns) to %s", args.analysis_name, len(columns), args.input_hdf5
     )

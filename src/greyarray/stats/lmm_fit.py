@@ -39,6 +39,7 @@ vcov(beta) = sigma^2 G^-1, exactly as ``lmerTest:::as_lmerModLT`` and ``contest1
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,15 +56,28 @@ EIGEN_TOL = 1e-8  # lmerTest's as_lmerModLT(tol = 1e-8)
 @dataclass(frozen=True)
 class Factor:
     """The random terms of one grouping factor, merged: ``z`` (n, d) holds their columns side by
-    side and ``tmap`` (d, d) the index into theta of each entry of the relative covariance
-    factor T (-1: structurally zero, between uncorrelated terms and above the diagonal)."""
+    side, and the relative covariance factor is T = sum_k theta[index[k]] u[k] e_{b[k]}' (in
+    lme4's coordinates u[k] is a unit vector: theta fills T's lower triangle; the optimiser
+    works on columns transformed by ``standardiser``, where u[k] is a column of C^-1)."""
 
     codes: np.ndarray  # (n,) level of each row
     z: np.ndarray  # (n, d)
-    tmap: np.ndarray  # (d, d) int
+    index: np.ndarray  # (k,) position in theta of each parameter of this factor
+    u: np.ndarray  # (k, d)
+    b: np.ndarray  # (k,) column of T
 
-    def restricted(self, rows: np.ndarray) -> Factor:
-        return Factor(self.codes[rows], self.z[rows], self.tmap)
+    @classmethod
+    def lower_triangle(cls, codes: np.ndarray, z: np.ndarray, tmap: np.ndarray) -> Factor:
+        """T's entries are theta's (``tmap`` (d, d): index into theta, -1 for zero)."""
+        rows, cols = np.nonzero(tmap >= 0)
+        index = tmap[rows, cols]
+        order = np.argsort(index)
+        u = np.eye(z.shape[1])[rows[order]]
+        return cls(codes, z, index[order], u, cols[order])
+
+    def transformed(self, transform: np.ndarray) -> Factor:
+        """The same factor with T replaced by ``transform`` @ T."""
+        return Factor(self.codes, self.z, self.index, self.u @ transform.T, self.b)
 
 
 def theta_layout(sizes: list[int]) -> tuple[list[np.ndarray], np.ndarray]:
@@ -101,8 +115,17 @@ def indicator(codes: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
     return matrix, inverse
 
 
-def t_matrix(theta: np.ndarray, tmap: np.ndarray) -> np.ndarray:
-    """(E, d, d) relative covariance factors from theta (E, k)."""
+def t_matrix(theta: np.ndarray, factor: Factor) -> np.ndarray:
+    """(E, d, d) relative covariance factors of one factor from theta (E, k)."""
+    d = factor.z.shape[1]
+    out = np.zeros((theta.shape[0], d, d))
+    for j, (index, col) in enumerate(zip(factor.index, factor.b, strict=True)):
+        out[:, :, col] += theta[:, index, None] * factor.u[j]
+    return out
+
+
+def lower_t(theta: np.ndarray, tmap: np.ndarray) -> np.ndarray:
+    """(E, q, q) lme4's T of one term (theta in its lower triangle)."""
     out = np.zeros((theta.shape[0], *tmap.shape))
     rows, cols = np.nonzero(tmap >= 0)
     out[:, rows, cols] = theta[:, tmap[rows, cols]]
@@ -114,12 +137,12 @@ def t_matrix(theta: np.ndarray, tmap: np.ndarray) -> np.ndarray:
 
 
 @compiled
-def _class_terms(t, a, ta, tb, pa, pb, grad):  # pragma: no cover - compiled
+def _class_terms(t, a, tu, tb, pa, pb, grad):  # pragma: no cover - compiled
     """Per element e and class c: log|M|, W's pairs and (with ``grad``) their derivatives in
-    each theta (which sits at T[ta[j], tb[j]]). M = I + T'AT, K = M^-1 T', W = T K,
-    dW_j = P e_a K[b, :] + transpose with P = I - W A, d log|M| = 2 (K A)[b, a]."""
+    each theta (dT/dtheta_j = tu[j] e_{tb[j]}'). M = I + T'AT, K = M^-1 T', W = T K,
+    dW_j = (P u) K[b, :] + transpose with P = I - W A, d log|M| = 2 (K A u)[b]."""
     n_el, d = t.shape[0], t.shape[1]
-    n_cl, n_th, n_pr = a.shape[0], ta.size, pa.size
+    n_cl, n_th, n_pr = a.shape[0], tb.size, pa.size
     logdet = np.empty((n_el, n_cl))
     w = np.empty((n_el, n_cl, n_pr))
     dlog = np.empty((n_el, n_cl, n_th if grad else 0))
@@ -200,19 +223,26 @@ def _class_terms(t, a, ta, tb, pa, pb, grad):  # pragma: no cover - compiled
                     p[i, j] = (1.0 if i == j else 0.0) - total
                     ka[i, j] = total2
             for th in range(n_th):
-                ra, rb = ta[th], tb[th]
-                dlog[e, c, th] = 2.0 * ka[rb, ra]
+                rb = tb[th]
+                total = 0.0
+                for r in range(d):
+                    total += ka[rb, r] * tu[th, r]
+                    pu = 0.0
+                    for s in range(d):
+                        pu += p[r, s] * tu[th, s]
+                    vec[r] = pu
+                dlog[e, c, th] = 2.0 * total
                 for q in range(n_pr):
                     x, y = pa[q], pb[q]
-                    dw[e, c, th, q] = p[x, ra] * k[rb, y] + p[y, ra] * k[rb, x]
+                    dw[e, c, th, q] = vec[x] * k[rb, y] + vec[y] * k[rb, x]
     return logdet, w, dlog, dw
 
 
 @compiled
-def _class_terms2(t, a, ta, tb, grad):  # pragma: no cover - compiled
+def _class_terms2(t, a, tu, tb, grad):  # pragma: no cover - compiled
     """_class_terms for d = 2 (a random intercept and slope), in closed form; pairs are
     (0, 0), (1, 0), (1, 1)."""
-    n_el, n_cl, n_th = t.shape[0], a.shape[0], ta.size
+    n_el, n_cl, n_th = t.shape[0], a.shape[0], tb.size
     logdet = np.empty((n_el, n_cl))
     w = np.empty((n_el, n_cl, 3))
     dlog = np.empty((n_el, n_cl, n_th if grad else 0))
@@ -249,13 +279,13 @@ def _class_terms2(t, a, ta, tb, grad):  # pragma: no cover - compiled
             p10 = -(w10 * a00 + w11 * a01)
             p11 = 1.0 - (w10 * a01 + w11 * a11)
             for th in range(n_th):
-                ra, rb = ta[th], tb[th]
-                pa0 = p00 if ra == 0 else p01
-                pa1 = p10 if ra == 0 else p11
+                u0, u1, rb = tu[th, 0], tu[th, 1], tb[th]
+                pa0 = p00 * u0 + p01 * u1  # P u
+                pa1 = p10 * u0 + p11 * u1
                 kb0 = k00 if rb == 0 else k10
                 kb1 = k01 if rb == 0 else k11
-                # (K A)[b, a]
-                dlog[e, c, th] = 2.0 * (kb0 * (a00 if ra == 0 else a01) + kb1 * (a01 if ra == 0 else a11))
+                # (K A u)[b]
+                dlog[e, c, th] = 2.0 * (kb0 * (a00 * u0 + a01 * u1) + kb1 * (a01 * u0 + a11 * u1))
                 dw[e, c, th, 0] = 2.0 * pa0 * kb0
                 dw[e, c, th, 1] = pa1 * kb0 + pa0 * kb1
                 dw[e, c, th, 2] = 2.0 * pa1 * kb1
@@ -270,11 +300,6 @@ class OneFactor:
     def __init__(self, x: np.ndarray, factor: Factor):
         self.x, self.factor = x, factor
         z, d, p = factor.z, factor.z.shape[1], x.shape[1]
-        rows, cols = np.nonzero(factor.tmap >= 0)
-        self.ta, self.tb = rows, cols
-        self.theta_index = factor.tmap[rows, cols]
-        order = np.argsort(self.theta_index)
-        self.ta, self.tb = self.ta[order], self.tb[order]
         self.pa, self.pb = np.triu_indices(d)
         self.pa, self.pb = self.pb.copy(), self.pa.copy()  # (a >= b) pairs of W's lower triangle
         groups, _ = indicator(factor.codes)
@@ -308,7 +333,7 @@ class OneFactor:
         return self.a.shape[0]
 
     def bytes_per_element(self) -> int:
-        return 8 * self.n_classes * self.pa.size * (self.p + 1 + 2 * (1 + len(self.ta)))
+        return 8 * self.n_classes * self.pa.size * (self.p + 1 + 2 * (1 + self.factor.b.size))
 
     def stats(self, y: np.ndarray) -> dict:
         """Per-element sums (elements first) for responses ``y`` (n, E)."""
@@ -333,14 +358,23 @@ class OneFactor:
             "beta0": beta0,
         }
 
+    def transformed(self, transforms: list[np.ndarray]) -> OneFactor:
+        """The same structure with T replaced by transform @ T (lmm_fit.Factor.transformed)."""
+        out = copy.copy(self)
+        out.factor = self.factor.transformed(transforms[0])
+        return out
+
     def pieces(self, theta: np.ndarray, stats: dict, grad: bool) -> dict:
-        n_el, k = theta.shape[0], self.ta.size
+        factor = self.factor
+        n_el, k = theta.shape[0], factor.b.size
         n_cl, n_pr, p = self.n_classes, self.pa.size, self.p
-        t = t_matrix(theta, self.factor.tmap)
+        t = t_matrix(theta, factor)
         if self.d == 2:
-            logdet, w, dlog, dw = _class_terms2(t, self.a, self.ta, self.tb, grad)
+            logdet, w, dlog, dw = _class_terms2(t, self.a, factor.u, factor.b, grad)
         else:
-            logdet, w, dlog, dw = _class_terms(t, self.a, self.ta, self.tb, self.pa, self.pb, grad)
+            logdet, w, dlog, dw = _class_terms(
+                t, self.a, factor.u, factor.b, self.pa, self.pb, grad
+            )
         pxx = self.pxx.reshape(n_cl * n_pr, p * p)
         out = {
             "ldL2": logdet @ self.counts,
@@ -419,8 +453,10 @@ class TwoFactors:
 
     def __init__(self, x: np.ndarray, first: Factor, second: Factor):
         (one, i_of), (two, f_of) = indicator(first.codes), indicator(second.codes)
+        self.order = 0
         if one.shape[0] < two.shape[0]:  # eliminate the factor with more levels first
             first, second, one, two, i_of, f_of = second, first, two, one, f_of, i_of
+            self.order = 1
         self.n1, self.n2 = one.shape[0], two.shape[0]
         self.first, self.second, self.x = first, second, x
         self.n, self.p = x.shape
@@ -461,6 +497,14 @@ class TwoFactors:
         self.ux2 = np.stack([s @ x for s in self.sums2], 1)
         self.xx = x.T @ x
 
+    def transformed(self, transforms: list[np.ndarray]) -> TwoFactors:
+        """The same structure with each factor's T replaced by transform @ T."""
+        out = copy.copy(self)
+        swap = transforms if self.order == 0 else transforms[::-1]
+        out.first = self.first.transformed(swap[0])
+        out.second = self.second.transformed(swap[1])
+        return out
+
     def bytes_per_element(self) -> int:
         d1, d2 = self.first.z.shape[1], self.second.z.shape[1]
         return 8 * (self.p + 1) * (self.n1 * d1 + self.n2 * d2) * 2
@@ -484,8 +528,8 @@ class TwoFactors:
         }
 
     def pieces(self, theta: np.ndarray, stats: dict, grad: bool) -> dict:
-        t1 = t_matrix(theta, self.first.tmap)
-        t2 = t_matrix(theta, self.second.tmap)
+        t1 = t_matrix(theta, self.first)
+        t2 = t_matrix(theta, self.second)
         logdet, q = _two_factor_pieces(
             t1, t2, self.a1, stats["u1"], self.a2, stats["u2"], self.pair_start, self.pair_f,
             self.pair_a, self.comp_i, self.comp_i_start, self.comp_f, self.comp_f_start,
@@ -608,10 +652,25 @@ class Optimum:
     converged: np.ndarray  # (E,) bool
 
 
+def reflections(tmaps: list[np.ndarray]) -> list[tuple[int, np.ndarray]]:
+    """Per diagonal parameter, the parameters below it in its column of T. Where the diagonal
+    is 0, flipping their signs gives the same covariance (T D T' with D = diag(+-1)), but the
+    criterion's slope along the diagonal changes sign: the two correlations' basins meet there."""
+    out = []
+    for tmap in tmaps:
+        for j in range(tmap.shape[0]):
+            below = tmap[j + 1 :, j]
+            below = below[below >= 0]
+            if below.size:
+                out.append((int(tmap[j, j]), below))
+    return out
+
+
 def minimise(
     criterion: Criterion,
     theta0: np.ndarray,
     lower: np.ndarray,
+    reflect: list[tuple[int, np.ndarray]] = (),
     max_iter: int = 200,
     gtol: float = 1e-10,
     xtol: float = 1e-9,
@@ -621,7 +680,9 @@ def minimise(
     exact gradient. A point is a candidate when its projected gradient is below ``gtol``
     (relative to the criterion) or its step below ``xtol`` (relative to theta); it is accepted
     when the Hessian there has no direction of negative curvature (else it is left along
-    that direction: a saddle, or a ridge at a bound). Elements that do not converge are
+    that direction: a saddle, or a ridge at a bound), and when a diagonal at its bound 0 does
+    not lead downhill once its column is reflected (``reflect``; then it goes on from the
+    reflected point). Elements that do not converge are
     minimised again one by one (L-BFGS-B from several starts)."""
     n_el, k = theta0.shape
     theta = np.maximum(theta0.astype(np.float64), lower)
@@ -647,12 +708,19 @@ def minimise(
             curvature = _curvature(exact, at_bound[where])
             scale = 1 + np.abs(np.diagonal(exact, axis1=1, axis2=2)).max(axis=1)
             convex = curvature >= -1e-6 * scale
-            converged[active[where[convex]]] = True
-            saddle = where[~convex]
+            better, new_th, new_g, new_h = _reflected(th[where], g[where], exact, reflect)
+            if better.any():  # the other correlation's basin is downhill: go on there
+                go = where[better]
+                theta[active[go]], grad[active[go]] = new_th[better], new_g[better]
+                th[go], g[go] = new_th[better], new_g[better]
+                hess[active[go]] = _positive(new_h[better])
+                step[go] = _newton_step(hess[active[go]], g[go], np.zeros_like(g[go], bool))
+            converged[active[where[convex & ~better]]] = True
+            saddle = where[~convex & ~better]
             if saddle.size:
-                step[saddle] = _escape(exact[~convex], th[saddle], lower)
-                hess[active[saddle]] = _positive(exact[~convex])
-            keep = ~np.isin(np.arange(active.size), where[convex])
+                step[saddle] = _escape(exact[~convex & ~better], th[saddle], lower)
+                hess[active[saddle]] = _positive(exact[~convex & ~better])
+            keep = ~np.isin(np.arange(active.size), where[convex & ~better])
             active, th, g, f, step = active[keep], th[keep], g[keep], f[keep], step[keep]
             if not active.size:
                 break
@@ -678,6 +746,23 @@ def minimise(
         theta[e], dev[e], converged[e] = _fallback(criterion, theta[e], theta0[e], lower, e)
     _check_boundary(criterion, theta, dev, lower)
     return Optimum(theta, dev, converged)
+
+
+def _reflected(theta, grad, hess, reflect):
+    """Points at which a diagonal at its bound 0 would lead downhill once its column is
+    reflected (see ``reflections``): the criterion is invariant under R = flipping that column
+    (diagonal included), so there the gradient is R g (its diagonal component changes sign)
+    and the Hessian R H R. Returns (mask, theta, gradient, Hessian) after reflection."""
+    flip = np.ones_like(theta)
+    for diagonal, below in reflect:
+        at = (
+            (theta[:, diagonal] == 0)
+            & (grad[:, diagonal] > 0)
+            & (np.abs(theta[:, below]) > 0).any(axis=1)
+        )
+        flip[np.ix_(at, [diagonal, *below])] = -1
+    hit = (flip < 0).any(axis=1)
+    return hit, theta * flip, grad * flip, hess * flip[:, :, None] * flip[:, None, :]
 
 
 def _positive(hess: np.ndarray) -> np.ndarray:
@@ -893,7 +978,7 @@ def _theta_hessian(criterion: Criterion, theta, idx, sigma2) -> np.ndarray:
 
 def varcorr(theta: np.ndarray, sigma: np.ndarray, tmap: np.ndarray):
     """Standard deviations (E, q) and correlations (E, q, q) of one term (lme4's VarCorr)."""
-    t = t_matrix(theta, tmap)
+    t = lower_t(theta, tmap)
     cov = np.einsum("eij,ekj->eik", t, t) * (sigma**2)[:, None, None]
     sd = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -936,10 +1021,10 @@ def lme4_theta(theta: np.ndarray, tmaps: list[np.ndarray], standard: list[np.nda
     from the optimiser's, whose terms' columns were multiplied by ``standard``."""
     out = np.zeros_like(theta)
     for tmap, c in zip(tmaps, standard, strict=True):
-        factor = np.einsum("ij,ejk->eik", c, t_matrix(theta, tmap))  # C T~: (C T~)(C T~)' = Sigma
+        factor = np.einsum("ij,ejk->eik", c, lower_t(theta, tmap))  # C T~: (C T~)(C T~)' = Sigma
         _, upper = np.linalg.qr(factor.transpose(0, 2, 1))
         signs = np.where(np.diagonal(upper, axis1=1, axis2=2) < 0, -1.0, 1.0)
-        lower_t = (upper * signs[:, :, None]).transpose(0, 2, 1)  # T with T T' = Sigma
+        t = (upper * signs[:, :, None]).transpose(0, 2, 1)  # lower, T T' = Sigma
         rows, cols = np.nonzero(tmap >= 0)
-        out[:, tmap[rows, cols]] = lower_t[:, rows, cols]
+        out[:, tmap[rows, cols]] = t[:, rows, cols]
     return out
