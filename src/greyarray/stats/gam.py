@@ -33,7 +33,7 @@ from greyarray.io.inputs import open_hdf5
 from greyarray.io.names import check_name
 from greyarray.stats import formula as rf
 from greyarray.stats import gam_fit
-from greyarray.stats.design import build_design, match_cohort, threshold_rule
+from greyarray.stats.design import build_design, match_cohort, repeated_measures, threshold_rule
 from greyarray.stats.lm import BLOCK_BYTES
 from greyarray.stats.results import p_adjust_fdr, write_results
 from greyarray.stats.smooths import BASES, MAX_KNOTS, smooth_term
@@ -472,6 +472,9 @@ def fit_gam(
         models = [GamModel(parsed, phenotypes, method, *factors)]
         if reduced_formula is not None:
             models.append(GamModel(reduced_formula, phenotypes, method, *factors))
+        repeated = repeated_measures(formula, phenotypes, models[0].rows)
+        if repeated:
+            log.warning("%s", repeated)
         n_elements = values.shape[1]
         results = [Results(m, n_elements) for m in models]
         threshold = max(len(names) * lthr_rel, lthr_abs)
@@ -512,6 +515,7 @@ def fit_gam(
         "changed_rsq_term": changed_rsq_term,
         "reference_levels": models[0].references,
         "ordered_factors": dict(ordered_factors or {}),
+        "warnings": [repeated] if repeated else [],
         "n_subjects": len(names),
         "n_with_phenotypes": len(models[0].rows),
         "threshold": threshold_rule(lthr_abs, lthr_rel, len(names)),

@@ -39,6 +39,8 @@ from greyarray.stats.design import (
     build_design,
     match_cohort,
     parse_formula,
+    random_effect_terms,
+    repeated_measures,
     threshold_rule,
 )
 from greyarray.stats.linalg import column_norms
@@ -250,7 +252,14 @@ def fit_lm(
             raise OutputError(f"{h5_path}: results/{analysis} exists; use --overwrite")
         names, values = stored.names, stored.values
         phenotypes = match_cohort(cohort, names, scalar, cohort_path)
+        if random_effect_terms(formula):
+            raise UsageError(
+                f"formula {formula!r} has random effects (... | ...): fit it with fit-lmm"
+            )
         design = build_design(formula, phenotypes, reference_levels, ordered_factors)
+        repeated = repeated_measures(formula, phenotypes, design.rows)
+        if repeated:
+            log.warning("%s", repeated)
         if permutations is not None and design.offset is not None:
             raise UsageError(
                 f"formula {formula!r}: --permutations with an offset() is not supported "
@@ -304,6 +313,7 @@ def fit_lm(
         "ordered_factors": dict(ordered_factors or {}),
         "offset": [design.model.fixed.names[i] for i in design.model.fixed.offsets],
         "aliased_columns_left_out": design.aliased,
+        "warnings": [repeated] if repeated else [],
         "n_subjects": len(names),
         "n_with_phenotypes": len(design.rows),
         "threshold": threshold_rule(lthr_abs, lthr_rel, len(names)),

@@ -55,6 +55,7 @@ from greyarray.stats.design import (
     random_effects,
     threshold_rule,
 )
+from greyarray.stats.formula import model_formula
 from greyarray.stats.linalg import column_norms
 from greyarray.stats.lm import BLOCK_BYTES
 from greyarray.stats.results import p_adjust_fdr, write_results
@@ -129,6 +130,11 @@ class MixedModel:
         ordered: dict[str, str] | None = None,
     ):
         self.formula, self.reml = formula, reml
+        if model_formula(formula).smooths:
+            raise UsageError(
+                f"formula {formula!r}: smooth terms s(...) with random effects (gamm4's models) "
+                "are not supported; use linear terms, or fit-gam without random effects"
+            )
         self.design: Design = build_design(formula, phenotypes, references, ordered)
         blocks = random_effects(formula, phenotypes, self.design.rows, references, ordered)
         if not blocks:
