@@ -183,8 +183,8 @@ def test_gradient_is_exact():
     engine = model.structure(rows)
     y = values[model.design.rows][:, :3]
     theta = np.array([[0.8, -0.3, 0.4], [1.5, 0.2, 0.05], [0.3, 0.0, 1.1]])
-    for pieces in (engine.pieces, engine.transformed(model.lme4_coordinates()).pieces):
-        criterion = lmm_fit.Criterion(pieces, engine.stats(y), rows.size, 3, 3, True, True)
+    for coordinates in (engine, engine.transformed(model.lme4_coordinates())):
+        criterion = lmm_fit.Criterion(coordinates, engine.stats(y), rows.size, 3, 3, True)
         grad = criterion(theta, np.arange(3))["grad"]
         for j in range(3):
             step = np.zeros_like(theta)

@@ -327,9 +327,8 @@ class Fitter:
         model = self.model
         stats = engine.stats(y)
         criterion = lmm_fit.Criterion(
-            engine.pieces, stats, rows.size, len(model.design.columns), model.n_theta,
-            model.reml, engine.analytic,
-        )  # fmt: skip
+            engine, stats, rows.size, len(model.design.columns), model.n_theta, model.reml
+        )
         everyone = np.arange(y.shape[1])
         starts = model.starts(y, rows)
         devs = [criterion(s, everyone, grad=False)["dev"] for s in starts]
@@ -340,8 +339,8 @@ class Fitter:
             optimum.theta, [t.tmap for t in model.terms], [t.standard for t in model.terms]
         )
         lme4 = lmm_fit.Criterion(  # lmerTest differentiates in lme4's coordinates
-            engine.transformed(model.lme4_coordinates()).pieces, stats, rows.size,
-            len(model.design.columns), model.n_theta, model.reml, engine.analytic,
+            engine.transformed(model.lme4_coordinates()), stats, rows.size,
+            len(model.design.columns), model.n_theta, model.reml,
         )  # fmt: skip
         out = lmm_fit.summarise(lme4, lmm_fit.Optimum(theta, optimum.dev, optimum.converged))
         self._store(elements, rows, theta, optimum.converged, out)

@@ -137,159 +137,159 @@ def lower_t(theta: np.ndarray, tmap: np.ndarray) -> np.ndarray:
 
 
 @compiled
-def _class_terms(t, a, tu, tb, pa, pb, grad):  # pragma: no cover - compiled
-    """Per element e and class c: log|M|, W's pairs and (with ``grad``) their derivatives in
-    each theta (dT/dtheta_j = tu[j] e_{tb[j]}'). M = I + T'AT, K = M^-1 T', W = T K,
-    dW_j = (P u) K[b, :] + transpose with P = I - W A, d log|M| = 2 (K A u)[b]."""
-    n_el, d = t.shape[0], t.shape[1]
-    n_cl, n_th, n_pr = a.shape[0], tb.size, pa.size
-    logdet = np.empty((n_el, n_cl))
-    w = np.empty((n_el, n_cl, n_pr))
-    dlog = np.empty((n_el, n_cl, n_th if grad else 0))
-    dw = np.empty((n_el, n_cl, n_th if grad else 0, n_pr))
-    m = np.empty((d, d))
-    chol = np.empty((d, d))
-    minv = np.empty((d, d))
-    k = np.empty((d, d))
-    ww = np.empty((d, d))
-    p = np.empty((d, d))
-    ka = np.empty((d, d))
-    vec = np.empty(d)
-    for e in range(n_el):
-        te = t[e]
-        for c in range(n_cl):
-            ac = a[c]
-            for i in range(d):  # M = I + T'AT
-                for j in range(d):
-                    total = 0.0
-                    for r in range(d):
-                        tr = te[r, i]
-                        if tr != 0.0:
-                            for s in range(d):
-                                total += tr * ac[r, s] * te[s, j]
-                    m[i, j] = total + (1.0 if i == j else 0.0)
-            ld = 0.0
-            for j in range(d):  # Cholesky M = L L'
-                diag = m[j, j]
-                for r in range(j):
-                    diag -= chol[j, r] * chol[j, r]
-                diag = np.sqrt(diag)
-                chol[j, j] = diag
-                ld += 2.0 * np.log(diag)
-                for i in range(j + 1, d):
-                    total = m[i, j]
-                    for r in range(j):
-                        total -= chol[i, r] * chol[j, r]
-                    chol[i, j] = total / diag
-                for i in range(j):
-                    chol[i, j] = 0.0
-            logdet[e, c] = ld
-            for col in range(d):  # M^-1 column by column
-                for i in range(d):
-                    total = 1.0 if i == col else 0.0
-                    for r in range(i):
-                        total -= chol[i, r] * vec[r]
-                    vec[i] = total / chol[i, i]
-                for i in range(d - 1, -1, -1):
-                    total = vec[i]
-                    for r in range(i + 1, d):
-                        total -= chol[r, i] * vec[r]
-                    vec[i] = total / chol[i, i]
-                for i in range(d):
-                    minv[i, col] = vec[i]
-            for i in range(d):  # K = M^-1 T'
-                for j in range(d):
-                    total = 0.0
-                    for r in range(d):
-                        total += minv[i, r] * te[j, r]
-                    k[i, j] = total
-            for i in range(d):  # W = T K
-                for j in range(d):
-                    total = 0.0
-                    for r in range(d):
-                        total += te[i, r] * k[r, j]
-                    ww[i, j] = total
-            for q in range(n_pr):
-                w[e, c, q] = ww[pa[q], pb[q]]
-            if not grad:
-                continue
-            for i in range(d):  # P = I - W A, KA = K A
-                for j in range(d):
-                    total = 0.0
-                    total2 = 0.0
-                    for r in range(d):
-                        total += ww[i, r] * ac[r, j]
-                        total2 += k[i, r] * ac[r, j]
-                    p[i, j] = (1.0 if i == j else 0.0) - total
-                    ka[i, j] = total2
-            for th in range(n_th):
-                rb = tb[th]
-                total = 0.0
-                for r in range(d):
-                    total += ka[rb, r] * tu[th, r]
-                    pu = 0.0
-                    for s in range(d):
-                        pu += p[r, s] * tu[th, s]
-                    vec[r] = pu
-                dlog[e, c, th] = 2.0 * total
-                for q in range(n_pr):
-                    x, y = pa[q], pb[q]
-                    dw[e, c, th, q] = vec[x] * k[rb, y] + vec[y] * k[rb, x]
-    return logdet, w, dlog, dw
+def _class_block(te, ac, d, m, chol, minv, k, w):  # pragma: no cover - compiled
+    """For one class: M = I + T'AT, its Cholesky factor, M^-1, K = M^-1 T', W = T K; returns
+    log|M|. Scratch arrays are the caller's (no allocation per class)."""
+    for i in range(d):
+        for j in range(d):
+            total = 0.0
+            for r in range(d):
+                tr = te[r, i]
+                if tr != 0.0:
+                    for q in range(d):
+                        total += tr * ac[r, q] * te[q, j]
+            m[i, j] = total + (1.0 if i == j else 0.0)
+    logdet = 0.0
+    for j in range(d):
+        diag = m[j, j]
+        for r in range(j):
+            diag -= chol[j, r] * chol[j, r]
+        diag = np.sqrt(diag)
+        chol[j, j] = diag
+        logdet += 2.0 * np.log(diag)
+        for i in range(j + 1, d):
+            total = m[i, j]
+            for r in range(j):
+                total -= chol[i, r] * chol[j, r]
+            chol[i, j] = total / diag
+    for col in range(d):  # M^-1 = L^-T L^-1, column by column (into minv)
+        for i in range(d):
+            total = 1.0 if i == col else 0.0
+            for r in range(i):
+                total -= chol[i, r] * minv[r, col]
+            minv[i, col] = total / chol[i, i]
+        for i in range(d - 1, -1, -1):
+            total = minv[i, col]
+            for r in range(i + 1, d):
+                total -= chol[r, i] * minv[r, col]
+            minv[i, col] = total / chol[i, i]
+    for i in range(d):
+        for j in range(d):
+            total = 0.0
+            for r in range(d):
+                total += minv[i, r] * te[j, r]
+            k[i, j] = total
+    for i in range(d):
+        for j in range(d):
+            total = 0.0
+            for r in range(d):
+                total += te[i, r] * k[r, j]
+            w[i, j] = total
+    return logdet
 
 
 @compiled
-def _class_terms2(t, a, tu, tb, grad):  # pragma: no cover - compiled
-    """_class_terms for d = 2 (a random intercept and slope), in closed form; pairs are
-    (0, 0), (1, 0), (1, 1)."""
-    n_el, n_cl, n_th = t.shape[0], a.shape[0], tb.size
-    logdet = np.empty((n_el, n_cl))
-    w = np.empty((n_el, n_cl, 3))
-    dlog = np.empty((n_el, n_cl, n_th if grad else 0))
-    dw = np.empty((n_el, n_cl, n_th if grad else 0, 3))
-    k = np.empty((2, 2))
-    for e in range(n_el):
-        t00, t01, t10, t11 = t[e, 0, 0], t[e, 0, 1], t[e, 1, 0], t[e, 1, 1]
+def _one_factor_values(t, idx, a, counts, pa, pb, pxx, sxy, syy, xx, xy, yy):  # pragma: no cover
+    """Per element idx[i] (with T = t[i]): log|L|^2, G = X'X - B'WB, h = X'y - B'Wc and
+    s = y'y - c'Wc, summed over classes of groups without intermediate arrays."""
+    n_el, d = t.shape[0], t.shape[1]
+    n_cl, n_pr, p = a.shape[0], pa.size, xx.shape[0]
+    ld = np.zeros(n_el)
+    g_out = np.empty((n_el, p, p))
+    h_out = np.empty((n_el, p))
+    s_out = np.empty(n_el)
+    m, chol, minv = np.empty((d, d)), np.zeros((d, d)), np.empty((d, d))
+    k, w = np.empty((d, d)), np.empty((d, d))
+    for i in range(n_el):
+        e = idx[i]
+        g = g_out[i]
+        g[:, :] = xx
+        h = h_out[i]
+        h[:] = xy[e]
+        s = yy[e]
         for c in range(n_cl):
-            a00, a01, a11 = a[c, 0, 0], a[c, 0, 1], a[c, 1, 1]
-            # A T
-            at00 = a00 * t00 + a01 * t10
-            at01 = a00 * t01 + a01 * t11
-            at10 = a01 * t00 + a11 * t10
-            at11 = a01 * t01 + a11 * t11
-            m00 = 1.0 + t00 * at00 + t10 * at10
-            m01 = t00 * at01 + t10 * at11
-            m11 = 1.0 + t01 * at01 + t11 * at11
-            det = m00 * m11 - m01 * m01
-            logdet[e, c] = np.log(det)
-            i00, i01, i11 = m11 / det, -m01 / det, m00 / det
-            k[0, 0] = i00 * t00 + i01 * t01  # K = M^-1 T'
-            k[0, 1] = i00 * t10 + i01 * t11
-            k[1, 0] = i01 * t00 + i11 * t01
-            k[1, 1] = i01 * t10 + i11 * t11
-            w00 = t00 * k[0, 0] + t01 * k[1, 0]
-            w10 = t10 * k[0, 0] + t11 * k[1, 0]
-            w11 = t10 * k[0, 1] + t11 * k[1, 1]
-            w[e, c, 0], w[e, c, 1], w[e, c, 2] = w00, w10, w11
-            if not grad:
-                continue
-            k00, k01, k10, k11 = k[0, 0], k[0, 1], k[1, 0], k[1, 1]
-            p00 = 1.0 - (w00 * a00 + w10 * a01)
-            p01 = -(w00 * a01 + w10 * a11)
-            p10 = -(w10 * a00 + w11 * a01)
-            p11 = 1.0 - (w10 * a01 + w11 * a11)
+            ld[i] += counts[c] * _class_block(t[i], a[c], d, m, chol, minv, k, w)
+            for q in range(n_pr):
+                wq = w[pa[q], pb[q]]
+                if wq == 0.0:
+                    continue
+                pq = pxx[c, q]
+                for r in range(p):
+                    for col in range(p):
+                        g[r, col] -= wq * pq[r, col]
+                sq = sxy[e, c, q]
+                for r in range(p):
+                    h[r] -= wq * sq[r]
+                s -= wq * syy[e, c, q]
+        s_out[i] = s
+    return ld, g_out, h_out, s_out
+
+
+@compiled
+def _one_factor_gradient(
+    t, tu, tb, idx, a, counts, pa, pb, pxx, sxy, syy, mat, beta, weight, full
+):  # pragma: no cover - compiled
+    """Per element: the gradient in theta of log|L|^2 + tr(mat dG)-part + weight r^2-part,
+    i.e. d log|L|^2 + tr(mat dG) + weight (ds - 2 beta'dh) with dG = -sum dW (B'B), dh =
+    -sum dW (B'c), ds = -sum dW (c'c) and dW = (P u) K[b, :] + transpose (P = I - W A). With
+    ``mat`` = log|R_X|^2's G^-1 + weight beta beta', this is the profiled criterion's gradient.
+    With ``full``, also dG itself (for lmerTest's Jacobian)."""
+    n_el, d = t.shape[0], t.shape[1]
+    n_cl, n_pr, p, n_th = a.shape[0], pa.size, mat.shape[1], tb.size
+    grad = np.zeros((n_el, n_th))
+    dg = np.zeros((n_el, n_th if full else 0, p, p))
+    m, chol, minv = np.empty((d, d)), np.zeros((d, d)), np.empty((d, d))
+    k, w, pm = np.empty((d, d)), np.empty((d, d)), np.empty((d, d))
+    pu = np.empty(d)
+    weights = np.empty(n_pr)
+    for i in range(n_el):
+        e = idx[i]
+        for c in range(n_cl):
+            ac = a[c]
+            _class_block(t[i], ac, d, m, chol, minv, k, w)
+            for r in range(d):  # P = I - W A
+                for col in range(d):
+                    total = 0.0
+                    for q in range(d):
+                        total += w[r, q] * ac[q, col]
+                    pm[r, col] = (1.0 if r == col else 0.0) - total
+            for q in range(n_pr):  # what each pair of dW multiplies
+                pq = pxx[c, q]
+                quad = 0.0
+                for r in range(p):
+                    for col in range(p):
+                        quad += mat[i, r, col] * pq[r, col]
+                cross = 0.0
+                sq = sxy[e, c, q]
+                for r in range(p):
+                    cross += sq[r] * beta[i, r]
+                weights[q] = quad + weight[i] * (syy[e, c, q] - 2.0 * cross)
             for th in range(n_th):
-                u0, u1, rb = tu[th, 0], tu[th, 1], tb[th]
-                pa0 = p00 * u0 + p01 * u1  # P u
-                pa1 = p10 * u0 + p11 * u1
-                kb0 = k00 if rb == 0 else k10
-                kb1 = k01 if rb == 0 else k11
-                # (K A u)[b]
-                dlog[e, c, th] = 2.0 * (kb0 * (a00 * u0 + a01 * u1) + kb1 * (a01 * u0 + a11 * u1))
-                dw[e, c, th, 0] = 2.0 * pa0 * kb0
-                dw[e, c, th, 1] = pa1 * kb0 + pa0 * kb1
-                dw[e, c, th, 2] = 2.0 * pa1 * kb1
-    return logdet, w, dlog, dw
+                b = tb[th]
+                total = 0.0
+                for r in range(d):  # d log|M| = 2 (K A u)[b]; P u
+                    ka = 0.0
+                    for q in range(d):
+                        ka += k[b, q] * ac[q, r]
+                    total += ka * tu[th, r]
+                    acc = 0.0
+                    for q in range(d):
+                        acc += pm[r, q] * tu[th, q]
+                    pu[r] = acc
+                value = 2.0 * total * counts[c]
+                for q in range(n_pr):
+                    x, y = pa[q], pb[q]
+                    dwq = pu[x] * k[b, y] + pu[y] * k[b, x]
+                    if x == y:
+                        dwq = 2.0 * pu[x] * k[b, x]
+                    value -= dwq * weights[q]
+                    if full:
+                        pq = pxx[c, q]
+                        for r in range(p):
+                            for col in range(p):
+                                dg[i, th, r, col] -= dwq * pq[r, col]
+                grad[i, th] += value
+    return grad, dg
 
 
 class OneFactor:
@@ -333,7 +333,7 @@ class OneFactor:
         return self.a.shape[0]
 
     def bytes_per_element(self) -> int:
-        return 8 * self.n_classes * self.pa.size * (self.p + 1 + 2 * (1 + self.factor.b.size))
+        return 8 * self.n_classes * self.pa.size * (self.p + 1)
 
     def stats(self, y: np.ndarray) -> dict:
         """Per-element sums (elements first) for responses ``y`` (n, E)."""
@@ -364,31 +364,327 @@ class OneFactor:
         out.factor = self.factor.transformed(transforms[0])
         return out
 
-    def pieces(self, theta: np.ndarray, stats: dict, grad: bool) -> dict:
-        factor = self.factor
-        n_el, k = theta.shape[0], factor.b.size
-        n_cl, n_pr, p = self.n_classes, self.pa.size, self.p
-        t = t_matrix(theta, factor)
-        if self.d == 2:
-            logdet, w, dlog, dw = _class_terms2(t, self.a, factor.u, factor.b, grad)
-        else:
-            logdet, w, dlog, dw = _class_terms(
-                t, self.a, factor.u, factor.b, self.pa, self.pb, grad
-            )
-        pxx = self.pxx.reshape(n_cl * n_pr, p * p)
-        out = {
-            "ldL2": logdet @ self.counts,
-            "G": self.xx - (w.reshape(n_el, -1) @ pxx).reshape(n_el, p, p),
-            "h": stats["xy"] - np.matmul(w.reshape(n_el, 1, -1), stats["sxy"].reshape(n_el, -1, p))[:, 0],
-            "s": stats["yy"] - np.einsum("ek,ek->e", w.reshape(n_el, -1), stats["syy"].reshape(n_el, -1)),
-        }
-        if grad:
-            dw = dw.transpose(0, 2, 1, 3).reshape(n_el, k, n_cl * n_pr)
-            out["dldL2"] = np.einsum("eck,c->ek", dlog, self.counts)
-            out["dG"] = -(dw.reshape(n_el * k, -1) @ pxx).reshape(n_el, k, p, p)
-            out["dh"] = -np.matmul(dw, stats["sxy"].reshape(n_el, -1, p))
-            out["ds"] = -np.matmul(dw, stats["syy"].reshape(n_el, -1, 1))[..., 0]
+    def values(self, theta: np.ndarray, stats: dict, idx: np.ndarray) -> dict:
+        """log|L|^2, G, h and s of elements ``idx`` at ``theta`` (one row per element)."""
+        ld, g, h, s = _one_factor_values(
+            t_matrix(theta, self.factor), idx, self.a, self.counts, self.pa, self.pb,
+            self.pxx, stats["sxy"], stats["syy"], self.xx, stats["xy"], stats["yy"],
+        )  # fmt: skip
+        return {"ldL2": ld, "G": g, "h": h, "s": s}
+
+    def gradient(self, theta, stats, idx, mat, beta, weight, full=False):
+        """(E, k) gradient of log|L|^2 + <mat, G-part> + weight r^2-part (see
+        _one_factor_gradient), and dG (E, k, p, p) with ``full``."""
+        return _one_factor_gradient(
+            t_matrix(theta, self.factor), self.factor.u, self.factor.b, idx, self.a,
+            self.counts, self.pa, self.pb, self.pxx, stats["sxy"], stats["syy"], mat, beta,
+            weight, full,
+        )  # fmt: skip
+
+
+@compiled
+def _block2(te, ac, k, w):  # pragma: no cover - compiled
+    """_class_block for d = 2 in closed form (a random intercept and slope)."""
+    t00, t01, t10, t11 = te[0, 0], te[0, 1], te[1, 0], te[1, 1]
+    a00, a01, a11 = ac[0, 0], ac[0, 1], ac[1, 1]
+    at00 = a00 * t00 + a01 * t10
+    at01 = a00 * t01 + a01 * t11
+    at10 = a01 * t00 + a11 * t10
+    at11 = a01 * t01 + a11 * t11
+    m00 = 1.0 + t00 * at00 + t10 * at10
+    m01 = t00 * at01 + t10 * at11
+    m11 = 1.0 + t01 * at01 + t11 * at11
+    det = m00 * m11 - m01 * m01
+    i00, i01, i11 = m11 / det, -m01 / det, m00 / det
+    k[0, 0] = i00 * t00 + i01 * t01
+    k[0, 1] = i00 * t10 + i01 * t11
+    k[1, 0] = i01 * t00 + i11 * t01
+    k[1, 1] = i01 * t10 + i11 * t11
+    w[0, 0] = t00 * k[0, 0] + t01 * k[1, 0]
+    w[0, 1] = t00 * k[0, 1] + t01 * k[1, 1]
+    w[1, 0] = w[0, 1]
+    w[1, 1] = t10 * k[0, 1] + t11 * k[1, 1]
+    return np.log(det)
+
+
+@compiled
+def _block(te, ac, d, m, chol, minv, k, w):  # pragma: no cover - compiled
+    if d == 2:
+        return _block2(te, ac, k, w)
+    return _class_block(te, ac, d, m, chol, minv, k, w)
+
+
+@compiled
+def _group_values2(t, idx, a, group_class, c):  # pragma: no cover - compiled
+    """_group_values for d = 2, in scalars (pairs (0, 0), (1, 0), (1, 1))."""
+    n_el, n_gr = t.shape[0], group_class.size
+    ld = np.zeros(n_el)
+    wp = np.empty((n_el, n_gr, 3))
+    v = np.empty((n_el, n_gr, 2))
+    quad = np.zeros(n_el)
+    for i in range(n_el):
+        e = idx[i]
+        t00, t01, t10, t11 = t[i, 0, 0], t[i, 0, 1], t[i, 1, 0], t[i, 1, 1]
+        logdet, product, total = 0.0, 1.0, 0.0
+        for j in range(n_gr):
+            g = group_class[j]
+            a00, a01, a11 = a[g, 0, 0], a[g, 0, 1], a[g, 1, 1]
+            at00 = a00 * t00 + a01 * t10
+            at01 = a00 * t01 + a01 * t11
+            at10 = a01 * t00 + a11 * t10
+            at11 = a01 * t01 + a11 * t11
+            m00 = 1.0 + t00 * at00 + t10 * at10
+            m01 = t00 * at01 + t10 * at11
+            m11 = 1.0 + t01 * at01 + t11 * at11
+            det = m00 * m11 - m01 * m01
+            product *= det
+            if j % 16 == 15:
+                logdet += np.log(product)
+                product = 1.0
+            i00, i01, i11 = m11 / det, -m01 / det, m00 / det
+            k00 = i00 * t00 + i01 * t01
+            k01 = i00 * t10 + i01 * t11
+            k10 = i01 * t00 + i11 * t01
+            k11 = i01 * t10 + i11 * t11
+            w00 = t00 * k00 + t01 * k10
+            w01 = t00 * k01 + t01 * k11
+            w11 = t10 * k01 + t11 * k11
+            wp[i, j, 0], wp[i, j, 1], wp[i, j, 2] = w00, w01, w11
+            c0, c1 = c[e, j, 0], c[e, j, 1]
+            v0 = w00 * c0 + w01 * c1
+            v1 = w01 * c0 + w11 * c1
+            v[i, j, 0], v[i, j, 1] = v0, v1
+            total += c0 * v0 + c1 * v1
+        ld[i] = logdet + np.log(product)
+        quad[i] = total
+    return ld, wp, v, quad
+
+
+@compiled
+def _group_gradient2(t, tu, tb, idx, a, group_class, c, u, weights, weight, full):
+    # pragma: no cover - compiled
+    """_group_gradient for d = 2, in scalars."""
+    n_el, n_gr, n_th = t.shape[0], group_class.size, tb.size
+    grad = np.zeros((n_el, n_th))
+    dwp = np.zeros((n_el, n_th if full else 0, n_gr, 3))
+    for i in range(n_el):
+        e = idx[i]
+        t00, t01, t10, t11 = t[i, 0, 0], t[i, 0, 1], t[i, 1, 0], t[i, 1, 1]
+        wt = weight[i]
+        for j in range(n_gr):
+            g = group_class[j]
+            a00, a01, a11 = a[g, 0, 0], a[g, 0, 1], a[g, 1, 1]
+            at00 = a00 * t00 + a01 * t10
+            at01 = a00 * t01 + a01 * t11
+            at10 = a01 * t00 + a11 * t10
+            at11 = a01 * t01 + a11 * t11
+            m00 = 1.0 + t00 * at00 + t10 * at10
+            m01 = t00 * at01 + t10 * at11
+            m11 = 1.0 + t01 * at01 + t11 * at11
+            det = m00 * m11 - m01 * m01
+            i00, i01, i11 = m11 / det, -m01 / det, m00 / det
+            k00 = i00 * t00 + i01 * t01
+            k01 = i00 * t10 + i01 * t11
+            k10 = i01 * t00 + i11 * t01
+            k11 = i01 * t10 + i11 * t11
+            w00 = t00 * k00 + t01 * k10
+            w01 = t00 * k01 + t01 * k11
+            w11 = t10 * k01 + t11 * k11
+            p00 = 1.0 - (w00 * a00 + w01 * a01)  # P = I - W A
+            p01 = -(w00 * a01 + w01 * a11)
+            p10 = -(w01 * a00 + w11 * a01)
+            p11 = 1.0 - (w01 * a01 + w11 * a11)
+            c0, c1, u0, u1 = c[e, j, 0], c[e, j, 1], u[i, j, 0], u[i, j, 1]
+            q0, q1, q2 = weights[i, j, 0], weights[i, j, 1], weights[i, j, 2]
+            for th in range(n_th):
+                x0, x1 = tu[th, 0], tu[th, 1]
+                if tb[th] == 0:
+                    kb0, kb1 = k00, k01
+                else:
+                    kb0, kb1 = k10, k11
+                dlog = 2.0 * (kb0 * (a00 * x0 + a01 * x1) + kb1 * (a01 * x0 + a11 * x1))
+                pu0 = p00 * x0 + p01 * x1
+                pu1 = p10 * x0 + p11 * x1
+                c_pu, c_k = c0 * pu0 + c1 * pu1, c0 * kb0 + c1 * kb1
+                u_pu, u_k = u0 * pu0 + u1 * pu1, u0 * kb0 + u1 * kb1
+                d00 = 2.0 * pu0 * kb0
+                d01 = pu1 * kb0 + pu0 * kb1
+                d11 = 2.0 * pu1 * kb1
+                grad[i, th] += (
+                    dlog
+                    - wt * (2.0 * c_pu * c_k - 2.0 * (u_pu * c_k + c_pu * u_k))
+                    - (d00 * q0 + d01 * q1 + d11 * q2)
+                )
+                if full:
+                    dwp[i, th, j, 0], dwp[i, th, j, 1], dwp[i, th, j, 2] = d00, d01, d11
+    return grad, dwp
+
+
+@compiled
+def _group_values(t, idx, a, group_class, c, pa, pb):  # pragma: no cover - compiled
+    """Per element idx[i] and group j (class group_class[j]): log|M_j| summed, W_j's pairs,
+    v_j = W_j c_j and the sum of c_j'W_j c_j."""
+    n_el, d = t.shape[0], t.shape[1]
+    n_gr, n_pr = group_class.size, pa.size
+    ld = np.zeros(n_el)
+    wp = np.empty((n_el, n_gr, n_pr))
+    v = np.empty((n_el, n_gr, d))
+    quad = np.zeros(n_el)
+    m, chol, minv = np.empty((d, d)), np.zeros((d, d)), np.empty((d, d))
+    k, w = np.empty((d, d)), np.empty((d, d))
+    for i in range(n_el):
+        e = idx[i]
+        for j in range(n_gr):
+            ld[i] += _block(t[i], a[group_class[j]], d, m, chol, minv, k, w)
+            for q in range(n_pr):
+                wp[i, j, q] = w[pa[q], pb[q]]
+            total = 0.0
+            for r in range(d):
+                acc = 0.0
+                for col in range(d):
+                    acc += w[r, col] * c[e, j, col]
+                v[i, j, r] = acc
+                total += c[e, j, r] * acc
+            quad[i] += total
+    return ld, wp, v, quad
+
+
+@compiled
+def _group_gradient(t, tu, tb, idx, a, group_class, c, u, weights, weight, pa, pb, full):
+    # pragma: no cover - compiled
+    """Per element: d log|L|^2 - sum_j [<dW_j, weights_j> + weight (c_j'dW_j c_j - 2 u_j'dW_j
+    c_j)] for each theta (u_j = B_j beta; ``weights`` (E, groups, pairs) = <mat, B_j'B_j>'s
+    pairs); with ``full`` also dW's pairs (E, k, groups, pairs) for dG."""
+    n_el, d = t.shape[0], t.shape[1]
+    n_gr, n_pr, n_th = group_class.size, pa.size, tb.size
+    grad = np.zeros((n_el, n_th))
+    dwp = np.zeros((n_el, n_th if full else 0, n_gr, n_pr))
+    m, chol, minv = np.empty((d, d)), np.zeros((d, d)), np.empty((d, d))
+    k, w, pm = np.empty((d, d)), np.empty((d, d)), np.empty((d, d))
+    pu = np.empty(d)
+    for i in range(n_el):
+        e = idx[i]
+        for j in range(n_gr):
+            ac = a[group_class[j]]
+            _block(t[i], ac, d, m, chol, minv, k, w)
+            for r in range(d):  # P = I - W A
+                for col in range(d):
+                    total = 0.0
+                    for q in range(d):
+                        total += w[r, q] * ac[q, col]
+                    pm[r, col] = (1.0 if r == col else 0.0) - total
+            for th in range(n_th):
+                b = tb[th]
+                dlog = 0.0
+                for r in range(d):
+                    ka = 0.0
+                    for q in range(d):
+                        ka += k[b, q] * ac[q, r]
+                    dlog += ka * tu[th, r]
+                    acc = 0.0
+                    for q in range(d):
+                        acc += pm[r, q] * tu[th, q]
+                    pu[r] = acc
+                # dW = pu K[b, :] + transpose: x'dW y = (x.pu)(K[b].y) + (y.pu)(K[b].x)
+                c_pu, c_k, u_pu, u_k = 0.0, 0.0, 0.0, 0.0
+                for r in range(d):
+                    c_pu += c[e, j, r] * pu[r]
+                    c_k += c[e, j, r] * k[b, r]
+                    u_pu += u[i, j, r] * pu[r]
+                    u_k += u[i, j, r] * k[b, r]
+                value = 2.0 * dlog - weight[i] * (2.0 * c_pu * c_k - 2.0 * (u_pu * c_k + c_pu * u_k))
+                for q in range(n_pr):
+                    x, y = pa[q], pb[q]
+                    dwq = pu[x] * k[b, y] + pu[y] * k[b, x]
+                    value -= dwq * weights[i, j, q]
+                    if full:
+                        dwp[i, th, j, q] = dwq
+                grad[i, th] += value
+    return grad, dwp
+
+
+class GroupForm:
+    """The pieces for random terms sharing one grouping factor when most groups differ (random
+    slopes on continuous covariates): per element only c_j = Z_j'y is kept, and the sums over
+    groups are matrix products (G, h and the gradient's weights) around a small kernel."""
+
+    analytic = True
+
+    def __init__(self, x: np.ndarray, factor: Factor):
+        self.factor = factor
+        z, d, p = factor.z, factor.z.shape[1], x.shape[1]
+        self.pa, self.pb = np.tril_indices(d)
+        groups, _ = indicator(factor.codes)
+        self.n_groups = groups.shape[0]
+        self.zsum = [groups.multiply(z[None, :, a]).tocsr() for a in range(d)]
+        a_j = _gram(self.zsum, z)
+        self.a, self.group_class = np.unique(
+            a_j.reshape(self.n_groups, -1), axis=0, return_inverse=True
+        )
+        self.a = np.ascontiguousarray(self.a.reshape(-1, d, d))
+        self.group_class = self.group_class.ravel()
+        b_j = np.stack([self.zsum[a] @ x for a in range(d)], 1)  # (m, d, p)
+        self.b = b_j.reshape(self.n_groups * d, p)
+        sym = np.where(self.pa == self.pb, 1.0, 2.0)
+        pxx = np.einsum("mqi,mqj->mqij", b_j[:, self.pa], b_j[:, self.pb])
+        pxx = (pxx + pxx.transpose(0, 1, 3, 2)) / 2 * sym[None, :, None, None]
+        self.pxx = pxx.reshape(self.n_groups * self.pa.size, p * p)
+        self.x, self.xx, self.n, self.p, self.d = x, x.T @ x, x.shape[0], p, d
+
+    def transformed(self, transforms: list[np.ndarray]) -> GroupForm:
+        out = copy.copy(self)
+        out.factor = self.factor.transformed(transforms[0])
         return out
+
+    def bytes_per_element(self) -> int:
+        return 8 * self.n_groups * (2 * self.d + 2 * self.pa.size)
+
+    def stats(self, y: np.ndarray) -> dict:
+        y, beta0 = residualise(self.x, y)
+        c = np.stack([s @ y for s in self.zsum], 1)  # (m, d, E)
+        return {
+            "c": np.ascontiguousarray(c.transpose(2, 0, 1)),
+            "xy": (self.x.T @ y).T,
+            "yy": (y * y).sum(axis=0),
+            "beta0": beta0,
+        }
+
+    def values(self, theta: np.ndarray, stats: dict, idx: np.ndarray) -> dict:
+        t = t_matrix(theta, self.factor)
+        if self.d == 2:
+            ld, wp, v, quad = _group_values2(t, idx, self.a, self.group_class, stats["c"])
+        else:
+            ld, wp, v, quad = _group_values(
+                t, idx, self.a, self.group_class, stats["c"], self.pa, self.pb
+            )
+        n_el, p = idx.size, self.p
+        return {
+            "ldL2": ld,
+            "G": self.xx - (wp.reshape(n_el, -1) @ self.pxx).reshape(n_el, p, p),
+            "h": stats["xy"][idx] - v.reshape(n_el, -1) @ self.b,
+            "s": stats["yy"][idx] - quad,
+        }
+
+    def gradient(self, theta, stats, idx, mat, beta, weight, full=False):
+        n_el, p = idx.size, self.p
+        weights = (mat.reshape(n_el, p * p) @ self.pxx.T).reshape(n_el, self.n_groups, -1)
+        u = (beta @ self.b.T).reshape(n_el, self.n_groups, self.d)
+        t, factor = t_matrix(theta, self.factor), self.factor
+        if self.d == 2:
+            grad, dwp = _group_gradient2(
+                t, factor.u, factor.b, idx, self.a, self.group_class, stats["c"], u, weights,
+                weight, full,
+            )  # fmt: skip
+        else:
+            grad, dwp = _group_gradient(
+                t, factor.u, factor.b, idx, self.a, self.group_class, stats["c"], u, weights,
+                weight, self.pa, self.pb, full,
+            )  # fmt: skip
+        if not full:
+            return grad, None
+        k = self.factor.b.size
+        dg = -(dwp.reshape(n_el * k, -1) @ self.pxx).reshape(n_el, k, p, p)
+        return grad, dg
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,10 +693,10 @@ class OneFactor:
 
 @compiled
 def _two_factor_pieces(  # pragma: no cover - compiled
-    t1, t2, a1, u1, a2, u2, pair_start, pair_f, pair_a, comp_i, comp_i_start, comp_f,
+    t1, t2, idx, a1, u1, a2, u2, pair_start, pair_f, pair_a, comp_i, comp_i_start, comp_f,
     comp_f_start, f_local,
 ):
-    """Per element: log|M| and Q = [X y]' Z Lambda M^-1 Lambda' Z' [X y] ((p+1) x (p+1)).
+    """Per element idx[e] (T's t1[e], t2[e]): log|M| and Q = [X y]' Z Lambda M^-1 Lambda' Z' [X y] ((p+1) x (p+1)).
 
     a1 (m1, d1, d1), u1 (E, m1, d1, p+1) = Z1_i'[X y]; a2, u2 the same for factor 2; the
     observations shared by level i of factor 1 and level f of factor 2 give pair_a = Z1_i'Z2_f
@@ -411,7 +707,7 @@ def _two_factor_pieces(  # pragma: no cover - compiled
     logdet = np.zeros(n_el)
     q_out = np.zeros((n_el, pp, pp))
     for e in range(n_el):
-        te1, te2 = t1[e], t2[e]
+        te1, te2, row = t1[e], t2[e], idx[e]
         for c in range(comp_i_start.size - 1):
             f0, f1 = comp_f_start[c], comp_f_start[c + 1]
             size = (f1 - f0) * d2
@@ -421,14 +717,14 @@ def _two_factor_pieces(  # pragma: no cover - compiled
                 f = comp_f[fi]
                 o = (fi - f0) * d2
                 s[o : o + d2, o : o + d2] += te2.T @ a2[f] @ te2
-                r[o : o + d2] = te2.T @ u2[e, f]
+                r[o : o + d2] = te2.T @ u2[row, f]
             for ii in range(comp_i_start[c], comp_i_start[c + 1]):
                 i = comp_i[ii]
                 m = np.eye(d1) + te1.T @ a1[i] @ te1
                 chol = np.linalg.cholesky(m)
                 for j in range(d1):
                     logdet[e] += 2.0 * np.log(chol[j, j])
-                u = te1.T @ u1[e, i]
+                u = te1.T @ u1[row, i]
                 nmat = np.zeros((d1, size))
                 for pi in range(pair_start[i], pair_start[i + 1]):
                     o = f_local[pair_f[pi]] * d2
@@ -527,11 +823,12 @@ class TwoFactors:
             "beta0": beta0,
         }
 
-    def pieces(self, theta: np.ndarray, stats: dict, grad: bool) -> dict:
+    def values(self, theta: np.ndarray, stats: dict, idx: np.ndarray) -> dict:
+        """log|L|^2, G, h and s of elements ``idx`` at ``theta`` (one row per element)."""
         t1 = t_matrix(theta, self.first)
         t2 = t_matrix(theta, self.second)
         logdet, q = _two_factor_pieces(
-            t1, t2, self.a1, stats["u1"], self.a2, stats["u2"], self.pair_start, self.pair_f,
+            t1, t2, idx, self.a1, stats["u1"], self.a2, stats["u2"], self.pair_start, self.pair_f,
             self.pair_a, self.comp_i, self.comp_i_start, self.comp_f, self.comp_f_start,
             self.f_local,
         )
@@ -539,8 +836,8 @@ class TwoFactors:
         return {
             "ldL2": logdet,
             "G": self.xx - q[:, :p, :p],
-            "h": stats["xy"] - q[:, :p, p],
-            "s": stats["yy"] - q[:, p, p],
+            "h": stats["xy"][idx] - q[:, :p, p],
+            "s": stats["yy"][idx] - q[:, p, p],
         }
 
 
@@ -565,9 +862,14 @@ def _gram(sums, z) -> np.ndarray:
 
 
 def engine(x: np.ndarray, factors: list[Factor]):
-    if len(factors) == 1:
-        return OneFactor(x, factors[0])
-    return TwoFactors(x, *factors)
+    """The engine for a fixed design and random structure: classes of equal groups when they
+    are few (random intercepts), group by group otherwise, or two factors."""
+    if len(factors) == 2:
+        return TwoFactors(x, *factors)
+    one = OneFactor(x, factors[0])
+    if one.n_classes * one.pa.size * (one.p + 1) <= 2 * one.n_groups * one.d:
+        return one
+    return GroupForm(x, factors[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -575,36 +877,20 @@ def engine(x: np.ndarray, factors: list[Factor]):
 
 
 class Criterion:
-    """lme4's profiled deviance (REML or ML) of a block of elements, with its gradient."""
+    """lme4's profiled deviance (REML or ML) of a block of elements, with its gradient.
 
-    def __init__(self, pieces_of, stats: dict, n: int, p: int, k: int, reml: bool, analytic: bool):
-        self.pieces_of, self.stats = pieces_of, stats
-        self.n, self.p, self.k, self.reml, self.analytic = n, p, k, reml, analytic
+    ``engine`` gives the pieces (``values``) and, when it has exact derivatives, ``gradient``;
+    otherwise the pieces are differentiated by central differences. ``stats`` are its
+    per-element sums (all elements of the block; ``idx`` chooses among them)."""
+
+    def __init__(self, engine, stats: dict, n: int, p: int, k: int, reml: bool):
+        self.engine, self.stats = engine, stats
+        self.n, self.p, self.k, self.reml = n, p, k, reml
+        self.analytic = engine.analytic
         self.nu = n - p if reml else n
 
-    def subset(self, idx: np.ndarray) -> dict:
-        return {key: value[idx] for key, value in self.stats.items() if key != "beta0"}
-
-    def pieces(self, theta: np.ndarray, idx: np.ndarray, grad: bool) -> dict:
-        stats = self.subset(idx)
-        if not grad or self.analytic:
-            return self.pieces_of(theta, stats, grad)
-        out = self.pieces_of(theta, stats, False)
-        steps = 1e-5 * np.maximum(np.abs(theta), 0.1)  # central differences of each piece
-        for name in ("ldL2", "G", "h", "s"):
-            out["d" + name] = np.empty((theta.shape[0], self.k, *out[name].shape[1:]))
-        for j in range(self.k):
-            shift = np.zeros_like(theta)
-            shift[:, j] = steps[:, j]
-            up = self.pieces_of(theta + shift, stats, False)
-            down = self.pieces_of(theta - shift, stats, False)
-            for name in ("ldL2", "G", "h", "s"):
-                width = 2 * steps[:, j].reshape(-1, *([1] * (up[name].ndim - 1)))
-                out["d" + name][:, j] = (up[name] - down[name]) / width
-        return out
-
-    def profile(self, piece: dict, grad: bool) -> dict:
-        """beta, r^2, log|R_X|^2 and the criterion (and its gradient) from the pieces."""
+    def profile(self, piece: dict) -> dict:
+        """beta, r^2, log|R_X|^2 and the criterion from the pieces."""
         g = piece["G"]
         chol = np.linalg.cholesky(g)
         beta = np.linalg.solve(g, piece["h"][..., None])[..., 0]
@@ -614,25 +900,50 @@ class Criterion:
         dev = piece["ldL2"] + nu * (1 + np.log(2 * np.pi * r2 / nu))
         if self.reml:
             dev = dev + ld_rx2
-        out = {"dev": dev, "beta": beta, "r2": r2, "ld_rx2": ld_rx2, "chol": chol, **piece}
-        if grad:
-            dg, dh = piece["dG"], piece["dh"]
-            dr2 = (
-                piece["ds"]
-                - 2 * np.einsum("ekp,ep->ek", dh, beta)
-                + np.einsum("ep,ekpq,eq->ek", beta, dg, beta)
-            )
-            ginv = _cho_inverse(chol)
-            d_rx2 = np.einsum("epq,ekqp->ek", ginv, dg)
-            out["dr2"], out["d_rx2"], out["ginv"] = dr2, d_rx2, ginv
-            out["grad"] = piece["dldL2"] + nu * dr2 / r2[:, None] + (d_rx2 if self.reml else 0)
-        return out
+        return {"dev": dev, "beta": beta, "r2": r2, "ld_rx2": ld_rx2, "chol": chol, **piece}
 
     def __call__(self, theta: np.ndarray, idx: np.ndarray, grad: bool = True) -> dict:
-        """The criterion at ``theta`` of elements ``idx``; ``beta`` of the residualised
-        response, ``fixef`` of the response."""
-        out = self.profile(self.pieces(theta, idx, grad), grad)
+        """The criterion at ``theta`` of elements ``idx`` (and its gradient ``grad``);
+        ``beta`` of the residualised response, ``fixef`` of the response."""
+        out = self.profile(self.engine.values(theta, self.stats, idx))
         out["fixef"] = out["beta"] + self.stats["beta0"][idx]
+        if grad:
+            out["ginv"] = _cho_inverse(out["chol"])
+            out["grad"] = self.gradient(theta, idx, out, self.nu / out["r2"])[0]
+        return out
+
+    def gradient(self, theta, idx, state, weight, reml=None, full=False):
+        """(E, k) gradient of log|L|^2 (+ log|R_X|^2 under REML) + weight r^2 at fixed weight,
+        and dG (E, k, p, p) with ``full``. weight = nu / r^2 gives the criterion's gradient."""
+        reml = self.reml if reml is None else reml
+        beta = state["beta"]
+        mat = weight[:, None, None] * np.einsum("ep,eq->epq", beta, beta)
+        if reml:
+            mat = mat + state["ginv"]
+        if self.analytic:
+            return self.engine.gradient(theta, self.stats, idx, mat, beta, weight, full)
+        d = self._differences(theta, idx)
+        grad = (
+            d["ldL2"]
+            + np.einsum("epq,ekpq->ek", mat, d["G"])
+            + weight[:, None] * (d["s"] - 2 * np.einsum("ekp,ep->ek", d["h"], beta))
+        )
+        return grad, d["G"]
+
+    def _differences(self, theta: np.ndarray, idx: np.ndarray) -> dict:
+        """Central differences of the pieces in each parameter."""
+        steps = 1e-5 * np.maximum(np.abs(theta), 0.1)
+        out = {}
+        for j in range(self.k):
+            shift = np.zeros_like(theta)
+            shift[:, j] = steps[:, j]
+            up = self.engine.values(theta + shift, self.stats, idx)
+            down = self.engine.values(theta - shift, self.stats, idx)
+            for name in ("ldL2", "G", "h", "s"):
+                if j == 0:
+                    out[name] = np.empty((theta.shape[0], self.k, *up[name].shape[1:]))
+                width = 2 * steps[:, j].reshape(-1, *([1] * (up[name].ndim - 1)))
+                out[name][:, j] = (up[name] - down[name]) / width
         return out
 
 
@@ -913,16 +1224,20 @@ def summarise(criterion: Criterion, optimum: Optimum, idx: np.ndarray | None = N
     """Estimates, vcov, sigma, Satterthwaite df, t and p at the optimum (elements ``idx``)."""
     idx = np.arange(optimum.theta.shape[0]) if idx is None else idx
     theta = optimum.theta
-    state = criterion(theta, idx)
+    state = criterion(theta, idx, grad=False)
     nu, p, k = criterion.nu, criterion.p, criterion.k
     sigma2 = state["r2"] / nu
     sigma = np.sqrt(sigma2)
-    ginv = state["ginv"]
+    ginv = state["ginv"] = _cho_inverse(state["chol"])
     vcov = sigma2[:, None, None] * ginv
+    zero = np.zeros_like(sigma2)
+    dldl2 = criterion.gradient(theta, idx, state, zero, reml=False)[0]
+    dr2 = criterion.gradient(theta, idx, state, np.ones_like(sigma2), reml=False)[0] - dldl2
+    _, dg = criterion.gradient(theta, idx, state, zero, reml=False, full=True)
     # Hessian of lmerTest's devfun_vp(theta, sigma) at the optimum
     hess = np.empty((theta.shape[0], k + 1, k + 1))
     hess[:, :k, :k] = _theta_hessian(criterion, theta, idx, sigma2)
-    hess[:, :k, k] = hess[:, k, :k] = -2 * state["dr2"] / sigma[:, None] ** 3
+    hess[:, :k, k] = hess[:, k, :k] = -2 * dr2 / sigma[:, None] ** 3
     hess[:, k, k] = 6 * state["r2"] / sigma2**2 - 2 * nu / sigma2
     values, vectors = np.linalg.eigh(hess)
     positive = values > EIGEN_TOL
@@ -930,7 +1245,7 @@ def summarise(criterion: Criterion, optimum: Optimum, idx: np.ndarray | None = N
     vcov_varpar = 2 * np.einsum("eij,ej,ekj->eik", vectors, inv_values, vectors)
     # Jacobian of vcov(beta) = sigma^2 G^-1: d/dtheta_j = -sigma^2 G^-1 dG_j G^-1, d/dsigma
     jac = np.empty((theta.shape[0], k + 1, p))
-    diag_d = -sigma2[:, None, None] * np.einsum("epq,ejqr,erp->ejp", ginv, state["dG"], ginv)
+    diag_d = -sigma2[:, None, None] * np.einsum("epq,ejqr,erp->ejp", ginv, dg, ginv)
     jac[:, :k] = diag_d
     jac[:, k] = 2 * sigma[:, None] * np.diagonal(ginv, axis1=1, axis2=2)
     var = np.diagonal(vcov, axis1=1, axis2=2)
@@ -966,8 +1281,9 @@ def _theta_hessian(criterion: Criterion, theta, idx, sigma2) -> np.ndarray:
     )
 
     def gradient(t):
-        s = criterion(t, idx)
-        return s["dldL2"] + s["dr2"] / sigma2[:, None] + (s["d_rx2"] if criterion.reml else 0)
+        state = criterion(t, idx, grad=False)
+        state["ginv"] = _cho_inverse(state["chol"])
+        return criterion.gradient(t, idx, state, 1 / sigma2)[0]
 
     for j in range(k):
         shift = np.zeros_like(theta)
