@@ -240,11 +240,9 @@ class MixedModel:
             total = y.var(axis=0, ddof=1)
             between = []
             for factor in self.factors:
-                codes = self.codes(factor)[rows]
-                _, inverse, counts = np.unique(codes, return_inverse=True, return_counts=True)
-                means = np.zeros((counts.size, n_el))
-                np.add.at(means, inverse, y)
-                between.append((means / counts[:, None])[inverse].var(axis=0, ddof=1))
+                groups, inverse = lmm_fit.indicator(self.codes(factor)[rows])
+                means = (groups @ y) / np.asarray(groups.sum(axis=1))
+                between.append(means[inverse].var(axis=0, ddof=1))
             rest = total - np.sum(between, axis=0)
             good = rest > 0
             for j, v in enumerate(between):

@@ -318,6 +318,10 @@ class OneFactor:
             (len(counts), self.n_groups),
         )
         self.b = b_j
+        self.weighted = [  # class indicator weighted by B_j[a, r]
+            [self.classes.multiply(b_j[None, :, a, r]).tocsr() for r in range(p)]
+            for a in range(d)
+        ]
         self.sym = np.where(self.pa == self.pb, 1.0, 2.0)  # W symmetric: off-diagonal pairs twice
         pxx = []
         for a, b in zip(self.pa, self.pb, strict=True):
@@ -339,20 +343,17 @@ class OneFactor:
         """Per-element sums (elements first) for responses ``y`` (n, E)."""
         y, beta0 = residualise(self.x, y)
         c = [self.zsum[a] @ y for a in range(self.d)]  # (m, E) each
-        syy, sxy = [], []
-        for a, b in zip(self.pa, self.pb, strict=True):
-            syy.append(self.classes @ (c[a] * c[b]))
-            prod = (
-                self.b[:, a, :, None] * c[b][:, None, :] + self.b[:, b, :, None] * c[a][:, None, :]
-            ) / 2  # (m, p, E)
-            sxy.append(
-                (self.classes @ prod.reshape(self.n_groups, -1)).reshape(-1, self.p, y.shape[1])
-            )
-        syy = np.stack(syy, 1) * self.sym[None, :, None]  # (C, K, E)
-        sxy = np.stack(sxy, 1) * self.sym[None, :, None, None]  # (C, K, p, E)
+        n_el, n_pr = y.shape[1], self.pa.size
+        syy = np.empty((n_el, self.n_classes, n_pr))
+        sxy = np.empty((n_el, self.n_classes, n_pr, self.p))
+        for q, (a, b) in enumerate(zip(self.pa, self.pb, strict=True)):
+            syy[:, :, q] = (self.classes @ (c[a] * c[b])).T * self.sym[q]
+            for r in range(self.p):  # sum over a class of B_j[a, r] c_j[b] (symmetrised)
+                both = self.weighted[a][r] @ c[b] + self.weighted[b][r] @ c[a]
+                sxy[:, :, q, r] = both.T * (self.sym[q] / 2)
         return {
-            "syy": np.ascontiguousarray(syy.transpose(2, 0, 1)),
-            "sxy": np.ascontiguousarray(sxy.transpose(3, 0, 1, 2)),
+            "syy": syy,
+            "sxy": sxy,
             "xy": (self.x.T @ y).T,
             "yy": (y * y).sum(axis=0),
             "beta0": beta0,
@@ -847,11 +848,8 @@ def residualise(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     be a thousand times r^2, which would leave the criterion only 1e-13 precise)."""
     q, r = np.linalg.qr(x)
     coef = q.T @ y
-    beta0 = np.linalg.solve(r, coef)
     rest = y - q @ coef
-    rest -= q @ (q.T @ rest)  # a second pass: X'rest is zero to rounding
-    beta0 += np.linalg.solve(r, q.T @ (y - x @ beta0 - rest))
-    return rest, beta0.T
+    return rest, np.linalg.solve(r, coef).T
 
 
 def _gram(sums, z) -> np.ndarray:
