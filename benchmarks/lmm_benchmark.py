@@ -167,7 +167,9 @@ def main() -> None:
         start = time.perf_counter()
         cohort = build(h5, participants, third, args.elements)
         cohort.to_csv(folder / f"{name}.csv", index=False)
-        print(f"built {h5} ({len(cohort)} x {args.elements}) in {time.perf_counter() - start:.0f} s")
+        print(
+            f"built {h5} ({len(cohort)} x {args.elements}) in {time.perf_counter() - start:.0f} s"
+        )
         seconds, memory = run_greyarray(h5, folder / f"{name}.csv", formula, args.nprocs)
         case = {
             "observations": len(cohort),

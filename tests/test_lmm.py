@@ -319,7 +319,10 @@ def test_bids_app_repeated_sessions(tmp_path):
     assert "the linear mixed model `coverage ~ age + (1 | participant_id)` was fitted by " in (
         citation
     )
-    assert "- [@lmertest] Kuznetsova, Brockhoff, Christensen (2017)" in citation and "$" not in citation
+    assert (
+        "- [@lmertest] Kuznetsova, Brockhoff, Christensen (2017)" in citation
+        and "$" not in citation
+    )
     report = (out / "group.html").read_text()  # both analyses
     assert "variance components" in report and "Satterthwaite" in report and warning in report
     assert read_results(group / "desc-coverage_modelarray.h5", "lmm")["model.nobs"].iloc[0] == 16
@@ -329,9 +332,7 @@ def test_bids_app_repeated_sessions(tmp_path):
         "--analysis-name", "perm", "--no-report",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "whole participants are permuted, as PALM advises for repeated measures" in (
-        done.stderr
-    )
+    assert "whole participants are permuted, as PALM advises for repeated measures" in (done.stderr)
     sidecar = json.loads(next(group.glob("*desc-coveragePerm*pfwe_statmap.json")).read_text())
     assert sidecar["Permutations"]["exchangeability_blocks"] == "participant_id"
 
@@ -342,4 +343,3 @@ def test_bids_app_repeated_sessions(tmp_path):
     )  # fmt: skip
     assert done.returncode == 65 and "by default with repeated sessions" in done.stderr
     assert not (tmp_path / "out2" / "group").exists()
-

@@ -292,14 +292,7 @@ def _section(meta: dict, analysis: str, about: dict, n_maps: int) -> dict:
     elif about.get("FittedBy") == "GreyArray" and about.get("Method") == "lmm":
         model_text = _mixed_model_text(about)
     elif about.get("FittedBy") == "GreyArray":
-        levels = about.get("ReferenceLevels") or {}
-        reference = (
-            " Factors were coded with treatment contrasts against the reference levels "
-            + ", ".join(f"{k} = {v}" for k, v in levels.items())
-            + " (R's level order unless chosen)."
-            if levels
-            else ""
-        )
+        reference = _reference_text(about)
         model_text = (
             f"At every element, the linear model `{about['Model']}` was fitted by ordinary "
             "least squares with GreyArray, following ModelArray.lm's rules [@modelarray]: "
@@ -315,6 +308,18 @@ def _section(meta: dict, analysis: str, about: dict, n_maps: int) -> dict:
     }
 
 
+def _reference_text(about: dict) -> str:
+    """The sentence on factor coding, when the model has factors."""
+    levels = about.get("ReferenceLevels") or {}
+    if not levels:
+        return ""
+    return (
+        " Factors were coded with treatment contrasts against the reference levels "
+        + ", ".join(f"{k} = {v}" for k, v in levels.items())
+        + " (R's level order unless chosen)."
+    )
+
+
 def _mixed_model_text(about: dict) -> str:
     """The methods paragraph of a mixed model fitted by fit-lmm."""
     how = (
@@ -328,14 +333,7 @@ def _mixed_model_text(about: dict) -> str:
         for t in about.get("RandomEffects", [])
     )
     groups = ", ".join(f"{n:,} levels of {g}" for g, n in about.get("Groups", {}).items())
-    levels = about.get("ReferenceLevels") or {}
-    reference = (
-        " Factors were coded with treatment contrasts against the reference levels "
-        + ", ".join(f"{k} = {v}" for k, v in levels.items())
-        + " (R's level order unless chosen)."
-        if levels
-        else ""
-    )
+    reference = _reference_text(about)
     rows = about.get("NumberOfRowsWithPhenotypes", about["NumberOfRows"])
     return (
         f"At every element, the linear mixed model `{about['Model']}` was fitted by {how} "

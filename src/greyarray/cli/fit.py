@@ -1,4 +1,4 @@
-"""``fit-lm``, ``fit-gam`` and ``fit-lmm``: the models at every element, with ModelArray's options."""
+"""``fit-lm``, ``fit-gam`` and ``fit-lmm``: models at every element, with ModelArray's options."""
 
 from __future__ import annotations
 
@@ -146,27 +146,47 @@ def _permutation_options(parser) -> None:
     add_nprocs(group, "batches of permutations run in parallel")
 
 
+def _fit_options(args: argparse.Namespace) -> dict:
+    """The options every fit command passes on: scalar, threshold, overwrite, factor coding."""
+    references, ordered = factor_options(args)
+    return {
+        "scalar": args.scalar,
+        "lthr_abs": args.num_subj_lthr_abs,
+        "lthr_rel": args.num_subj_lthr_rel,
+        "overwrite": args.overwrite,
+        "reference_levels": references,
+        "ordered_factors": ordered,
+    }
+
+
+def _written(args: argparse.Namespace, columns: list[str]) -> int:
+    """Say what was written, and write the --report asked for."""
+    log.info(
+        "Wrote results/%s (%d columns) to %s", args.analysis_name, len(columns), args.input_hdf5
+    )
+    if getattr(args, "report", None):
+        from greyarray.report import Thresholds
+
+        thresholds = Thresholds(args.num_subj_lthr_abs, args.num_subj_lthr_rel)
+        write_report(args.input_hdf5, args.cohort_file, args.report, thresholds)
+    return 0
+
+
 def run_fit_lm(args: argparse.Namespace) -> int:
     from greyarray.stats.lm import fit_lm
     from greyarray.stats.names import MODEL_STATS, TERM_STATS
 
     permutations = permutation_options(args)
-    references, ordered = factor_options(args)
     check_report(args.report, args.input_hdf5, args.cohort_file)
     columns = fit_lm(
         args.input_hdf5,
         args.cohort_file,
         args.formula,
         args.analysis_name,
-        scalar=args.scalar,
         term_stats=TERM_STATS if args.full_outputs else args.var_terms,
         model_stats=MODEL_STATS if args.full_outputs else args.var_model,
-        lthr_abs=args.num_subj_lthr_abs,
-        lthr_rel=args.num_subj_lthr_rel,
-        overwrite=args.overwrite,
-        reference_levels=references,
-        ordered_factors=ordered,
         permutations=permutations,
+        **_fit_options(args),
     )
     if permutations is not None and permutations.shard is not None:
         from greyarray.stats.permutation import shard_path
@@ -174,15 +194,7 @@ def run_fit_lm(args: argparse.Namespace) -> int:
         path = shard_path(args.input_hdf5, args.analysis_name, permutations.shard)
         log.info("Wrote the null distribution of shard %s to %s", args.permutation_shard, path)
         return 0
-    log.info(
-        "Wrote results/%s (%d columns) to %s", args.analysis_name, len(columns), args.input_hdf5
-    )
-    if args.report:
-        from greyarray.report import Thresholds
-
-        thresholds = Thresholds(args.num_subj_lthr_abs, args.num_subj_lthr_rel)
-        write_report(args.input_hdf5, args.cohort_file, args.report, thresholds)
-    return 0
+    return _written(args, columns)
 
 
 def fit_lmm_parser(prog: str = "greyarray fit-lmm") -> Parser:
@@ -222,31 +234,17 @@ def fit_lmm_parser(prog: str = "greyarray fit-lmm") -> Parser:
 def run_fit_lmm(args: argparse.Namespace) -> int:
     from greyarray.stats.lmm import fit_lmm  # numba and scipy: only for this command
 
-    references, ordered = factor_options(args)
     check_report(args.report, args.input_hdf5, args.cohort_file)
     columns = fit_lmm(
         args.input_hdf5,
         args.cohort_file,
         args.formula,
         args.analysis_name,
-        scalar=args.scalar,
         reml=args.reml,
-        lthr_abs=args.num_subj_lthr_abs,
-        lthr_rel=args.num_subj_lthr_rel,
-        overwrite=args.overwrite,
-        reference_levels=references,
-        ordered_factors=ordered,
         nprocs=args.nprocs,
+        **_fit_options(args),
     )
-    log.info(
-        "Wrote results/%s (%d columns) to %s", args.analysis_name, len(columns), args.input_hdf5
-    )
-    if args.report:
-        from greyarray.report import Thresholds
-
-        thresholds = Thresholds(args.num_subj_lthr_abs, args.num_subj_lthr_rel)
-        write_report(args.input_hdf5, args.cohort_file, args.report, thresholds)
-    return 0
+    return _written(args, columns)
 
 
 def fit_gam_parser(prog: str = "greyarray fit-gam") -> Parser:
@@ -289,23 +287,14 @@ def fit_gam_parser(prog: str = "greyarray fit-gam") -> Parser:
 def run_fit_gam(args: argparse.Namespace) -> int:
     from greyarray.stats.gam import fit_gam  # scipy: only for this command
 
-    references, ordered = factor_options(args)
     columns = fit_gam(
         args.input_hdf5,
         args.cohort_file,
         args.formula,
         args.analysis_name,
-        scalar=args.scalar,
         method=args.method,
         changed_rsq_term=args.changed_rsq_term,
         full_outputs=args.full_outputs,
-        lthr_abs=args.num_subj_lthr_abs,
-        lthr_rel=args.num_subj_lthr_rel,
-        overwrite=args.overwrite,
-        reference_levels=references,
-        ordered_factors=ordered,
+        **_fit_options(args),
     )
-    log.info(
-        "Wrote results/%s (%d columns) to %s", args.analysis_name, len(columns), args.input_hdf5
-    )
-    return 0
+    return _written(args, columns)

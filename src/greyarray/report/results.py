@@ -185,6 +185,7 @@ def _record(h5: h5py.File, analysis: str) -> dict:
 def _mixed_model_facts(record: dict, columns: dict[str, np.ndarray]) -> Facts:
     """What a fit-lmm analysis is: model, criterion, random effects, how many fits are
     singular or did not converge."""
+    terms = "; ".join(f"({t['term']})" for t in record.get("random_effects") or [])
     fitted = np.isfinite(columns.get("model.logLik", np.array([])))
     singular = int((columns.get("model.singular", np.array([])) == 1).sum())
     failed = int((columns.get("model.converged", np.array([])) == 0).sum())
@@ -193,7 +194,7 @@ def _mixed_model_facts(record: dict, columns: dict[str, np.ndarray]) -> Facts:
             ("Mixed model", record.get("formula", "")),
             ("Criterion", f"{record.get('criterion', 'REML')} (lme4's); t tests with "
              "Satterthwaite df (lmerTest's)"),
-            ("Random effects", "; ".join(f"({t['term']})" for t in record.get("random_effects", []))),
+            ("Random effects", terms),
             ("Groups", ", ".join(f"{g}: {n:,}" for g, n in record.get("groups", {}).items())),
             ("Observations", f"{record.get('n_with_phenotypes', 0):,}"),
             ("Singular fits", f"{singular:,} of {int(fitted.sum()):,} fitted elements"),

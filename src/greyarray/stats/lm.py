@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import special
-from tqdm import tqdm
 
 from greyarray.errors import OutputError, UsageError
 from greyarray.io.cohort import read_csv_table
@@ -50,14 +49,12 @@ from greyarray.stats.names import (
     MODEL_STATS,
     TERM_STATS,
 )
-from greyarray.stats.results import p_adjust_fdr, write_results
+from greyarray.stats.results import element_blocks, p_adjust_fdr, write_results
 
 if TYPE_CHECKING:  # numba is imported only when permutations are asked for
     from greyarray.stats.permutation import PermutationOptions
 
 log = logging.getLogger(__name__)
-
-BLOCK_BYTES = 32 * 2**20  # float64 values of one block of elements, all subjects
 
 
 def output_columns(
@@ -285,15 +282,8 @@ def fit_lm(
             len(design.rows),
             len(design.columns),
         )
-        step = max(64, BLOCK_BYTES // (8 * len(names)))
-        for start in tqdm(
-            range(0, values.shape[1], step),
-            desc=f"Fitting {analysis}",
-            unit="block",
-            disable=None,
-            leave=False,
-        ):
-            fitter.fit_block(start, values[:, start : start + step])
+        for start, block in element_blocks(values, analysis):
+            fitter.fit_block(start, block)
         extra = (
             permutation.permutation_columns(prepared, permutations.merge)
             if permutations is not None

@@ -26,6 +26,7 @@ names its group, ``<group>.sd.<coef>`` and ``<group>.cor.<coef1>.<coef2>``; ``re
 
 from __future__ import annotations
 
+import itertools
 import keyword
 import logging
 import re
@@ -36,13 +37,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
-from tqdm import tqdm
 
-from greyarray.errors import DataError, OutputError, UsageError
-from greyarray.io.cohort import read_csv_table
-from greyarray.io.fileio import check_writable
-from greyarray.io.h5read import read_scalar
-from greyarray.io.inputs import open_hdf5
+from greyarray.errors import DataError, UsageError
 from greyarray.io.names import check_name
 from greyarray.io.threads import thread_pool
 from greyarray.stats import lmm_fit
@@ -50,15 +46,13 @@ from greyarray.stats.design import (
     Design,
     RandomBlock,
     build_design,
-    match_cohort,
     parse_formula,
     random_effects,
     threshold_rule,
 )
 from greyarray.stats.formula import model_formula
 from greyarray.stats.linalg import column_norms
-from greyarray.stats.lm import BLOCK_BYTES
-from greyarray.stats.results import p_adjust_fdr, write_results
+from greyarray.stats.results import element_blocks, fit_inputs, p_adjust_fdr, write_results
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +137,7 @@ class MixedModel:
                 "fit it with fit-lm"
             )
         nl = [len(np.unique(b.codes)) for b in blocks]
-        if any(b > a for a, b in zip(nl, nl[1:], strict=False)):  # lme4: rev(order(nl))
+        if any(b > a for a, b in itertools.pairwise(nl)):  # lme4: rev(order(nl))
             order = np.argsort(nl, kind="stable")[::-1]
             blocks = [blocks[i] for i in order]
         names = [b.group for b in blocks]
@@ -402,35 +396,20 @@ def fit_lmm(
     check_name("analysis", analysis)
     response, _ = parse_formula(formula)
     scalar = scalar or response
-    cohort = read_csv_table(cohort_path, "cohort file")
-    check_writable(h5_path)  # results go into the HDF5: refuse a read-only one before fitting
-    with open_hdf5(h5_path) as h5:
-        stored = read_scalar(h5, scalar)
-        if f"results/{analysis}" in h5 and not overwrite:
-            raise OutputError(f"{h5_path}: results/{analysis} exists; use --overwrite")
+    with fit_inputs(h5_path, cohort_path, scalar, analysis, overwrite) as (stored, phenotypes):
         names, values = stored.names, stored.values
-        phenotypes = match_cohort(cohort, names, scalar, cohort_path)
         model = MixedModel(formula, phenotypes, reml, reference_levels, ordered_factors)
         fitter = Fitter(model, len(names), values.shape[1], lthr_abs, lthr_rel)
-        groups = ", ".join(
-            f"{f} ({np.unique(model.codes(f)).size} levels)" for f in model.factors
-        )
+        groups = ", ".join(f"{f} ({np.unique(model.codes(f)).size} levels)" for f in model.factors)
         log.info(
             "Fitting %s (%s) at %d elements: %d observations, %d fixed-effect columns, %s",
             formula, "REML" if reml else "ML", values.shape[1], len(model.design.rows),
             len(model.design.columns), groups,
         )  # fmt: skip
-        step = max(64, BLOCK_BYTES // (8 * len(names)))
         with thread_pool(nprocs) as pool, threadpool_limits(limits=1, user_api="blas"):
             pending: list[Future] = []
-            for start in tqdm(
-                range(0, values.shape[1], step),
-                desc=f"Fitting {analysis}",
-                unit="block",
-                disable=None,
-                leave=False,
-            ):
-                for rows, elements, y in fitter.jobs(start, values[:, start : start + step]):
+            for start, block in element_blocks(values, analysis):
+                for rows, elements, y in fitter.jobs(start, block):
                     engine = fitter.engine(rows)
                     for job in batches(engine, rows, elements, y):
                         pending.append(pool.submit(fitter.fit, *job, engine))
@@ -446,8 +425,7 @@ def fit_lmm(
         "formula": formula,
         "criterion": "REML" if reml else "ML",
         "random_effects": [
-            {"term": t.block.term, "group": t.group, "coefficients": t.coefs}
-            for t in model.terms
+            {"term": t.block.term, "group": t.group, "coefficients": t.coefs} for t in model.terms
         ],
         "groups": {f: int(np.unique(model.codes(f)).size) for f in model.factors},
         "reference_levels": model.design.references,

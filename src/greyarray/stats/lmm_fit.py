@@ -305,7 +305,9 @@ class OneFactor:
         groups, _ = indicator(factor.codes)
         self.n_groups = groups.shape[0]
         self.zsum = [groups.multiply(z[None, :, a]).tocsr() for a in range(d)]  # c_j = Z_j'y
-        a_j = np.stack([np.stack([self.zsum[a] @ z[:, b] for b in range(d)], 1) for a in range(d)], 1)
+        a_j = np.stack(
+            [np.stack([self.zsum[a] @ z[:, b] for b in range(d)], 1) for a in range(d)], 1
+        )
         b_j = np.stack([self.zsum[a] @ x for a in range(d)], 1)  # (m, d, p)
         keys, self.class_of, counts = np.unique(
             a_j.reshape(self.n_groups, -1), axis=0, return_inverse=True, return_counts=True
@@ -319,8 +321,7 @@ class OneFactor:
         )
         self.b = b_j
         self.weighted = [  # class indicator weighted by B_j[a, r]
-            [self.classes.multiply(b_j[None, :, a, r]).tocsr() for r in range(p)]
-            for a in range(d)
+            [self.classes.multiply(b_j[None, :, a, r]).tocsr() for r in range(p)] for a in range(d)
         ]
         self.sym = np.where(self.pa == self.pb, 1.0, 2.0)  # W symmetric: off-diagonal pairs twice
         pxx = []
@@ -384,10 +385,8 @@ class OneFactor:
 
 
 @compiled
-def _block2(te, ac, k, w):  # pragma: no cover - compiled
-    """_class_block for d = 2 in closed form (a random intercept and slope)."""
-    t00, t01, t10, t11 = te[0, 0], te[0, 1], te[1, 0], te[1, 1]
-    a00, a01, a11 = ac[0, 0], ac[0, 1], ac[1, 1]
+def _w2(t00, t01, t10, t11, a00, a01, a11):  # pragma: no cover - compiled
+    """d = 2 in closed form: det M, K = M^-1 T' and W = T K (w10 = w01) for T and A."""
     at00 = a00 * t00 + a01 * t10
     at01 = a00 * t01 + a01 * t11
     at10 = a01 * t00 + a11 * t10
@@ -397,14 +396,23 @@ def _block2(te, ac, k, w):  # pragma: no cover - compiled
     m11 = 1.0 + t01 * at01 + t11 * at11
     det = m00 * m11 - m01 * m01
     i00, i01, i11 = m11 / det, -m01 / det, m00 / det
-    k[0, 0] = i00 * t00 + i01 * t01
-    k[0, 1] = i00 * t10 + i01 * t11
-    k[1, 0] = i01 * t00 + i11 * t01
-    k[1, 1] = i01 * t10 + i11 * t11
-    w[0, 0] = t00 * k[0, 0] + t01 * k[1, 0]
-    w[0, 1] = t00 * k[0, 1] + t01 * k[1, 1]
+    k00 = i00 * t00 + i01 * t01
+    k01 = i00 * t10 + i01 * t11
+    k10 = i01 * t00 + i11 * t01
+    k11 = i01 * t10 + i11 * t11
+    w00 = t00 * k00 + t01 * k10
+    w01 = t00 * k01 + t01 * k11
+    w11 = t10 * k01 + t11 * k11
+    return det, k00, k01, k10, k11, w00, w01, w11
+
+
+@compiled
+def _block2(te, ac, k, w):  # pragma: no cover - compiled
+    """_class_block for d = 2 in closed form (a random intercept and slope)."""
+    det, k[0, 0], k[0, 1], k[1, 0], k[1, 1], w[0, 0], w[0, 1], w[1, 1] = _w2(
+        te[0, 0], te[0, 1], te[1, 0], te[1, 1], ac[0, 0], ac[0, 1], ac[1, 1]
+    )
     w[1, 0] = w[0, 1]
-    w[1, 1] = t10 * k[0, 1] + t11 * k[1, 1]
     return np.log(det)
 
 
@@ -429,27 +437,13 @@ def _group_values2(t, idx, a, group_class, c):  # pragma: no cover - compiled
         logdet, product, total = 0.0, 1.0, 0.0
         for j in range(n_gr):
             g = group_class[j]
-            a00, a01, a11 = a[g, 0, 0], a[g, 0, 1], a[g, 1, 1]
-            at00 = a00 * t00 + a01 * t10
-            at01 = a00 * t01 + a01 * t11
-            at10 = a01 * t00 + a11 * t10
-            at11 = a01 * t01 + a11 * t11
-            m00 = 1.0 + t00 * at00 + t10 * at10
-            m01 = t00 * at01 + t10 * at11
-            m11 = 1.0 + t01 * at01 + t11 * at11
-            det = m00 * m11 - m01 * m01
-            product *= det
-            if j % 16 == 15:
+            det, _, _, _, _, w00, w01, w11 = _w2(
+                t00, t01, t10, t11, a[g, 0, 0], a[g, 0, 1], a[g, 1, 1]
+            )
+            product *= det  # det >= 1 (M = I + a positive semi-definite matrix)
+            if product > 1e250:  # one log per many groups, never an overflow
                 logdet += np.log(product)
                 product = 1.0
-            i00, i01, i11 = m11 / det, -m01 / det, m00 / det
-            k00 = i00 * t00 + i01 * t01
-            k01 = i00 * t10 + i01 * t11
-            k10 = i01 * t00 + i11 * t01
-            k11 = i01 * t10 + i11 * t11
-            w00 = t00 * k00 + t01 * k10
-            w01 = t00 * k01 + t01 * k11
-            w11 = t10 * k01 + t11 * k11
             wp[i, j, 0], wp[i, j, 1], wp[i, j, 2] = w00, w01, w11
             c0, c1 = c[e, j, 0], c[e, j, 1]
             v0 = w00 * c0 + w01 * c1
@@ -475,22 +469,7 @@ def _group_gradient2(t, tu, tb, idx, a, group_class, c, u, weights, weight, full
         for j in range(n_gr):
             g = group_class[j]
             a00, a01, a11 = a[g, 0, 0], a[g, 0, 1], a[g, 1, 1]
-            at00 = a00 * t00 + a01 * t10
-            at01 = a00 * t01 + a01 * t11
-            at10 = a01 * t00 + a11 * t10
-            at11 = a01 * t01 + a11 * t11
-            m00 = 1.0 + t00 * at00 + t10 * at10
-            m01 = t00 * at01 + t10 * at11
-            m11 = 1.0 + t01 * at01 + t11 * at11
-            det = m00 * m11 - m01 * m01
-            i00, i01, i11 = m11 / det, -m01 / det, m00 / det
-            k00 = i00 * t00 + i01 * t01
-            k01 = i00 * t10 + i01 * t11
-            k10 = i01 * t00 + i11 * t01
-            k11 = i01 * t10 + i11 * t11
-            w00 = t00 * k00 + t01 * k10
-            w01 = t00 * k01 + t01 * k11
-            w11 = t10 * k01 + t11 * k11
+            _, k00, k01, k10, k11, w00, w01, w11 = _w2(t00, t01, t10, t11, a00, a01, a11)
             p00 = 1.0 - (w00 * a00 + w01 * a01)  # P = I - W A
             p01 = -(w00 * a01 + w01 * a11)
             p10 = -(w01 * a00 + w11 * a01)
@@ -593,7 +572,9 @@ def _group_gradient(t, tu, tb, idx, a, group_class, c, u, weights, weight, pa, p
                     c_k += c[e, j, r] * k[b, r]
                     u_pu += u[i, j, r] * pu[r]
                     u_k += u[i, j, r] * k[b, r]
-                value = 2.0 * dlog - weight[i] * (2.0 * c_pu * c_k - 2.0 * (u_pu * c_k + c_pu * u_k))
+                value = 2.0 * dlog - weight[i] * (
+                    2.0 * c_pu * c_k - 2.0 * (u_pu * c_k + c_pu * u_k)
+                )
                 for q in range(n_pr):
                     x, y = pa[q], pb[q]
                     dwq = pu[x] * k[b, y] + pu[y] * k[b, x]
@@ -694,10 +675,24 @@ class GroupForm:
 
 @compiled
 def _two_factor_pieces(  # pragma: no cover - compiled
-    t1, t2, idx, a1, u1, a2, u2, pair_start, pair_f, pair_a, comp_i, comp_i_start, comp_f,
-    comp_f_start, f_local,
+    t1,
+    t2,
+    idx,
+    a1,
+    u1,
+    a2,
+    u2,
+    pair_start,
+    pair_f,
+    pair_a,
+    comp_i,
+    comp_i_start,
+    comp_f,
+    comp_f_start,
+    f_local,
 ):
-    """Per element idx[e] (T's t1[e], t2[e]): log|M| and Q = [X y]' Z Lambda M^-1 Lambda' Z' [X y] ((p+1) x (p+1)).
+    """Per element idx[e] (T's t1[e], t2[e]): log|M| and
+    Q = [X y]' Z Lambda M^-1 Lambda' Z' [X y] ((p+1) x (p+1)).
 
     a1 (m1, d1, d1), u1 (E, m1, d1, p+1) = Z1_i'[X y]; a2, u2 the same for factor 2; the
     observations shared by level i of factor 1 and level f of factor 2 give pair_a = Z1_i'Z2_f
@@ -768,9 +763,7 @@ class TwoFactors:
         d1, d2 = first.z.shape[1], second.z.shape[1]
         self.pair_a = np.stack(
             [
-                np.stack(
-                    [pair_rows @ (first.z[:, a] * second.z[:, b]) for b in range(d2)], 1
-                )
+                np.stack([pair_rows @ (first.z[:, a] * second.z[:, b]) for b in range(d2)], 1)
                 for a in range(d1)
             ],
             1,
@@ -829,8 +822,20 @@ class TwoFactors:
         t1 = t_matrix(theta, self.first)
         t2 = t_matrix(theta, self.second)
         logdet, q = _two_factor_pieces(
-            t1, t2, idx, self.a1, stats["u1"], self.a2, stats["u2"], self.pair_start, self.pair_f,
-            self.pair_a, self.comp_i, self.comp_i_start, self.comp_f, self.comp_f_start,
+            t1,
+            t2,
+            idx,
+            self.a1,
+            stats["u1"],
+            self.a2,
+            stats["u2"],
+            self.pair_start,
+            self.pair_f,
+            self.pair_a,
+            self.comp_i,
+            self.comp_i_start,
+            self.comp_f,
+            self.comp_f_start,
             self.f_local,
         )
         p = self.p
@@ -993,7 +998,7 @@ def minimise(
     not lead downhill once its column is reflected (``reflect``; then it goes on from the
     reflected point). Elements that do not converge are
     minimised again one by one (L-BFGS-B from several starts)."""
-    n_el, k = theta0.shape
+    n_el = theta0.shape[0]
     theta = np.maximum(theta0.astype(np.float64), lower)
     everyone = np.arange(n_el)
     state = criterion(theta, everyone)
@@ -1040,7 +1045,9 @@ def minimise(
         s_k = new_theta[accepted] - th[accepted]
         y_k = new_grad[accepted] - g[accepted]
         theta[moved], dev[moved], grad[moved] = (
-            new_theta[accepted], new_dev[accepted], new_grad[accepted]
+            new_theta[accepted],
+            new_dev[accepted],
+            new_grad[accepted],
         )
         hess[moved] = _bfgs(hess[moved], s_k, y_k)
         stuck = active[~accepted]  # no decrease along a quasi-Newton step: a fresh Hessian
@@ -1093,9 +1100,11 @@ def _bfgs(hess: np.ndarray, s: np.ndarray, y: np.ndarray) -> np.ndarray:
     sr = np.einsum("ei,ei->e", s, r)
     ok &= sr > 0
     safe_shs, safe_sr = np.where(ok, shs, 1.0), np.where(ok, sr, 1.0)
-    update = hess - np.einsum("ei,ej->eij", hs, hs) / safe_shs[:, None, None] + np.einsum(
-        "ei,ej->eij", r, r
-    ) / safe_sr[:, None, None]
+    update = (
+        hess
+        - np.einsum("ei,ej->eij", hs, hs) / safe_shs[:, None, None]
+        + np.einsum("ei,ej->eij", r, r) / safe_sr[:, None, None]
+    )
     return np.where(ok[:, None, None], update, hess)
 
 
@@ -1104,9 +1113,10 @@ def _curvature(hess: np.ndarray, at_bound: np.ndarray) -> np.ndarray:
     bound (where only upward moves are allowed)."""
     k = hess.shape[1]
     free = ~at_bound
-    h = np.where(free[:, :, None] & free[:, None, :], hess, 0.0) + np.where(
-        at_bound, 1e300, 0.0
-    )[:, :, None] * np.eye(k)[None]
+    h = (
+        np.where(free[:, :, None] & free[:, None, :], hess, 0.0)
+        + np.where(at_bound, 1e300, 0.0)[:, :, None] * np.eye(k)[None]
+    )
     lowest = np.linalg.eigvalsh(h)[:, 0]
     bound_diag = np.where(at_bound, np.diagonal(hess, axis1=1, axis2=2), np.inf).min(axis=1)
     return np.minimum(lowest, bound_diag)
@@ -1116,8 +1126,10 @@ def _hessian(criterion: Criterion, theta: np.ndarray, grad: np.ndarray, idx: np.
     """Forward differences of the gradient (symmetrised), upwards so bounds are respected."""
     k = theta.shape[1]
     hess = np.empty((theta.shape[0], k, k))
-    steps = 1e-6 * np.maximum(np.abs(theta), 1e-2) if criterion.analytic else (
-        1e-4 * np.maximum(np.abs(theta), 1e-2)
+    steps = (
+        1e-6 * np.maximum(np.abs(theta), 1e-2)
+        if criterion.analytic
+        else (1e-4 * np.maximum(np.abs(theta), 1e-2))
     )
     for j in range(k):
         shifted = theta.copy()
@@ -1164,9 +1176,11 @@ def _line_search(criterion, theta, dev, grad, step, lower, idx, max_halvings: in
         state = criterion(trial, idx[todo])
         decrease = np.einsum("ek,ek->e", grad[todo], moved)
         roundoff = 1e-14 * np.abs(dev[todo])  # the criterion's own rounding noise
-        ok = np.isfinite(state["dev"]) & (
-            state["dev"] <= dev[todo] + 1e-4 * np.minimum(decrease, 0) + roundoff
-        ) & (np.abs(moved).max(axis=1) > 0)
+        ok = (
+            np.isfinite(state["dev"])
+            & (state["dev"] <= dev[todo] + 1e-4 * np.minimum(decrease, 0) + roundoff)
+            & (np.abs(moved).max(axis=1) > 0)
+        )
         good = todo[ok]
         new_theta[good], new_dev[good] = trial[ok], state["dev"][ok]
         new_grad[good] = state["grad"][ok]
@@ -1190,7 +1204,11 @@ def _fallback(criterion: Criterion, theta: np.ndarray, start: np.ndarray, lower,
     best = None
     for x0 in (theta, start, np.where(np.isfinite(lower), 1.0, 0.0)):
         res = optimize.minimize(
-            fun, np.maximum(x0, lower), jac=True, method="L-BFGS-B", bounds=bounds,
+            fun,
+            np.maximum(x0, lower),
+            jac=True,
+            method="L-BFGS-B",
+            bounds=bounds,
             options={"ftol": 1e-15, "gtol": 1e-9, "maxiter": 500},
         )
         if best is None or res.fun < best.fun:
@@ -1274,8 +1292,10 @@ def _theta_hessian(criterion: Criterion, theta, idx, sigma2) -> np.ndarray:
     differences of its gradient (exact derivatives for OneFactor, differences otherwise)."""
     k = theta.shape[1]
     hess = np.empty((theta.shape[0], k, k))
-    steps = 1e-5 * np.maximum(np.abs(theta), 1e-2) if criterion.analytic else (
-        2e-4 * np.maximum(np.abs(theta), 1e-2)
+    steps = (
+        1e-5 * np.maximum(np.abs(theta), 1e-2)
+        if criterion.analytic
+        else (2e-4 * np.maximum(np.abs(theta), 1e-2))
     )
 
     def gradient(t):
@@ -1286,7 +1306,9 @@ def _theta_hessian(criterion: Criterion, theta, idx, sigma2) -> np.ndarray:
     for j in range(k):
         shift = np.zeros_like(theta)
         shift[:, j] = steps[:, j]
-        hess[:, :, j] = (gradient(theta + shift) - gradient(theta - shift)) / (2 * steps[:, j, None])
+        hess[:, :, j] = (gradient(theta + shift) - gradient(theta - shift)) / (
+            2 * steps[:, j, None]
+        )
     return (hess + hess.transpose(0, 2, 1)) / 2
 
 

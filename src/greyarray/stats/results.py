@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from greyarray.errors import OutputError
-from greyarray.io.fileio import check_free_space
+from greyarray.io.cohort import read_csv_table
+from greyarray.io.fileio import check_free_space, check_writable
+from greyarray.io.h5read import read_scalar
 from greyarray.io.inputs import open_hdf5
+
+BLOCK_BYTES = 32 * 2**20  # float64 values of one block of elements, all subjects
 
 
 def p_adjust_fdr(p: np.ndarray) -> np.ndarray:
@@ -62,3 +68,35 @@ def write_results(
         if analysis in results:
             del results[analysis]
         results.move(staging, analysis)
+
+
+@contextmanager
+def fit_inputs(h5_path: Path, cohort_path: Path, scalar: str, analysis: str, overwrite: bool):
+    """What a fit opens first (fit-gam, fit-lmm): the HDF5, checked writable and without
+    results/<analysis> unless ``overwrite``; its scalar; the cohort rows in the HDF5's subject
+    order. Yields (scalar as read, phenotypes); the file stays open while the values are read."""
+    from greyarray.stats.design import match_cohort
+
+    cohort = read_csv_table(cohort_path, "cohort file")
+    check_writable(h5_path)  # results go into the HDF5: refuse a read-only one before fitting
+    with open_hdf5(h5_path) as h5:
+        stored = read_scalar(h5, scalar)
+        if f"results/{analysis}" in h5 and not overwrite:
+            raise OutputError(f"{h5_path}: results/{analysis} exists; use --overwrite")
+        yield stored, match_cohort(cohort, stored.names, scalar, cohort_path)
+
+
+def element_blocks(values, analysis: str) -> Iterator:
+    """(start, values of elements start...) in blocks of all subjects x at most BLOCK_BYTES of
+    float64, with a progress bar on a terminal."""
+    from tqdm import tqdm
+
+    step = max(64, BLOCK_BYTES // (8 * values.shape[0]))
+    for start in tqdm(
+        range(0, values.shape[1], step),
+        desc=f"Fitting {analysis}",
+        unit="block",
+        disable=None,
+        leave=False,
+    ):
+        yield start, values[:, start : start + step]
