@@ -165,3 +165,30 @@ def test_unreadable_formulas_are_one_usage_line(formula, reason):
         rf.model_formula(formula)
     message = str(caught.value)
     assert reason in message and message.startswith(f"formula {formula!r}") and "\n" not in message
+
+
+HOSTILE = [
+    "log(sex)", "sex + 2", "I(2)", "exp(1) + age", "(age + sex)^age", "poly(age, 'a')",
+    "poly(age, 30)", "bs(age, degree = 0)", "factor(age, levels = 1)",
+    "relevel(factor(sex), ref = 3)", "relevel(factor(sex), ref = 'X')", "scale(sex)",
+    "scale(age, center = 'a')", "offset(sex)", "sex == 1", "!sex", "c(1, 2)", "pi", "NA",
+    "NULL", "exp(exp(exp(age)))", "log(age, base = 'x')", "ns(age, knots = 'a')",
+    "poly(age, degree = 2, raw = 'x')", "poly(sex, 2)", "log(-age)", "f(age)",
+    "foo::poly(age, 2)", "mgcv::s(age)", "interaction(sex, age)", "1e400 * age",
+    "relevel(ordered(sex), ref = 'F')", "factor(sex, labels = c('a', 'b'))", "age[1]",
+    "function(x) x", "if (age) 1", "age <- 2", "`` + age", "'unclosed",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("rhs", HOSTILE)
+def test_formulas_r_would_not_fit_are_greyarrays_refusals(rhs):
+    """Whatever the formula, the design layer answers with one of GreyArray's own one-line
+    errors (never a traceback, never a third-party message)."""
+    from greyarray.errors import GreyArrayError
+
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"age": rng.uniform(20, 60, 30), "sex": rng.choice(["F", "M"], 30)})
+    with pytest.raises(GreyArrayError) as caught:
+        design.build_design(f"y ~ {rhs}", table)
+    message = str(caught.value)
+    assert message.startswith("formula ") and "\n" not in message

@@ -99,10 +99,11 @@ def _fitter(settings: Run, formula: str, kind: str):
         )
     if kind == "lm":
         from greyarray.stats.design import build_design
-        from greyarray.stats.lm import fit_lm
+        from greyarray.stats.lm import check_model, fit_lm
         from greyarray.stats.permutation import exchangeable_units
 
         def check_lm(table) -> None:
+            check_model(formula)
             design = build_design(formula, table, references, ordered)
             chosen = _default_blocks(permutations, table, design.rows)
             if chosen is not None and chosen.blocks is not None:

@@ -252,7 +252,8 @@ def fit_gam_parser(prog: str = "greyarray fit-gam") -> Parser:
         prog=prog,
         description="Fit a GAM (mgcv::gam, gaussian) at every element with ModelArray.gam's "
         "rules and outputs, and write results/<analysis> into the HDF5. Smooth terms "
-        "s(x, k=, fx=, bs=) with bs tp, ts, cr or cs, plus parametric terms as in fit-lm.",
+        "s(x, k=, fx=, bs=, by=) with bs tp, ts, cr or cs (by= a factor: one smooth per "
+        "level), tensor products te(x, z, ...) and ti(...), plus parametric terms as in fit-lm.",
     )
     _model_inputs(parser, "gam", "e.g. 'thickness ~ s(age, k=4, fx=TRUE) + sex'")
     add_factor_options(parser)

@@ -18,8 +18,9 @@ subject order, as ModelArray aligns them). As R does (``model.frame`` then ``mod
    with the first variable varying fastest, R's column names.
 
 Then the checks R's model functions make before fitting. Columns that are linear combinations
-of the ones before (R's ``lm`` reports NA for them, and ModelArray, reading ``broom::tidy``,
-writes no column for them) are left out with a warning.
+of the ones before are left out of the matrix with a warning; R's ``lm`` reports NA for them, and
+ModelArray, reading ``broom::tidy``, writes their columns filled with NaN (``Design.coefficients``
+keeps every name, ``Design.columns`` the fitted ones).
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ class Design:
     labels: list[str] = field(default_factory=list)  # R's term labels
     aliased: list[str] = field(default_factory=list)  # columns left out (NA in R's lm)
     model: rf.ModelFormula | None = None  # the formula as read
+    coefficients: list[str] = field(default_factory=list)  # every column, the aliased too
+
+    def __post_init__(self):
+        if not self.coefficients:
+            object.__setattr__(self, "coefficients", list(self.columns))
 
 
 # --- values of the model frame ---------------------------------------------------------------
@@ -266,8 +272,9 @@ def prepare_phenotypes(
             raise UsageError(
                 f"{option} {column}={reference}: no such level (levels: {', '.join(labels.levels)})"
             )
-        if column in ordered:
-            seen = list(dict.fromkeys(v for v in text if v is not None))
+        if column in ordered:  # in the cohort file's row order (match_cohort keeps it)
+            order = phenotypes.attrs.get("cohort_rows", np.arange(len(phenotypes)))
+            seen = list(dict.fromkeys(text[i] for i in np.argsort(order) if text[i] is not None))
         else:
             seen = labels.levels
         levels = [reference] + [level for level in seen if level != reference]
@@ -294,6 +301,27 @@ def _scalar(node: rf.Node, value: Value, what: str):
     if isinstance(value, Constants) and len(value.values) == 1:
         return value.values[0]
     raise _NotR(f"{what}: '{rf.deparse(node)}' must be one constant")
+
+
+def _number(node: rf.Node, value: Value, what: str) -> float:
+    v = _scalar(node, value, what)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _NotR(f"{what}: '{rf.deparse(node)}' must be a number")
+    return float(v)
+
+
+def _flag(node: rf.Node, value: Value, what: str) -> bool:
+    v = _scalar(node, value, what)
+    if not isinstance(v, bool):
+        raise _NotR(f"{what}: '{rf.deparse(node)}' must be TRUE or FALSE")
+    return v
+
+
+def _numbers(node: rf.Node, value: Value, what: str) -> np.ndarray:
+    values = _constants(value)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise _NotR(f"{what}: '{rf.deparse(node)}' must be numbers")
+    return np.array(values, float)
 
 
 def _constants(value: Value) -> list:
@@ -531,7 +559,7 @@ class Evaluator:
         with np.errstate(all="ignore"):
             out = np.log(x)
             if "base" in args:
-                out = out / math.log(float(_scalar(args["base"], self(args["base"]), "log")))
+                out = out / math.log(_number(args["base"], self(args["base"]), "log()"))
         return Numeric(out)
 
     def _I(self, node: rf.Call, fn: str) -> Value:
@@ -564,7 +592,10 @@ class Evaluator:
         args = _match(node, fn)
         for unsupported in ("labels", "exclude"):
             if unsupported in args:
-                raise _NotR(f"{rf.deparse(node)}: factor()'s {unsupported}= is not supported")
+                raise _NotR(
+                    f"{rf.deparse(node)}: factor()'s {unsupported} = is not evaluated by "
+                    "GreyArray (R would apply it); recode the column in the cohort CSV"
+                )
         x = self.vector(self(args["x"]))
         levels = None
         if "levels" in args:
@@ -572,7 +603,7 @@ class Evaluator:
                       for v in _constants(self(args["levels"]))]  # fmt: skip
         is_ordered = fn in ("ordered", "as.ordered")
         if "ordered" in args:
-            is_ordered = bool(_scalar(args["ordered"], self(args["ordered"]), "factor"))
+            is_ordered = _flag(args["ordered"], self(args["ordered"]), "factor()")
         if fn == "as.factor" and isinstance(x, Factor):
             return x
         if fn == "as.ordered" and isinstance(x, Factor) and x.ordered:
@@ -596,8 +627,11 @@ class Evaluator:
             raise _NotR(f"{rf.deparse(node)}: relevel() needs ref =")
         ref = _scalar(args["ref"], self(args["ref"]), "relevel")
         if isinstance(ref, float | int) and not isinstance(ref, bool):
-            if not 1 <= ref <= len(x.levels):
-                raise _BadData(f"{rf.deparse(node)}: ref = {ref} is out of range (R stops)")
+            if not 1 <= ref <= len(x.levels) or ref != int(ref):
+                raise _BadData(
+                    f"{rf.deparse(node)}: ref = {rf.r_number(float(ref))} is not a level "
+                    "number (R stops)"
+                )
             ref = x.levels[int(ref) - 1]
         if ref not in x.levels:
             raise _BadData(
@@ -617,10 +651,7 @@ class Evaluator:
         for name in ("center", "scale"):
             flags[name] = True
             if name in args:
-                value = _scalar(args[name], self(args[name]), "scale")
-                if not isinstance(value, bool):
-                    raise _NotR(f"{rf.deparse(node)}: {name} = TRUE or FALSE only")
-                flags[name] = value
+                flags[name] = _flag(args[name], self(args[name]), "scale()")
         ok = ~np.isnan(x)
         if flags["center"]:
             x = x - _r_mean(x[ok])
@@ -633,7 +664,10 @@ class Evaluator:
         args = _match(node, fn)
         for unsupported in ("coefs", "simple"):
             if unsupported in args:
-                raise _NotR(f"{rf.deparse(node)}: poly()'s {unsupported}= is not supported")
+                raise _NotR(
+                    f"{rf.deparse(node)}: poly()'s {unsupported} = is not supported (R would "
+                    "use it); write poly(x, degree) or poly(x, degree, raw = TRUE)"
+                )
         values = self(args["x"])
         if isinstance(values, (Factor, Text)):
             raise _NotR(f"{rf.deparse(node)}: poly() of a factor")
@@ -649,7 +683,7 @@ class Evaluator:
             degree = int(degree)
         raw = False
         if "raw" in args:
-            raw = bool(_scalar(args["raw"], self(args["raw"]), "poly"))
+            raw = _flag(args["raw"], self(args["raw"]), "poly()")
         if degree < 1:
             raise _BadData(f"{rf.deparse(node)}: R stops ('degree' must be at least 1)")
         names = [str(i) for i in range(1, degree + 1)]
@@ -680,7 +714,10 @@ class Evaluator:
     def _spline(self, node: rf.Call, fn: str, natural: bool) -> Value:
         args = _match(node, fn)
         if "Boundary.knots" in args:
-            raise _NotR(f"{rf.deparse(node)}: Boundary.knots = is not supported")
+            raise _NotR(
+                f"{rf.deparse(node)}: Boundary.knots = is not supported (R would place the "
+                "boundary knots there); leave it out for R's default, the range of the values"
+            )
         x = _numeric(self.vector(self(args["x"])), f"{fn}()").astype(float)
 
         def number(name):
@@ -695,15 +732,15 @@ class Evaluator:
         knots = number("knots")
         degree = 3
         if not natural and "degree" in args:
-            degree = int(_scalar(args["degree"], self(args["degree"]), fn))
+            degree = int(_number(args["degree"], self(args["degree"]), f"{fn}()"))
         intercept = False
         if "intercept" in args:
-            intercept = bool(_scalar(args["intercept"], self(args["intercept"]), fn))
+            intercept = _flag(args["intercept"], self(args["intercept"]), f"{fn}()")
         ok = ~np.isnan(x)
         basis = spline_basis(
             x[ok],
-            None if df is None else float(_scalar(args["df"], df, fn)),
-            None if knots is None else np.array(_constants(knots), float),
+            None if df is None else _number(args["df"], df, f"{fn}()"),
+            None if knots is None else _numbers(args["knots"], knots, f"{fn}()"),
             degree,
             intercept,
             natural,
@@ -766,7 +803,7 @@ def spline_basis(
 ) -> np.ndarray:
     """R's ``ns(x, df, knots, intercept)`` or ``bs(x, df, knots, degree, intercept)`` on the
     non-missing values: interior knots at R's type-7 quantiles, boundary knots at the range."""
-    from greyarray.stats.smooths import r_quantile7, r_seq01
+    from greyarray.stats.smooths import r_quantile7, r_seq
 
     order = 4 if natural else degree + 1
     if order <= 1:
@@ -777,7 +814,7 @@ def spline_basis(
     if df is not None and knots is None:
         n_knots = int(df) - 1 - int(intercept) if natural else int(df) - order + (1 - intercept)
         n_knots = max(n_knots, 0)
-        knots = r_quantile7(x, r_seq01(n_knots + 2)[1:-1]) if n_knots > 0 else np.array([])
+        knots = r_quantile7(x, r_seq(0.0, 1.0, n_knots + 2)[1:-1]) if n_knots > 0 else np.array([])
     elif knots is None:
         knots = np.array([])
     all_knots = np.sort(np.concatenate([np.repeat(boundary, order), knots]))
@@ -829,9 +866,13 @@ def _frame_values(evaluate: Evaluator, nodes: list, skip: set[int]) -> dict[int,
     for i, node in enumerate(nodes):
         if i in skip:
             continue
-        value = evaluate.vector(evaluate(node))
-        if isinstance(value, Constants):
-            raise _NotR(f"'{rf.deparse(node)}' is a constant, not a variable")
+        columns = [n for n in rf.all_names(node) if n.id in evaluate.table.columns]
+        value = evaluate(node)
+        if isinstance(value, Constants) or not columns:
+            raise _NotR(
+                f"'{rf.deparse(node)}' is a constant, not a variable (R stops: variable "
+                "lengths differ)"
+            )
         out[i] = value
     return out
 
@@ -978,14 +1019,15 @@ def build_design(
         if len(aliased) == len(names):
             raise _problem(formula, "every column of the design is zero")
         log.warning(
-            "Formula %r: %s %s of the columns before: R's lm reports NA for %s and ModelArray "
-            "writes no column for %s; left out",
+            "Formula %r: %s %s of the columns before: R's lm reports NA, and ModelArray NaN, "
+            "for %s",
             formula,
             ", ".join(aliased),
             "is a linear combination" if len(aliased) == 1 else "are linear combinations",
             "it" if len(aliased) == 1 else "them",
-            "it" if len(aliased) == 1 else "them",
         )
+    every = ["Intercept" if c == "(Intercept)" else c for c in names]
+    if aliased:
         keep = [j for j, name in enumerate(names) if name not in aliased]
         matrix = matrix[:, keep]
         names = [names[j] for j in keep]
@@ -1005,8 +1047,42 @@ def build_design(
         log.info("Factor %s: reference level %r (R's order)", factor, level)
     columns = ["Intercept" if c == "(Intercept)" else c for c in names]
     return Design(
-        matrix, columns, rows, trms.intercept, chosen, offset, assign, trms.labels, aliased, model
+        matrix,
+        columns,
+        rows,
+        trms.intercept,
+        chosen,
+        offset,
+        assign,
+        trms.labels,
+        ["Intercept" if c == "(Intercept)" else c for c in aliased],
+        model,
+        every,
     )
+
+
+def variable(
+    expression: rf.Node | str,
+    phenotypes: pd.DataFrame,
+    rows: np.ndarray,
+    references: dict[str, str] | None = None,
+    ordered: dict[str, str] | None = None,
+) -> Numeric | Factor:
+    """One variable of a formula (e.g. a smooth's covariate or its ``by =``) on ``rows``, as
+    model.matrix sees it: numbers as ``Numeric``; text, factors and logicals as a ``Factor``
+    (levels in R's order among ``rows``, unused levels dropped, ``ordered`` for an
+    --ordered-factor column or ordered(); ``contrasts(factor, logical, True)`` codes it)."""
+    node = rf.parse(expression) if isinstance(expression, str) else expression
+    evaluate = Evaluator(prepare_phenotypes(phenotypes, references, ordered))
+    try:
+        value = evaluate.vector(evaluate(node))
+    except _NotR as err:
+        raise UsageError(f"'{rf.deparse(node)}': {err}") from None
+    except _BadData as err:
+        raise DataError(f"'{rf.deparse(node)}': {err}") from None
+    if isinstance(value, Constants):
+        raise UsageError(f"'{rf.deparse(node)}' is a constant, not a variable")
+    return _as_model_factor(_take(value, rows))[0]
 
 
 def parse_formula(formula: str) -> tuple[str, str]:
@@ -1133,19 +1209,23 @@ def repeated_measures(formula: str, phenotypes: pd.DataFrame, rows: np.ndarray) 
 
 def aliased_columns(x: np.ndarray, columns: list[str], tol: float = 1e-7) -> list[str]:
     """The design columns R's lm calls aliased: what is left of each after removing its
-    projection on the earlier (kept) columns is below ``tol`` of its norm (R's QR tolerance)."""
-    kept: list[int] = []
+    projection on the earlier (kept) columns is below ``tol`` of its norm (R's QR tolerance).
+    One pass: each kept column's remainder joins an orthonormal basis (projected out twice,
+    as classical Gram-Schmidt needs for accuracy)."""
+    basis = np.empty((len(columns), x.shape[0]))  # rows: orthonormal vectors
+    norms = column_norms(x)
+    kept = 0
     aliased = []
     for j, name in enumerate(columns):
-        rest = x[:, j]
-        if kept:
-            q, _ = np.linalg.qr(x[:, kept])
-            rest = rest - q @ (q.T @ rest)
-        norm = column_norms(x[:, [j]])[0]
-        if column_norms(rest[:, None])[0] <= tol * norm or norm == 0:
+        rest = x[:, j].copy()
+        for _ in range(2):
+            rest -= basis[:kept].T @ (basis[:kept] @ rest)
+        left = column_norms(rest[:, None])[0]
+        if norms[j] == 0 or left <= tol * norms[j]:
             aliased.append(name)
         else:
-            kept.append(j)
+            basis[kept] = rest / left
+            kept += 1
     return aliased
 
 
@@ -1170,7 +1250,11 @@ def match_cohort(cohort: pd.DataFrame, names: list[str], scalar: str, path: Path
             else f"{len(extra)} cohort rows are not in the HDF5 (e.g. {extra[0]!r})"
         )
         raise DataError(f"{path}: cohort does not match scalars/{scalar}/column_names: {what}")
-    return cohort.set_index(sources).loc[names].reset_index(drop=True)
+    matched = cohort.reset_index(drop=True).set_index(sources.to_numpy())
+    position = pd.Series(np.arange(len(matched)), index=matched.index)
+    out = matched.loc[names].reset_index(drop=True)
+    out.attrs["cohort_rows"] = position.loc[names].to_numpy()  # for orders of appearance
+    return out
 
 
 def threshold_rule(lthr_abs: float, lthr_rel: float, n: int) -> str:
