@@ -261,7 +261,7 @@ def test_existing_results_and_fit_lm_with_random_effects(run_cli, small_h5):
     assert run_cli("fit-lmm", *args, *formula, "--overwrite")[0] == 0  # REML now
     assert not np.allclose(read_results(h5, "lmm")["model.logLik"][:2], first["model.logLik"][:2])
     status, _, err = run_cli("fit-lm", *args, *formula)
-    assert status == 64 and "fit it with fit-lmm" in err
+    assert status == 64 and "fit them with fit-lmm" in err
 
 
 def repeated_dataset(root: Path, subjects: int, single: int = 0):
@@ -343,3 +343,38 @@ def test_bids_app_repeated_sessions(tmp_path):
     )  # fmt: skip
     assert done.returncode == 65 and "by default with repeated sessions" in done.stderr
     assert not (tmp_path / "out2" / "group").exists()
+
+
+def test_engines_agree():
+    """The three engines give the same criterion and gradient on one model: classes of groups
+    (OneFactor), group by group in closed form and in the general d x d code (GroupForm), and
+    the Schur complement of TwoFactors with a second factor whose variance is zero."""
+    phenotypes = pd.read_csv(DATA / "phenotypes.csv").assign(y=0.0)
+    values = pd.read_csv(DATA / "values.csv").to_numpy()
+    model = lmm.MixedModel("y ~ age + sex + (1 + age | participant_id)", phenotypes)
+    rows = np.arange(len(model.design.rows))
+    x = model.design.matrix
+    term = model.terms[0]
+    factor = lmm_fit.Factor.lower_triangle(term.block.codes, term.block.matrix, term.tmap)
+    y = values[model.design.rows][:, :2]
+    theta = np.array([[0.8, -0.05, 0.04], [1.5, 0.02, 0.01]])
+    idx = np.arange(2)
+    engines = [lmm_fit.OneFactor(x, factor), lmm_fit.GroupForm(x, factor)]
+    general = lmm_fit.GroupForm(x, factor)
+    general.closed_form = False
+    engines.append(general)
+    site = lmm_fit.Factor.lower_triangle(
+        pd.factorize(phenotypes["site"])[0], np.ones((len(rows), 1)), np.array([[3]])
+    )
+    two = lmm_fit.TwoFactors(x, factor, site)
+    results = []
+    for engine in engines:
+        criterion = lmm_fit.Criterion(engine, engine.stats(y), rows.size, 3, 3, True)
+        state = criterion(theta, idx)
+        results.append((state["dev"], state["grad"]))
+    criterion = lmm_fit.Criterion(two, two.stats(y), rows.size, 3, 4, True)
+    state = criterion(np.column_stack([theta, np.zeros(2)]), idx)
+    results.append((state["dev"], state["grad"][:, :3]))
+    for dev, grad in results[1:]:
+        assert np.allclose(dev, results[0][0], rtol=1e-12)
+        assert np.allclose(grad, results[0][1], rtol=1e-6, atol=1e-7)

@@ -40,7 +40,6 @@ from greyarray.stats.design import (
     build_design,
     match_cohort,
     parse_formula,
-    random_effect_terms,
     repeated_measures,
     threshold_rule,
 )
@@ -279,10 +278,6 @@ def fit_lm(
             raise OutputError(f"{h5_path}: results/{analysis} exists; use --overwrite")
         names, values = stored.names, stored.values
         phenotypes = match_cohort(cohort, names, scalar, cohort_path)
-        if random_effect_terms(formula):
-            raise UsageError(
-                f"formula {formula!r} has random effects (... | ...): fit it with fit-lmm"
-            )
         design = build_design(formula, phenotypes, reference_levels, ordered_factors)
         if not design.coefficients:
             raise UsageError(

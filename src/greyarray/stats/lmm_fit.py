@@ -612,6 +612,7 @@ class GroupForm:
         pxx = (pxx + pxx.transpose(0, 1, 3, 2)) / 2 * sym[None, :, None, None]
         self.pxx = pxx.reshape(self.n_groups * self.pa.size, p * p)
         self.x, self.xx, self.n, self.p, self.d = x, x.T @ x, x.shape[0], p, d
+        self.closed_form = d == 2  # intercept and slope: the 2 x 2 kernels
 
     def transformed(self, transforms: list[np.ndarray]) -> GroupForm:
         out = copy.copy(self)
@@ -633,7 +634,7 @@ class GroupForm:
 
     def values(self, theta: np.ndarray, stats: dict, idx: np.ndarray) -> dict:
         t = t_matrix(theta, self.factor)
-        if self.d == 2:
+        if self.closed_form:
             ld, wp, v, quad = _group_values2(t, idx, self.a, self.group_class, stats["c"])
         else:
             ld, wp, v, quad = _group_values(
@@ -652,7 +653,7 @@ class GroupForm:
         weights = (mat.reshape(n_el, p * p) @ self.pxx.T).reshape(n_el, self.n_groups, -1)
         u = (beta @ self.b.T).reshape(n_el, self.n_groups, self.d)
         t, factor = t_matrix(theta, self.factor), self.factor
-        if self.d == 2:
+        if self.closed_form:
             grad, dwp = _group_gradient2(
                 t, factor.u, factor.b, idx, self.a, self.group_class, stats["c"], u, weights,
                 weight, full,
