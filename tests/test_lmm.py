@@ -325,7 +325,18 @@ def test_bids_app_repeated_sessions(tmp_path):
     )
     report = (out / "group.html").read_text()  # both analyses
     assert "variance components" in report and "Satterthwaite" in report and warning in report
-    assert read_results(group / "desc-coverage_modelarray.h5", "lmm")["model.nobs"].iloc[0] == 16
+    h5 = group / "desc-coverage_modelarray.h5"
+    columns = read_results(h5, "lmm")
+    assert columns["model.nobs"].iloc[0] == 16
+    done = run_greyarray(
+        "export-results", "--input-hdf5", h5, "--analysis-name", "lmm", "--output-dir",
+        tmp_path / "export",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    exported = sorted(p.name for p in (tmp_path / "export").iterdir())
+    p_values = sum(".p.value" in c for c in columns.columns)
+    assert len(exported) == len(columns.columns) - 1 + p_values  # 1m.p.value companions
+    assert "lmm_participant_id.sd.Intercept.pscalar.nii" in exported
 
     done = run_greyarray(
         data.root, out, "group", "--model", "coverage ~ sex", "--permutations", "9",
