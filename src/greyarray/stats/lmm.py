@@ -278,6 +278,7 @@ class Fitter:
         self.table[0] = np.arange(n_elements)
         self.cache: dict[bytes, object] = {}
         self.problems: dict[str, int] = {}
+        self.warm: np.ndarray | None = None  # a typical optimum (optimiser's coordinates)
         self.fallbacks = 0
 
     def jobs(self, start: int, values: np.ndarray):
@@ -323,10 +324,14 @@ class Fitter:
         )
         everyone = np.arange(y.shape[1])
         starts = model.starts(y, rows)
+        if self.warm is not None:  # elements are alike: the last batch's typical optimum
+            starts.append(np.tile(self.warm, (y.shape[1], 1)))
         devs = [criterion(s, everyone, grad=False)["dev"] for s in starts]
         best = np.argmin(np.where(np.isfinite(devs), devs, np.inf), axis=0)
         theta0 = np.choose(best[:, None], starts)
         optimum = lmm_fit.minimise(criterion, theta0, model.lower, model.reflect)
+        if optimum.converged.any():
+            self.warm = np.median(optimum.theta[optimum.converged], axis=0)
         theta = lmm_fit.lme4_theta(
             optimum.theta, [t.tmap for t in model.terms], [t.standard for t in model.terms]
         )

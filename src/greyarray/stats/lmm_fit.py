@@ -1096,7 +1096,8 @@ def _bfgs(hess: np.ndarray, s: np.ndarray, y: np.ndarray) -> np.ndarray:
     shs = np.einsum("ei,ei->e", s, hs)
     sy = np.einsum("ei,ei->e", s, y)
     ok = shs > 0
-    theta = np.where(sy >= 0.2 * shs, 1.0, 0.8 * shs / np.where(ok, shs - sy, 1.0))
+    damped = sy < 0.2 * shs  # then shs - sy > 0.8 shs > 0
+    theta = np.where(damped & ok, 0.8 * shs / np.where(damped & ok, shs - sy, 1.0), 1.0)
     r = theta[:, None] * y + (1 - theta[:, None]) * hs
     sr = np.einsum("ei,ei->e", s, r)
     ok &= sr > 0
