@@ -895,15 +895,18 @@ class Criterion:
 
     def profile(self, piece: dict) -> dict:
         """beta, r^2, log|R_X|^2 and the criterion from the pieces."""
-        g = piece["G"]
+        g, ok = _positive_definite(piece["G"])
         chol = np.linalg.cholesky(g)
         beta = np.linalg.solve(g, piece["h"][..., None])[..., 0]
         r2 = piece["s"] - np.einsum("ep,ep->e", piece["h"], beta)
+        ok &= r2 > 0
         ld_rx2 = 2 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
         nu = self.nu
-        dev = piece["ldL2"] + nu * (1 + np.log(2 * np.pi * r2 / nu))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            dev = piece["ldL2"] + nu * (1 + np.log(2 * np.pi * r2 / nu))
         if self.reml:
             dev = dev + ld_rx2
+        dev = np.where(ok, dev, np.inf)  # far from the optimum, X'V^-1 X lost to rounding
         return {"dev": dev, "beta": beta, "r2": r2, "ld_rx2": ld_rx2, "chol": chol, **piece}
 
     def __call__(self, theta: np.ndarray, idx: np.ndarray, grad: bool = True) -> dict:
@@ -949,6 +952,25 @@ class Criterion:
                 width = 2 * steps[:, j].reshape(-1, *([1] * (up[name].ndim - 1)))
                 out[name][:, j] = (up[name] - down[name]) / width
         return out
+
+
+def _positive_definite(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(G with the identity where it is not numerically positive definite, which ones are)."""
+    try:
+        np.linalg.cholesky(g)
+        return g, np.ones(g.shape[0], dtype=bool)
+    except np.linalg.LinAlgError:
+        pass
+    ok = np.array([_is_positive_definite(m) for m in g])
+    return np.where(ok[:, None, None], g, np.eye(g.shape[1])), ok
+
+
+def _is_positive_definite(m: np.ndarray) -> bool:
+    try:
+        np.linalg.cholesky(m)
+        return bool(np.isfinite(m).all())
+    except np.linalg.LinAlgError:
+        return False
 
 
 def _cho_inverse(chol: np.ndarray) -> np.ndarray:
