@@ -1105,7 +1105,10 @@ def _reflected(theta, grad, hess, reflect):
 
 
 def _positive(hess: np.ndarray) -> np.ndarray:
-    """The Hessian with |eigenvalues| (floored): a positive definite model of the criterion."""
+    """The Hessian with |eigenvalues| (floored): a positive definite model of the criterion
+    (the identity where differences failed)."""
+    finite = np.isfinite(hess).all(axis=(1, 2))
+    hess = np.where(finite[:, None, None], hess, np.eye(hess.shape[1]))
     values, vectors = np.linalg.eigh(hess)
     scale = np.abs(values).max(axis=1, keepdims=True)
     values = np.maximum(np.abs(values), 1e-8 * scale + 1e-300)
@@ -1279,7 +1282,9 @@ def summarise(criterion: Criterion, optimum: Optimum, idx: np.ndarray | None = N
     hess[:, :k, :k] = _theta_hessian(criterion, theta, idx, sigma2)
     hess[:, :k, k] = hess[:, k, :k] = -2 * dr2 / sigma[:, None] ** 3
     hess[:, k, k] = 6 * state["r2"] / sigma2**2 - 2 * nu / sigma2
-    values, vectors = np.linalg.eigh(hess)
+    finite = np.isfinite(hess).all(axis=(1, 2))  # else no df (NaN), never an error
+    values, vectors = np.linalg.eigh(np.where(finite[:, None, None], hess, np.eye(k + 1)))
+    values = np.where(finite[:, None], values, np.nan)
     positive = values > EIGEN_TOL
     inv_values = np.where(positive, 1 / np.where(positive, values, 1), 0.0)
     vcov_varpar = 2 * np.einsum("eij,ej,ekj->eik", vectors, inv_values, vectors)
@@ -1291,7 +1296,7 @@ def summarise(criterion: Criterion, optimum: Optimum, idx: np.ndarray | None = N
     var = np.diagonal(vcov, axis1=1, axis2=2)
     denom = np.einsum("eip,eij,ejp->ep", jac, vcov_varpar, jac)
     with np.errstate(divide="ignore", invalid="ignore"):
-        df = 2 * var**2 / denom
+        df = np.where(finite[:, None], 2 * var**2 / denom, np.nan)
         se = np.sqrt(var)
         t = state["fixef"] / se
     p_value = 2 * special.stdtr(df, -np.abs(t))
