@@ -325,8 +325,8 @@ def test_output_that_is_an_input_is_refused_even_with_overwrite(which, cohort, t
 
 
 def test_disk_full_before_fit_lm_writes_its_results(exported, tmp_path):
-    """fit-lm writes into the user's HDF5: with too little room it must not start (a disk that
-    fills midway grows the file with a half-written group, and HDF5 crashed on closing it)."""
+    """fit-lm writes into the user's HDF5 through an updated copy beside it: with too little
+    room for that copy it must not start (a minutes-long fit must not find out at the end)."""
     h5, cohort = exported
     room = f"{(h5.stat().st_size >> 10) + 2048}k"  # the file and 2 MB; results need ~7 MB
     with tmpfs(tmp_path / "small", room) as small:
@@ -338,7 +338,7 @@ def test_disk_full_before_fit_lm_writes_its_results(exported, tmp_path):
         fit = ["fit-lm", "--input-hdf5", copy, "--cohort-file", cohort, "--formula"]
         done = run(*fit, "thickness ~ age", "--analysis-name", "new")
         assert done.returncode == 73, done.stderr
-        assert "not enough free space to write results/new" in one_error_line(done.stderr)
+        assert "not enough free space to write an updated copy" in one_error_line(done.stderr)
         assert digest(small) == before
 
 
@@ -406,6 +406,36 @@ def test_a_signal_python_swallows_still_ends_the_run_with_its_code(monkeypatch, 
     err = capsys.readouterr().err
     assert "interrupted by SIGTERM as the run ended" in one_error_line(err)
     assert "Exception ignored" not in err
+
+
+def test_a_swallowed_signal_publishes_nothing(monkeypatch, tmp_path, capsys):
+    """A SIGTERM swallowed inside a __del__ before the output is published: the run stops at
+    the publishing step, with the temporary removed and no output (seen under load)."""
+    import argparse
+
+    from greyarray import cli
+    from greyarray.io.fileio import atomic_write
+
+    class DiesOnCollection:
+        def __del__(self):
+            cli.signals._raise_interrupted(signal.SIGTERM, None)
+
+    def command(args) -> int:
+        DiesOnCollection()
+        atomic_write(tmp_path / "out.txt", b"x")
+        return 0
+
+    def parser() -> argparse.ArgumentParser:
+        made = argparse.ArgumentParser()
+        made.add_argument("--log-level", default="INFO")
+        return made
+
+    monkeypatch.setitem(cli.COMMANDS, "export-results", (parser, command, "test"))
+    assert cli.main(["export-results"]) == 143
+    assert "interrupted by SIGTERM; temporary files removed" in one_error_line(
+        capsys.readouterr().err
+    )
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_pattern_whose_subject_captures_a_slash(tmp_path, template):

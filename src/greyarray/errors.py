@@ -38,6 +38,18 @@ class MissingInputError(GreyArrayError):
     exit_code = 66
 
 
+class UnavailableError(GreyArrayError):
+    """A service the run needs does not answer (an S3 endpoint, after bounded retries)."""
+
+    exit_code = 69
+
+
+class NoPermissionError(GreyArrayError):
+    """Access to an input is refused: denied, or no credentials to ask with (EX_NOPERM)."""
+
+    exit_code = 77
+
+
 class OutputError(GreyArrayError):
     """An output cannot be created (exists without --overwrite, not writable, ...)."""
 
@@ -64,6 +76,18 @@ class Interrupted(BaseException):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+RECEIVED: list[Interrupted] = []  # signals received during this run (cli/signals.py records them)
+
+
+def check_interrupted() -> None:
+    """Before an output is published: a signal whose exception Python swallowed (raised inside
+    a ``__del__`` or a weakref callback) still stops the run here, so nothing is published after
+    a SIGTERM, whatever code the signal landed in."""
+    if RECEIVED:
+        first = RECEIVED[0]
+        raise Interrupted(first.signum, first.name)
 
 
 def one_line(message: str) -> str:

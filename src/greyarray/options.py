@@ -37,9 +37,12 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
+    refusal = ""  # the error line, for the record of a refused run
+
     def error(self, message: str):
         self.print_usage(sys.stderr)
-        self.exit(UsageError.exit_code, f"{self.prog}: error: {one_line(message)}\n")
+        self.refusal = f"{self.prog}: error: {one_line(message)}"
+        self.exit(UsageError.exit_code, f"{self.refusal}\n")
 
 
 def default_nprocs() -> int:
@@ -85,6 +88,24 @@ def add_nprocs(parser, what: str) -> None:
         default=default_nprocs(),
         metavar="N",
         help=f"{what} (default: the CPUs this process may use, here {default_nprocs()})",
+    )
+
+
+def add_thresholds(parser) -> None:
+    """ModelArray's element threshold (num.subj.lthr.abs / .rel), for every model."""
+    option(
+        parser,
+        "--num-subj-lthr-abs",
+        type=float,
+        default=10,
+        help="fit an element only with more subjects with a finite value than this",
+    )
+    option(
+        parser,
+        "--num-subj-lthr-rel",
+        type=float,
+        default=0.2,
+        help="... and more than this fraction of all subjects",
     )
 
 
@@ -144,7 +165,8 @@ def factor_options(args) -> tuple[dict[str, str], dict[str, str]]:
 
 def permutation_options(args):
     """fit-lm's or group --model's permutation options, or None; the other permutation flags
-    without --permutations are a usage error. Shards exist for fit-lm only."""
+    without --permutations are a usage error. fit-lm's --merge-shards names the shard files;
+    the BIDS-App's gives their number K, and its caller names the files (``merge`` is empty)."""
     shard, merge = getattr(args, "permutation_shard", None), getattr(args, "merge_shards", None)
     if args.permutations <= 0:
         given = [
@@ -168,6 +190,6 @@ def permutation_options(args):
         blocks=args.exchangeability_blocks,
         seed=args.seed,
         shard=parse_shard(shard) if shard else None,
-        merge=tuple(merge or ()),
+        merge=tuple(merge) if isinstance(merge, list) else (),
         nprocs=args.nprocs,
     )

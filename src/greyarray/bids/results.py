@@ -35,9 +35,12 @@ def model(settings: Run) -> int:
     formula = settings.args.model
     response, _ = parse_formula(formula)
     kind = "lmm" if random_effect_terms(formula) else "gam" if is_gam_formula(formula) else "lm"
-    fit, check_table = _fitter(settings, formula, kind)
     analysis = settings.args.analysis_name or kind
     h5 = group.h5_path(settings, response)
+    permutations = _permutations(settings, h5, analysis)
+    fit, check_table = _fitter(settings, formula, kind, permutations)
+    if permutations is not None and permutations.shard is not None:
+        return _shard(settings, h5, response, fit, formula, analysis, permutations.shard)
     if h5.exists() and not settings.args.overwrite:
         log.info("Using %s (converted earlier; --overwrite checks its inputs again)", h5)
         _check_can_fit(h5, response, analysis, settings.args.overwrite)
@@ -64,6 +67,40 @@ def model(settings: Run) -> int:
     )
 
 
+def _permutations(settings: Run, h5: Path, analysis: str):
+    """The permutation options; with --merge-shards K, the K files the shards saved."""
+    permutations = permutation_options(settings.args)
+    if (count := settings.args.merge_shards) is not None:
+        from dataclasses import replace
+
+        from greyarray.stats.permutation import shard_path
+
+        files = tuple(shard_path(h5, analysis, (i, count)) for i in range(1, count + 1))
+        permutations = replace(permutations, merge=files)
+    return permutations
+
+
+def _shard(settings: Run, h5: Path, scalar: str, fit, formula: str, analysis: str, shard) -> int:
+    """One shard of the permutations (a SLURM array task): from the group level's HDF5, which
+    is never converted here (K tasks start at once), to a file beside it."""
+    from greyarray.stats.permutation import shard_path
+
+    if not h5.exists():
+        raise MissingInputError(
+            f"{h5}: not found; --permutation-shard reads the HDF5 of an earlier group run "
+            "(run the group level first)"
+        )
+    with open_hdf5(h5) as file:
+        read_scalar(file, scalar)
+    settings.open_output("shard")
+    cohort = h5.with_name(h5.name.replace("_modelarray.h5", "_cohort.csv"))
+    fit(h5, cohort, formula, analysis, overwrite=settings.args.overwrite)
+    i, k = shard
+    return settings.finish(
+        [f"Shard {i} of {k} of the permutations of {formula}: {shard_path(h5, analysis, shard)}"]
+    )
+
+
 BLOCKS_ADVICE = "whole participants are permuted, as PALM advises for repeated measures"
 
 
@@ -78,13 +115,14 @@ def _default_blocks(permutations, table, rows):
     return dataclasses.replace(permutations, blocks=PARTICIPANT)
 
 
-def _fitter(settings: Run, formula: str, kind: str):
+def _fitter(settings: Run, formula: str, kind: str, permutations):
     """(fit(h5, cohort, formula, analysis, overwrite), check of a cohort table before any
     conversion): fit-lm's, fit-gam's for a formula with smooth terms s(...), fit-lmm's for one
     with random effects (... | group)."""
-    references, ordered, args = settings.reference_levels, settings.ordered_factors, settings.args
+    references, ordered = settings.reference_levels, settings.ordered_factors
     factors = {"reference_levels": references, "ordered_factors": ordered}
-    permutations = permutation_options(args)
+    args = settings.args
+    thresholds = {"lthr_abs": args.num_subj_lthr_abs, "lthr_rel": args.num_subj_lthr_rel}
     if kind == "lmm":
         if permutations is not None:
             raise UsageError(
@@ -94,7 +132,7 @@ def _fitter(settings: Run, formula: str, kind: str):
         from greyarray.stats.lmm import MixedModel, fit_lmm
 
         return (
-            partial(fit_lmm, **factors, nprocs=args.nprocs),
+            partial(fit_lmm, **factors, **thresholds, nprocs=args.nprocs),
             lambda table: MixedModel(formula, table, True, references, ordered),
         )
     if kind == "lm":
@@ -131,7 +169,7 @@ def _fitter(settings: Run, formula: str, kind: str):
                     )
             return fit_lm(
                 h5, cohort, formula_, analysis, overwrite=overwrite, permutations=chosen,
-                **factors,
+                **factors, **thresholds,
             )  # fmt: skip
 
         return fit, check_lm
@@ -139,11 +177,11 @@ def _fitter(settings: Run, formula: str, kind: str):
         raise UsageError("--permutations applies to linear models, not to a --model with s()")
     from greyarray.stats.gam import GamModel, changed_term_name, fit_gam, parse_gam_formula
 
-    method, changed = args.gam_method, args.changed_rsq_term
+    method, changed = settings.args.gam_method, settings.args.changed_rsq_term
     if changed is not None:
         changed_term_name(parse_gam_formula(formula), changed)  # a usage error, before any work
     return (
-        partial(fit_gam, method=method, changed_rsq_term=changed, **factors),
+        partial(fit_gam, method=method, changed_rsq_term=changed, **factors, **thresholds),
         lambda table: GamModel(parse_gam_formula(formula), table, method, references, ordered),
     )
 
@@ -224,24 +262,9 @@ def _sidecar(h5_path: Path) -> dict:
         raise DataError(f"{h5_path.with_suffix('.json')}: cannot read ({err})") from None
 
 
-def _record(h5, analysis: str) -> dict:
-    """GreyArray's record of a fit (results/<analysis> attribute greyarray_about), or {}."""
-    attrs = h5["results"][analysis].attrs
-    try:
-        record = json.loads(attrs["greyarray_about"]) if "greyarray_about" in attrs else {}
-    except (TypeError, ValueError):
-        record = {}
-    return record if isinstance(record, dict) else {}
-
-
-def _about_record(h5_path: Path, analysis: str) -> dict:
-    with open_hdf5(h5_path) as h5:
-        return _record(h5, analysis)
-
-
 def _about(h5, analysis: str, meta: dict) -> dict:
     """What the sidecars say about the fit: from GreyArray's record, else what the file shows."""
-    record = _record(h5, analysis)
+    record = _record(h5["results"][analysis])
     n = len(read_scalar(h5, meta["Scalar"]).names)
     about = {
         "Model": record.get(
@@ -274,9 +297,18 @@ def _about(h5, analysis: str, meta: dict) -> dict:
         about["RandomEffects"] = record.get("random_effects", [])
         about["Groups"] = record.get("groups", {})
         about["DegreesOfFreedom"] = "Satterthwaite, as lmerTest computes them"
-    if record.get("warnings"):
-        about["Warnings"] = record["warnings"]
+    if record.get("notes"):  # repeated sessions, unfitted elements, empty columns, ...
+        about["Warnings"] = record["notes"]
     return about
+
+
+def _record(group) -> dict:
+    """What GreyArray recorded about a fit (``greyarray_about``); {} for R's results."""
+    try:
+        record = json.loads(group.attrs["greyarray_about"])
+    except (KeyError, TypeError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _section(meta: dict, analysis: str, about: dict, n_maps: int) -> dict:
@@ -334,7 +366,6 @@ def _mixed_model_text(about: dict) -> str:
         for t in about.get("RandomEffects", [])
     )
     groups = ", ".join(f"{n:,} levels of {g}" for g, n in about.get("Groups", {}).items())
-    reference = _reference_text(about)
     rows = about.get("NumberOfRowsWithPhenotypes", about["NumberOfRows"])
     return (
         f"At every element, the linear mixed model `{about['Model']}` was fitted by {how} "
@@ -344,7 +375,7 @@ def _mixed_model_text(about: dict) -> str:
         "[@satterthwaite1946] as lmerTest computes them [@lmertest]; "
         f"{about['ElementThreshold'].replace('participants', 'observations')}, observations "
         "with a missing phenotype were left out, and p-values were corrected for the false "
-        f"discovery rate over elements [@bh1995].{reference}\n"
+        f"discovery rate over elements [@bh1995].{_reference_text(about)}\n"
     )
 
 
@@ -373,11 +404,10 @@ def _permutation_text(options: dict | None) -> str:
 def _significance(h5_path: Path, analysis: str, formula: str, columns: list[str]) -> list[str]:
     with open_hdf5(h5_path) as h5:
         table = h5[f"results/{analysis}/results_matrix"][()]
-    fitted = int(np.isfinite(table[1]).sum())
+        notes = _record(h5["results"][analysis]).get("notes") or []
+    fitted = int(np.isfinite(table[1:]).any(axis=0).sum())
     lines = [f"\nModel {formula}: fitted at {fitted:,} of {table.shape[1]:,} elements"]
-    if fitted < table.shape[1]:
-        lines[0] += " (the others have too few participants with finite values)"
-    lines += [f"  WARNING: {text}" for text in _about_record(h5_path, analysis).get("warnings", [])]
+    lines += [f"  WARNING: {note}" for note in notes]
     for i, name in enumerate(columns):
         if name.endswith(".p.value.fdr"):
             significant = int((table[i] < 0.05).sum())

@@ -12,6 +12,7 @@ from greyarray.options import (
     add_factor_options,
     add_logging,
     add_nprocs,
+    add_thresholds,
     factor_options,
     non_negative_int,
     option,
@@ -83,22 +84,9 @@ def _model_inputs(parser, analysis: str, formula_help: str) -> None:
     parser.add_argument("--scalar", help="scalar to model (default: the formula's response)")
 
 
-def _thresholds(parser, rows: str = "subjects") -> None:
+def _thresholds(parser) -> None:
     """ModelArray's element threshold (num.subj.lthr.abs / .rel)."""
-    option(
-        parser,
-        "--num-subj-lthr-abs",
-        type=float,
-        default=10,
-        help=f"fit an element only with more {rows} with a finite value than this",
-    )
-    option(
-        parser,
-        "--num-subj-lthr-rel",
-        type=float,
-        default=0.2,
-        help=f"... and more than this fraction of all {rows}",
-    )
+    add_thresholds(parser)
 
 
 def _permutation_options(parser) -> None:
@@ -221,7 +209,7 @@ def fit_lmm_parser(prog: str = "greyarray fit-lmm") -> Parser:
     criterion.add_argument(
         "--ml", dest="reml", action="store_false", help="maximum likelihood (lmer's REML = FALSE)"
     )
-    _thresholds(parser, "observations")
+    _thresholds(parser)
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing results/<name>"
     )

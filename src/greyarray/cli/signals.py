@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
-from greyarray.errors import Interrupted, one_line
+from greyarray.errors import RECEIVED, Interrupted, one_line
 
 SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 
@@ -28,9 +28,6 @@ def configure_logging(level: str) -> None:
         stream=sys.stderr,
         force=True,
     )
-
-
-RECEIVED: list[Interrupted] = []  # signals received during this run
 
 
 def _raise_interrupted(signum: int, _frame) -> None:

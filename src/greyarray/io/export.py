@@ -193,9 +193,10 @@ def _element_ids(column: np.ndarray, where: str, n_elements: int) -> np.ndarray:
 
 def load_template(path: Path) -> ElementSpace:
     """The space of a template file (``--example-file`` or the cohort's first file)."""
+    from greyarray.io import remote
     from greyarray.io.formats import cifti
 
-    return cifti.read_file(path).geometry
+    return (remote.read_file(path) if remote.is_url(path) else cifti.read_file(path)).geometry
 
 
 def resolve_geometry(h5: h5py.File, template: Path | None) -> ElementSpace:

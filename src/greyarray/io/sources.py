@@ -15,13 +15,14 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from greyarray.errors import DataError
-from greyarray.io import inputs
+from greyarray.io import inputs, remote
 from greyarray.io.formats import cifti
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class Source:
     map_index: int
     sha256: str
     n_nonfinite: int
-    stamp: inputs.FileStamp | None = None  # the file's identity when checked
+    stamp: inputs.FileStamp | remote.Spooled | None = None  # how to read it again, checked
 
     @property
     def map_name(self) -> str:
@@ -52,25 +53,33 @@ class Source:
     def _read(self, offset: int, size: int) -> bytes:
         if self.stamp is None:
             return cifti.pread_from(self.file.path)(offset, size)
-        return inputs.read_checked(self.file.path, self.stamp, offset, size)
+        return self.stamp.read(self.file.path, offset, size)
 
 
-def inspect(path: Path, column_name: str, wanted_map: str | None) -> Source:
+def inspect(
+    path: Path | remote.S3Url,
+    column_name: str,
+    wanted_map: str | None,
+    spool: Path | None = None,
+    s3_workers: int = remote.DEFAULT_WORKERS,
+) -> Source:
     """Parse, hash and scan one file, reading only what its header promises (header and
-    extensions, then the data block), in blocks of bounded size."""
-    with inputs.open_regular(path) as (fd, stamp):
-        head = cifti.read_head(fd, path, stamp.size)
-        parsed = cifti.parse(path, head, stamp.size)
+    extensions, then the data block), in blocks of bounded size. An S3 object is streamed
+    once and its data kept in ``spool`` for the write pass (remote.py)."""
+    remote_ = isinstance(path, remote.S3Url)
+    with remote.opened(path, spool, s3_workers) if remote_ else inputs.opened(path) as file:
+        head = cifti.read_head(file.read, path, file.size)
+        parsed = cifti.parse(path, head, file.size)
         index = parsed.select_map(wanted_map)
         digest = hashlib.sha256(head)
         n_bad = 0
         step = parsed.block_unit * max(1, BLOCK_BYTES // parsed.block_unit)
         for start in range(0, parsed.data_size, step):
-            size = min(step, parsed.data_size - start)
-            raw = inputs.pread_exact(fd, size, parsed.offset + start, path)
+            raw = file.read(parsed.offset + start, min(step, parsed.data_size - start))
             digest.update(raw)
             n_bad += parsed.count_nonfinite(raw, index)
-        inputs.verify(path, fd, stamp)  # not rewritten while being read
+            file.keep(raw)
+        stamp = file.done(parsed.offset)  # a local file: not rewritten while being read
     return Source(column_name, parsed, index, digest.hexdigest(), n_bad, stamp)
 
 
@@ -100,15 +109,23 @@ class GeometryCheck:
 
 
 def check_sources(
-    files: Iterable[tuple[str, Path]], wanted_map: str | None, nprocs: int = 1, label: str = ""
+    files: Iterable[tuple[str, Path | remote.S3Url]],
+    wanted_map: str | None,
+    nprocs: int = 1,
+    label: str = "",
+    spool: Path | None = None,
+    s3_workers: int = remote.DEFAULT_WORKERS,
 ) -> list[Source]:
-    """Inspect (column name, path) pairs in parallel; all must share the first file's geometry."""
+    """Inspect (column name, path) pairs in parallel (``s3_workers`` threads when some are S3
+    objects, whose data go to ``spool``); all must share the first file's geometry."""
     files = list(files)
-    inputs.check_present(path for _, path in files)
+    inputs.check_present(path for _, path in files if not remote.is_url(path))
+    threads = max(1, s3_workers if any(remote.is_url(p) for _, p in files) else nprocs)
+    read = partial(inspect, wanted_map=wanted_map, spool=spool, s3_workers=threads)
     sources: list[Source] = []
     check: GeometryCheck | None = None
     for source in tqdm(
-        _inspect_all(files, wanted_map, max(1, nprocs)),
+        _inspect_all(files, read, threads),
         total=len(files),
         desc=f"Checking {label}".strip(),
         unit="file",
@@ -123,16 +140,14 @@ def check_sources(
     return sources
 
 
-def _inspect_all(
-    files: list[tuple[str, Path]], wanted_map: str | None, nprocs: int
-) -> Iterator[Source]:
+def _inspect_all(files: list[tuple[str, Path]], read, nprocs: int) -> Iterator[Source]:
     """Sources in order, at most a few files ahead of the consumer: the first error stops the
     pass at once (queued files are cancelled, not inspected)."""
     with ThreadPoolExecutor(nprocs) as pool:
         queue: deque = deque()
         try:
             for name, path in files:
-                queue.append(pool.submit(inspect, path, name, wanted_map))
+                queue.append(pool.submit(read, path, name))
                 if len(queue) >= 4 * nprocs:
                     yield queue.popleft().result()
             while queue:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
+from greyarray.io import remote
 from greyarray.io.fileio import check_output, remove_stale_temporaries, replacing
 from greyarray.io.h5read import read_scalar
 from greyarray.io.inputs import open_hdf5
@@ -59,6 +60,7 @@ class StoreOptions:
     chunk_elements: int = 0  # 0: derive from target_chunk_mb
     target_chunk_mb: float = 1.0
     nprocs: int = 1
+    s3_workers: int = 8  # parallel S3 reads (remote.py)
 
     @property
     def description(self) -> str:
@@ -118,21 +120,25 @@ def to_modelarray(
         check_output(path, overwrite)
         remove_stale_temporaries(path.parent)
     checked = {}
-    for path, names in plan.items():
-        files = [(name, src) for name in names for src in cohort.scalars[name]]
-        sources = check_sources(
-            [(src, cohort.resolve(src)) for _, src in files],
-            wanted_map,
-            options.nprocs,
-            label=", ".join(names),
-        )
-        checked[path] = {
-            name: [s for (n, _), s in zip(files, sources, strict=True) if n == name]
-            for name in names
-        }
-    for path, scalars in checked.items():
-        write_modelarray(path, scalars, options, command_line, overwrite)
-        log.info("Wrote %s", path)
+    needed = any(map(remote.is_url, cohort.table["source_file"]))
+    with remote.spool_folder(next(iter(plan)).parent, needed) as spool:  # S3 objects' data
+        for path, names in plan.items():
+            files = [(name, src) for name in names for src in cohort.scalars[name]]
+            sources = check_sources(
+                [(src, cohort.resolve(src)) for _, src in files],
+                wanted_map,
+                options.nprocs,
+                label=", ".join(names),
+                spool=spool,
+                s3_workers=options.s3_workers,
+            )
+            checked[path] = {
+                name: [s for (n, _), s in zip(files, sources, strict=True) if n == name]
+                for name in names
+            }
+        for path, scalars in checked.items():
+            write_modelarray(path, scalars, options, command_line, overwrite)
+            log.info("Wrote %s", path)
     return list(checked)
 
 

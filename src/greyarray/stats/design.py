@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from greyarray.errors import DataError, UsageError
+from greyarray.errors import DataError, GreyArrayError, UsageError
 from greyarray.stats import formula as rf
 from greyarray.stats.linalg import column_norms
 
@@ -1263,3 +1263,27 @@ def threshold_rule(lthr_abs: float, lthr_rel: float, n: int) -> str:
         f"an element is fitted only where more than max({lthr_abs:g}, {lthr_rel:g} x {n}) = "
         f"{max(lthr_abs, lthr_rel * n):g} participants have a finite value"
     )
+
+
+def single_subject_levels(
+    formula: str, phenotypes: pd.DataFrame, rows: np.ndarray
+) -> dict[str, list[str]]:
+    """The formula's factors (as the model matrix sees them: text, ``factor()``, ordered
+    factors; not logicals) with levels that only one of the subjects used (``rows``) has, in
+    their level order: such a level's coefficient rests on one subject. The results writer
+    says so."""
+    trms = rf.model_formula(formula).fixed
+    evaluate = Evaluator(prepare_phenotypes(phenotypes))
+    found = {}
+    for i, node in enumerate(trms.variables):
+        if i == 0 and trms.response:
+            continue
+        try:
+            value, logical = _as_model_factor(_take(evaluate(node), rows))
+        except (GreyArrayError, _NotR, _BadData, SyntaxError):  # build_design said it already
+            continue
+        if isinstance(value, Factor) and not logical:
+            counts = np.bincount(value.codes[value.codes >= 0], minlength=len(value.levels))
+            if single := [level for level, n in zip(value.levels, counts, strict=True) if n == 1]:
+                found[trms.names[i]] = single
+    return found

@@ -34,6 +34,7 @@ from greyarray.stats.design import (
     Numeric,
     build_design,
     repeated_measures,
+    single_subject_levels,
     threshold_rule,
     variable,
 )
@@ -596,9 +597,7 @@ def fit_gam(
         models = [GamModel(parsed, phenotypes, method, *factors)]
         if reduced_formula is not None:
             models.append(GamModel(reduced_formula, phenotypes, method, *factors))
-        repeated = repeated_measures(formula, phenotypes, models[0].rows)
-        if repeated:
-            log.warning("%s", repeated)
+        repeated = repeated_measures(formula, phenotypes, models[0].rows)  # a note of the results
         n_elements = values.shape[1]
         results = [Results(m, n_elements) for m in models]
         threshold = max(len(names) * lthr_rel, lthr_abs)
@@ -631,11 +630,15 @@ def fit_gam(
         "changed_rsq_term": changed_rsq_term,
         "reference_levels": models[0].references,
         "ordered_factors": dict(ordered_factors or {}),
-        "warnings": [repeated] if repeated else [],
+        "notes": [repeated] if repeated else [],
         "n_subjects": len(names),
         "n_with_phenotypes": len(models[0].rows),
         "threshold": threshold_rule(lthr_abs, lthr_rel, len(names)),
         "cohort_file": str(cohort_path),
+        "scalar": scalar,
+        "threshold_abs": lthr_abs,
+        "threshold_rel": lthr_rel,
+        "single_subject_levels": single_subject_levels(formula, phenotypes, models[0].rows),
     }
     write_results(h5_path, analysis, columns, matrix, about, overwrite=overwrite)
     return columns

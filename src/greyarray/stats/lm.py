@@ -41,6 +41,7 @@ from greyarray.stats.design import (
     match_cohort,
     parse_formula,
     repeated_measures,
+    single_subject_levels,
     threshold_rule,
 )
 from greyarray.stats.linalg import column_norms
@@ -284,9 +285,7 @@ def fit_lm(
                 f"formula {formula!r} has no column (R's lm would fit an empty model, with "
                 "no term to report)"
             )
-        repeated = repeated_measures(formula, phenotypes, design.rows)
-        if repeated:
-            log.warning("%s", repeated)
+        repeated = repeated_measures(formula, phenotypes, design.rows)  # a note of the results
         if permutations is not None and design.offset is not None:
             raise UsageError(
                 f"formula {formula!r}: --permutations with an offset() is not supported "
@@ -333,11 +332,15 @@ def fit_lm(
         "ordered_factors": dict(ordered_factors or {}),
         "offset": [design.model.fixed.names[i] for i in design.model.fixed.offsets],
         "aliased_columns_left_out": design.aliased,
-        "warnings": [repeated] if repeated else [],
+        "notes": [repeated] if repeated else [],
         "n_subjects": len(names),
         "n_with_phenotypes": len(design.rows),
         "threshold": threshold_rule(lthr_abs, lthr_rel, len(names)),
         "cohort_file": str(cohort_path),
+        "scalar": scalar,
+        "threshold_abs": lthr_abs,
+        "threshold_rel": lthr_rel,
+        "single_subject_levels": single_subject_levels(formula, phenotypes, design.rows),
     }
     if permutations is not None:
         about["permutations"] = {

@@ -48,6 +48,7 @@ from greyarray.stats.design import (
     build_design,
     parse_formula,
     random_effects,
+    single_subject_levels,
     threshold_rule,
 )
 from greyarray.stats.formula import model_formula
@@ -440,6 +441,10 @@ def fit_lmm(
         "n_with_phenotypes": len(model.design.rows),
         "threshold": threshold_rule(lthr_abs, lthr_rel, len(names)),
         "cohort_file": str(cohort_path),
+        "scalar": scalar,
+        "threshold_abs": lthr_abs,
+        "threshold_rel": lthr_rel,
+        "single_subject_levels": single_subject_levels(formula, phenotypes, model.design.rows),
     }
     write_results(h5_path, analysis, columns, table, about, overwrite=overwrite)
     return columns
