@@ -189,6 +189,33 @@ def _class_block(te, ac, d, m, chol, minv, k, w):  # pragma: no cover - compiled
 
 
 @compiled
+def _p_matrix(w, ac, d, pm):  # pragma: no cover - compiled
+    """P = I - W A (into pm)."""
+    for r in range(d):
+        for col in range(d):
+            total = 0.0
+            for q in range(d):
+                total += w[r, q] * ac[q, col]
+            pm[r, col] = (1.0 if r == col else 0.0) - total
+
+
+@compiled
+def _direction(k, ac, pm, u, b, d, pu):  # pragma: no cover - compiled
+    """For dT = u e_b': P u (into pu), and returns (K A u)[b] (half of d log|M|)."""
+    total = 0.0
+    for r in range(d):
+        ka = 0.0
+        for q in range(d):
+            ka += k[b, q] * ac[q, r]
+        total += ka * u[r]
+        acc = 0.0
+        for q in range(d):
+            acc += pm[r, q] * u[q]
+        pu[r] = acc
+    return total
+
+
+@compiled
 def _one_factor_values(t, idx, a, counts, pa, pb, pxx, sxy, syy, xx, xy, yy):  # pragma: no cover
     """Per element idx[i] (with T = t[i]): log|L|^2, G = X'X - B'WB, h = X'y - B'Wc and
     s = y'y - c'Wc, summed over classes of groups without intermediate arrays."""
@@ -247,12 +274,7 @@ def _one_factor_gradient(
         for c in range(n_cl):
             ac = a[c]
             _class_block(t[i], ac, d, m, chol, minv, k, w)
-            for r in range(d):  # P = I - W A
-                for col in range(d):
-                    total = 0.0
-                    for q in range(d):
-                        total += w[r, q] * ac[q, col]
-                    pm[r, col] = (1.0 if r == col else 0.0) - total
+            _p_matrix(w, ac, d, pm)
             for q in range(n_pr):  # what each pair of dW multiplies
                 pq = pxx[c, q]
                 quad = 0.0
@@ -266,17 +288,7 @@ def _one_factor_gradient(
                 weights[q] = quad + weight[i] * (syy[e, c, q] - 2.0 * cross)
             for th in range(n_th):
                 b = tb[th]
-                total = 0.0
-                for r in range(d):  # d log|M| = 2 (K A u)[b]; P u
-                    ka = 0.0
-                    for q in range(d):
-                        ka += k[b, q] * ac[q, r]
-                    total += ka * tu[th, r]
-                    acc = 0.0
-                    for q in range(d):
-                        acc += pm[r, q] * tu[th, q]
-                    pu[r] = acc
-                value = 2.0 * total * counts[c]
+                value = 2.0 * _direction(k, ac, pm, tu[th], b, d, pu) * counts[c]
                 for q in range(n_pr):
                     x, y = pa[q], pb[q]
                     dwq = pu[x] * k[b, y] + pu[y] * k[b, x]
@@ -547,24 +559,10 @@ def _group_gradient(t, tu, tb, idx, a, group_class, c, u, weights, weight, pa, p
         for j in range(n_gr):
             ac = a[group_class[j]]
             _block(t[i], ac, d, m, chol, minv, k, w)
-            for r in range(d):  # P = I - W A
-                for col in range(d):
-                    total = 0.0
-                    for q in range(d):
-                        total += w[r, q] * ac[q, col]
-                    pm[r, col] = (1.0 if r == col else 0.0) - total
+            _p_matrix(w, ac, d, pm)
             for th in range(n_th):
                 b = tb[th]
-                dlog = 0.0
-                for r in range(d):
-                    ka = 0.0
-                    for q in range(d):
-                        ka += k[b, q] * ac[q, r]
-                    dlog += ka * tu[th, r]
-                    acc = 0.0
-                    for q in range(d):
-                        acc += pm[r, q] * tu[th, q]
-                    pu[r] = acc
+                dlog = _direction(k, ac, pm, tu[th], b, d, pu)
                 # dW = pu K[b, :] + transpose: x'dW y = (x.pu)(K[b].y) + (y.pu)(K[b].x)
                 c_pu, c_k, u_pu, u_k = 0.0, 0.0, 0.0, 0.0
                 for r in range(d):
