@@ -364,7 +364,9 @@ def test_sessions_in_methods_text_and_r_hint(tmp_path, template):
     citation = (tmp_path / "out" / "logs" / "CITATION.md").read_text()
     assert "one row per session of each participant" in citation
     assert "participants-by-elements" not in citation
-    assert 's(participant_id, bs = "re")' in done.stdout and "--model" not in done.stdout
+    assert 's(participant_id, bs = "re")' in done.stdout
+    assert 'group --model "reho ~ age + sex + (1 | participant_id)"' not in done.stdout  # no age
+    assert '+ (1 | participant_id)"' in done.stdout  # the mixed model, fitted here
 
 
 def test_r_hint_without_sessions_suggests_fitting_here(dataset, tmp_path):

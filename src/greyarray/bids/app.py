@@ -171,8 +171,10 @@ def build_parser(commands: str = "") -> Parser:
         "--model",
         metavar="FORMULA",
         help="fit this model at every element and export the maps: a linear model as "
-        "ModelArray.lm (e.g. 'thickness ~ age + sex'), or with smooth terms a GAM as "
-        "ModelArray.gam (e.g. 'thickness ~ s(age) + sex'); the response is a scalar",
+        "ModelArray.lm (e.g. 'thickness ~ age + sex'), with smooth terms a GAM as "
+        "ModelArray.gam (e.g. 'thickness ~ s(age) + sex'), or with random effects a linear "
+        "mixed model as lme4 and lmerTest (e.g. 'thickness ~ age + sex + (1 | participant_id)', "
+        "analysis lmm); the response is a scalar",
     )
     model.add_argument(
         "--permutations",
@@ -249,7 +251,7 @@ def build_parser(commands: str = "") -> Parser:
         "--analysis-name",
         metavar="NAME",
         help="export ModelArray's results of this analysis as BIDS maps (with --model: the "
-        "name of the fitted analysis, default lm)",
+        "name of the fitted analysis, default lm, gam or lmm)",
     )
     return parser
 

@@ -49,6 +49,7 @@ STAT_LABELS = {
     "tfce": "tfce",
     "tfce.p.value.fwe": "tfcepfwe",
     "tfce.1m.p.value.fwe": "1mtfcepfwe",
+    "cor": "corr",
 }
 KNOWN = sorted(
     {
@@ -129,7 +130,15 @@ def label(text: str) -> str:
 
 
 def split_column(column: str) -> tuple[str, str]:
-    """ModelArray's ``<term>.<statistic>`` column name -> (term, statistic)."""
+    """ModelArray's ``<term>.<statistic>`` column name -> (term, statistic). fit-lmm's random
+    effects ``<group>.sd.<coef>`` and ``<group>.cor.<coef1>.<coef2>`` -> (``<group>.<coef>``,
+    sd) and (``<group>.<coef1>:<coef2>``, cor)."""
+    for marker in (".sd.", ".cor."):
+        if marker in column:
+            group, coefs = column.split(marker, 1)
+            if marker == ".cor.":
+                coefs = ":".join(coefs.split(".", 1))
+            return f"{group}.{coefs}", marker.strip(".")
     for stat in KNOWN:
         for prefix in ("1m.", ""):
             key = f".{prefix}{stat}"
@@ -168,6 +177,13 @@ def describe_column(column: str) -> str:
         "for display",
         "estimate": "estimate (effect size in the scalar's units per unit of the term)",
         "statistic": "test statistic",
+        "std.error": "standard error of the estimate",
+        "df": "degrees of freedom of the t test (Satterthwaite, as lmerTest computes them)",
+        "sd": "standard deviation of the random effect (lme4's VarCorr), or of the residual",
+        "cor": "correlation of the two random effects (lme4's VarCorr)",
+        "logLik": "log-likelihood (the REML criterion under REML, as lme4's logLik)",
+        "singular": "1 where the fit is singular (lme4's isSingular), else 0",
+        "converged": "1 where the optimiser converged, else 0",
     }
     base = stat.removeprefix("1m.")
     text = words.get(base, base)

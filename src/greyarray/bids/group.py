@@ -380,4 +380,10 @@ def r_hint(settings: Run, plan: Plan) -> list[str]:
             "Or fit the same model here, in seconds, and export it:",
             f'  greyarray {settings.bids_dir} {settings.output_dir} group --model "{formula}"',
         ]
+    else:
+        lines += [
+            "Or fit the mixed model here (lme4's numbers, lmerTest's tests) and export it:",
+            f"  greyarray {settings.bids_dir} {settings.output_dir} group --model "
+            f'"{formula} + (1 | participant_id)"',
+        ]
     return [*lines, ""]

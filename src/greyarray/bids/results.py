@@ -8,6 +8,7 @@ analysis adds its section to the methods text, and group.html is rebuilt with ev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from functools import partial
@@ -29,15 +30,16 @@ log = logging.getLogger("greyarray")
 def model(settings: Run) -> int:
     """Convert (unless the response's HDF5 exists), fit, export: the whole pipeline."""
     from greyarray.bids import harmonize
-    from greyarray.stats.design import parse_formula
+    from greyarray.stats.design import parse_formula, random_effect_terms
     from greyarray.stats.gam import is_gam_formula
 
     formula = settings.args.model
     response, _ = parse_formula(formula)
-    analysis = settings.args.analysis_name or ("gam" if is_gam_formula(formula) else "lm")
+    kind = "lmm" if random_effect_terms(formula) else "gam" if is_gam_formula(formula) else "lm"
+    analysis = settings.args.analysis_name or kind
     h5 = group.h5_path(settings, response)
     permutations = _permutations(settings, h5, analysis)
-    fit, check_table = _fitter(settings, formula, is_gam_formula(formula), permutations)
+    fit, check_table = _fitter(settings, formula, kind, permutations)
     check_table = harmonize.combined(check_table, harmonize.check(settings))
     if permutations is not None and permutations.shard is not None:
         return _shard(settings, h5, response, fit, formula, analysis, permutations.shard)
@@ -111,14 +113,41 @@ def _shard(settings: Run, h5: Path, scalar: str, fit, formula: str, analysis: st
     )
 
 
-def _fitter(settings: Run, formula: str, smooth: bool, permutations):
+BLOCKS_ADVICE = "whole participants are permuted, as PALM advises for repeated measures"
+
+
+def _default_blocks(permutations, table, rows):
+    """With repeated sessions and no --exchangeability-blocks: participant_id blocks."""
+    from greyarray.stats.design import PARTICIPANT
+
+    if permutations is None or permutations.blocks is not None:
+        return permutations
+    if PARTICIPANT not in table.columns or not table[PARTICIPANT].iloc[rows].duplicated().any():
+        return permutations
+    return dataclasses.replace(permutations, blocks=PARTICIPANT)
+
+
+def _fitter(settings: Run, formula: str, kind: str, permutations):
     """(fit(h5, cohort, formula, analysis, overwrite), check of a cohort table before any
-    conversion): fit-lm's, or fit-gam's for a formula with smooth terms s(...)."""
+    conversion): fit-lm's, fit-gam's for a formula with smooth terms s(...), fit-lmm's for one
+    with random effects (... | group)."""
     references, ordered = settings.reference_levels, settings.ordered_factors
     factors = {"reference_levels": references, "ordered_factors": ordered}
     args = settings.args
     thresholds = {"lthr_abs": args.num_subj_lthr_abs, "lthr_rel": args.num_subj_lthr_rel}
-    if not smooth:
+    if kind == "lmm":
+        if permutations is not None:
+            raise UsageError(
+                "--permutations applies to linear models without random effects, not to a "
+                "mixed --model (its Satterthwaite t tests are in the results)"
+            )
+        from greyarray.stats.lmm import MixedModel, fit_lmm
+
+        return (
+            partial(fit_lmm, **factors, **thresholds, nprocs=args.nprocs),
+            lambda table: MixedModel(formula, table, True, references, ordered),
+        )
+    if kind == "lm":
         from greyarray.stats.design import build_design
         from greyarray.stats.lm import check_model, fit_lm
         from greyarray.stats.permutation import exchangeable_units
@@ -126,10 +155,36 @@ def _fitter(settings: Run, formula: str, smooth: bool, permutations):
         def check_lm(table) -> None:
             check_model(formula)
             design = build_design(formula, table, references, ordered)
-            if permutations is not None and permutations.blocks is not None:
-                exchangeable_units(table, design.rows, permutations.blocks, "the cohort")
+            chosen = _default_blocks(permutations, table, design.rows)
+            if chosen is not None and chosen.blocks is not None:
+                where = "the cohort" + (
+                    f" ({BLOCKS_ADVICE}, by default with repeated sessions)"
+                    if permutations.blocks is None
+                    else ""
+                )
+                exchangeable_units(table, design.rows, chosen.blocks, where)
 
-        return partial(fit_lm, **factors, **thresholds, permutations=permutations), check_lm
+        def fit(h5, cohort, formula_, analysis, overwrite, scalar=None):
+            chosen = permutations
+            if permutations is not None and permutations.blocks is None:
+                from greyarray.io.cohort import read_csv_table
+
+                table = read_csv_table(cohort, "cohort file")
+                design = build_design(formula_, table, references, ordered)
+                chosen = _default_blocks(permutations, table, design.rows)
+                if chosen.blocks is not None:
+                    log.info(
+                        "Permutations: participants have several sessions, so %s "
+                        "(exchangeability blocks %s; --exchangeability-blocks chooses others)",
+                        BLOCKS_ADVICE,
+                        chosen.blocks,
+                    )
+            return fit_lm(
+                h5, cohort, formula_, analysis, overwrite=overwrite, permutations=chosen,
+                scalar=scalar, **factors, **thresholds,
+            )  # fmt: skip
+
+        return fit, check_lm
     if permutations is not None:
         raise UsageError("--permutations applies to linear models, not to a --model with s()")
     from greyarray.stats.gam import GamModel, changed_term_name, fit_gam, parse_gam_formula
@@ -249,7 +304,12 @@ def _about(h5, analysis: str, meta: dict) -> dict:
         about["Offset"] = record["offset"]
     if record.get("aliased_columns_left_out"):
         about["AliasedColumnsLeftOut"] = record["aliased_columns_left_out"]
-    if record.get("notes"):  # unfitted elements, empty columns, one-subject levels
+    if record.get("method") == "lmm":
+        about["Criterion"] = record.get("criterion", "REML")
+        about["RandomEffects"] = record.get("random_effects", [])
+        about["Groups"] = record.get("groups", {})
+        about["DegreesOfFreedom"] = "Satterthwaite, as lmerTest computes them"
+    if record.get("notes"):  # repeated sessions, unfitted elements, empty columns, ...
         about["Warnings"] = record["notes"]
     return about
 
@@ -274,15 +334,10 @@ def _section(meta: dict, analysis: str, about: dict, n_maps: int) -> dict:
             f"{about['ElementThreshold']}, participants with a missing phenotype were left out, "
             "and p-values were corrected for the false discovery rate over elements [@bh1995].\n"
         )
+    elif about.get("FittedBy") == "GreyArray" and about.get("Method") == "lmm":
+        model_text = _mixed_model_text(about)
     elif about.get("FittedBy") == "GreyArray":
-        levels = about.get("ReferenceLevels") or {}
-        reference = (
-            " Factors were coded with treatment contrasts against the reference levels "
-            + ", ".join(f"{k} = {v}" for k, v in levels.items())
-            + " (R's level order unless chosen)."
-            if levels
-            else ""
-        )
+        reference = _reference_text(about)
         model_text = (
             f"At every element, the linear model `{about['Model']}` was fitted by ordinary "
             "least squares with GreyArray, following ModelArray.lm's rules [@modelarray]: "
@@ -296,6 +351,44 @@ def _section(meta: dict, analysis: str, about: dict, n_maps: int) -> dict:
         "model_text": model_text,
         "n_maps": n_maps,
     }
+
+
+def _reference_text(about: dict) -> str:
+    """The sentence on factor coding, when the model has factors."""
+    levels = about.get("ReferenceLevels") or {}
+    if not levels:
+        return ""
+    return (
+        " Factors were coded with treatment contrasts against the reference levels "
+        + ", ".join(f"{k} = {v}" for k, v in levels.items())
+        + " (R's level order unless chosen)."
+    )
+
+
+def _mixed_model_text(about: dict) -> str:
+    """The methods paragraph of a mixed model fitted by fit-lmm."""
+    how = (
+        "restricted maximum likelihood (REML)"
+        if about.get("Criterion", "REML") == "REML"
+        else "maximum likelihood (ML)"
+    )
+    terms = "; ".join(
+        f"`({t['term']})` ({', '.join(t['coefficients'])} per level of "
+        f"{t['term'].split('|', 1)[1].strip()})"
+        for t in about.get("RandomEffects", [])
+    )
+    groups = ", ".join(f"{n:,} levels of {g}" for g, n in about.get("Groups", {}).items())
+    rows = about.get("NumberOfRowsWithPhenotypes", about["NumberOfRows"])
+    return (
+        f"At every element, the linear mixed model `{about['Model']}` was fitted by {how} "
+        "with GreyArray, which computes lme4's profiled criterion and estimates [@lme4] for "
+        f"all elements at once. Random effects: {terms}; {groups}, {rows:,} observations. "
+        "Fixed effects were tested by t tests with Satterthwaite's degrees of freedom "
+        "[@satterthwaite1946] as lmerTest computes them [@lmertest]; "
+        f"{about['ElementThreshold'].replace('participants', 'observations')}, observations "
+        "with a missing phenotype were left out, and p-values were corrected for the false "
+        f"discovery rate over elements [@bh1995].{_reference_text(about)}\n"
+    )
 
 
 def _permutation_text(options: dict | None) -> str:

@@ -43,6 +43,11 @@ COMMANDS: dict[str, tuple[Callable[[], Parser], Callable[[argparse.Namespace], i
         fit.run_fit_gam,
         "ModelArray.gam's GAMs (mgcv's numbers) at every element, in minutes",
     ),
+    "fit-lmm": (
+        fit.fit_lmm_parser,
+        fit.run_fit_lmm,
+        "lme4's mixed models (lmerTest's Satterthwaite tests) at every element, in minutes",
+    ),
     "harmonize": (
         harmonize.harmonize_parser,
         harmonize.run_harmonize,

@@ -1,4 +1,4 @@
-"""``fit-lm`` and ``fit-gam``: ModelArray's models at every element, with its options."""
+"""``fit-lm``, ``fit-gam`` and ``fit-lmm``: models at every element, with ModelArray's options."""
 
 from __future__ import annotations
 
@@ -134,27 +134,47 @@ def _permutation_options(parser) -> None:
     add_nprocs(group, "batches of permutations run in parallel")
 
 
+def _fit_options(args: argparse.Namespace) -> dict:
+    """The options every fit command passes on: scalar, threshold, overwrite, factor coding."""
+    references, ordered = factor_options(args)
+    return {
+        "scalar": args.scalar,
+        "lthr_abs": args.num_subj_lthr_abs,
+        "lthr_rel": args.num_subj_lthr_rel,
+        "overwrite": args.overwrite,
+        "reference_levels": references,
+        "ordered_factors": ordered,
+    }
+
+
+def _written(args: argparse.Namespace, columns: list[str]) -> int:
+    """Say what was written, and write the --report asked for."""
+    log.info(
+        "Wrote results/%s (%d columns) to %s", args.analysis_name, len(columns), args.input_hdf5
+    )
+    if getattr(args, "report", None):
+        from greyarray.report import Thresholds
+
+        thresholds = Thresholds(args.num_subj_lthr_abs, args.num_subj_lthr_rel)
+        write_report(args.input_hdf5, args.cohort_file, args.report, thresholds)
+    return 0
+
+
 def run_fit_lm(args: argparse.Namespace) -> int:
     from greyarray.stats.lm import fit_lm
     from greyarray.stats.names import MODEL_STATS, TERM_STATS
 
     permutations = permutation_options(args)
-    references, ordered = factor_options(args)
     check_report(args.report, args.input_hdf5, args.cohort_file)
     columns = fit_lm(
         args.input_hdf5,
         args.cohort_file,
         args.formula,
         args.analysis_name,
-        scalar=args.scalar,
         term_stats=TERM_STATS if args.full_outputs else args.var_terms,
         model_stats=MODEL_STATS if args.full_outputs else args.var_model,
-        lthr_abs=args.num_subj_lthr_abs,
-        lthr_rel=args.num_subj_lthr_rel,
-        overwrite=args.overwrite,
-        reference_levels=references,
-        ordered_factors=ordered,
         permutations=permutations,
+        **_fit_options(args),
     )
     if permutations is not None and permutations.shard is not None:
         from greyarray.stats.permutation import shard_path
@@ -162,15 +182,57 @@ def run_fit_lm(args: argparse.Namespace) -> int:
         path = shard_path(args.input_hdf5, args.analysis_name, permutations.shard)
         log.info("Wrote the null distribution of shard %s to %s", args.permutation_shard, path)
         return 0
-    log.info(
-        "Wrote results/%s (%d columns) to %s", args.analysis_name, len(columns), args.input_hdf5
-    )
-    if args.report:
-        from greyarray.report import Thresholds
+    return _written(args, columns)
 
-        thresholds = Thresholds(args.num_subj_lthr_abs, args.num_subj_lthr_rel)
-        write_report(args.input_hdf5, args.cohort_file, args.report, thresholds)
-    return 0
+
+def fit_lmm_parser(prog: str = "greyarray fit-lmm") -> Parser:
+    parser = Parser(
+        prog=prog,
+        description="Fit a linear mixed model at every element with lme4's lmer numbers "
+        "(REML by default) and lmerTest's Satterthwaite t tests, and write results/<analysis> "
+        "into the HDF5. Random effects in lme4's syntax: (1 | participant_id), (1 + age | "
+        "participant_id) (correlated), (1 | participant_id) + (0 + age | participant_id) or "
+        "(age || participant_id) (uncorrelated), and two grouping factors, crossed "
+        "((1 | site) + (1 | participant_id)) or nested ((1 | family_id/participant_id)). "
+        "Fixed effects as in fit-lm.",
+    )
+    _model_inputs(
+        parser, "lmm", "R formula with random effects, e.g. "
+        "'thickness ~ age + sex + (1 | participant_id)'",
+    )  # fmt: skip
+    add_factor_options(parser)
+    criterion = parser.add_mutually_exclusive_group()
+    criterion.add_argument(
+        "--reml", dest="reml", action="store_true", default=True,
+        help="restricted maximum likelihood (lme4's default)",
+    )  # fmt: skip
+    criterion.add_argument(
+        "--ml", dest="reml", action="store_false", help="maximum likelihood (lmer's REML = FALSE)"
+    )
+    _thresholds(parser)
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing results/<name>"
+    )
+    add_nprocs(parser, "threads fitting batches of elements")
+    report_option(parser)
+    add_logging(parser)
+    return parser
+
+
+def run_fit_lmm(args: argparse.Namespace) -> int:
+    from greyarray.stats.lmm import fit_lmm  # numba and scipy: only for this command
+
+    check_report(args.report, args.input_hdf5, args.cohort_file)
+    columns = fit_lmm(
+        args.input_hdf5,
+        args.cohort_file,
+        args.formula,
+        args.analysis_name,
+        reml=args.reml,
+        nprocs=args.nprocs,
+        **_fit_options(args),
+    )
+    return _written(args, columns)
 
 
 def fit_gam_parser(prog: str = "greyarray fit-gam") -> Parser:
@@ -214,23 +276,14 @@ def fit_gam_parser(prog: str = "greyarray fit-gam") -> Parser:
 def run_fit_gam(args: argparse.Namespace) -> int:
     from greyarray.stats.gam import fit_gam  # scipy: only for this command
 
-    references, ordered = factor_options(args)
     columns = fit_gam(
         args.input_hdf5,
         args.cohort_file,
         args.formula,
         args.analysis_name,
-        scalar=args.scalar,
         method=args.method,
         changed_rsq_term=args.changed_rsq_term,
         full_outputs=args.full_outputs,
-        lthr_abs=args.num_subj_lthr_abs,
-        lthr_rel=args.num_subj_lthr_rel,
-        overwrite=args.overwrite,
-        reference_levels=references,
-        ordered_factors=ordered,
+        **_fit_options(args),
     )
-    log.info(
-        "Wrote results/%s (%d columns) to %s", args.analysis_name, len(columns), args.input_hdf5
-    )
-    return 0
+    return _written(args, columns)

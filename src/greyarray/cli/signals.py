@@ -30,8 +30,6 @@ def configure_logging(level: str) -> None:
     )
 
 
-
-
 def _raise_interrupted(signum: int, _frame) -> None:
     """The first signal ends the run by an exception; later ones (a second Ctrl-C, SLURM's
     repeated SIGTERM) are recorded but never interrupt the cleanup it started."""

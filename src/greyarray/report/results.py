@@ -82,8 +82,11 @@ def results_section(
             ]
         )
     )
+    record = _record(h5, analysis)
     for note in _warnings(h5[f"results/{analysis}"], columns, fitted, layout.n_elements):
         section.add(Text(note, "warning"))
+    if record.get("method") == "lmm":
+        section.add(_mixed_model_facts(record, columns))
     found = terms(results.names)
     present = [
         (label, suffix)
@@ -105,6 +108,9 @@ def results_section(
     model = _model(columns, layout, anchors, title, surface_kind)
     if model is not None:
         section.subsections.append(model)
+    variances = _variance_components(columns, layout, anchors, title, surface_kind)
+    if variances is not None:
+        section.subsections.append(variances)
     section.summary = ", ".join(summary)
     return section
 
@@ -188,6 +194,49 @@ def _term(columns, term: str, layout: Layout, anchors: Anchors, where: str, kind
         picture, note = figures.brain_map(layout, values, style, heading, kind)
         unthresholded = "No corrected p-values in this analysis: unthresholded. "
         section.add(Figure(picture, unthresholded + note))
+    return section
+
+
+def _record(h5: h5py.File, analysis: str) -> dict:
+    """GreyArray's record of the fit (``greyarray_about``), or {} (fitted by ModelArray)."""
+    try:
+        record = json.loads(h5["results"][analysis].attrs.get("greyarray_about", "{}"))
+    except (TypeError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _mixed_model_facts(record: dict, columns: dict[str, np.ndarray]) -> Facts:
+    """What a fit-lmm analysis is: model, criterion, random effects, how many fits are
+    singular or did not converge."""
+    terms = "; ".join(f"({t['term']})" for t in record.get("random_effects") or [])
+    fitted = np.isfinite(columns.get("model.logLik", np.array([])))
+    singular = int((columns.get("model.singular", np.array([])) == 1).sum())
+    failed = int((columns.get("model.converged", np.array([])) == 0).sum())
+    return Facts(
+        [
+            ("Mixed model", record.get("formula", "")),
+            ("Criterion", f"{record.get('criterion', 'REML')} (lme4's); t tests with "
+             "Satterthwaite df (lmerTest's)"),
+            ("Random effects", terms),
+            ("Groups", ", ".join(f"{g}: {n:,}" for g, n in record.get("groups", {}).items())),
+            ("Observations", f"{record.get('n_with_phenotypes', 0):,}"),
+            ("Singular fits", f"{singular:,} of {int(fitted.sum()):,} fitted elements"),
+            ("Not converged", f"{failed:,}"),
+        ]
+    )  # fmt: skip
+
+
+def _variance_components(columns, layout: Layout, anchors: Anchors, where: str, kind: str):
+    """Maps of the random effects' and the residual's standard deviations (fit-lmm)."""
+    names = [n for n in columns if ".sd." in n or n == "residual.sd"]
+    if not names:
+        return None
+    section = Section("variance components", anchors(f"{where} variance components"))
+    for name in names:
+        style = figures.Style.sequential(columns[name], name, cmap="magma")
+        picture, note = figures.brain_map(layout, columns[name], style, f"{where}: {name}", kind)
+        section.add(Figure(picture, note))
     return section
 
 

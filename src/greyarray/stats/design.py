@@ -1168,6 +1168,42 @@ def random_effects(
     return blocks
 
 
+PARTICIPANT = "participant_id"  # the cohort column naming participants (BIDS)
+
+
+def random_effect_terms(formula: str) -> list[str]:
+    """lme4's random-effect terms of a formula, as written after expansion ('1 | g')."""
+    return [rf.deparse(bar) for bar in rf.model_formula(formula).bars]
+
+
+def repeated_measures(formula: str, phenotypes: pd.DataFrame, rows: np.ndarray) -> str | None:
+    """What to say when a model without random effects is fitted to a cohort where some
+    participants have several rows (sessions): the rows are not independent, the p-values are
+    too small, and a mixed model with a random intercept per participant is the model to use.
+    None when the formula has random effects or every participant has one row."""
+    model = rf.model_formula(formula)
+    if model.bars or PARTICIPANT not in phenotypes.columns:
+        return None
+    ids = phenotypes[PARTICIPANT].iloc[rows].astype(str)
+    counts = ids.value_counts()
+    repeated = int((counts > 1).sum())
+    if not repeated:
+        return None
+    response = rf.deparse(model.response)
+    labels = list(model.fixed.labels)
+    if model.smooths:  # fit-lmm has no smooths: their covariates enter linearly
+        labels += [rf.deparse(v) for s in model.smooths for v in s.variables]
+    rhs = " + ".join(dict.fromkeys(labels)) or "1"
+    mixed = f"{response} ~ {rhs} + (1 | {PARTICIPANT})"
+    smooth_note = " (with linear terms: fit-lmm has no smooth terms)" if model.smooths else ""
+    return (
+        f"{len(ids)} rows come from {len(counts)} participants, {repeated} of them with more "
+        f"than one session: {formula!r} fits them as {len(ids)} independent subjects, so its "
+        "p-values are too small (a participant's sessions are correlated); fit a mixed model "
+        f"instead{smooth_note}: {mixed!r}"
+    )
+
+
 # --- checks ----------------------------------------------------------------------------------
 
 

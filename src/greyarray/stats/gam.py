@@ -24,13 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
-from tqdm import tqdm
 
-from greyarray.errors import DataError, OutputError, UsageError
-from greyarray.io.cohort import read_csv_table
-from greyarray.io.fileio import check_writable
-from greyarray.io.h5read import read_scalar
-from greyarray.io.inputs import open_hdf5
+from greyarray.errors import DataError, UsageError
 from greyarray.io.names import check_name
 from greyarray.stats import formula as rf
 from greyarray.stats import gam_fit
@@ -38,13 +33,12 @@ from greyarray.stats.design import (
     Factor,
     Numeric,
     build_design,
-    match_cohort,
+    repeated_measures,
     single_subject_levels,
     threshold_rule,
     variable,
 )
-from greyarray.stats.lm import BLOCK_BYTES
-from greyarray.stats.results import p_adjust_fdr, write_results
+from greyarray.stats.results import element_blocks, fit_inputs, p_adjust_fdr, write_results
 from greyarray.stats.smooths import BASES, MAX_KNOTS, Smooth, smooth_term, tensor_term
 
 log = logging.getLogger(__name__)
@@ -597,18 +591,13 @@ def fit_gam(
         written, _ = changed_term_name(parsed, changed_rsq_term)
         reduced_formula = parsed.without(written)
     scalar = scalar or parsed.scalar
-    cohort = read_csv_table(cohort_path, "cohort file")
-    check_writable(h5_path)  # results go into the HDF5: refuse a read-only one before fitting
-    with open_hdf5(h5_path) as h5:
-        stored = read_scalar(h5, scalar)
-        if f"results/{analysis}" in h5 and not overwrite:
-            raise OutputError(f"{h5_path}: results/{analysis} exists; use --overwrite")
+    with fit_inputs(h5_path, cohort_path, scalar, analysis, overwrite) as (stored, phenotypes):
         names, values = stored.names, stored.values
-        phenotypes = match_cohort(cohort, names, scalar, cohort_path)
         factors = (reference_levels, ordered_factors)
         models = [GamModel(parsed, phenotypes, method, *factors)]
         if reduced_formula is not None:
             models.append(GamModel(reduced_formula, phenotypes, method, *factors))
+        repeated = repeated_measures(formula, phenotypes, models[0].rows)  # a note of the results
         n_elements = values.shape[1]
         results = [Results(m, n_elements) for m in models]
         threshold = max(len(names) * lthr_rel, lthr_abs)
@@ -619,18 +608,10 @@ def fit_gam(
             n_elements,
             len(models[0].rows),
         )
-        step = max(64, BLOCK_BYTES // (8 * len(names)))
         skipped = 0
         # the work is thousands of small matrices: BLAS threads only add contention
         with threadpool_limits(limits=1, user_api="blas"):
-            for start in tqdm(
-                range(0, n_elements, step),
-                desc=f"Fitting {analysis}",
-                unit="block",
-                disable=None,
-                leave=False,
-            ):
-                block = values[:, start : start + step]
+            for start, block in element_blocks(values, analysis):
                 for model, result in zip(models, results, strict=True):
                     skipped += fit_block(model, result, start, block, threshold)
     if skipped:
@@ -649,6 +630,7 @@ def fit_gam(
         "changed_rsq_term": changed_rsq_term,
         "reference_levels": models[0].references,
         "ordered_factors": dict(ordered_factors or {}),
+        "notes": [repeated] if repeated else [],
         "n_subjects": len(names),
         "n_with_phenotypes": len(models[0].rows),
         "threshold": threshold_rule(lthr_abs, lthr_rel, len(names)),

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import special
-from tqdm import tqdm
 
 from greyarray.errors import OutputError, UsageError
 from greyarray.io.cohort import read_csv_table
@@ -41,6 +40,7 @@ from greyarray.stats.design import (
     build_design,
     match_cohort,
     parse_formula,
+    repeated_measures,
     single_subject_levels,
     threshold_rule,
 )
@@ -51,14 +51,12 @@ from greyarray.stats.names import (
     MODEL_STATS,
     TERM_STATS,
 )
-from greyarray.stats.results import p_adjust_fdr, write_results
+from greyarray.stats.results import element_blocks, p_adjust_fdr, write_results
 
 if TYPE_CHECKING:  # numba is imported only when permutations are asked for
     from greyarray.stats.permutation import PermutationOptions
 
 log = logging.getLogger(__name__)
-
-BLOCK_BYTES = 32 * 2**20  # float64 values of one block of elements, all subjects
 
 
 def output_columns(
@@ -287,6 +285,7 @@ def fit_lm(
                 f"formula {formula!r} has no column (R's lm would fit an empty model, with "
                 "no term to report)"
             )
+        repeated = repeated_measures(formula, phenotypes, design.rows)  # a note of the results
         if permutations is not None and design.offset is not None:
             raise UsageError(
                 f"formula {formula!r}: --permutations with an offset() is not supported "
@@ -312,15 +311,8 @@ def fit_lm(
             len(design.rows),
             len(design.columns),
         )
-        step = max(64, BLOCK_BYTES // (8 * len(names)))
-        for start in tqdm(
-            range(0, values.shape[1], step),
-            desc=f"Fitting {analysis}",
-            unit="block",
-            disable=None,
-            leave=False,
-        ):
-            fitter.fit_block(start, values[:, start : start + step])
+        for start, block in element_blocks(values, analysis):
+            fitter.fit_block(start, block)
         extra = (
             permutation.permutation_columns(prepared, permutations.merge)
             if permutations is not None
@@ -340,6 +332,7 @@ def fit_lm(
         "ordered_factors": dict(ordered_factors or {}),
         "offset": [design.model.fixed.names[i] for i in design.model.fixed.offsets],
         "aliased_columns_left_out": design.aliased,
+        "notes": [repeated] if repeated else [],
         "n_subjects": len(names),
         "n_with_phenotypes": len(design.rows),
         "threshold": threshold_rule(lthr_abs, lthr_rel, len(names)),

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from greyarray.errors import DataError, OutputError
+from greyarray.io.cohort import read_csv_table
+from greyarray.io.fileio import check_writable
 from greyarray.io.h5read import read_scalar
 from greyarray.io.h5update import updating_hdf5
+from greyarray.io.inputs import open_hdf5
 from greyarray.stats.design import threshold_rule
 
 log = logging.getLogger(__name__)
 
-BLOCK_BYTES = 32 * 2**20  # stored values read at once when counting subjects per element
+BLOCK_BYTES = 32 * 2**20  # values read at once: a block of elements, all subjects
 
 
 def p_adjust_fdr(p: np.ndarray) -> np.ndarray:
@@ -45,16 +50,17 @@ def write_results(
     (model, counts) is kept as the JSON attribute ``greyarray_about``, which R ignores.
 
     The file is updated through ``updating_hdf5``: a crash at any moment leaves it as it was.
-    What a user must know about the result (elements left unfitted and why, columns that are
-    NaN everywhere, factor levels of one subject: ``result_notes``) is logged as warnings and
-    recorded in ``about["notes"]``, where sidecars, summaries and reports read it. ``about``
-    keys read for it: ``scalar``, ``n_subjects``, ``threshold_abs``, ``threshold_rel``,
-    ``single_subject_levels``. Returns the notes."""
+    What a user must know about the result (the model's own notes given in ``about["notes"]``,
+    e.g. repeated sessions fitted as independent subjects; elements left unfitted and why,
+    columns that are NaN everywhere, factor levels of one subject: ``result_notes``) is logged
+    as warnings and recorded in ``about["notes"]``, where sidecars, summaries and reports read
+    it. ``about`` keys read for it: ``scalar``, ``n_subjects``, ``threshold_abs``,
+    ``threshold_rel``, ``single_subject_levels``. Returns the notes."""
     about = dict(about or {})
     with updating_hdf5(h5_path, table.nbytes + 2**20, f"results/{analysis}") as h5:
         if f"results/{analysis}" in h5 and not overwrite:  # written meanwhile by another run
             raise OutputError(f"{h5_path}: results/{analysis} exists; use --overwrite")
-        notes = result_notes(h5, analysis, columns, table, about)
+        notes = list(about.get("notes") or []) + result_notes(h5, analysis, columns, table, about)
         if notes:
             about["notes"] = notes
         results = h5.require_group("results")
@@ -76,6 +82,38 @@ def write_results(
     for note in notes:
         log.warning("%s", note)
     return notes
+
+
+@contextmanager
+def fit_inputs(h5_path: Path, cohort_path: Path, scalar: str, analysis: str, overwrite: bool):
+    """What a fit opens first (fit-gam, fit-lmm): the HDF5, checked writable and without
+    results/<analysis> unless ``overwrite``; its scalar; the cohort rows in the HDF5's subject
+    order. Yields (scalar as read, phenotypes); the file stays open while the values are read."""
+    from greyarray.stats.design import match_cohort
+
+    cohort = read_csv_table(cohort_path, "cohort file")
+    check_writable(h5_path)  # results go into the HDF5: refuse a read-only one before fitting
+    with open_hdf5(h5_path) as h5:
+        stored = read_scalar(h5, scalar)
+        if f"results/{analysis}" in h5 and not overwrite:
+            raise OutputError(f"{h5_path}: results/{analysis} exists; use --overwrite")
+        yield stored, match_cohort(cohort, stored.names, scalar, cohort_path)
+
+
+def element_blocks(values, analysis: str) -> Iterator:
+    """(start, values of elements start...) in blocks of all subjects x at most BLOCK_BYTES of
+    float64, with a progress bar on a terminal."""
+    from tqdm import tqdm
+
+    step = max(64, BLOCK_BYTES // (8 * values.shape[0]))
+    for start in tqdm(
+        range(0, values.shape[1], step),
+        desc=f"Fitting {analysis}",
+        unit="block",
+        disable=None,
+        leave=False,
+    ):
+        yield start, values[:, start : start + step]
 
 
 # ---- results a user must hear about ----------------------------------------------------------

@@ -1,0 +1,19 @@
+#!/bin/sh
+# Regenerates tests/data/lmm/expected_*.csv with lme4 + lmerTest (tests/r/lmm_reference.R):
+# each model with lmer's defaults (default_*) and with tight optimizer tolerances (tight_*).
+# The data come from tests/r/lmm_data.py (seeded).
+set -e
+here=$(dirname "$0")
+data="$here/../data/lmm"
+run() {  # name formula reml
+  for mode in default tight; do
+    Rscript "$here/lmm_reference.R" "$data/phenotypes.csv" "$data/values.csv" "$2" "$3" \
+      "$data/${mode}_$1.csv" "$mode"
+  done
+}
+run intercept 'y ~ age + sex + (1 | participant_id)' TRUE
+run intercept_ml 'y ~ age + sex + (1 | participant_id)' FALSE
+run slope 'y ~ age + sex + (1 + age | participant_id)' TRUE
+run uncorrelated 'y ~ age + sex + (1 | participant_id) + (0 + age | participant_id)' TRUE
+run crossed 'y ~ age + sex + (1 | site) + (1 | participant_id)' TRUE
+run nested_ml 'y ~ age + sex + (1 | family_id/participant_id)' FALSE
