@@ -156,7 +156,8 @@ def _unfitted(h5: h5py.File, analysis: str, fitted: np.ndarray, about: dict) -> 
     head = (
         f"No element was fitted: results/{analysis} holds only NaN"
         if missing == n
-        else f"{missing:,} of {n:,} elements were not fitted (NaN in results/{analysis})"
+        else f"{missing:,} of {n:,} elements {_were(missing)} not fitted "
+        f"(NaN in results/{analysis})"
     )
     try:
         lthr_abs, lthr_rel = float(about["threshold_abs"]), float(about["threshold_rel"])
@@ -180,7 +181,8 @@ def _unfitted(h5: h5py.File, analysis: str, fitted: np.ndarray, about: dict) -> 
     reasons = []
     if below:
         reasons.append(
-            f"{below:,} have too few participants with a finite value ({rule}; "
+            f"{below:,} {'has' if below == 1 else 'have'} too few participants with a finite "
+            f"value ({rule}; "
             f"{THRESHOLD_OPTIONS} set it)"
         )
     if other:
@@ -189,6 +191,10 @@ def _unfitted(h5: h5py.File, analysis: str, fitted: np.ndarray, about: dict) -> 
             "e.g. a factor level without values there, or a constant response)"
         )
     return f"{head}: {'; '.join(reasons)}"
+
+
+def _were(count: int) -> str:
+    return "was" if count == 1 else "were"
 
 
 def _below_threshold(h5, scalar, unfitted: np.ndarray, threshold: float) -> int | None:
