@@ -377,7 +377,7 @@ def test_relative_paths_fall_back_to_the_current_folder(maio_cohort, tmp_path):
     ("extra", "code", "message"),
     [
         (["--backend", "tiledb"], 64, "--backend tiledb is not supported yet"),
-        (["--mask", "m.nii.gz"], 64, "--mask is for NIfTI or fixel data"),
+        (["--mask", "m.nii.gz"], 64, "--mask is for NIfTI data; "),
         (["--workers", "4", "--s3-workers", "2", "--backend", "hdf5"], 0, ""),
     ],
 )

@@ -23,7 +23,7 @@ import shlex
 import sys
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 
 from greyarray.io.fileio import check_output, remove_stale_temporaries, replacing
+from greyarray.io.formats import SpaceFiles
 from greyarray.io.h5read import read_scalar
 from greyarray.io.inputs import open_hdf5
 from greyarray.io.names import refuse_inputs, safe_name, unique_files
@@ -105,18 +106,25 @@ def to_modelarray(
     wanted_map: str | None = None,
     overwrite: bool = False,
     command_line: str | None = None,
+    space_files: SpaceFiles | None = None,
 ) -> list[Path]:
     """Check every cohort file, then write the HDF5 file(s); nothing is written if a check fails.
+    ``space_files``: the group mask (NIfTI) or fixel index and directions the files are on.
 
     Without ``overwrite``, an output that appears while this runs (another run) is not replaced.
     """
+    space_files = space_files or SpaceFiles()
     plan = output_plan(cohort, output, split)
+    kind = cohort.data_type()
     cohort.check_files()
-    sources = (cohort.resolve(s) for s in cohort.table["source_file"])
-    refuse_inputs(plan, [cohort.path, *sources])
+    sources = [cohort.resolve(s) for s in cohort.table["source_file"]]
+    masks = {name: cohort.masks(name) if kind == "nifti" else None for name in cohort.scalars}
+    given = [m for ms in masks.values() for m in ms or () if m is not None]
+    refuse_inputs(plan, [cohort.path, *sources, *space_files.paths, *given])
     for path in plan:
         check_output(path, overwrite)
         remove_stale_temporaries(path.parent)
+    space = space_files.load(kind, f"{cohort.path} lists")
     checked = {}
     for path, names in plan.items():
         files = [(name, src) for name in names for src in cohort.scalars[name]]
@@ -125,6 +133,9 @@ def to_modelarray(
             wanted_map,
             options.nprocs,
             label=", ".join(names),
+            space=space,
+            masks=[m for name in names for m in masks[name] or [None] * len(cohort.scalars[name])],
+            dtype=options.dtype,
         )
         checked[path] = {
             name: [s for (n, _), s in zip(files, sources, strict=True) if n == name]
@@ -173,6 +184,12 @@ def _write_scalar(h5: h5py.File, name: str, sources: Sequence[Source], options: 
     write_strings(h5, f"{prov}/sha256", [s.sha256 for s in sources])
     write_strings(h5, f"{prov}/map_name", [s.map_name for s in sources])
     h5.create_dataset(f"{prov}/nonfinite_count", data=[s.n_nonfinite for s in sources], dtype="i8")
+    if any(s.mask is not None for s in sources):  # subject masks (NIfTI's source_mask_file)
+        masks = [s.mask for s in sources]
+        write_strings(h5, f"{prov}/mask_path", [m.path.resolve() if m else "" for m in masks])
+        write_strings(h5, f"{prov}/mask_sha256", [m.sha256 if m else "" for m in masks])
+        outside = [m.outside if m else 0 for m in masks]
+        h5.create_dataset(f"{prov}/outside_mask_count", data=outside, dtype="i8")
     _fill(values, sources, options)
 
 
@@ -259,6 +276,7 @@ class StoredInputs:
     sha256: list[str]
     storage: str
     analyses: list[str]
+    mask_sha256: list[str] = field(default_factory=list)  # subject masks (NIfTI), if any
 
     def difference(self, sources: Sequence[Source], storage: str) -> str | None:
         """None when ``sources`` (stored as ``storage``) are what this file holds, else how
@@ -273,7 +291,12 @@ class StoredInputs:
         if len(self.sha256) != len(names):
             return "the file records no checksums of its sources"
         changed = sum(s.sha256 != old for s, old in zip(sources, self.sha256, strict=True))
-        return f"{changed} of {len(names)} files changed" if changed else None
+        if changed:
+            return f"{changed} of {len(names)} files changed"
+        masks = [s.mask.sha256 if s.mask else "" for s in sources]
+        if masks != (self.mask_sha256 or [""] * len(masks)):
+            return "subject masks changed"
+        return None
 
 
 def stored_inputs(h5_path: Path, scalar: str) -> StoredInputs:
@@ -283,6 +306,8 @@ def stored_inputs(h5_path: Path, scalar: str) -> StoredInputs:
         prov = f"greyarray/sources/{scalar}"
         names = read_scalar(h5, scalar).names
         sha = list(h5[f"{prov}/sha256"].asstr()[()]) if f"{prov}/sha256" in h5 else []
+        masks = f"{prov}/mask_sha256"
+        mask_sha = list(h5[masks].asstr()[()]) if masks in h5 else []
         storage = str(h5["greyarray"].attrs.get("storage", "")) if "greyarray" in h5 else ""
         results = h5.get("results")
         analyses = (
@@ -290,4 +315,4 @@ def stored_inputs(h5_path: Path, scalar: str) -> StoredInputs:
             if isinstance(results, h5py.Group)
             else []
         )
-    return StoredInputs(names, sha, storage, analyses)
+    return StoredInputs(names, sha, storage, analyses, mask_sha)
