@@ -109,6 +109,18 @@ def reference_levels(items: Sequence[str]) -> dict[str, str]:
     return levels
 
 
+def add_tfce_connectivity(parser) -> None:
+    option(
+        parser,
+        "--tfce-connectivity",
+        type=int,
+        choices=(6, 18, 26),
+        default=6,
+        help="with --tfce: voxels touch by a face (6, PALM's default for volumes), an edge (18) "
+        "or a corner (26); for NIfTI voxels and CIFTI's subcortical structures",
+    )
+
+
 def permutation_options(args):
     """fit-lm's or group --model's permutation options, or None; the other permutation flags
     without --permutations are a usage error. Shards exist for fit-lm only."""
@@ -118,6 +130,7 @@ def permutation_options(args):
             flag
             for flag, value in [
                 ("--tfce", args.tfce),
+                ("--tfce-connectivity", getattr(args, "tfce_connectivity", 6) != 6),
                 ("--exchangeability-blocks", args.exchangeability_blocks),
                 ("--permutation-shard", shard),
                 ("--merge-shards", merge),
@@ -132,6 +145,7 @@ def permutation_options(args):
     return PermutationOptions(
         permutations=args.permutations,
         tfce=args.tfce,
+        connectivity=getattr(args, "tfce_connectivity", 6),
         blocks=args.exchangeability_blocks,
         seed=args.seed,
         shard=parse_shard(shard) if shard else None,

@@ -16,7 +16,13 @@ from pathlib import Path
 
 from greyarray import __version__
 from greyarray.errors import GreyArrayError, one_line
-from greyarray.options import Parser, add_nprocs, non_negative_int, reference_levels
+from greyarray.options import (
+    Parser,
+    add_nprocs,
+    add_tfce_connectivity,
+    non_negative_int,
+    reference_levels,
+)
 
 log = logging.getLogger("greyarray")
 
@@ -174,8 +180,9 @@ def build_parser(commands: str = "") -> Parser:
         "--tfce",
         action="store_true",
         help="with --permutations: threshold-free cluster enhancement on the greyordinates "
-        "(adds stat-tfce and stat-tfcepfwe maps)",
+        "or voxels (adds stat-tfce and stat-tfcepfwe maps)",
     )
+    add_tfce_connectivity(model)
     model.add_argument(
         "--exchangeability-blocks",
         metavar="COLUMN",

@@ -249,10 +249,10 @@ def _permutation_text(options: dict | None) -> str:
     )
     if options.get("tfce"):
         text += (
-            " Threshold-free cluster enhancement [@tfce] was computed on the greyordinates "
+            " Threshold-free cluster enhancement [@tfce] was computed on the elements "
             "(H = 2, E = 1 with vertex areas of the fsLR 32k midthickness surface; H = 2, E = 0.5 "
-            "with 26-neighbour voxels; structures never connected) and its maximum was "
-            "compared in the same permutations."
+            f"with {options.get('tfce_connectivity', 26)}-neighbour voxels; CIFTI structures "
+            "never connected) and its maximum was compared in the same permutations."
         )
     return text
 
