@@ -57,12 +57,18 @@ class Cohort:
 
     def data_type(self) -> str:
         """The cohort's data type from its files' names, as ModelArrayIO detects it: cifti,
-        nifti or mif. A cohort mixing types is refused."""
+        nifti or mif (plain ``.nii`` files are CIFTI when the first one's header is CIFTI-2's).
+        A cohort mixing types is refused."""
         from greyarray.io.formats import NAMES, data_type
 
         first: dict[str, str] = {}
+        plain = None  # CIFTI files named .nii: the first such file's header tells
         for source in self.table["source_file"]:
-            first.setdefault(data_type(source), source)
+            kind = data_type(source)
+            if kind == "nifti" and source.endswith(".nii"):
+                plain = plain or data_type(self._resolve(source), sniff=True)
+                kind = plain
+            first.setdefault(kind, source)
         if len(first) > 1:
             found = ", ".join(f"{NAMES[k]} ({f!r})" for k, f in first.items())
             raise DataError(

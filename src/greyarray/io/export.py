@@ -313,10 +313,10 @@ def export_results(
     return [*files.values(), *companions]
 
 
-def write_maps(folder: Path, writer: MapWriter, maps, files: dict[str, Path], nprocs: int = 0):
-    """Encode and write maps (name, values) into ``folder`` as ``files[name].name``, on threads
-    (compression releases the GIL), at most a few maps in memory."""
-    workers = nprocs or min(4, os.cpu_count() or 1)
+def write_maps(folder: Path, writer: MapWriter, maps, files: dict[str, Path]) -> None:
+    """Encode and write maps (name, values) into ``folder`` as ``files[name].name``; files
+    that are compressed on threads (zlib releases the GIL), at most a few maps in memory."""
+    workers = min(4, os.cpu_count() or 1) if writer.compress else 1
 
     def one(item: tuple[str, np.ndarray]) -> None:
         name, values = item
@@ -330,7 +330,7 @@ def write_maps(folder: Path, writer: MapWriter, maps, files: dict[str, Path], np
         pending: deque = deque()
         for item in maps:
             pending.append(pool.submit(one, item))
-            if len(pending) >= 2 * workers:
+            if len(pending) > workers:
                 pending.popleft().result()
         while pending:
             pending.popleft().result()

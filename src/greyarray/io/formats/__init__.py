@@ -23,17 +23,35 @@ CIFTI_TYPES = ("dtseries", "ptseries", "dlabel", "plabel", "dconn", "pdconn", "d
 NAMES = {"cifti": "CIFTI-2", "nifti": "NIfTI", "mif": "MRtrix fixel data"}
 
 
-def data_type(path: str) -> str:
+def data_type(path: str, sniff: bool = False) -> str:
     """``cifti``, ``mif`` or ``nifti`` from a file name (ModelArrayIO's rule); a name with none
-    of their endings is read as CIFTI-2 (whose header then tells what it is)."""
+    of their endings is read as CIFTI-2 (whose header then tells what it is). With ``sniff``, a
+    plain ``.nii`` whose header is CIFTI-2's (NIfTI-2 with a CIFTI intent) is CIFTI."""
     name = str(path)
     if name.endswith(CIFTI_EXTENSIONS) or name.endswith(tuple(f".{t}.nii" for t in CIFTI_TYPES)):
         return "cifti"
     if name.endswith((".mif", ".mif.gz")):
         return "mif"
+    if name.endswith(".nii") and sniff and _cifti_header(name):
+        return "cifti"
     if name.endswith((".nii", ".nii.gz")):
         return "nifti"
     return "cifti"
+
+
+def _cifti_header(path: str) -> bool:
+    """Whether a file starts with a NIfTI-2 header of a CIFTI intent (3000-3099)."""
+    import struct
+
+    try:
+        with inputs.open_regular(Path(path)) as (fd, stamp):
+            head = inputs.pread_exact(fd, 540, 0, Path(path)) if stamp.size >= 540 else b""
+    except (OSError, DataError):
+        return False
+    for order in "<>":
+        if len(head) == 540 and struct.unpack(order + "i", head[:4])[0] == 540:
+            return 3000 <= struct.unpack(order + "i", head[504:508])[0] < 3100
+    return False
 
 
 @dataclass(frozen=True)

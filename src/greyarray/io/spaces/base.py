@@ -61,6 +61,7 @@ class MapWriter(ABC):
     need beside them (a fixel directory's index and directions)."""
 
     extension: str
+    compress: bool = False  # compressed files are encoded on threads
 
     @abstractmethod
     def encode(self, values: np.ndarray, name: str = "") -> bytes:
