@@ -286,3 +286,36 @@ def test_tfce_on_fixels_is_refused(run_cli, tmp_path):
     )
     lines = [line for line in err.splitlines() if line.startswith("greyarray: error")]
     assert code == 65 and len(lines) == 1 and "TFCE on fixels needs" in lines[0], err
+
+
+def test_projection_to_voxels():
+    """A voxel shows the value of largest magnitude among its fixels; NaN when none is
+    finite; fixel counts per voxel."""
+    from greyarray.report.layout import Layout
+
+    ijk = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0]])
+    layout = Layout.fixels(ijk, (2, 2, 1), np.eye(4), np.array([0, 0, 0, 1, 2, 2, 3]))
+    values = np.array([1.0, -3.0, np.nan, np.nan, 2.0, -2.0, 0.0])
+    projected = layout.on_voxels(values)
+    assert projected[0] == -3 and np.isnan(projected[1]) and abs(projected[2]) == 2
+    assert projected[3] == 0
+    assert list(layout.fixels_per_voxel) == [3, 1, 2, 1]
+
+
+def test_group_report_draws_fixels_in_voxels(run_cli, tmp_path):
+    from test_report import embedded_images
+
+    from greyarray.report import GroupInput, group_report
+
+    h5 = tmp_path / "ga.h5"
+    assert convert(run_cli, h5, *FLAGS)[0] == 0
+    report = group_report(tmp_path / "g.html", [GroupInput(h5, FIXELS / "cohort.csv")])
+    page = report.path.read_text()
+    assert "MRtrix fixels in 92 voxels (1 to 3 per voxel, mean 1.83)" in page
+    assert "each voxel shows the value of largest magnitude among its fixels" in page
+    assert 'alt="FD: fixels per voxel"' in page
+    images = embedded_images(page)
+    assert len(images) >= 6 and all(picture.size[0] == width for picture, width in images)
+    # ModelArrayIO's own file (no affine): drawn from its fixels and voxels tables
+    theirs = group_report(tmp_path / "m.html", [FIXELS / "modelarrayio" / "maio.h5"])
+    assert "MRtrix fixels in 92 voxels" in theirs.path.read_text()

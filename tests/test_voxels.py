@@ -317,3 +317,36 @@ def test_fifo_is_refused(run_cli, tmp_path):
     os.mkfifo(folder / "s1.nii.gz")
     code, err = convert(run_cli, folder, tmp_path / "o.h5", "--mask", folder / "mask.nii.gz")
     refused(code, err, 66, "s1.nii.gz: is a FIFO (named pipe), not a regular file")
+
+
+# ---- reports ------------------------------------------------------------------------------------
+def test_group_report_draws_voxel_mosaics(run_cli, converted, tmp_path):
+    """The group report of a voxel HDF5: geometry, coverage (subject masks leave voxels
+    unfitted), mean and SD and result maps as mosaics of axial slices over the mask."""
+    from test_report import embedded_images
+
+    from greyarray.report import GroupInput, group_report
+
+    h5 = tmp_path / "ga.h5"
+    shutil.copy(converted, h5)
+    assert (
+        run_cli(
+            "fit-lm",
+            "--input-hdf5",
+            h5,
+            "--cohort-file",
+            VOXELS / "cohort.csv",
+            "--formula",
+            "FA ~ age",
+        )[0]
+        == 0
+    )
+    report = group_report(tmp_path / "g.html", [GroupInput(h5, VOXELS / "cohort.csv")])
+    page = report.path.read_text()
+    assert "NIfTI, the group mask&#39;s voxels in a 12 x 14 x 10 grid of 2 x 2 x 2 mm" in page
+    assert "ModelArray leaves unfitted" in page and report.analyses == ["lm"]
+    assert "source_mask_file" not in page.split("Phenotype columns")[1].split("</tr>")[0]
+    images = embedded_images(page)
+    assert len(images) >= 8 and all(picture.size[0] == width for picture, width in images)
+    mosaic = next(p for p, _ in images if p.size[1] > 250)  # two rows of slices
+    assert mosaic.size[0] >= 600
