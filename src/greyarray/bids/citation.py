@@ -91,7 +91,10 @@ def update(
 
 
 def render(facts: dict, analyses: list[dict], reports: dict | None = None) -> str:
-    sections = "".join(Template(template("analysis.md")).substitute(a) for a in analyses)
+    defaults = {"format_text": "CIFTI-2", "element_text": "greyordinate"}  # older records
+    sections = "".join(
+        Template(template("analysis.md")).substitute({**defaults, **a}) for a in analyses
+    )
     text = Template(template("methods.md")).substitute({**facts, "analysis_text": sections})
     if reports is not None:
         text += Template(template("reports.md")).substitute(reports)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from greyarray.bids import citation, derivatives, group, reports
+from greyarray.bids import citation, derivatives, discover, group, reports
 from greyarray.bids.run import Run
 from greyarray.errors import DataError, MissingInputError, OutputError, UsageError
 from greyarray.io.fileio import check_writable
@@ -156,7 +156,10 @@ def _export(settings: Run, analysis: str, scalars: set[str]) -> list[Path]:
             h5_path, meta, analysis, about, overwrite=settings.args.overwrite
         )
         paths += maps
-        citation.update(settings.logs, analysis=_section(meta, analysis, about, len(maps)))
+        section = _section(meta, analysis, about, len(maps))
+        if any(discover.is_volume(path) for path in maps):
+            section.update(format_text="NIfTI", element_text="voxel of the group mask")
+        citation.update(settings.logs, analysis=section)
     return paths
 
 

@@ -35,7 +35,7 @@ from greyarray.io import inputs
 from greyarray.io.formats import cifti
 from greyarray.io.spaces import ElementSpace
 from greyarray.io.spaces.fixels import FixelSet
-from greyarray.io.spaces.voxels import VoxelGrid
+from greyarray.io.spaces.voxels import VoxelGrid, grid_difference
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +245,67 @@ def inspect_fixels(
 
 
 READERS = {VoxelGrid: inspect_volume, FixelSet: inspect_fixels}
+
+
+def inspect_alone(
+    path: Path, column_name: str, wanted_map: str | None, mask: Path | None = None
+) -> Source:
+    """One map checked on its own (the BIDS-App's participant level): a CIFTI file; or a NIfTI
+    map within its subject mask (or all its voxels), whose non-finite values are counted there."""
+    from greyarray.io.formats import data_type, nifti
+
+    if data_type(str(path), sniff=True) != "nifti":
+        return inspect(path, column_name, wanted_map)
+    volume = nifti.read_volume(path)
+    inside = np.ones(volume.shape, bool)
+    subject = None
+    if mask is not None:
+        own = nifti.read_volume(mask)
+        if problem := grid_difference(
+            volume.shape, volume.affine, own.shape, own.affine, path.name
+        ):
+            raise DataError(
+                f"{mask}: the subject mask of {path.name} is on another grid: {problem}"
+            )
+        inside = own.positive().reshape(own.shape, order="F")
+        subject = SubjectMask(mask, own.sha256, 0)
+    grid = VoxelGrid.from_mask(volume.shape, volume.affine, inside, b"", str(path))
+    values = volume.values(grid.flat)
+    n_bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    return Source(column_name, MapFile(path, "nifti", grid), 0, volume.sha256, n_bad, mask=subject)
+
+
+def majority_mask(maps: Sequence[Path], masks: Sequence[Path | None], name: str):
+    """A group mask: the voxels inside at least half of the maps' subject masks (a map without
+    one counts its finite, non-zero voxels). Returns (VoxelGrid, the mask as .nii.gz bytes,
+    named ``name`` in messages). Every mask and map must be on the first one's grid."""
+    import gzip
+
+    import nibabel as nb
+
+    from greyarray.io.formats import nifti
+
+    counts, first = None, None
+    for path, mask in zip(maps, masks, strict=True):
+        volume = nifti.read_volume(mask or path)
+        if first is None:
+            first, counts = volume, np.zeros(volume.data.size, np.int32)
+        elif problem := grid_difference(
+            first.shape, first.affine, volume.shape, volume.affine, first.path.name
+        ):
+            raise DataError(f"{volume.path}: is not on the grid of {first.path}: {problem}")
+        if mask is not None:
+            counts += volume.positive()
+        else:
+            values = volume.values()
+            counts += np.isfinite(values) & (values != 0)
+    inside = (2 * counts >= len(maps)).reshape(first.shape, order="F")
+    image = nb.Nifti1Image(inside.astype(np.uint8), first.affine)
+    image.header.set_xyzt_units("mm")
+    blob = image.to_bytes()
+    head = nifti.result_header(blob)
+    grid = VoxelGrid.from_mask(first.shape, first.affine, inside, head, name)
+    return grid, gzip.compress(blob, 6, mtime=0)
 
 
 def check_sources(

@@ -30,12 +30,14 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
+from greyarray.errors import DataError
 from greyarray.io.fileio import check_output, remove_stale_temporaries, replacing
 from greyarray.io.formats import SpaceFiles
 from greyarray.io.h5read import read_scalar
 from greyarray.io.inputs import open_hdf5
 from greyarray.io.names import refuse_inputs, safe_name, unique_files
 from greyarray.io.sources import Source, check_sources
+from greyarray.io.spaces import ElementSpace, read_geometry
 from greyarray.io.spaces.base import write_strings
 from greyarray.io.threads import thread_pool
 
@@ -277,6 +279,7 @@ class StoredInputs:
     storage: str
     analyses: list[str]
     mask_sha256: list[str] = field(default_factory=list)  # subject masks (NIfTI), if any
+    space: ElementSpace | None = None  # the stored element space (group mask, ...)
 
     def difference(self, sources: Sequence[Source], storage: str) -> str | None:
         """None when ``sources`` (stored as ``storage``) are what this file holds, else how
@@ -296,6 +299,8 @@ class StoredInputs:
         masks = [s.mask.sha256 if s.mask else "" for s in sources]
         if masks != (self.mask_sha256 or [""] * len(masks)):
             return "subject masks changed"
+        if self.space is not None and sources and self.space.difference(sources[0].file.geometry):
+            return "the elements (e.g. the group mask) changed"
         return None
 
 
@@ -315,4 +320,8 @@ def stored_inputs(h5_path: Path, scalar: str) -> StoredInputs:
             if isinstance(results, h5py.Group)
             else []
         )
-    return StoredInputs(names, sha, storage, analyses, mask_sha)
+        try:
+            space = read_geometry(h5)
+        except DataError:  # a damaged geometry: the sources decide
+            space = None
+    return StoredInputs(names, sha, storage, analyses, mask_sha, space)
