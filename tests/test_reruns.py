@@ -516,6 +516,7 @@ def test_group_model_with_permutations_and_tfce(tmp_path, template):
     assert sidecar["Permutations"] == {
         "n": 20,
         "tfce": True,
+        "tfce_connectivity": 6,
         "exchangeability_blocks": None,
         "seed": 3,
     }

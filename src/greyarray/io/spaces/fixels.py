@@ -21,7 +21,7 @@ import numpy as np
 
 from greyarray.errors import DataError
 from greyarray.io.spaces.base import ElementSpace, MapWriter, read_bytes
-from greyarray.io.spaces.voxels import describe_grid, grid_difference
+from greyarray.io.spaces.voxels import describe_grid, grid_difference, write_grid
 
 
 @dataclass(frozen=True, eq=False)
@@ -133,35 +133,26 @@ class FixelSet(ElementSpace):
             return "its fixel directions differ"
         return None
 
-    def tables(self) -> tuple[np.ndarray, np.ndarray]:
-        """ModelArrayIO's ``fixels`` (5 x F, float64) and ``voxels`` (4 x V, int64) tables."""
-        fixels = np.vstack(
+    def fixel_table(self) -> np.ndarray:
+        """ModelArrayIO's ``fixels`` table (5 x F, float64: fixel_id, voxel_id, x, y, z)."""
+        return np.vstack(
             [
                 np.arange(self.n_elements, dtype=np.float64),
                 self.fixel_voxel.astype(np.float64),
                 self.directions.T.astype(np.float64),
             ]
         )
-        ids = np.arange(len(self.voxel_ijk), dtype=np.int64)
-        return fixels, np.vstack([ids, self.voxel_ijk.T])
 
     def to_hdf5(self, h5: h5py.File) -> None:
-        fixels, voxels = self.tables()
-        table = h5.create_dataset("fixels", data=fixels)
+        table = h5.create_dataset("fixels", data=self.fixel_table())
         table.attrs["column_names"] = ["fixel_id", "voxel_id", "x", "y", "z"]
-        table = h5.create_dataset("voxels", data=voxels)
-        table.attrs["column_names"] = ["voxel_id", "i", "j", "k"]
-        group = h5.create_group("greyarray/geometry")
-        group.attrs.update(
-            {
-                "space": self.kind,
-                "n_elements": self.n_elements,
-                "volume_shape": list(self.shape),
-                "volume_affine": self.affine,
-                "voxel_sizes": list(self.vox),
-                "transform": self.transform,
-                "index_sha256": self.index_sha256,
-            }
+        group = write_grid(
+            h5,
+            self,
+            self.voxel_ijk,
+            voxel_sizes=list(self.vox),
+            transform=self.transform,
+            index_sha256=self.index_sha256,
         )
         for role, (name, blob) in zip(("index", "directions"), self.files, strict=False):
             data = group.create_dataset(

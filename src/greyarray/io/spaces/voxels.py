@@ -98,19 +98,7 @@ class VoxelGrid(ElementSpace):
         return None
 
     def to_hdf5(self, h5: h5py.File) -> None:
-        ids = np.arange(self.n_elements, dtype=np.int64)
-        table = h5.create_dataset("voxels", data=np.vstack([ids, self.ijk.T]))
-        table.attrs["column_names"] = ["voxel_id", "i", "j", "k"]
-        group = h5.create_group("greyarray/geometry")
-        group.attrs.update(
-            {
-                "space": self.kind,
-                "n_elements": self.n_elements,
-                "volume_shape": list(self.shape),
-                "volume_affine": self.affine,
-                "mask_sha256": self.mask_sha256,
-            }
-        )
+        group = write_grid(h5, self, self.ijk, mask_sha256=self.mask_sha256)
         group.create_dataset("nifti_header", data=np.frombuffer(self.head, np.uint8))
 
     @classmethod
@@ -162,6 +150,25 @@ class VoxelGrid(ElementSpace):
         from greyarray.io.formats.nifti import NiftiWriter
 
         return NiftiWriter(self.head, self.shape, self.flat, compress)
+
+
+def write_grid(h5: h5py.File, space: ElementSpace, ijk: np.ndarray, **attrs) -> h5py.Group:
+    """ModelArrayIO's ``voxels`` table (voxel_id, i, j, k) of these voxels, and
+    ``greyarray/geometry`` with the space's kind, size and grid (and ``attrs``)."""
+    ids = np.arange(len(ijk), dtype=np.int64)
+    table = h5.create_dataset("voxels", data=np.vstack([ids, np.asarray(ijk, np.int64).T]))
+    table.attrs["column_names"] = ["voxel_id", "i", "j", "k"]
+    group = h5.create_group("greyarray/geometry")
+    group.attrs.update(
+        {
+            "space": space.kind,
+            "n_elements": space.n_elements,
+            "volume_shape": list(space.shape),
+            "volume_affine": space.affine,
+            **attrs,
+        }
+    )
+    return group
 
 
 def read_voxel_table(h5: h5py.File, shape) -> np.ndarray:
