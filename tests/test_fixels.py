@@ -319,3 +319,88 @@ def test_group_report_draws_fixels_in_voxels(run_cli, tmp_path):
     # ModelArrayIO's own file (no affine): drawn from its fixels and voxels tables
     theirs = group_report(tmp_path / "m.html", [FIXELS / "modelarrayio" / "maio.h5"])
     assert "MRtrix fixels in 92 voxels" in theirs.path.read_text()
+
+
+@pytest.mark.parametrize("kind", ["voxels", "fixels"])
+def test_round_trip_through_r(run_cli, tmp_path, kind):
+    """R's HDF5 stack (rhdf5, hdf5r: ModelArray's) reads the values as ModelArray does
+    (elements x subjects) and the subjects' names; results R writes (writeResults' layout, a
+    partial fit) come back as NIfTI / MRtrix maps with R's values at their elements."""
+    from test_r_interop import rscript
+
+    from greyarray.io.formats import nifti
+
+    folder = FIXELS.parent / kind
+    h5 = tmp_path / "data.h5"
+    flags = ("--mask", folder / "group_mask.nii.gz") if kind == "voxels" else FLAGS
+    assert convert(run_cli, h5, *flags, folder=folder)[0] == 0
+    scalar = "FA" if kind == "voxels" else "FD"
+    with h5py.File(h5) as file:
+        values = file[f"scalars/{scalar}/values"][()]
+    n, g = values.shape
+    assert rscript("read", h5, scalar, tmp_path / "v.bin").split() == [str(g), str(n)]
+    seen = np.fromfile(tmp_path / "v.bin", "<f4").reshape(n, g)
+    assert np.array_equal(seen, values, equal_nan=True)
+    rng = np.random.default_rng(3)
+    ids = np.sort(rng.choice(g, g // 2, replace=False))
+    table = pd.DataFrame({"element_id": ids, "age.estimate": rng.normal(size=ids.size)})
+    table.to_csv(tmp_path / "res.csv", index=False, float_format="%.17g")
+    rscript("write", h5, "lm", tmp_path / "res.csv", "writeResults")
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        "export-results", "--analysis-name", "lm", "--input-hdf5", h5, "--output-dir", out
+    )
+    assert code == 0, err
+    expected = np.full(g, np.nan, np.float32)
+    expected[ids] = table["age.estimate"]
+    if kind == "voxels":
+        image = nifti.read_volume(out / "lm_age.estimate.nii.gz")
+        with h5py.File(h5) as file:
+            ijk = file["voxels"][1:].T  # element i is voxel ijk[i]
+        got = image.values().reshape(image.shape, order="F")[tuple(ijk.T)]
+        assert np.array_equal(got, expected, equal_nan=True)
+    else:
+        got = mif.read_image(out / "lm_age.estimate.mif.gz").values().ravel()
+        assert np.array_equal(got, expected, equal_nan=True)
+
+
+def test_gam_and_permutations_on_fixels(run_cli, tmp_path):
+    """fit-gam and fit-lm --permutations (max statistic, no TFCE) run on fixels unchanged."""
+    h5 = tmp_path / "ga.h5"
+    assert convert(run_cli, h5, *FLAGS)[0] == 0
+    csv = FIXELS / "cohort.csv"
+    code, _, err = run_cli(
+        "fit-gam",
+        "--input-hdf5",
+        h5,
+        "--cohort-file",
+        csv,
+        "--formula",
+        "FD ~ s(age, k=4)",
+        "--num-subj-lthr-abs",
+        "5",
+    )
+    assert code == 0, err
+    code, _, err = run_cli(
+        "fit-lm",
+        "--input-hdf5",
+        h5,
+        "--cohort-file",
+        csv,
+        "--formula",
+        "FD ~ age",
+        "--permutations",
+        "20",
+        "--num-subj-lthr-abs",
+        "5",
+        "--analysis-name",
+        "perm",
+    )
+    assert code == 0, err
+    with h5py.File(h5) as file:
+        names = list(file["results/perm/column_names"].asstr()[()])
+        matrix = file["results/perm/results_matrix"][()]
+        gam = file["results/gam/results_matrix"]
+        assert gam.shape[-1] == 168 or gam.shape[0] == 168
+    fwe = matrix[names.index("age.p.value.fwe")]
+    assert fwe.shape == (168,) and np.nanmin(fwe) >= 0.05 and np.nanmax(fwe) <= 1
