@@ -69,6 +69,14 @@ def read(folder: Path, name: str, what: str, contrast: int) -> np.ndarray:
     return np.loadtxt(folder / f"{name}_{what}{suffix}.csv", delimiter=",", ndmin=1)
 
 
+def has_image_package() -> bool:
+    """Whether Octave's image package loads (PALM's TFCE on volumes needs its bwconncomp)."""
+    done = subprocess.run(
+        ["octave-cli", "--no-gui", "-q", "--eval", "pkg load image"], capture_output=True
+    )
+    return done.returncode == 0
+
+
 def write_volumes(stem: Path, data: np.ndarray, mask: np.ndarray) -> None:
     import nibabel as nb
 

@@ -5,6 +5,7 @@ obviously-correct TFCE (explicit thresholds, connected components by breadth-fir
 from __future__ import annotations
 
 import itertools
+import os
 from collections import deque
 from pathlib import Path
 
@@ -165,7 +166,8 @@ def palm_live(tmp_path_factory):
         )
     )
     mask, volume = small_volume(rng, x)
-    for connectivity in (6, 18, 26):  # PALM's default (6) without the option
+    volumes = palm_reference.has_image_package()
+    for connectivity in (6, 18, 26) if volumes else ():  # PALM's default (6) without option
         options = ("-T",) if connectivity == 6 else ("-T", "-tfce_C", str(connectivity))
         analyses.append(
             palm_reference.Analysis(
@@ -271,6 +273,13 @@ def test_volume_tfce_against_palm_live(palm_live, run_cli, tmp_path, connectivit
     import nibabel
 
     folder, _, (_, _, _, design), (mask, volume) = palm_live
+    if not list(folder.glob(f"tfce{connectivity}_*")):
+        message = (
+            "Octave's image package (octave-image) is missing: PALM cannot run TFCE on volumes"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
     palm = palm_reference.read_volume(folder, f"tfce{connectivity}", "tfce_tstat", 1, mask)
     nibabel.save(nibabel.Nifti1Image(mask.astype(np.uint8), np.eye(4)), tmp_path / "mask.nii")
     rows = []
