@@ -36,7 +36,7 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from benchmark import ensure_maio, run  # noqa: E402
+from benchmark import ensure_maio  # noqa: E402
 
 from greyarray import __version__  # noqa: E402
 from greyarray.io.formats.mif import MifWriter  # noqa: E402
@@ -47,6 +47,25 @@ GRID = (100, 120, 100)  # fixel template grid (1.25 mm)
 N_FIXELS = 300_000
 RESULTS = [f"x{i}.{s}" for i in range(4) for s in ("estimate", "statistic", "p.value")]
 RESULTS += ["model.adj.r.squared", "model.p.value", "x0.p.value.fdr", "model.p.value.fdr"]
+
+
+def run(cmd: list[str], cwd: Path | None = None) -> dict:
+    """Wall time, CPU time (user + system) and peak RSS of one command, by GNU time. CPU time
+    says what the work costs when the machine is shared (wall time then depends on the load)."""
+    import subprocess
+
+    timed = ["/usr/bin/time", "-f", "@@ %e %U %S %M", *cmd]
+    done = subprocess.run(
+        timed, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{cmd} failed:\n{done.stderr[-2000:]}")
+    wall, user, system, rss_kb = done.stderr.rsplit("@@ ", 1)[1].split()
+    return {
+        "seconds": float(wall),
+        "cpu_seconds": round(float(user) + float(system), 2),
+        "peak_rss_mb": round(int(rss_kb) / 1024, 1),
+    }
 
 
 def brain(scale: float = 1.0) -> np.ndarray:
@@ -203,32 +222,46 @@ def measure(kind: str, n: int, work: Path, maio: Path | None) -> dict:
 
 
 def ratios(row: dict) -> dict:
-    out = {"vs_floor": round(row["greyarray"]["seconds"] / row["floor"]["seconds"], 2)}
+    def ratio(a: str, b: str, what: str = "seconds") -> float:
+        return round(row[a][what] / row[b][what], 2)
+
+    out = {
+        "vs_floor": ratio("greyarray", "floor"),
+        "cpu_vs_floor": ratio("greyarray", "floor", "cpu_seconds"),
+    }
     if "modelarrayio" in row:
-        out["speedup"] = round(row["modelarrayio"]["seconds"] / row["greyarray"]["seconds"], 2)
-        out["export_speedup"] = round(
-            row["modelarrayio_export"]["seconds"] / row["greyarray_export"]["seconds"], 2
-        )
+        out["speedup"] = ratio("modelarrayio", "greyarray")
+        out["cpu_speedup"] = ratio("modelarrayio", "greyarray", "cpu_seconds")
+        out["export_speedup"] = ratio("modelarrayio_export", "greyarray_export")
+        out["export_cpu_speedup"] = ratio("modelarrayio_export", "greyarray_export", "cpu_seconds")
     return out
 
 
 def markdown(rows: list[dict], machine: str) -> str:
     head = (
-        "| data | N | GreyArray (s / MB) | floor (s) | GreyArray / floor | ModelArrayIO (s / MB) "
-        "| speed-up | export 16 columns GreyArray / ModelArrayIO (s) | export speed-up |\n"
+        "| data | N | GreyArray s (CPU s) / MB | floor s (CPU s) | GreyArray / floor: wall "
+        "(CPU) | ModelArrayIO s (CPU s) / MB | speed-up: wall (CPU) | export 16 columns "
+        "GreyArray / ModelArrayIO s (CPU s) | export speed-up: wall (CPU) |\n"
         "|---|---|---|---|---|---|---|---|---|\n"
     )
+
+    def timing(t: dict | None, memory: bool = True) -> str:
+        if not t:
+            return "-"
+        text = f"{t['seconds']} ({t['cpu_seconds']})"
+        return text + (f" / {t['peak_rss_mb']:.0f}" if memory else "")
+
     lines = []
     for r in rows:
-        m, e = r.get("modelarrayio"), r.get("modelarrayio_export")
+        q = r["ratios"]
+        export = f"{timing(r['greyarray_export'], False)} / "
+        export += timing(r.get("modelarrayio_export"), False)
         lines.append(
-            f"| {r['kind']} | {r['n_subjects']} | {r['greyarray']['seconds']} / "
-            f"{r['greyarray']['peak_rss_mb']:.0f} | {r['floor']['seconds']} | "
-            f"{r['ratios']['vs_floor']} | "
-            + (f"{m['seconds']} / {m['peak_rss_mb']:.0f}" if m else "-")
-            + f" | {r['ratios'].get('speedup', '-')}x | {r['greyarray_export']['seconds']} / "
-            + (f"{e['seconds']}" if e else "-")
-            + f" | {r['ratios'].get('export_speedup', '-')}x |"
+            f"| {r['kind']} | {r['n_subjects']} | {timing(r['greyarray'])} | "
+            f"{timing(r['floor'], False)} | {q['vs_floor']} ({q['cpu_vs_floor']}) | "
+            f"{timing(r.get('modelarrayio'))} | {q.get('speedup', '-')}x "
+            f"({q.get('cpu_speedup', '-')}x) | {export} | {q.get('export_speedup', '-')}x "
+            f"({q.get('export_cpu_speedup', '-')}x) |"
         )
     return f"Machine: {machine}\n\n" + head + "\n".join(lines) + "\n"
 

@@ -176,3 +176,35 @@ def _shift(mm: float) -> np.ndarray:
     shift = np.zeros((4, 4))
     shift[0, 3] = mm
     return shift
+
+
+def test_subject_mask_choice(tmp_path):
+    """Among several masks of the map's space: one of the map's task over an anatomical one,
+    the map's datatype folder over another; a true tie is an error naming two."""
+    from greyarray.bids import discover
+    from greyarray.errors import DataError
+
+    root = tmp_path / "fmriprep"
+    func, anat = root / "sub-01" / "func", root / "sub-01" / "anat"
+    space = "space-MNI152NLin6Asym_res-2"
+    for path in (
+        func / f"sub-01_task-rest_{space}_desc-brain_mask.nii.gz",
+        func / f"sub-01_task-nback_{space}_desc-brain_mask.nii.gz",
+        anat / f"sub-01_{space}_desc-brain_mask.nii.gz",
+        anat / "sub-01_space-T1w_desc-brain_mask.nii.gz",
+    ):
+        save(path, np.ones(SHAPE, np.uint8))
+    entities = {"task": "rest", "space": "MNI152NLin6Asym", "res": "2", "stat": "alff"}
+    boldmap = root / "other" / "x.nii.gz"
+    found = [discover.Found(boldmap, tmp_path / "xcpd", "01", None, entities)]
+    chosen = discover.subject_masks(found, [root])[boldmap]
+    assert chosen.name == f"sub-01_task-rest_{space}_desc-brain_mask.nii.gz"
+    entities = {"space": "MNI152NLin6Asym", "res": "2", "param": "fa"}
+    dwimap = tmp_path / "qsirecon" / "sub-01" / "anat" / "sub-01_fa.nii.gz"
+    found = [discover.Found(dwimap, tmp_path / "qsirecon", "01", None, entities)]
+    assert discover.subject_masks(found, [root])[dwimap].parent == anat
+    save(root / "sub-01" / "dwi" / f"sub-01_{space}_desc-brain_mask.nii.gz", np.ones(SHAPE, "u1"))
+    dwimap = tmp_path / "qsirecon" / "sub-01" / "perf" / "sub-01_fa.nii.gz"
+    found = [discover.Found(dwimap, tmp_path / "qsirecon", "01", None, entities)]
+    with pytest.raises(DataError, match="2 subject masks match it equally"):
+        discover.subject_masks(found, [root])

@@ -492,9 +492,11 @@ MASK_MATCH = ("space", "res", "den", "cohort")  # entities a map and its mask sh
 def subject_masks(found: list[Found], roots: list[Path]) -> dict[Path, Path | None]:
     """The subject mask of each NIfTI map: the ``desc-brain_mask`` (.nii or .nii.gz) of the same
     participant and session in one of ``roots``, with the map's space (and res, den, cohort
-    when the map has them); among several, the one in the map's folder, then in its dataset.
-    None when there is none (the map's own non-zero voxels count then); an error naming them
-    when the choice is ambiguous."""
+    when the map has them). Among several: the one sharing most of the map's other entities
+    (task, ...), then in the map's folder, then in its dataset, then in a folder of its datatype
+    (dwi, func, perf), then with the fewest entities of its own (an anatomical mask rather than a
+    run's). None when there is none (the map's own non-zero voxels count then); an error naming
+    two when the choice is ambiguous."""
     from bids.layout import parse_file_entities
     from bids.layout.models import Config
 
@@ -519,27 +521,29 @@ def subject_masks(found: list[Found], roots: list[Path]) -> dict[Path, Path | No
                         continue
                     candidates[visit].append((path, root, entities))
         wanted = {k: item.entities[k] for k in MASK_MATCH if k in item.entities}
-        matching = [
-            (path, root)
+        ranked = sorted(
+            (_rank(path, root, entities, item), str(path))
             for path, root, entities in candidates[visit]
             if all(str(entities.get(k)) == v for k, v in wanted.items())
-        ]
-        for where in (1, 2):  # prefer the map's own folder, then its own dataset
-            near = [m for m in matching if _close(m, item, where)]
-            if len(matching) > 1 and near:
-                matching = near
-        if len(matching) > 1:
+        )
+        if len(ranked) > 1 and ranked[0][0] == ranked[1][0]:
+            ties = sum(rank == ranked[0][0] for rank, _ in ranked)
             raise DataError(
-                f"{item.path}: {len(matching)} subject masks match it ({matching[0][0]}, "
-                f"{matching[1][0]}); keep one, or give the group mask with --group-mask"
+                f"{item.path}: {ties} subject masks match it equally ({ranked[0][1]}, "
+                f"{ranked[1][1]}); keep one, or give the group mask with --group-mask"
             )
-        out[item.path] = matching[0][0] if matching else None
+        out[item.path] = Path(ranked[0][1]) if ranked else None
     return out
 
 
-def _close(candidate: tuple[Path, Path], item: Found, where: int) -> bool:
-    path, root = candidate
-    return path.parent == item.path.parent if where == 1 else root == item.root
+def _rank(path: Path, root: Path, entities: dict, item: Found) -> tuple:
+    """Smaller is a better mask for ``item``: more shared entities, the map's folder, its
+    dataset, its datatype folder (dwi, func, ...), fewer entities of its own."""
+    own = {k: str(v) for k, v in entities.items() if k not in IGNORED and k != "desc"}
+    shared = sum(item.entities.get(k) == v for k, v in own.items())
+    extra = sum(k not in item.entities for k in own)
+    folder = path.parent != item.path.parent
+    return (-shared, folder, root != item.root, path.parent.name != item.path.parent.name, extra)
 
 
 def _check_one_file_per_visit(name: str, files: list[Found]) -> None:
