@@ -279,11 +279,10 @@ def majority_mask(maps: Sequence[Path], masks: Sequence[Path | None], name: str)
     """A group mask: the voxels inside at least half of the maps' subject masks (a map without
     one counts its finite, non-zero voxels). Returns (VoxelGrid, the mask as .nii.gz bytes,
     named ``name`` in messages). Every mask and map must be on the first one's grid."""
-    import gzip
-
     import nibabel as nb
 
     from greyarray.io.formats import nifti
+    from greyarray.io.formats.stream import gzip_bytes
 
     counts, first = None, None
     for path, mask in zip(maps, masks, strict=True):
@@ -305,7 +304,7 @@ def majority_mask(maps: Sequence[Path], masks: Sequence[Path | None], name: str)
     blob = image.to_bytes()
     head = nifti.result_header(blob)
     grid = VoxelGrid.from_mask(first.shape, first.affine, inside, head, name)
-    return grid, gzip.compress(blob, 6, mtime=0)
+    return grid, gzip_bytes(blob, 6)
 
 
 def check_sources(

@@ -21,7 +21,6 @@ import logging
 import platform
 import shlex
 import sys
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 from greyarray.errors import DataError
 from greyarray.io.fileio import check_output, remove_stale_temporaries, replacing
 from greyarray.io.formats import SpaceFiles
+from greyarray.io.formats.stream import deflate
 from greyarray.io.h5read import read_scalar
 from greyarray.io.inputs import open_hdf5
 from greyarray.io.names import refuse_inputs, safe_name, unique_files
@@ -243,7 +243,7 @@ def _write_chunks(dset, block: np.ndarray, start: int, pool, options: StoreOptio
             return piece.tobytes()
         if options.shuffle:  # HDF5's shuffle filter: byte k of every value, for k in order
             piece = piece.view(np.uint8).reshape(-1, block.dtype.itemsize).T
-        return zlib.compress(piece.tobytes(), options.compression_level)
+        return deflate(piece.tobytes(), options.compression_level)
 
     for (r, c), data in zip(corners, pool.map(encode, corners), strict=True):
         dset.id.write_direct_chunk((r, start + c), data)

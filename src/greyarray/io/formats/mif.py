@@ -17,7 +17,6 @@ and datatype promise (``stream`` refuses truncated files and gzip bombs).
 
 from __future__ import annotations
 
-import gzip
 import math
 import os
 import re
@@ -28,7 +27,7 @@ import numpy as np
 
 from greyarray.errors import DataError
 from greyarray.io import inputs
-from greyarray.io.formats.stream import MAX_DATA_BYTES, ImageStream
+from greyarray.io.formats.stream import MAX_DATA_BYTES, ImageStream, gzip_bytes
 from greyarray.io.spaces.base import MapWriter
 
 EXTENSIONS = (".mif.gz", ".mif")
@@ -340,7 +339,7 @@ class MifWriter(MapWriter):
         if values.size != self.n:
             raise ValueError(f"{values.size} values for {self.n} fixels")
         data = self.head + values.astype("<f4").tobytes()
-        return gzip.compress(data, GZIP_LEVEL, mtime=0) if self.compress else data
+        return gzip_bytes(data, GZIP_LEVEL) if self.compress else data
 
     def companions(self) -> dict[str, bytes]:
         return dict(self._companions)

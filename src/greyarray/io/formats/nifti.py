@@ -12,7 +12,6 @@ Result maps are written as ModelArrayIO writes them: a NIfTI-1 file with the gro
 
 from __future__ import annotations
 
-import gzip
 import io
 import struct
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import numpy as np
 
 from greyarray.errors import DataError
 from greyarray.io import inputs
-from greyarray.io.formats.stream import MAX_DATA_BYTES, ImageStream
+from greyarray.io.formats.stream import MAX_DATA_BYTES, ImageStream, gzip_bytes
 from greyarray.io.spaces.base import MapWriter
 
 EXTENSIONS = (".nii.gz", ".nii")
@@ -198,4 +197,4 @@ class NiftiWriter(MapWriter):
         data = self.head + volume.tobytes()
         if not self.compress:
             return data
-        return gzip.compress(data, GZIP_LEVEL, mtime=0)
+        return gzip_bytes(data, GZIP_LEVEL)

@@ -11,8 +11,9 @@ compressed bytes of a ``.gz``, as ``sha256sum`` gives; for a plain file its head
 from __future__ import annotations
 
 import hashlib
-import zlib
 from pathlib import Path
+
+from zlib_ng import zlib_ng as zlib  # zlib's formats, 1.5-3x faster (inflate and deflate)
 
 from greyarray.errors import DataError
 from greyarray.io import inputs
@@ -21,6 +22,17 @@ CHUNK = 2**20  # compressed bytes read per call
 SLACK = 2**20  # decompressed bytes a .gz may hold beyond what its header promises
 MAX_DATA_BYTES = 2**30  # one map's data block: far beyond any real map (a 0.5 mm brain)
 GZIP_MAGIC = b"\x1f\x8b"
+
+
+def deflate(data: bytes, level: int) -> bytes:
+    """A zlib stream (HDF5's gzip filter reads it), by zlib-ng."""
+    return zlib.compress(data, level)
+
+
+def gzip_bytes(data: bytes, level: int) -> bytes:
+    """A gzip file's bytes (header time 0, so equal data give equal files), by zlib-ng."""
+    packer = zlib.compressobj(level, zlib.DEFLATED, 31)
+    return packer.compress(data) + packer.flush()
 
 
 class ImageStream:
