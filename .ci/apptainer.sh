@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build apptainer.def with a real Apptainer, run its %test, then run the BIDS-App from the image:
-# participant and group levels, DATA bound read-only at /data, OUT bound at /out.
+# participant and group levels through slurm/*.sbatch, DATA bound read-only at /data, OUT at /out.
 # Adapted from ../shared/containers/apptainer-build.sh (Apptainer from Debian unstable inside a
 # privileged podman container, --fakeroot; the def's base image is the local debian:bookworm-slim).
 # Usage: apptainer.sh REPO DATA OUT
@@ -41,9 +41,14 @@ chmod a+rw /dev/fuse  # as on an HPC node: users may mount the image with squash
 run() { setpriv --reuid=1234 --regid=1234 --clear-groups env HOME=/tmp \
   apptainer run --cleanenv --bind /data:/data:ro --bind /out:/out /tmp/app.sif "$@"; }
 run --version
-run /data /out participant --participant-label 001 002
-run /data /out participant --participant-label 003 004
-run /data /out group
+# The participant and group levels through the SLURM job scripts, as a node runs them (there is
+# no scheduler in here: the variables SLURM would set), with the image and their bind mounts.
+printf '001 002\n\n003 004\n' > /tmp/subjects.txt
+job() { setpriv --reuid=1234 --regid=1234 --clear-groups env HOME=/tmp \
+  GREYARRAY_IMAGE=/tmp/app.sif SLURM_CPUS_PER_TASK=1 SLURM_ARRAY_JOB_ID=1 "$@"; }
+job SLURM_ARRAY_TASK_ID=1 bash /src/slurm/participant.sbatch /data /out /tmp/subjects.txt
+job SLURM_ARRAY_TASK_ID=2 bash /src/slurm/participant.sbatch /data /out /tmp/subjects.txt
+job bash /src/slurm/group.sbatch /data /out
 IN
 podman run --rm --pull=never --privileged -v "$proj:/src:ro" -v "$w:/ctx" -v "$data:/data:ro" \
   -v "$out:/out" localhost/apptainer-builder:sid bash /ctx/inside.sh

@@ -2,8 +2,14 @@
 
 Builds an HDF5 in ModelArray's layout (default 91,282 elements x 1,000 subjects, float32,
 chunks of all subjects x 256 elements, ~5% of elements with a few missing subjects), times
-    fit-gam  'y ~ s(age, k = 4, fx = TRUE) + sex'  (method REML), and
+    fit-gam  'y ~ s(age, k = 4, fx = TRUE) + sex'  (method REML),
     fit-gam  'y ~ s(age) + sex'                    (method REML, penalised),
+    fit-gam  ModelArray's gen_gamFormula_fxSmooth formula (osex + s(age) + s(age, by = osex),
+             k = 4, fx = TRUE, osex ordered; GCV.Cp, ModelArray.gam's default),
+    fit-gam  ModelArray's gen_gamFormula_contIx formula (ti(age) + ti(edu) + ti(age, edu),
+             k = 4, fx = TRUE; GCV.Cp),
+    fit-gam  'y ~ ti(age) + ti(edu) + ti(age, edu)' (method REML, four smoothing parameters),
+    fit-gam  'y ~ te(age, edu) + sex'               (method REML, two smoothing parameters),
 then runs mgcv::gam on a sample of elements in one Rscript (as ModelArray.gam does, one gam()
 plus summary/tidy per element) and reports the per-element time and its whole-brain
 extrapolation. Results are printed and written to benchmarks/results/gam.json.
@@ -34,17 +40,29 @@ HERE = Path(__file__).resolve().parent
 FORMULAS = {
     "fx": ("y ~ s(age, k = 4, fx = TRUE) + sex", "REML"),
     "penalised": ("y ~ s(age) + sex", "REML"),
+    "fxsmooth": (
+        "y ~ osex + s(age, k = 4, fx = TRUE) + s(age, k = 4, by = osex, fx = TRUE)",
+        "GCV.Cp",
+    ),
+    "contix": (
+        "y ~ ti(age, k = 4, fx = TRUE) + ti(edu, k = 4, fx = TRUE) "
+        "+ ti(age, edu, k = 4, fx = TRUE)",
+        "GCV.Cp",
+    ),
+    "ti": ("y ~ ti(age) + ti(edu) + ti(age, edu)", "REML"),
+    "te": ("y ~ te(age, edu) + sex", "REML"),
 }
 R_CODE = r"""
 suppressMessages({library(mgcv); library(broom)})
 args <- commandArgs(trailingOnly = TRUE)
 phen <- read.csv(args[1]); values <- as.matrix(read.csv(args[2]))
-for (f in c(args[3], args[4])) {
-  formula <- as.formula(f)
+phen$osex <- ordered(phen$osex, levels = c("F", "M"))  # --ordered-factor osex=F
+for (i in seq(3, length(args), by = 2)) {
+  formula <- as.formula(args[i])
   t0 <- proc.time()[["elapsed"]]
   for (j in seq_len(ncol(values))) {
     dat <- phen; dat$y <- values[, j]; dat <- dat[is.finite(dat$y), ]
-    fit <- gam(formula, data = dat, method = "REML")
+    fit <- gam(formula, data = dat, method = args[i + 1])
     s <- summary(fit); st <- tidy(fit); pt <- tidy(fit, parametric = TRUE); gl <- glance(fit)
   }
   cat((proc.time()[["elapsed"]] - t0) / ncol(values), "\n")
@@ -60,9 +78,12 @@ def build(path: Path, n_subjects: int, n_elements: int, seed: int = 0) -> pd.Dat
             "source_file": [f"sub-{i:04d}_y.dscalar.nii" for i in range(n_subjects)],
             "age": np.round(rng.uniform(8, 22, n_subjects), 2),
             "sex": rng.choice(["F", "M"], n_subjects),
+            "edu": np.round(rng.uniform(8, 20, n_subjects), 1),
         }
     )
+    cohort["osex"] = cohort["sex"]
     age = cohort["age"].to_numpy()
+    edu = cohort["edu"].to_numpy()
     male = (cohort["sex"] == "M").to_numpy()
     with h5py.File(path, "w") as h5:
         values = h5.create_dataset(
@@ -82,6 +103,7 @@ def build(path: Path, n_subjects: int, n_elements: int, seed: int = 0) -> pd.Dat
                 2.5
                 + np.sin(age / 3)[:, None] * slope
                 + 0.1 * male[:, None]
+                + np.outer((age - 15) * (edu - 14) / 40, rng.normal(0, 1, k))
                 + rng.normal(0, 0.5, (n_subjects, k))
             )
             holes = rng.uniform(size=k) < 0.05  # 5% of elements miss a few subjects
@@ -96,7 +118,10 @@ def time_greyarray(h5: Path, cohort_csv: Path) -> dict[str, float]:
     times = {}
     for name, (formula, method) in FORMULAS.items():
         start = time.perf_counter()
-        fit_gam(h5, cohort_csv, formula, name, method=method, overwrite=True)
+        ordered = {"osex": "F"} if "osex" in formula else None
+        fit_gam(
+            h5, cohort_csv, formula, name, method=method, overwrite=True, ordered_factors=ordered
+        )
         times[name] = time.perf_counter() - start
         print(f"greyarray fit-gam {name:10s} {formula!r}: {times[name]:.1f} s", flush=True)
     return times
@@ -111,7 +136,7 @@ def time_mgcv(h5: Path, cohort: pd.DataFrame, n_elements: int, folder: Path) -> 
     (folder / "bench.R").write_text(R_CODE)
     done = subprocess.run(
         ["Rscript", str(folder / "bench.R"), str(folder / "p.csv"), str(folder / "v.csv")]
-        + [formula for formula, _ in FORMULAS.values()],
+        + [part for formula_method in FORMULAS.values() for part in formula_method],
         check=True,
         capture_output=True,
         text=True,

@@ -37,10 +37,10 @@ HERE = Path(__file__).resolve().parent
 GREYARRAY = [sys.executable, "-m", "greyarray"]
 
 
-def build(work: Path, n: int) -> tuple[Path, Path]:
+def build(work: Path, n: int, name: str = "perm.h5") -> tuple[Path, Path]:
     """The cohort and its HDF5 (converted once)."""
     csv = build_cohort(work / f"n{n}" / "cohort", n, template_path())
-    h5 = work / f"n{n}" / "perm.h5"
+    h5 = work / f"n{n}" / name
     if not h5.exists():
         run([*GREYARRAY, "to-modelarray", "--cohort-file", str(csv), "--output", str(h5)])
     return h5, csv

@@ -16,6 +16,19 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "palm"
 PALM = Path(os.environ.get("PALM_DIR", SHARED))
 
 
+def require_palm() -> Path:
+    """PALM's folder: a test skips without it (a fresh clone has no ../shared beside it), as
+    tests of any missing program do, and fails in CI (CI=1), which must run it."""
+    import pytest
+
+    if (PALM / "palm.m").is_file():
+        return PALM
+    message = f"PALM is not in {PALM} (PALM_DIR says where it is)"
+    if os.environ.get("CI"):
+        pytest.fail(f"{message}, and CI must run this check")
+    pytest.skip(message)
+
+
 @dataclass
 class Analysis:
     """One palm() call: data (subjects x elements), design, t contrasts (rows), options."""

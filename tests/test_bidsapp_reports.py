@@ -73,7 +73,7 @@ def pipeline(tmp_path_factory, template):
     steps, pages = {}, {}
     steps["participant"] = app(root, out, "participant", "--participant-label", "001", "002")
     for step, args in (
-        ("model", ["--model", "thickness ~ age + sex"]),
+        ("model", ["--model", "thickness ~ age + sex", "--ordered-factor", "sex=M"]),
         ("group", ["--scalar", "curv"]),  # converts curv only; thickness and its lm stay
     ):
         steps[step] = app(root, out, "group", *args)
@@ -85,6 +85,20 @@ def pipeline(tmp_path_factory, template):
     for name, (code, _, err) in steps.items():
         assert code == 0, (name, err)
     return {"root": root, "out": out, "steps": steps, "pages": pages}
+
+
+def test_model_reads_an_ordered_factor(pipeline):
+    """group --model --ordered-factor sex=M: sex is an ordered factor (M first), coded by R's
+    polynomial contrast sex.L, and the analysis records it."""
+    import json
+
+    import h5py
+
+    with h5py.File(pipeline["out"] / "group" / "desc-thickness_modelarray.h5") as h5:
+        names = list(h5["results/lm/column_names"].asstr()[()])
+        about = json.loads(h5["results/lm"].attrs["greyarray_about"])
+    assert "sex.L.estimate" in names and not [n for n in names if n.startswith("sexM")]
+    assert about["ordered_factors"] == {"sex": "M"}
 
 
 def test_participant_reports_of_the_processed_participants(pipeline):

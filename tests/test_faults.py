@@ -325,8 +325,8 @@ def test_output_that_is_an_input_is_refused_even_with_overwrite(which, cohort, t
 
 
 def test_disk_full_before_fit_lm_writes_its_results(exported, tmp_path):
-    """fit-lm writes into the user's HDF5: with too little room it must not start (a disk that
-    fills midway grows the file with a half-written group, and HDF5 crashed on closing it)."""
+    """fit-lm writes into the user's HDF5 through an updated copy beside it: with too little
+    room for that copy it must not start (a minutes-long fit must not find out at the end)."""
     h5, cohort = exported
     room = f"{(h5.stat().st_size >> 10) + 2048}k"  # the file and 2 MB; results need ~7 MB
     with tmpfs(tmp_path / "small", room) as small:
@@ -338,7 +338,7 @@ def test_disk_full_before_fit_lm_writes_its_results(exported, tmp_path):
         fit = ["fit-lm", "--input-hdf5", copy, "--cohort-file", cohort, "--formula"]
         done = run(*fit, "thickness ~ age", "--analysis-name", "new")
         assert done.returncode == 73, done.stderr
-        assert "not enough free space to write results/new" in one_error_line(done.stderr)
+        assert "not enough free space to write an updated copy" in one_error_line(done.stderr)
         assert digest(small) == before
 
 

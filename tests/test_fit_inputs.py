@@ -6,6 +6,7 @@ the exit code of its kind, and the HDF5 unchanged."""
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from conftest import PSCALAR, subject_values, write_cohort
 from test_faults import tmpfs
 
 from greyarray.io.formats import cifti
-from greyarray.stats import design
+from greyarray.stats import lm
 
 N_SUBJECTS = 16
 S = "scalars/thickness"
@@ -38,6 +39,7 @@ def converted(tmp_path_factory):
     table["allnan"] = np.nan
     table["one"] = "x"
     table["logage"] = np.log(table["age"])
+    table["flag"] = ["TRUE", "FALSE"] * (N_SUBJECTS // 2)
     for i in range(20):
         table[f"v{i}"] = rng.normal(size=N_SUBJECTS)
     table.to_csv(csv, index=False)
@@ -192,7 +194,6 @@ def test_export_column_names_link_to_missing_file(run_cli, h5, tmp_path):
         ("thickness ~ log(age - 100)", "no subject has every value"),  # all NaN
         ("thickness ~ age + BLOCK_BYTES", "unknown column 'BLOCK_BYTES'"),  # lm.py's constant
         ("thickness ~ agee", "unknown column 'agee'"),
-        ("thickness ~ age + I(2 * age)", "'I(2 * age)' is a linear combination of the columns"),
     ],
 )
 def test_formula_lm_cannot_fit(run_cli, converted, h5, formula, expected):
@@ -207,6 +208,80 @@ def test_formula_lm_cannot_fit(run_cli, converted, h5, formula, expected):
 def test_formula_python_internals_refused(run_cli, converted, h5, formula, command):
     line = refused(run_cli, 64, h5, *fit_args(h5, converted[1], formula, command))
     assert "double underscore" in line
+
+
+def test_aliased_column_is_nan_as_modelarray_writes_it(run_cli, converted, h5):
+    """R's lm reports NA for I(2 * age) (a multiple of age) and ModelArray, reading
+    broom::tidy, writes its columns with NaN: the rest is the fit of 'age' alone."""
+    cohort = converted[1]
+    for name, formula in [("both", "thickness ~ age + I(2 * age)"), ("age", "thickness ~ age")]:
+        code, _, err = run_cli(*fit_args(h5, cohort, formula), "--analysis-name", name, *QUIET)
+        assert code == 0, err
+    with h5py.File(h5) as file:
+        both, alone = (file[f"results/{a}/results_matrix"][()] for a in ("both", "age"))
+        names = list(file["results/both/column_names"].asstr()[()])
+        alone_names = list(file["results/age/column_names"].asstr()[()])
+    aliased = [i for i, n in enumerate(names) if n.startswith("I(2 * age).")]
+    assert [names[i] for i in aliased][:3] == [f"I(2 * age).{s}" for s in lm.DEFAULT_TERM_STATS]
+    assert np.isnan(both[aliased]).all()
+    rest = [i for i in range(len(names)) if i not in aliased]
+    assert [names[i] for i in rest] == alone_names
+    np.testing.assert_array_equal(both[rest], alone)
+
+
+@pytest.mark.parametrize("command", ["fit-lm", "fit-gam"])
+def test_ordered_factor_is_coded_by_polynomial_contrasts(run_cli, converted, h5, command):
+    """--ordered-factor sex=M, as ModelArray's gen_gamFormula_fxSmooth makes osex: levels M, F;
+    contr.poly codes M -1/sqrt(2), F +1/sqrt(2), so sex.L is -sexM / sqrt(2)."""
+    cohort = converted[1]
+    smooth = " + s(age, k = 4, fx = TRUE)" if command == "fit-gam" else " + age"
+    args = [*fit_args(h5, cohort, "thickness ~ sex" + smooth, command), *QUIET]
+    assert run_cli(*args, "--analysis-name", "o", "--ordered-factor", "sex=M")[0] == 0
+    assert run_cli(*args, "--analysis-name", "t")[0] == 0
+    with h5py.File(h5) as file:
+        o, t = (file[f"results/{a}"] for a in ("o", "t"))
+        o_names, t_names = (list(g["column_names"].asstr()[()]) for g in (o, t))
+        poly = o["results_matrix"][o_names.index("sex.L.estimate")]
+        treatment = t["results_matrix"][t_names.index("sexM.estimate")]
+        about = json.loads(o.attrs["greyarray_about"])
+    np.testing.assert_allclose(poly, -treatment / np.sqrt(2), rtol=1e-9)
+    assert about["ordered_factors"] == {"sex": "M"}
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (["--ordered-factor", "sex=X"], "--ordered-factor sex=X: no such level (levels: F, M)"),
+        (["--ordered-factor", "nosuch=1"], "--ordered-factor: no column 'nosuch' in the cohort"),
+        (["--ordered-factor", "sex"], "--ordered-factor 'sex': expected COLUMN=LEVEL"),
+        (
+            ["--ordered-factor", "sex=F", "--reference-level", "sex=M"],
+            "sex: give a column either --reference-level or --ordered-factor",
+        ),
+    ],
+)
+def test_ordered_factor_mistakes_are_usage_errors(run_cli, converted, h5, options, expected):
+    args = fit_args(h5, converted[1], "thickness ~ sex")
+    line = refused(run_cli, 64, h5, *args, *options, "--analysis-name", "x")
+    assert expected in line
+
+
+def test_offset_is_fitted_and_recorded(run_cli, converted, h5):
+    """offset(age): the fit of thickness - age, recorded in the analysis' sidecar record."""
+    cohort = converted[1]
+    args = [*fit_args(h5, cohort, "thickness ~ sex + offset(age)"), *QUIET]
+    assert run_cli(*args, "--analysis-name", "off")[0] == 0
+    with h5py.File(h5) as file:
+        group = file["results/off"]
+        names = list(group["column_names"].asstr()[()])
+        about = json.loads(group.attrs["greyarray_about"])
+        slope = group["results_matrix"][names.index("sexM.estimate")]
+        values = file["scalars/thickness/values"][()].astype(float)
+    assert about["offset"] == ["offset(age)"]
+    table = pd.read_csv(cohort)
+    y = values - table["age"].to_numpy()[:, None]
+    male = (table["sex"] == "M").to_numpy()
+    np.testing.assert_allclose(slope, y[male].mean(axis=0) - y[~male].mean(axis=0), rtol=1e-6)
 
 
 def test_formula_functions_are_numpys(run_cli, converted, h5):
@@ -233,11 +308,6 @@ def test_r_logical_constants_in_a_formula(run_cli, converted, h5):
     with h5py.File(h5) as file:
         poly, squares = (file[f"results/{a}/results_matrix"][()] for a in ("poly", "squares"))
     np.testing.assert_allclose(poly, squares, rtol=1e-8)
-
-
-def test_formula_context_holds_no_module_names():
-    assert "BLOCK_BYTES" not in design.FORMULA_FUNCTIONS
-    assert design.FORMULA_FUNCTIONS["log"] is np.log
 
 
 def test_negative_seed_is_a_usage_error(run_cli, converted, h5):
@@ -268,8 +338,34 @@ def test_read_only_hdf5_is_refused_before_fitting(run_cli, converted, tmp_path, 
         assert f"{h5}: cannot write (read-only file system)" in line
 
 
-def test_nesting_operator_is_refused_not_fitted_otherwise(run_cli, converted, h5):
-    """R reads 'age %in% sex' as age:sex; formulaic as sex + sex:age: a silently different
-    model, so it is refused (64) with the spelling that fits R's."""
-    line = refused(run_cli, 64, h5, *fit_args(h5, converted[1], "thickness ~ age %in% sex"))
-    assert "'%in%' is not supported" in line and "'age:sex'" in line
+def test_nesting_operator_is_rs(run_cli, converted, h5):
+    """R reads 'age %in% sex' as age:sex (formulaic read it as sex + sex:age): the same model,
+    columns and numbers as 'age:sex'."""
+    cohort = converted[1]
+    for name, formula in [("nested", "thickness ~ age %in% sex"), ("ix", "thickness ~ age:sex")]:
+        code, _, err = run_cli(*fit_args(h5, cohort, formula), "--analysis-name", name, *QUIET)
+        assert code == 0, err
+    with h5py.File(h5) as file:
+        nested, ix = (file[f"results/{a}/results_matrix"][()] for a in ("nested", "ix"))
+        names = list(file["results/nested/column_names"].asstr()[()])
+    assert "age:sexF.estimate" in names and "age:sexM.estimate" in names
+    np.testing.assert_array_equal(nested, ix)
+
+
+@pytest.mark.parametrize(
+    "formula, code, expected",
+    [
+        ("thickness ~ s(age, logage)", 64, "a smooth of several variables (thin plate)"),
+        ("thickness ~ te(age, logage, by = sex)", 64, "by= is supported in s() only"),
+        ("thickness ~ s(age, k = c(4, 5))", 64, "takes one k and one bs"),
+        ("thickness ~ ti(age, logage, bs = 'ps')", 64, "bs='ps' (supported: tp, ts, cr, cs)"),
+        ("thickness ~ s(age) + s(age, k = 5)", 64, "a variable is smoothed twice the same way"),
+        ("thickness ~ s(age, by = logage)", 65, "by=logage is numeric"),
+        ("thickness ~ s(age, by = flag)", 65, "by=flag is logical; mgcv multiplies the smooth"),
+        ("thickness ~ te(age, nosuch)", 65, "unknown column 'nosuch'"),
+        ("thickness ~ ti(age, sex)", 65, "'sex' is not numeric (mgcv smooths numbers)"),
+    ],
+)
+def test_smooth_terms_fit_gam_refuses(run_cli, converted, h5, formula, code, expected):
+    line = refused(run_cli, code, h5, *fit_args(h5, converted[1], formula, "fit-gam"))
+    assert expected in line

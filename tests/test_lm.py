@@ -13,7 +13,7 @@ from conftest import r_environment, require
 from scipy import stats
 
 from greyarray import cli
-from greyarray.stats import design, lm, results
+from greyarray.stats import lm, results
 
 LM_DATA = Path(__file__).parent / "data" / "lm"
 R_SCRIPT = Path(__file__).parent / "r" / "lm_reference.R"
@@ -199,14 +199,6 @@ def test_fdr_is_r_p_adjust():
     # R: p.adjust(c(0.01, NA, 0.04, 0.03, 0.04, 0.9, 0.2), "fdr")
     expected = [0.06, np.nan, 0.06, 0.06, 0.06, 0.9, 0.24]
     assert np.allclose(results.p_adjust_fdr(p), expected, equal_nan=True)
-
-
-def test_r_names():
-    assert design.r_name("sex[T.M]") == "sexM"
-    assert design.r_name("age:sex[T.M]") == "age:sexM"
-    assert design.r_name("C(site)[T.b]") == "factor(site)b"
-    assert design.r_name("I(age ** 2)") == "I(age^2)"
-    assert design.r_name("group[pat]") == "grouppat"
 
 
 def test_cli_errors(fixture_h5, run_cli):

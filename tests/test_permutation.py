@@ -134,6 +134,7 @@ def palm_live(tmp_path_factory):
     continuous covariates; a binary term (10 choose 5 = 252 distinct rearrangements); whole
     blocks (6 participants x 2 sessions); TFCE scores on a patch of the fsLR midthickness."""
     require("octave-cli")
+    palm_reference.require_palm()
     rng = np.random.default_rng(11)
     cases = {}
     ph = cohort(rng, 6, w=rng.normal(0, 1, 6).round(3))

@@ -170,7 +170,8 @@ def test_exported_maps_are_never_silently_replaced(tmp_path, template):
 
 def test_a_racing_group_run_never_replaces_the_file_of_another(tmp_path, template, monkeypatch):
     """Two group runs decide 'new file' together: the one that publishes second fails (73)
-    and leaves the first one's file as it is (the check is at the final rename)."""
+    when the first one's file is not what it would write, and leaves it as it is (the check is
+    at the final rename)."""
     from greyarray.bids import group
 
     data = alff_dataset(tmp_path / "xcp_d", template)
@@ -184,8 +185,34 @@ def test_a_racing_group_run_never_replaces_the_file_of_another(tmp_path, templat
 
     monkeypatch.setattr(group, "_decide", other_run_publishes_meanwhile)
     done = app(data.root, out, "group", "--scalar", "alff")
-    assert done.returncode == 73 and "desc-alff_modelarray.h5: output exists" in done.stderr
+    assert done.returncode == 73, done.stderr
+    assert "desc-alff_modelarray.h5: exists but is not a GreyArray HDF5 of scalar" in done.stderr
     assert (out / "group" / "desc-alff_modelarray.h5").read_bytes() == b"the other run's file"
+
+
+def test_a_racing_group_run_keeps_the_same_file_of_another(tmp_path, template, monkeypatch):
+    """Two group runs of the same inputs on one OUTPUT_DIR (two SLURM chains): the one that
+    publishes second finds the other's HDF5 made from the same inputs and keeps it (exit 0)."""
+    from greyarray.bids import group
+
+    data = alff_dataset(tmp_path / "xcp_d", template)
+    first, out = tmp_path / "first", tmp_path / "out"
+    assert app(data.root, first, "group", "--scalar", "alff").returncode == 0
+    theirs = (first / "group" / "desc-alff_modelarray.h5").read_bytes()
+    decide = group._decide
+
+    def other_run_publishes_meanwhile(settings, plan, options):
+        decide(settings, plan, options)
+        plan.h5.parent.mkdir(parents=True, exist_ok=True)
+        plan.h5.write_bytes(theirs)
+
+    monkeypatch.setattr(group, "_decide", other_run_publishes_meanwhile)
+    done = app(data.root, out, "group", "--scalar", "alff")
+    assert done.returncode == 0, done.stderr
+    assert "written meanwhile by another run from the same inputs; kept" in done.stderr
+    assert (out / "group" / "desc-alff_modelarray.h5").read_bytes() == theirs
+    assert "HDF5 kept (inputs unchanged)" in done.stdout
+    assert not list(out.rglob(".greyarray-tmp*"))
 
 
 # ---- names do not depend on unrelated files --------------------------------------------------
@@ -389,12 +416,15 @@ def test_modelarrayio_flags(run_cli, tmp_path, writer91k, extra, code, message):
     assert status == code and message in err
 
 
-def test_remote_paths_are_refused_in_one_line(run_cli, tmp_path):
-    pd.DataFrame({"scalar_name": ["fa"], "source_file": ["s3://bucket/sub-1.dscalar.nii"]}).to_csv(
+@pytest.mark.parametrize("url", ["gs://bucket/sub-1.dscalar.nii", "https://host/sub-1.nii"])
+def test_remote_paths_are_refused_in_one_line(run_cli, tmp_path, url):
+    """Other schemes than s3:// (tests/test_s3.py) are refused."""
+    pd.DataFrame({"scalar_name": ["fa"], "source_file": [url]}).to_csv(
         tmp_path / "c.csv", index=False
     )
     status, _, err = run_cli("to-modelarray", "--cohort-file", tmp_path / "c.csv")
-    assert status == 64 and "s3:// is not supported yet" in err and len(err.splitlines()) == 1
+    assert status == 64 and "remote path GreyArray cannot read" in err
+    assert len(err.splitlines()) == 1 and "s3://bucket/key" in err
 
 
 # ---- factors in R's order --------------------------------------------------------------------

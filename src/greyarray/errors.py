@@ -38,6 +38,18 @@ class MissingInputError(GreyArrayError):
     exit_code = 66
 
 
+class UnavailableError(GreyArrayError):
+    """A service the run needs does not answer (an S3 endpoint, after bounded retries)."""
+
+    exit_code = 69
+
+
+class NoPermissionError(GreyArrayError):
+    """Access to an input is refused: denied, or no credentials to ask with (EX_NOPERM)."""
+
+    exit_code = 77
+
+
 class OutputError(GreyArrayError):
     """An output cannot be created (exists without --overwrite, not writable, ...)."""
 

@@ -37,9 +37,12 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
+    refusal = ""  # the error line, for the record of a refused run
+
     def error(self, message: str):
         self.print_usage(sys.stderr)
-        self.exit(UsageError.exit_code, f"{self.prog}: error: {one_line(message)}\n")
+        self.refusal = f"{self.prog}: error: {one_line(message)}"
+        self.exit(UsageError.exit_code, f"{self.refusal}\n")
 
 
 def default_nprocs() -> int:
@@ -88,6 +91,24 @@ def add_nprocs(parser, what: str) -> None:
     )
 
 
+def add_thresholds(parser) -> None:
+    """ModelArray's element threshold (num.subj.lthr.abs / .rel), for every model."""
+    option(
+        parser,
+        "--num-subj-lthr-abs",
+        type=float,
+        default=10,
+        help="fit an element only with more subjects with a finite value than this",
+    )
+    option(
+        parser,
+        "--num-subj-lthr-rel",
+        type=float,
+        default=0.2,
+        help="... and more than this fraction of all subjects",
+    )
+
+
 def add_logging(parser) -> None:
     option(
         parser,
@@ -98,13 +119,13 @@ def add_logging(parser) -> None:
     )
 
 
-def reference_levels(items: Sequence[str]) -> dict[str, str]:
+def reference_levels(items: Sequence[str], option: str = "--reference-level") -> dict[str, str]:
     """``["sex=F", "site=b"]`` -> ``{"sex": "F", "site": "b"}``."""
     levels = {}
     for item in items or []:
         column, sep, level = item.partition("=")
         if not sep or not column.strip():
-            raise UsageError(f"--reference-level {item!r}: expected COLUMN=LEVEL, e.g. sex=F")
+            raise UsageError(f"{option} {item!r}: expected COLUMN=LEVEL, e.g. sex=F")
         levels[column.strip()] = level
     return levels
 
@@ -121,9 +142,43 @@ def add_tfce_connectivity(parser) -> None:
     )
 
 
+def add_factor_options(parser, prefix: str = "") -> None:
+    """--reference-level and --ordered-factor: how a model reads a cohort column (fit-lm,
+    fit-gam, fit-lmm, and the BIDS-App's group --model with ``prefix`` "with --model: ")."""
+    option(
+        parser,
+        "--reference-level",
+        nargs="+",
+        default=[],
+        metavar="COLUMN=LEVEL",
+        help=f"{prefix}reference level of a factor, e.g. sex=F (default: the first level in R's "
+        "order, which ignores case as R does in UTF-8 locales)",
+    )
+    option(
+        parser,
+        "--ordered-factor",
+        nargs="+",
+        default=[],
+        metavar="COLUMN=REFERENCE",
+        help=f"{prefix}make COLUMN an ordered factor as ModelArray's gen_gamFormula_fxSmooth "
+        "does: REFERENCE first, then the other levels in their order in the cohort; it is "
+        "coded by R's polynomial contrasts (COLUMN.L, COLUMN.Q, ...) and s(x, by = COLUMN) "
+        "fits difference smooths",
+    )
+
+
+def factor_options(args) -> tuple[dict[str, str], dict[str, str]]:
+    """(reference levels, ordered factors) given by add_factor_options' flags."""
+    return (
+        reference_levels(args.reference_level),
+        reference_levels(args.ordered_factor, "--ordered-factor"),
+    )
+
+
 def permutation_options(args):
     """fit-lm's or group --model's permutation options, or None; the other permutation flags
-    without --permutations are a usage error. Shards exist for fit-lm only."""
+    without --permutations are a usage error. fit-lm's --merge-shards names the shard files;
+    the BIDS-App's gives their number K, and its caller names the files (``merge`` is empty)."""
     shard, merge = getattr(args, "permutation_shard", None), getattr(args, "merge_shards", None)
     if args.permutations <= 0:
         given = [
@@ -149,6 +204,6 @@ def permutation_options(args):
         blocks=args.exchangeability_blocks,
         seed=args.seed,
         shard=parse_shard(shard) if shard else None,
-        merge=tuple(merge or ()),
+        merge=tuple(merge) if isinstance(merge, list) else (),
         nprocs=args.nprocs,
     )

@@ -1,13 +1,18 @@
 # Reference results for greyarray fit-gam: mgcv::gam element by element, the way ModelArray.gam
 # runs it (its subject thresholds, broom::tidy/glance and summary.gam statistics, its column
 # names), plus GreyArray's signed changed-R-squared columns.
-#   Rscript gam_reference.R PHENOTYPES.csv VALUES.csv "y ~ RHS" METHOD FULL CHANGED OUT.csv
+#   Rscript gam_reference.R PHENOTYPES.csv VALUES.csv "y ~ RHS" METHOD FULL CHANGED OUT.csv [ORDERED]
 # VALUES.csv: one row per subject (same order as PHENOTYPES.csv), one column per element, NA for
 # missing values. METHOD: REML or GCV.Cp. FULL: 1 for full.outputs, 0 for ModelArray's defaults.
 # CHANGED: index of the right-hand-side term for changed.rsq.term.index, 0 for none.
+# ORDERED: COLUMN=REFERENCE makes that column an ordered factor, the reference level first, then
+# the others in their order of appearance (as ModelArray's gen_gamFormula_fxSmooth makes one).
 # Column order: element_id, smooth terms (statistics term by term), parametric terms, model
 # statistics, <term>.delta.adj.rsq, <term>.partial.rsq, their .signed versions (sign of the mean
-# first derivative of the fitted smooth, by central differences), then the FDR columns.
+# first derivative of the fitted smooth, by central differences, for a term of one covariate
+# fitted as one smooth; NaN otherwise), then the FDR columns. Names as ModelArray.gam writes
+# them: s(age) -> s_age, s(age):osexM -> s_age_BYosexM, ti(age,x2) -> ti_age_x2; the changed
+# term's prefix as ModelArray.gam makes it (s(age, by = osex) -> s_age_BYosex).
 # tests/r/gam_fixtures.sh runs it for every stored case.
 suppressMessages({
   library(mgcv)
@@ -15,6 +20,16 @@ suppressMessages({
 })
 args <- commandArgs(trailingOnly = TRUE)
 phen <- read.csv(args[1])
+if (length(args) > 7) {  # as gen_gamFormula_fxSmooth: the reference, then the rest as they come
+  ordered_spec <- strsplit(args[8], "=", fixed = TRUE)[[1]]
+  column <- phen[[ordered_spec[1]]]
+  groups <- unique(column)
+  phen[[ordered_spec[1]]] <- ordered(column, levels = c(ordered_spec[2],
+                                                         groups[groups != ordered_spec[2]]))
+}
+for (column in setdiff(names(phen), "source_file")) {  # text columns are factors (a by= needs one)
+  if (is.character(phen[[column]])) phen[[column]] <- factor(phen[[column]])
+}
 values <- as.matrix(read.csv(args[2]))
 formula <- as.formula(args[3])
 method <- args[4]
@@ -35,17 +50,30 @@ if (changed > 0) {
     formula(drop.terms(terms_full, changed, keep.response = TRUE))
   changed_label <- labels(terms_full)[changed]
   spec <- if (grepl("(", changed_label, fixed = TRUE)) eval(parse(text = changed_label)) else NULL
-  prefix <- if (is.null(spec)) changed_label else paste0("s_", paste(spec$term, collapse = "_"))
+  prefix <- changed_label
+  if (!is.null(spec)) {  # ModelArray.gam: ti(x,z) -> ti_x_z; s(x, by = o) -> s_x_BYo
+    prefix <- paste0(strsplit(changed_label, "[(]")[[1]][1], "_", paste(spec$term, collapse = "_"))
+    if (spec$by != "NA") prefix <- paste0(prefix, "_BY", spec$by)
+  }
 }
 
-smooth_name <- function(label) {  # ModelArray: s(age) -> s_age
+smooth_name <- function(label) {  # ModelArray.gam's analyseOneElement.gam
   parts <- strsplit(label, split = "[()]")[[1]]
-  paste0(parts[1], "_", parts[2])
+  name <- paste0(parts[1], "_", parts[2])
+  if (length(parts) > 2) name <- paste0(name, "_", paste(parts[3:length(parts)], collapse = ""))
+  gsub(",", "_", gsub(":", "BY", name, fixed = TRUE), fixed = TRUE)
 }
 
 mean_slope_sign <- function(fit, dat) {  # sign of the mean derivative of the changed smooth
   if (is.null(spec)) {
     return(sign(coef(fit)[[changed_label]]))
+  }
+  base <- paste0(sub("[(].*", "", changed_label), "(", paste(spec$term, collapse = ","), ")")
+  labels <- sapply(fit$smooth, function(s) s$label)
+  labels <- if (spec$by == "NA") labels[labels == base] else
+    labels[startsWith(labels, paste0(base, ":", spec$by))]
+  if (length(spec$term) != 1 || length(labels) != 1) {
+    return(NaN)
   }
   var <- spec$term
   h <- 1e-4 * diff(range(dat[[var]]))
@@ -53,9 +81,8 @@ mean_slope_sign <- function(fit, dat) {  # sign of the mean derivative of the ch
   down <- dat
   up[[var]] <- up[[var]] + h
   down[[var]] <- down[[var]] - h
-  label <- paste0("s(", var, ")")
-  f_up <- predict(fit, newdata = up, type = "terms")[, label]
-  f_down <- predict(fit, newdata = down, type = "terms")[, label]
+  f_up <- predict(fit, newdata = up, type = "terms")[, labels]
+  f_down <- predict(fit, newdata = down, type = "terms")[, labels]
   sign(mean((f_up - f_down) / (2 * h)))
 }
 

@@ -10,18 +10,25 @@ This module holds the options and the run's logging; run.py the resolved setting
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import logging
 import shlex
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 from greyarray import __version__
-from greyarray.errors import GreyArrayError, one_line
+from greyarray.errors import GreyArrayError, UsageError, one_line
 from greyarray.options import (
     Parser,
+    add_factor_options,
     add_nprocs,
     add_tfce_connectivity,
+    add_thresholds,
+    factor_options,
     non_negative_int,
-    reference_levels,
+    positive_int,
 )
 
 log = logging.getLogger("greyarray")
@@ -205,6 +212,21 @@ def build_parser(commands: str = "") -> Parser:
         default=0,
         help="with --permutations: seed of the random permutations",
     )
+    shards = model.add_mutually_exclusive_group()
+    shards.add_argument(
+        "--permutation-shard",
+        metavar="I/K",
+        help="with --model and --permutations: compute only shard I of K of the permutations "
+        "(one task of a SLURM array) from the HDF5 an earlier group run wrote, and save its "
+        "null distribution beside it; nothing is converted, no results or maps are written",
+    )
+    shards.add_argument(
+        "--merge-shards",
+        type=positive_int,
+        metavar="K",
+        help="with --model and --permutations: merge the K shards the --permutation-shard runs "
+        "saved (same options), then write the results and maps, equal to one run's",
+    )
     model.add_argument(
         "--gam-method",
         choices=["REML", "GCV.Cp"],
@@ -218,14 +240,8 @@ def build_parser(commands: str = "") -> Parser:
         help="with a smooth --model: add this term's delta adjusted R-squared and partial "
         "R-squared (ModelArray.gam's changed.rsq.term.index), e.g. 's(age)'",
     )
-    model.add_argument(
-        "--reference-level",
-        nargs="+",
-        default=[],
-        metavar="COLUMN=LEVEL",
-        help="with --model: reference level of a factor, e.g. sex=F (default: the first level "
-        "in R's order)",
-    )
+    add_factor_options(model, "with --model: ")
+    add_thresholds(model)
     model.add_argument(
         "--analysis-name",
         metavar="NAME",
@@ -236,31 +252,69 @@ def build_parser(commands: str = "") -> Parser:
 
 
 def main(argv: list[str], commands: str = "") -> int:
-    args = build_parser(commands).parse_args(argv)
+    """The BIDS-App. A run refused at any stage (its arguments included) is on record in an
+    existing OUTPUT_DIR's logs/ (run.record_refusal says which folders qualify)."""
+    from greyarray.bids import run
+
+    command_line = shlex.join(["greyarray", *argv])
+    parser = build_parser(commands)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        if exit_.code:  # a usage error (help and --version end with 0)
+            run.record_refusal(
+                given_output_dir(argv), command_line, parser.refusal, int(exit_.code)
+            )
+        raise
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s", force=True)
     logging.getLogger().setLevel(min(level, logging.INFO))
     logging.getLogger().handlers[0].setLevel(level)
-    from greyarray.bids import run
-
     run.buffer_log(min(level, logging.INFO))  # for the log file, once OUTPUT_DIR may be written
-    if args.analysis_level not in ("participant", "group"):
-        raise UnknownLevelError(
-            f"unknown analysis level {args.analysis_level!r}; use participant or group"
-        )
-    settings = run.Run.from_args(args, shlex.join(["greyarray", *argv]))
-    settings.reference_levels = reference_levels(args.reference_level)
-    log.info("%s", one_line(settings.command_line))
+    settings = None
     try:
+        if args.analysis_level not in ("participant", "group"):
+            raise UnknownLevelError(
+                f"unknown analysis level {args.analysis_level!r}; use participant or group"
+            )
+        settings = run.Run.from_args(args, command_line)
+        log.info("%s", one_line(settings.command_line))
+        settings.reference_levels, settings.ordered_factors = factor_options(args)
         return _level(settings)
-    except GreyArrayError:
-        settings.record_refusal()
+    except BaseException:  # refused, interrupted or a bug: the log records its line and code
+        if settings is not None:
+            settings.record_refusal()
+        else:
+            run.record_refusal(args.output_dir, command_line)
         raise
+
+
+def given_output_dir(argv: list[str]) -> Path | None:
+    """OUTPUT_DIR as the command line gives it, also when its options cannot be parsed (values
+    are not converted or checked here)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.type, action.choices = None, None
+    found = argparse.Namespace()
+    quiet = io.StringIO()
+    with contextlib.suppress(SystemExit), redirect_stderr(quiet), redirect_stdout(quiet):
+        parser.parse_known_args(argv, found)
+    given = getattr(found, "output_dir", None)
+    return Path(given) if given else None
 
 
 def _level(settings) -> int:
     """The run of the level and mode asked for."""
     args = settings.args
+    model_only = {
+        "--permutations": args.permutations,
+        "--tfce": args.tfce,
+        "--exchangeability-blocks": args.exchangeability_blocks,
+        "--permutation-shard": args.permutation_shard,
+        "--merge-shards": args.merge_shards,
+    }
+    if not args.model and (given := [flag for flag, value in model_only.items() if value]):
+        raise UsageError(f"{', '.join(given)} needs --model FORMULA (group level)")
     if args.reports_only:
         from greyarray.bids import reports
 

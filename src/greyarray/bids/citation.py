@@ -15,9 +15,10 @@ from importlib.resources import files
 from pathlib import Path
 from string import Template
 
-from greyarray.io.fileio import atomic_write, make_folder, write_json
+from greyarray.io.fileio import atomic_write, locked, make_folder, write_json
 
 STATE = "citation-facts.json"
+LOCK = ".citation.lock"
 
 
 def template(name: str) -> str:
@@ -72,6 +73,11 @@ def update(
     results were discarded, then rewrite the methods text from everything recorded. Returns
     CITATION.md, or None while no group level has run."""
     make_folder(logs_dir)
+    with locked(logs_dir / LOCK):  # group runs of two SLURM chains may end together
+        return _update(logs_dir, facts, analysis, reports, discarded)
+
+
+def _update(logs_dir, facts, analysis, reports, discarded) -> Path | None:
     state = load_state(logs_dir)
     if discarded is not None:
         scalar, names = discarded

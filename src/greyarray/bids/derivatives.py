@@ -35,6 +35,7 @@ BIDSIGNORE = [
     "*_cohort.csv",
     "*_modelarray.json",
     "*.html",
+    "*.perm-shard-*.npz",  # group --model --permutation-shard: null distributions
 ]
 LEGACY_BIDSIGNORE = ["group/"]  # hid the statistical maps (GreyArray 0.1.0)
 # ModelArray statistic (after "<term>.") -> BIDS stat label; others: label() of the name
@@ -231,8 +232,10 @@ def write_statmaps(
     with staging(folder) as private:
         for column, values in export.result_maps(results):
             path, data = paths[column], writer.encode(values, column)
-            changed += path in earlier and path.read_bytes() != data
-            (private / path.name).write_bytes(data)
+            same = path in earlier and path.read_bytes() == data
+            changed += path in earlier and not same
+            if not same:  # an unchanged map is left as it is (its file, its times)
+                (private / path.name).write_bytes(data)
             sidecar = {
                 "ModelArrayColumn": column,
                 "Description": describe_column(column),
@@ -242,8 +245,8 @@ def write_statmaps(
                 "CohortFile": meta.get("CohortFile"),
                 **about,
             }
-            text = json.dumps(sidecar, indent=1) + "\n"
-            (private / sidecar_of(path).name).write_text(text)
+            if (text := _sidecar_text(sidecar_of(path), sidecar)) is not None:
+                (private / sidecar_of(path).name).write_text(text)
         if (changed or stale) and not overwrite:
             raise OutputError(
                 f"{folder}: {changed + sum(p.suffix == '.nii' for p in stale)} statistical maps "
@@ -256,6 +259,31 @@ def write_statmaps(
     if stale:
         log.warning("Removed %d statistical map files of an earlier %s", len(stale), analysis)
     return list(files)
+
+
+# what GreyArray writes into a statistical map's sidecar (bids/results.py's ``about`` too)
+SIDECAR_KEYS = {
+    "ModelArrayColumn", "Description", "Scalar", "Analysis", "SourceHDF5", "CohortFile",
+    "Model", "FittedBy", "NumberOfRows", "ElementThreshold", "Permutations", "Method",
+    "Smoothing", "NumberOfRowsWithPhenotypes", "ReferenceLevels", "OrderedFactors", "Offset",
+    "AliasedColumnsLeftOut", "Warnings",
+}  # fmt: skip
+
+
+def _sidecar_text(path: Path, ours: dict) -> str | None:
+    """The sidecar to write, None when the one there already says it all: what a user added
+    (notes, keys of their own) is kept, what GreyArray wrote is brought up to date."""
+    try:
+        there = json.loads(path.read_text())
+    except (OSError, ValueError):
+        there = None
+    if not isinstance(there, dict):
+        return json.dumps(ours, indent=1) + "\n"
+    kept = {k: v for k, v in there.items() if k in ours or k not in SIDECAR_KEYS}
+    merged = {**kept, **ours}
+    if merged == there:
+        return None
+    return json.dumps(merged, indent=1) + "\n"
 
 
 def _refuse_foreign(path: Path, h5_name: str, analysis: str, overwrite: bool) -> None:

@@ -226,14 +226,19 @@ def _execute(settings: Run, plan: Plan, options: StoreOptions) -> None:
         kept = f", with its results ({', '.join(plan.analyses)})" if plan.analyses else ""
         log.info("%s: inputs unchanged; kept as it is%s", plan.h5, kept)
     else:
-        write_modelarray(  # a file that appeared since _decide is another run's: never replaced
-            plan.h5,
-            {plan.name: plan.sources},
-            options,
-            settings.command_line,
-            overwrite=plan.action != "write",
-        )
-        log.info("Wrote %s", plan.h5)
+        try:
+            write_modelarray(  # a file that appeared since _decide is another run's: kept
+                plan.h5,
+                {plan.name: plan.sources},
+                options,
+                settings.command_line,
+                overwrite=plan.action != "write",
+            )
+            log.info("Wrote %s", plan.h5)
+        except OutputError:
+            if not _written_meanwhile(settings, plan, options):
+                raise
+            log.info("%s: written meanwhile by another run from the same inputs; kept", plan.h5)
     if plan.action == "discard":
         removed = derivatives.exported_statmaps(plan.h5.parent, plan.h5.name, set(plan.analyses))
         for path in removed:
@@ -267,6 +272,16 @@ def _execute(settings: Run, plan: Plan, options: StoreOptions) -> None:
             else "given with --group-mask"
         )
     write_json(plan.h5.with_suffix(".json"), sidecar)
+
+
+def _written_meanwhile(settings: Run, plan: Plan, options: StoreOptions) -> bool:
+    """Another group run on this OUTPUT_DIR (e.g. a second SLURM chain) published the HDF5
+    while this one wrote it: from the same inputs it is this run's file; from others, _decide
+    says why it cannot be replaced."""
+    if plan.action != "write" or not plan.h5.exists():
+        return False
+    _decide(settings, plan, options)
+    return plan.action == "keep"
 
 
 def scalar_record(plan: Plan) -> dict:

@@ -112,7 +112,7 @@ def group_report(settings: Run) -> list[str]:
         group_path(settings),
         inputs,
         participants=_participants(settings),
-        thresholds=Thresholds(),  # ModelArray's defaults: more than max(10, 0.2 x N)
+        thresholds=Thresholds(settings.args.num_subj_lthr_abs, settings.args.num_subj_lthr_rel),
     )
     log.info("Wrote report %s", done.path)
     citation.update(settings.logs, reports=methods_facts(settings, inputs))

@@ -33,9 +33,12 @@ def model(settings: Run) -> int:
 
     formula = settings.args.model
     response, _ = parse_formula(formula)
-    fit, check_table = _fitter(settings, formula, is_gam_formula(formula))
     analysis = settings.args.analysis_name or ("gam" if is_gam_formula(formula) else "lm")
     h5 = group.h5_path(settings, response)
+    permutations = _permutations(settings, h5, analysis)
+    fit, check_table = _fitter(settings, formula, is_gam_formula(formula), permutations)
+    if permutations is not None and permutations.shard is not None:
+        return _shard(settings, h5, response, fit, formula, analysis, permutations.shard)
     if h5.exists() and not settings.args.overwrite:
         log.info("Using %s (converted earlier; --overwrite checks its inputs again)", h5)
         _check_can_fit(h5, response, analysis, settings.args.overwrite)
@@ -62,32 +65,69 @@ def model(settings: Run) -> int:
     )
 
 
-def _fitter(settings: Run, formula: str, smooth: bool):
+def _permutations(settings: Run, h5: Path, analysis: str):
+    """The permutation options; with --merge-shards K, the K files the shards saved."""
+    permutations = permutation_options(settings.args)
+    if (count := settings.args.merge_shards) is not None:
+        from dataclasses import replace
+
+        from greyarray.stats.permutation import shard_path
+
+        files = tuple(shard_path(h5, analysis, (i, count)) for i in range(1, count + 1))
+        permutations = replace(permutations, merge=files)
+    return permutations
+
+
+def _shard(settings: Run, h5: Path, scalar: str, fit, formula: str, analysis: str, shard) -> int:
+    """One shard of the permutations (a SLURM array task): from the group level's HDF5, which
+    is never converted here (K tasks start at once), to a file beside it."""
+    from greyarray.stats.permutation import shard_path
+
+    if not h5.exists():
+        raise MissingInputError(
+            f"{h5}: not found; --permutation-shard reads the HDF5 of an earlier group run "
+            "(run the group level first)"
+        )
+    with open_hdf5(h5) as file:
+        read_scalar(file, scalar)
+    settings.open_output("shard")
+    cohort = h5.with_name(h5.name.replace("_modelarray.h5", "_cohort.csv"))
+    fit(h5, cohort, formula, analysis, overwrite=settings.args.overwrite)
+    i, k = shard
+    return settings.finish(
+        [f"Shard {i} of {k} of the permutations of {formula}: {shard_path(h5, analysis, shard)}"]
+    )
+
+
+def _fitter(settings: Run, formula: str, smooth: bool, permutations):
     """(fit(h5, cohort, formula, analysis, overwrite), check of a cohort table before any
     conversion): fit-lm's, or fit-gam's for a formula with smooth terms s(...)."""
-    references, args = settings.reference_levels, settings.args
-    permutations = permutation_options(args)
+    references, ordered = settings.reference_levels, settings.ordered_factors
+    factors = {"reference_levels": references, "ordered_factors": ordered}
+    args = settings.args
+    thresholds = {"lthr_abs": args.num_subj_lthr_abs, "lthr_rel": args.num_subj_lthr_rel}
     if not smooth:
         from greyarray.stats.design import build_design
-        from greyarray.stats.lm import fit_lm
+        from greyarray.stats.lm import check_model, fit_lm
         from greyarray.stats.permutation import exchangeable_units
 
         def check_lm(table) -> None:
-            design = build_design(formula, table, references)
+            check_model(formula)
+            design = build_design(formula, table, references, ordered)
             if permutations is not None and permutations.blocks is not None:
                 exchangeable_units(table, design.rows, permutations.blocks, "the cohort")
 
-        return partial(fit_lm, reference_levels=references, permutations=permutations), check_lm
+        return partial(fit_lm, **factors, **thresholds, permutations=permutations), check_lm
     if permutations is not None:
         raise UsageError("--permutations applies to linear models, not to a --model with s()")
     from greyarray.stats.gam import GamModel, changed_term_name, fit_gam, parse_gam_formula
 
-    method, changed = args.gam_method, args.changed_rsq_term
+    method, changed = settings.args.gam_method, settings.args.changed_rsq_term
     if changed is not None:
         changed_term_name(parse_gam_formula(formula), changed)  # a usage error, before any work
     return (
-        partial(fit_gam, method=method, changed_rsq_term=changed),
-        lambda table: GamModel(parse_gam_formula(formula), table, method),
+        partial(fit_gam, method=method, changed_rsq_term=changed, **factors, **thresholds),
+        lambda table: GamModel(parse_gam_formula(formula), table, method, references, ordered),
     )
 
 
@@ -172,13 +212,7 @@ def _sidecar(h5_path: Path) -> dict:
 
 def _about(h5, analysis: str, meta: dict) -> dict:
     """What the sidecars say about the fit: from GreyArray's record, else what the file shows."""
-    group_ = h5["results"][analysis]
-    record = {}
-    if "greyarray_about" in group_.attrs:
-        try:
-            record = json.loads(group_.attrs["greyarray_about"])
-        except (TypeError, ValueError):
-            record = {}
+    record = _record(h5["results"][analysis])
     n = len(read_scalar(h5, meta["Scalar"]).names)
     about = {
         "Model": record.get(
@@ -200,7 +234,24 @@ def _about(h5, analysis: str, meta: dict) -> dict:
         about["NumberOfRowsWithPhenotypes"] = record["n_with_phenotypes"]
     if record.get("reference_levels"):
         about["ReferenceLevels"] = record["reference_levels"]
+    if record.get("ordered_factors"):
+        about["OrderedFactors"] = record["ordered_factors"]
+    if record.get("offset"):
+        about["Offset"] = record["offset"]
+    if record.get("aliased_columns_left_out"):
+        about["AliasedColumnsLeftOut"] = record["aliased_columns_left_out"]
+    if record.get("notes"):  # unfitted elements, empty columns, one-subject levels
+        about["Warnings"] = record["notes"]
     return about
+
+
+def _record(group) -> dict:
+    """What GreyArray recorded about a fit (``greyarray_about``); {} for R's results."""
+    try:
+        record = json.loads(group.attrs["greyarray_about"])
+    except (KeyError, TypeError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _section(meta: dict, analysis: str, about: dict, n_maps: int) -> dict:
@@ -263,10 +314,10 @@ def _permutation_text(options: dict | None) -> str:
 def _significance(h5_path: Path, analysis: str, formula: str, columns: list[str]) -> list[str]:
     with open_hdf5(h5_path) as h5:
         table = h5[f"results/{analysis}/results_matrix"][()]
-    fitted = int(np.isfinite(table[1]).sum())
+        notes = _record(h5["results"][analysis]).get("notes") or []
+    fitted = int(np.isfinite(table[1:]).any(axis=0).sum())
     lines = [f"\nModel {formula}: fitted at {fitted:,} of {table.shape[1]:,} elements"]
-    if fitted < table.shape[1]:
-        lines[0] += " (the others have too few participants with finite values)"
+    lines += [f"  WARNING: {note}" for note in notes]
     for i, name in enumerate(columns):
         if name.endswith(".p.value.fdr"):
             significant = int((table[i] < 0.05).sum())

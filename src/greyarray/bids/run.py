@@ -21,7 +21,7 @@ import yaml
 
 from greyarray import __version__
 from greyarray.bids import derivatives, discover
-from greyarray.errors import DataError, MissingInputError, UsageError
+from greyarray.errors import DataError, GreyArrayError, MissingInputError, UsageError
 from greyarray.io.fileio import make_folder, remove_stale_temporaries
 from greyarray.io.names import check_name
 
@@ -48,6 +48,7 @@ class Run:
     stamp: str = field(default_factory=lambda: _stamp())
     log_file: Path | None = None
     reference_levels: dict[str, str] = field(default_factory=dict)
+    ordered_factors: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, command_line: str) -> Run:
@@ -298,25 +299,17 @@ class Run:
 
     def _start_log(self, mode: str, extra: dict | None = None) -> None:
         """The run's log file (with what was logged so far) and its configuration in logs/."""
-        name = f"{self.args.analysis_level}-{self.stamp}-{os.getpid()}"
-        self.log_file = self.logs / f"greyarray-{name}.log"
-        start_log_file(self.log_file)
-        derivatives.write_config(
-            self.logs, f"config-{name}.yaml", {**self.config(mode), **(extra or {})}
+        self.log_file = start_run_log(
+            self.logs,
+            f"{self.args.analysis_level}-{self.stamp}-{os.getpid()}",
+            {**self.config(mode), **(extra or {})},
         )
 
     def record_refusal(self) -> None:
         """A run refused after its checks (e.g. results exist) leaves its log and configuration
-        in an existing GreyArray output's logs/ (the caller logs the error line and exit
-        code there); it never creates an output folder or writes into someone else's."""
-        if self.log_file is not None or not self.logs.is_dir():
-            return
-        try:
-            about = json.loads((self.output_dir / "dataset_description.json").read_text())
-            ours = any(g.get("Name") == "greyarray" for g in about["GeneratedBy"])
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
-            ours = False
-        if ours:
+        in OUTPUT_DIR/logs when the folder qualifies (``refusal_logs``); the caller logs the
+        error line and exit code there."""
+        if self.log_file is None and refusal_logs(self.output_dir) is not None:
             self._start_log("refused")
 
     def config(self, mode: str) -> dict:
@@ -350,6 +343,63 @@ class Run:
                 _to_file(logging.INFO, line)
         _to_file(logging.INFO, f"Done in {time.monotonic() - self.started:.1f} s (exit code 0)")
         return 0
+
+
+def refusal_logs(output_dir: Path | None) -> Path | None:
+    """Where a refused run is put on record: OUTPUT_DIR/logs when OUTPUT_DIR exists and is
+    GreyArray's (its dataset_description.json says so) or holds nothing but logs/ (a folder
+    made for the outputs, as a container's mount point is, where earlier runs were refused).
+    Never a folder that does not exist (no skeleton) nor someone else's (an input dataset
+    given by mistake)."""
+    if output_dir is None:
+        return None
+    folder = Path(output_dir).resolve()
+    try:
+        if not folder.is_dir():
+            return None
+        empty = {entry.name for entry in folder.iterdir()} <= {"logs"}
+    except OSError:
+        return None
+    if not empty:
+        try:
+            about = json.loads((folder / "dataset_description.json").read_text())
+            if not any(g.get("Name") == "greyarray" for g in about["GeneratedBy"]):
+                return None
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return None
+    return folder / "logs"
+
+
+def record_refusal(
+    output_dir: Path | None, command_line: str, error: str = "", code: int = 0
+) -> Path | None:
+    """A run refused before its settings were resolved (its arguments, its level, a missing
+    --participants-file...): its command line in OUTPUT_DIR/logs (see ``refusal_logs``), with
+    ``error`` and ``code`` when no later handler logs them (argparse's usage errors)."""
+    logs = refusal_logs(output_dir)
+    if logs is None:
+        return None
+    try:
+        path = start_run_log(
+            logs,
+            f"refused-{_stamp()}-{os.getpid()}",
+            {"command_line": command_line, "greyarray_version": __version__, "mode": "refused"},
+        )
+    except (OSError, GreyArrayError):  # a folder we cannot write: the error line is enough
+        return None
+    _to_file(logging.INFO, command_line)
+    if error:
+        _to_file(logging.ERROR, f"{error} (exit code {code})")
+    return path
+
+
+def start_run_log(logs: Path, name: str, config: dict) -> Path:
+    """``logs/greyarray-<name>.log`` (with what was logged so far) and the configuration."""
+    make_folder(logs)
+    path = logs / f"greyarray-{name}.log"
+    start_log_file(path)
+    derivatives.write_config(logs, f"config-{name}.yaml", config)
+    return path
 
 
 # ---- the log file: messages are buffered until the output folder may be written --------------

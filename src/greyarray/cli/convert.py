@@ -8,7 +8,7 @@ from pathlib import Path
 
 from greyarray.cli.shared import check_report, report_option, write_report
 from greyarray.errors import UsageError
-from greyarray.options import Parser, add_logging, add_nprocs, option
+from greyarray.options import Parser, add_logging, add_nprocs, option, positive_int
 
 log = logging.getLogger("greyarray")
 
@@ -120,9 +120,12 @@ def to_modelarray_parser(prog: str = "greyarray to-modelarray") -> Parser:
     option(
         parser,
         "--s3-workers",
-        type=int,
+        type=positive_int,
+        default=8,
         metavar="N",
-        help="accepted for ModelArrayIO compatibility (s3:// downloads); no effect",
+        help="parallel reads of s3://bucket/key sources (default 8); credentials: boto3's "
+        "chain, MODELARRAYIO_S3_ANON=1 for public buckets, AWS_ENDPOINT_URL for S3-compatible "
+        "stores",
     )
     _space_files(parser)
     parser.add_argument(
@@ -174,8 +177,8 @@ def _refuse_unsupported(args: argparse.Namespace) -> None:
         raise UsageError(
             f"--backend {args.backend} is not supported yet; GreyArray writes HDF5 (--backend hdf5)"
         )
-    if getattr(args, "workers", None) is not None or getattr(args, "s3_workers", None) is not None:
-        log.info("--workers/--s3-workers have no effect on HDF5 output; --nprocs sets threads")
+    if getattr(args, "workers", None) is not None:
+        log.info("--workers has no effect on HDF5 output; --nprocs sets threads")
 
 
 def _space_files_of(args: argparse.Namespace):
@@ -198,6 +201,7 @@ def run_to_modelarray(args: argparse.Namespace) -> int:
         chunk_elements=args.chunk_voxels,
         target_chunk_mb=args.target_chunk_mb,
         nprocs=args.nprocs,
+        s3_workers=args.s3_workers,
     )
     split = bool(args.scalar_columns) if args.split is None else args.split
     to_modelarray(

@@ -9,13 +9,15 @@ from pathlib import Path
 from greyarray.cli.shared import check_report, report_option, write_report
 from greyarray.options import (
     Parser,
+    add_factor_options,
     add_logging,
     add_nprocs,
     add_tfce_connectivity,
+    add_thresholds,
+    factor_options,
     non_negative_int,
     option,
     permutation_options,
-    reference_levels,
 )
 
 log = logging.getLogger("greyarray")
@@ -35,15 +37,7 @@ def fit_lm_parser(prog: str = "greyarray fit-lm") -> Parser:
     _model_inputs(
         parser, "lm", "R formula; its response is the scalar, e.g. 'thickness ~ age + sex'"
     )
-    option(
-        parser,
-        "--reference-level",
-        nargs="+",
-        default=[],
-        metavar="COLUMN=LEVEL",
-        help="reference level of a factor, e.g. sex=F (default: the first level in R's "
-        "order, which ignores case as R does in UTF-8 locales)",
-    )
+    add_factor_options(parser)
     option(
         parser,
         "--full-outputs",
@@ -93,20 +87,7 @@ def _model_inputs(parser, analysis: str, formula_help: str) -> None:
 
 def _thresholds(parser) -> None:
     """ModelArray's element threshold (num.subj.lthr.abs / .rel)."""
-    option(
-        parser,
-        "--num-subj-lthr-abs",
-        type=float,
-        default=10,
-        help="fit an element only with more subjects with a finite value than this",
-    )
-    option(
-        parser,
-        "--num-subj-lthr-rel",
-        type=float,
-        default=0.2,
-        help="... and more than this fraction of all subjects",
-    )
+    add_thresholds(parser)
 
 
 def _permutation_options(parser) -> None:
@@ -163,6 +144,7 @@ def run_fit_lm(args: argparse.Namespace) -> int:
     from greyarray.stats.names import MODEL_STATS, TERM_STATS
 
     permutations = permutation_options(args)
+    references, ordered = factor_options(args)
     check_report(args.report, args.input_hdf5, args.cohort_file)
     columns = fit_lm(
         args.input_hdf5,
@@ -175,7 +157,8 @@ def run_fit_lm(args: argparse.Namespace) -> int:
         lthr_abs=args.num_subj_lthr_abs,
         lthr_rel=args.num_subj_lthr_rel,
         overwrite=args.overwrite,
-        reference_levels=reference_levels(args.reference_level),
+        reference_levels=references,
+        ordered_factors=ordered,
         permutations=permutations,
     )
     if permutations is not None and permutations.shard is not None:
@@ -200,9 +183,11 @@ def fit_gam_parser(prog: str = "greyarray fit-gam") -> Parser:
         prog=prog,
         description="Fit a GAM (mgcv::gam, gaussian) at every element with ModelArray.gam's "
         "rules and outputs, and write results/<analysis> into the HDF5. Smooth terms "
-        "s(x, k=, fx=, bs=) with bs tp, ts, cr or cs, plus parametric terms as in fit-lm.",
+        "s(x, k=, fx=, bs=, by=) with bs tp, ts, cr or cs (by= a factor: one smooth per "
+        "level), tensor products te(x, z, ...) and ti(...), plus parametric terms as in fit-lm.",
     )
     _model_inputs(parser, "gam", "e.g. 'thickness ~ s(age, k=4, fx=TRUE) + sex'")
+    add_factor_options(parser)
     parser.add_argument(
         "--method",
         choices=["REML", "GCV.Cp"],
@@ -232,8 +217,9 @@ def fit_gam_parser(prog: str = "greyarray fit-gam") -> Parser:
 
 
 def run_fit_gam(args: argparse.Namespace) -> int:
-    from greyarray.stats.gam import fit_gam  # scipy and formulaic: only for this command
+    from greyarray.stats.gam import fit_gam  # scipy: only for this command
 
+    references, ordered = factor_options(args)
     columns = fit_gam(
         args.input_hdf5,
         args.cohort_file,
@@ -246,6 +232,8 @@ def run_fit_gam(args: argparse.Namespace) -> int:
         lthr_abs=args.num_subj_lthr_abs,
         lthr_rel=args.num_subj_lthr_rel,
         overwrite=args.overwrite,
+        reference_levels=references,
+        ordered_factors=ordered,
     )
     log.info(
         "Wrote results/%s (%d columns) to %s", args.analysis_name, len(columns), args.input_hdf5

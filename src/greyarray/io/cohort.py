@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from greyarray.errors import DataError, MissingInputError, UsageError
-from greyarray.io import inputs
+from greyarray.io import inputs, remote
 from greyarray.io.names import check_data_name
 
 if TYPE_CHECKING:  # pandas costs 0.3 s to import: only the functions that read tables
@@ -85,9 +85,12 @@ class Cohort:
         first = list(REQUIRED)
         return cls(path, table[first + [c for c in table.columns if c not in first]])
 
-    def resolve(self, source_file: str) -> Path:
+    def resolve(self, source_file: str) -> Path | remote.S3Url:
         """Where a ``source_file`` is on disk: as written if absolute, else in the CSV's folder,
-        then in the current folder (ModelArrayIO's rule, so its cohorts work unchanged)."""
+        then in the current folder (ModelArrayIO's rule, so its cohorts work unchanged); an
+        ``s3://bucket/key`` is an S3 object, never a path."""
+        if remote.is_url(source_file):
+            return remote.S3Url.parse(source_file)
         return Path(self._resolve(source_file))
 
     def _candidates(self, source_file: str) -> tuple[str, ...]:
@@ -101,14 +104,16 @@ class Cohort:
         fails at once naming how many, the first and where it was looked for (strings, not
         Path objects: a million files take seconds). Returns the number of files."""
         missing, first = 0, None
-        for source in self.table["source_file"]:
+        local = [s for s in self.table["source_file"] if not remote.is_url(s)]  # read later
+        for source in local:
             if not any(os.path.lexists(c) for c in self._candidates(source)):
                 missing, first = missing + 1, first or source
         if missing:
             message = missing_source(self.path, first, self._candidates(first))
             count = f"; {missing:,} of {len(self.table):,} source files are missing"
             raise MissingInputError(message + (count if missing > 1 else ""))
-        return inputs.check_present(map(self._resolve, self.table["source_file"]))
+        inputs.check_present(map(self._resolve, local))
+        return len(self.table)
 
     @cached_property
     def _folder(self) -> str:
@@ -136,7 +141,7 @@ def resolve_source(folder: str, source_file: str) -> str:
     return next((c for c in candidates if os.path.lexists(c)), candidates[0])
 
 
-def first_source(csv: Path) -> Path:
+def first_source(csv: Path) -> Path | remote.S3Url:
     """The first ``source_file`` of a cohort CSV, without pandas (export's template: a small
     export must start fast)."""
     import csv as csvlib
@@ -155,6 +160,8 @@ def first_source(csv: Path) -> Path:
         raise DataError(f"{table}: cannot read as CSV ({err})") from None
     if row is None or not (row["source_file"] or "").strip():
         raise DataError(f"{table}: cohort has no source_file in its first row")
+    if remote.is_url(row["source_file"]):
+        return remote.S3Url.parse(row["source_file"])
     folder = str(table.parent)
     path = Path(resolve_source(folder, row["source_file"]))
     if not os.path.exists(path):  # False, not OSError, for a name too long for the system
@@ -272,13 +279,23 @@ def _check(path: Path, table: pd.DataFrame) -> None:
             raise DataError(f"{path}: line {empty[0] + 2} has an empty {column}")
     for name in table["scalar_name"].unique():
         check_data_name("scalar", name, str(path))
-    remote = table["source_file"].str.contains(r"^[a-z][a-z0-9+]*://", regex=True).to_numpy()
-    if remote.any():
-        first = int(remote.argmax())
+    sources = table["source_file"]
+    bad = (sources.str.startswith(remote.SCHEME) & ~sources.str.match(remote.OBJECT)).to_numpy()
+    if bad.any():
+        first = int(bad.argmax())
+        raise UsageError(
+            f"{path}: line {table.index[first] + 2}: {sources.iloc[first]!r} is not an S3 "
+            "object (expected s3://bucket/key)"
+        )
+    urls = (
+        sources.str.match(r"[A-Za-z][A-Za-z0-9+.-]*://") & ~sources.str.startswith(remote.SCHEME)
+    ).to_numpy()
+    if urls.any():
+        first = int(urls.argmax())
         raise UsageError(
             f"{path}: line {table.index[first] + 2}: {table['source_file'].iloc[first]!r} is a "
-            "remote path; GreyArray reads local files only (s3:// is not supported yet: "
-            "download the files first)"
+            "remote path GreyArray cannot read; it reads local files and s3://bucket/key "
+            "objects"
         )
     duplicated = table[table.duplicated(["scalar_name", "source_file"], keep=False)]
     if len(duplicated):

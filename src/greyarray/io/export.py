@@ -199,10 +199,11 @@ TYPE_OF_KIND = {"voxels": "nifti", "fixels": "mif"}  # other kinds are CIFTI's
 
 
 def load_template(path: Path) -> ElementSpace:
-    """The space of a CIFTI template file (``--example-file`` or the cohort's first file)."""
+    """The space of a template file (``--example-file`` or the cohort's first file)."""
+    from greyarray.io import remote
     from greyarray.io.formats import cifti
 
-    return cifti.read_file(path).geometry
+    return (remote.read_file(path) if remote.is_url(path) else cifti.read_file(path)).geometry
 
 
 def stored_type(h5: h5py.File, stored: ElementSpace | None) -> str:

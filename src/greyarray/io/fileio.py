@@ -72,9 +72,8 @@ def output_failure(path: Path, err: BaseException) -> OutputError | None:
 
 
 def check_free_space(path: Path, need: int, what: str) -> None:
-    """Refuse before writing into an existing file (the user's HDF5) when its disk cannot hold
-    ``need`` more bytes (an upper bound). A disk that fills midway leaves the file grown with
-    a half-written group, and HDF5 may crash on closing it: better not to start."""
+    """Refuse before writing beside an existing file (the user's HDF5) when its disk cannot
+    hold ``need`` more bytes (an upper bound): better said at once than found out midway."""
     try:
         free = shutil.disk_usage(Path(path).resolve().parent).free
     except OSError:
@@ -87,12 +86,14 @@ def check_free_space(path: Path, need: int, what: str) -> None:
 
 
 def check_writable(path: Path) -> None:
-    """Fail before any work when an existing regular file cannot be written in place (a
-    read-only file or file system, no permission): a fit that runs for minutes must not find
-    out at the end. Opening for writing without truncating changes nothing; a missing or
-    irregular file is left for the reader to report."""
+    """Fail before any work when an existing file cannot be updated (results written into the
+    user's HDF5): a read-only file or file system, no permission, a folder that cannot take
+    the updated copy (h5update writes one beside the file, then renames it), or no room for
+    that copy. A fit that runs for minutes must not find out at the end. Opening for writing
+    without truncating changes nothing; a missing or irregular file is left for the reader."""
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
             return
         fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -102,6 +103,16 @@ def check_writable(path: Path) -> None:
             f"{path}: cannot write ({err.strerror or err})"
         ) from None
     os.close(fd)
+    folder = Path(os.path.realpath(path)).parent
+    try:
+        with private_folder(folder):
+            pass
+    except OutputError as err:
+        raise OutputError(
+            f"{path}: cannot be updated safely: {err} (the updated file is written beside it, "
+            "then renamed over it)"
+        ) from None
+    check_free_space(path, st.st_size + 2**20, "an updated copy of it")
 
 
 def make_folder(folder: Path) -> None:

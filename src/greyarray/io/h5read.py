@@ -110,6 +110,12 @@ def read_scalar(h5: h5py.File, scalar: str) -> Scalar:
     if not isinstance(group, h5py.Group):
         raise DataError(f"{where} is a dataset, not a group holding values and column_names")
     values = _values(group, where)
+    stored = stored_element_count(h5)
+    if stored is not None and stored[0] != values.shape[1]:
+        raise DataError(
+            f"{where}/values has {values.shape[1]} elements but the file's geometry "
+            f"({stored[1]}) has {stored[0]}: its columns cannot be placed on the elements"
+        )
     names_dataset = member(group, "column_names", where)
     if names_dataset is None:
         raise DataError(f"{where} has no column_names (the subjects' names)")
@@ -138,3 +144,37 @@ def _values(group: h5py.Group, where: str) -> h5py.Dataset:
     if dtype.kind not in "fiu" or dtype.names is not None:
         raise DataError(f"{where}/values holds {dtype}, not numbers")
     return values
+
+
+def stored_element_count(h5: h5py.File) -> tuple[int, str] | None:
+    """(number of elements, where it is recorded) of the file's geometry: GreyArray's
+    ``greyarray/geometry`` (its ``n_elements``), else ModelArrayIO's ``greyordinates`` or
+    ``parcels``; None when the file records none (a malformed record is the export's to
+    report)."""
+    try:
+        count = h5["greyarray/geometry"].attrs.get("n_elements")
+        if isinstance(count, (int, np.integer)) and not isinstance(count, (bool, np.bool_)):
+            return int(count), "greyarray/geometry"
+    except (KeyError, OSError, RuntimeError, TypeError, ValueError, AttributeError):
+        pass
+    shapes = {}
+    for name in (
+        "greyordinates",
+        "parcels/parcel_id",
+        "parcels/parcel_id_from",
+        "parcels/parcel_id_to",
+    ):
+        try:
+            item = h5[name]
+        except (KeyError, OSError, RuntimeError, ValueError):
+            continue
+        if isinstance(item, h5py.Dataset) and item.shape:
+            shapes[name] = item.shape
+    if len(shapes.get("greyordinates", ())) == 2:
+        return shapes["greyordinates"][1], "greyordinates"
+    if len(shapes.get("parcels/parcel_id", ())) == 1:
+        return shapes["parcels/parcel_id"][0], "parcels/parcel_id"
+    pair = shapes.get("parcels/parcel_id_from"), shapes.get("parcels/parcel_id_to")
+    if all(shape is not None and len(shape) == 1 for shape in pair):
+        return pair[0][0] * pair[1][0], "parcels/parcel_id_from x parcel_id_to"
+    return None

@@ -50,6 +50,10 @@ class FileStamp:
     def of(cls, st: os.stat_result) -> FileStamp:
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
+    def read(self, path: Path, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` of ``path``, still this file (see ``read_checked``)."""
+        return read_checked(path, self, offset, size)
+
     def change(self, other: FileStamp) -> str | None:
         """None when ``other`` is the same file unchanged, else what happened to it."""
         if (self.device, self.inode) != (other.device, other.inode):
@@ -86,6 +90,31 @@ def open_regular(path: Path, what: str = "file") -> Iterator[tuple[int, FileStam
         yield fd, FileStamp.of(st)
     finally:
         os.close(fd)
+
+
+class LocalFile:
+    """An open regular file as sources.inspect reads it (an S3 object offers the same:
+    remote.RemoteObject): ``read(offset, size)``, ``keep`` (nothing: the write pass reads the
+    file again) and ``done``, which verifies the file was not rewritten while being read."""
+
+    def __init__(self, path: Path, fd: int, stamp: FileStamp):
+        self.path, self.fd, self.stamp, self.size = path, fd, stamp, stamp.size
+
+    def read(self, offset: int, size: int) -> bytes:
+        return pread_exact(self.fd, size, offset, self.path)
+
+    def keep(self, raw: bytes) -> None:
+        pass
+
+    def done(self, data_offset: int) -> FileStamp:
+        verify(self.path, self.fd, self.stamp)
+        return self.stamp
+
+
+@contextlib.contextmanager
+def opened(path: Path) -> Iterator[LocalFile]:
+    with open_regular(path) as (fd, stamp):
+        yield LocalFile(path, fd, stamp)
 
 
 def pread_exact(fd: int, size: int, offset: int, path: Path) -> bytes:
@@ -159,18 +188,15 @@ def check_present(paths: Iterable[Path | str], what: str = "file") -> int:
 def open_hdf5(path: Path, mode: str = "r", **options) -> Iterator:
     """An h5py.File whose opening errors are one line: missing (66), not HDF5 or damaged (65).
 
+    The file is opened once as a descriptor (never blocking), checked to be a regular file,
+    and HDF5 opens that descriptor (``/proc/self/fd/N``), not the name again: a FIFO or
+    another file swapped in after the check is never opened. ``h5.filename`` stays ``path``.
     Errors raised while reading inside the block (a damaged dataset) become DataError too.
-    ``options`` go to h5py.File (e.g. chunk cache sizes).
+    ``options`` go to h5py.File (e.g. chunk cache sizes). Modes: ``r`` and ``r+`` (results
+    are written through ``h5update.updating_hdf5``, never in place).
     """
-    import h5py
-
     path = Path(path)
-    try:
-        st = os.stat(path)
-    except OSError as err:
-        raise _missing(path, err, "HDF5 file") from None
-    _refuse_irregular(path, st.st_mode)
-    h5 = _open_when_free(h5py, path, mode, options)
+    h5, fd = _open_when_free(path, mode, options)
     try:
         with h5:
             yield h5
@@ -178,17 +204,31 @@ def open_hdf5(path: Path, mode: str = "r", **options) -> Iterator:
         if mode != "r" and (failure := output_failure(path, err)):
             raise failure from None  # disk full, read-only: the output's problem, not damage
         raise DataError(f"{path}: damaged HDF5 file ({_h5_reason(err)})") from None
+    finally:
+        os.close(fd)
 
 
-def _open_when_free(h5py, path: Path, mode: str, options: dict):
-    """h5py.File, waiting while another process holds the file (a second fit-lm on the same
-    file, ModelArray writing results in R): HDF5 locks a file for as long as it is open for
-    writing, and refuses others at once."""
+def _open_when_free(path: Path, mode: str, options: dict):
+    """(h5py.File, descriptor), waiting while another process holds the file (a second fit-lm
+    on the same file, ModelArray writing results in R): HDF5 locks a file for as long as it
+    is open for writing, and refuses others at once."""
+    import h5py
+
+    class Named(h5py.File):
+        """An h5py.File opened through a descriptor that still names the user's path."""
+
+        @property
+        def filename(self) -> str:
+            return str(path)
+
+    flags = OPEN_FLAGS | (0 if mode == "r" else os.O_RDWR)  # OPEN_FLAGS has O_RDONLY = 0
 
     def attempt():
+        fd = _open_checked(path, flags, mode)
         try:
-            return h5py.File(path, mode, locking="best-effort", **options)
+            return Named(_by_descriptor(path, fd), mode, locking="best-effort", **options), fd
         except OSError as err:
+            os.close(fd)
             reason = _h5_reason(err)
             if reason == "locked by another program":
                 return None
@@ -197,8 +237,38 @@ def _open_when_free(h5py, path: Path, mode: str, options: dict):
             if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise MissingInputError(f"{path}: cannot open ({os.strerror(err.errno)})") from None
             raise DataError(f"{path}: cannot read as HDF5 ({reason})") from None
+        except BaseException:
+            os.close(fd)
+            raise
 
     return when_free(attempt, path, "in use by another process")
+
+
+def _open_checked(path: Path, flags: int, mode: str) -> int:
+    """A descriptor of ``path``, which must be a regular file (checked on the descriptor)."""
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        if err.errno in (errno.ENXIO, errno.EISDIR):  # a socket, a folder opened for writing
+            with contextlib.suppress(OSError):
+                _refuse_irregular(path, os.stat(path).st_mode)
+        failure = output_failure(path, err) if mode != "r" else None
+        if failure is not None and not isinstance(err, FileNotFoundError):
+            raise failure from None
+        raise _missing(path, err, "HDF5 file") from None
+    try:
+        _refuse_irregular(path, os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _by_descriptor(path: Path, fd: int) -> str:
+    """The name under which HDF5 opens exactly the file of ``fd``: /proc/self/fd/N on Linux
+    (the descriptor's file, whatever the path names now); elsewhere the path itself."""
+    name = f"/proc/self/fd/{fd}"
+    return name if os.path.exists(name) else str(path)
 
 
 def _h5_reason(err: Exception) -> str:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from greyarray.errors import DataError, OutputError, UsageError
+from greyarray.io.remote import S3Url
 
 
 def check_name(what: str, name: str, where: str = "", error: type = UsageError) -> str:
@@ -62,7 +63,7 @@ def refuse_inputs(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
     outputs = {Path(os.path.realpath(p)): p for p in outputs}
     names = {p.name for p in outputs}
     for source in inputs:
-        if Path(source).name not in names:  # cheap filter: a million rows stay fast
+        if isinstance(source, S3Url) or Path(source).name not in names:  # cheap filter first
             continue
         real = Path(os.path.realpath(source))
         if real in outputs:

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from greyarray.errors import DataError, OutputError
-from greyarray.io import inputs
+from greyarray.errors import DataError, OutputError, UsageError
+from greyarray.io import inputs, remote
 from greyarray.io.formats import cifti
 from greyarray.io.spaces import ElementSpace
 from greyarray.io.spaces.fixels import FixelSet
@@ -112,7 +112,7 @@ class Source:
     map_index: int
     sha256: str
     n_nonfinite: int
-    stamp: inputs.FileStamp | None = None  # the file's identity when checked
+    stamp: inputs.FileStamp | remote.Spooled | None = None  # how to read it again, checked
     spill: Spill | None = field(default=None, compare=False, repr=False)
     row: int = 0  # its row in the spill
     mask: SubjectMask | None = None
@@ -132,25 +132,33 @@ class Source:
     def _read(self, offset: int, size: int) -> bytes:
         if self.stamp is None:
             return cifti.pread_from(self.file.path)(offset, size)
-        return inputs.read_checked(self.file.path, self.stamp, offset, size)
+        return self.stamp.read(self.file.path, offset, size)
 
 
-def inspect(path: Path, column_name: str, wanted_map: str | None) -> Source:
+def inspect(
+    path: Path | remote.S3Url,
+    column_name: str,
+    wanted_map: str | None,
+    spool: Path | None = None,
+    s3_workers: int = remote.DEFAULT_WORKERS,
+) -> Source:
     """Parse, hash and scan one file, reading only what its header promises (header and
-    extensions, then the data block), in blocks of bounded size."""
-    with inputs.open_regular(path) as (fd, stamp):
-        head = cifti.read_head(fd, path, stamp.size)
-        parsed = cifti.parse(path, head, stamp.size)
+    extensions, then the data block), in blocks of bounded size. An S3 object is streamed
+    once and its data kept in ``spool`` for the write pass (remote.py)."""
+    remote_ = isinstance(path, remote.S3Url)
+    with remote.opened(path, spool, s3_workers) if remote_ else inputs.opened(path) as file:
+        head = cifti.read_head(file.read, path, file.size)
+        parsed = cifti.parse(path, head, file.size)
         index = parsed.select_map(wanted_map)
         digest = hashlib.sha256(head)
         n_bad = 0
         step = parsed.block_unit * max(1, BLOCK_BYTES // parsed.block_unit)
         for start in range(0, parsed.data_size, step):
-            size = min(step, parsed.data_size - start)
-            raw = inputs.pread_exact(fd, size, parsed.offset + start, path)
+            raw = file.read(parsed.offset + start, min(step, parsed.data_size - start))
             digest.update(raw)
             n_bad += parsed.count_nonfinite(raw, index)
-        inputs.verify(path, fd, stamp)  # not rewritten while being read
+            file.keep(raw)
+        stamp = file.done(parsed.offset)  # a local file: not rewritten while being read
     return Source(column_name, parsed, index, digest.hexdigest(), n_bad, stamp)
 
 
@@ -308,26 +316,34 @@ def majority_mask(maps: Sequence[Path], masks: Sequence[Path | None], name: str)
 
 
 def check_sources(
-    files: Iterable[tuple[str, Path]],
+    files: Iterable[tuple[str, Path | remote.S3Url]],
     wanted_map: str | None,
     nprocs: int = 1,
     label: str = "",
+    spool: Path | None = None,
+    s3_workers: int = remote.DEFAULT_WORKERS,
     *,
     space: ElementSpace | None = None,
     masks: Sequence[Path | None] | None = None,
     dtype: str = "float32",
 ) -> list[Source]:
     """Inspect (column name, path) pairs in parallel; all must share the first file's space
-    (CIFTI), or be on ``space`` (the group mask's voxels, an index's fixels), with ``masks``
+    (CIFTI: ``s3_workers`` threads when some are S3 objects, whose data go to ``spool``), or be
+    on ``space`` (the group mask's voxels, an index's fixels: local files), with ``masks``
     (each file's subject mask, or None)."""
     files = list(files)
-    inputs.check_present(path for _, path in files)
+    inputs.check_present(path for _, path in files if not remote.is_url(path))
     masks = list(masks) if masks is not None else [None] * len(files)
     if any(m is not None for m in masks):
         inputs.check_present((m for m in masks if m is not None), "subject mask")
+    threads = max(1, s3_workers if any(remote.is_url(p) for _, p in files) else nprocs)
     if space is None:
-        jobs = [partial(inspect, path, name, wanted_map) for name, path in files]
+        read = partial(inspect, wanted_map=wanted_map, spool=spool, s3_workers=threads)
+        jobs = [partial(read, path, name) for name, path in files]
     else:
+        remote_ = next((path for _, path in files if remote.is_url(path)), None)
+        if remote_ is not None:
+            raise UsageError(f"{remote_}: s3:// sources are read for CIFTI files only")
         spill = Spill(len(files), space.n_elements, np.dtype(dtype))
         read = READERS[type(space)]
         jobs = [
@@ -337,7 +353,7 @@ def check_sources(
     sources: list[Source] = []
     check: GeometryCheck | None = None
     for source in tqdm(
-        _run_all(jobs, max(1, nprocs)),
+        _run_all(jobs, threads),
         total=len(files),
         desc=f"Checking {label}".strip(),
         unit="file",

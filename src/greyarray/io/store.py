@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 
 from greyarray.errors import DataError
+from greyarray.io import remote
 from greyarray.io.fileio import check_output, remove_stale_temporaries, replacing
 from greyarray.io.formats import SpaceFiles
 from greyarray.io.formats.stream import deflate
@@ -62,6 +63,7 @@ class StoreOptions:
     chunk_elements: int = 0  # 0: derive from target_chunk_mb
     target_chunk_mb: float = 1.0
     nprocs: int = 1
+    s3_workers: int = 8  # parallel S3 reads (remote.py)
 
     @property
     def description(self) -> str:
@@ -128,24 +130,29 @@ def to_modelarray(
         remove_stale_temporaries(path.parent)
     space = space_files.load(kind, f"{cohort.path} lists")
     checked = {}
-    for path, names in plan.items():
-        files = [(name, src) for name in names for src in cohort.scalars[name]]
-        sources = check_sources(
-            [(src, cohort.resolve(src)) for _, src in files],
-            wanted_map,
-            options.nprocs,
-            label=", ".join(names),
-            space=space,
-            masks=[m for name in names for m in masks[name] or [None] * len(cohort.scalars[name])],
-            dtype=options.dtype,
-        )
-        checked[path] = {
-            name: [s for (n, _), s in zip(files, sources, strict=True) if n == name]
-            for name in names
-        }
-    for path, scalars in checked.items():
-        write_modelarray(path, scalars, options, command_line, overwrite)
-        log.info("Wrote %s", path)
+    needed = any(map(remote.is_url, cohort.table["source_file"]))
+    with remote.spool_folder(next(iter(plan)).parent, needed) as spool:  # S3 objects' data
+        for path, names in plan.items():
+            files = [(name, src) for name in names for src in cohort.scalars[name]]
+            n_files = {name: len(cohort.scalars[name]) for name in names}
+            sources = check_sources(
+                [(src, cohort.resolve(src)) for _, src in files],
+                wanted_map,
+                options.nprocs,
+                label=", ".join(names),
+                spool=spool,
+                s3_workers=options.s3_workers,
+                space=space,
+                masks=[m for name in names for m in masks[name] or [None] * n_files[name]],
+                dtype=options.dtype,
+            )
+            checked[path] = {
+                name: [s for (n, _), s in zip(files, sources, strict=True) if n == name]
+                for name in names
+            }
+        for path, scalars in checked.items():
+            write_modelarray(path, scalars, options, command_line, overwrite)
+            log.info("Wrote %s", path)
     return list(checked)
 
 

@@ -11,6 +11,8 @@ uncorrected p (sign of the estimate, else of the statistic) where the corrected 
 
 from __future__ import annotations
 
+import json
+
 import h5py
 import numpy as np
 
@@ -80,6 +82,8 @@ def results_section(
             ]
         )
     )
+    for note in _warnings(h5[f"results/{analysis}"], columns, fitted, layout.n_elements):
+        section.add(Text(note, "warning"))
     found = terms(results.names)
     present = [
         (label, suffix)
@@ -109,6 +113,30 @@ def _fitted(columns: dict[str, np.ndarray]) -> int:
     """Elements with any finite result (ModelArray leaves unfitted elements NaN)."""
     stack = [v for name, v in columns.items() if name != "element_id"]
     return int(np.isfinite(np.vstack(stack)).any(axis=0).sum()) if stack else 0
+
+
+def _warnings(group: h5py.Group, columns: dict[str, np.ndarray], fitted: int, n: int) -> list[str]:
+    """What the fit's writer said about empty results (unfitted elements and why, columns NaN
+    everywhere, one-subject factor levels: ``greyarray_about``'s notes); for results written
+    elsewhere (ModelArray in R), what the columns show."""
+    try:
+        notes = json.loads(group.attrs["greyarray_about"]).get("notes")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        notes = None
+    if notes is not None:
+        return [str(note) for note in notes]
+    found = []
+    if fitted < n:
+        found.append(
+            f"{n - fitted:,} of {n:,} elements have no results (NaN): ModelArray leaves an "
+            "element unfitted where too few subjects have a finite value (num.subj.lthr.abs, "
+            "num.subj.lthr.rel)"
+        )
+    if fitted:
+        empty = [k for k, v in columns.items() if k != "element_id" and not np.isfinite(v).any()]
+        if empty:
+            found.append(f"NaN at every element: {', '.join(empty)}")
+    return found
 
 
 def _count(columns: dict[str, np.ndarray], name: str) -> int | None:

@@ -15,11 +15,10 @@ parametric terms.
 
 from __future__ import annotations
 
-import ast
 import logging
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +32,20 @@ from greyarray.io.fileio import check_writable
 from greyarray.io.h5read import read_scalar
 from greyarray.io.inputs import open_hdf5
 from greyarray.io.names import check_name
+from greyarray.stats import formula as rf
 from greyarray.stats import gam_fit
-from greyarray.stats.design import build_design, match_cohort, parse_formula, threshold_rule
+from greyarray.stats.design import (
+    Factor,
+    Numeric,
+    build_design,
+    match_cohort,
+    single_subject_levels,
+    threshold_rule,
+    variable,
+)
 from greyarray.stats.lm import BLOCK_BYTES
 from greyarray.stats.results import p_adjust_fdr, write_results
-from greyarray.stats.smooths import BASES, MAX_KNOTS, smooth_term
+from greyarray.stats.smooths import BASES, MAX_KNOTS, Smooth, smooth_term, tensor_term
 
 log = logging.getLogger(__name__)
 
@@ -61,131 +69,254 @@ DEFAULT_SMOOTH_STATS = ("statistic", "p.value")
 DEFAULT_PARAM_STATS = ("estimate", "statistic", "p.value")
 DEFAULT_MODEL_STATS = ("dev.expl",)
 PATTERN_CACHE = 32  # designs kept for sets of valid subjects (each is small)
+SMOOTH_KINDS = ("s", "te", "ti")
 
 
 @dataclass(frozen=True)
 class SmoothSpec:
-    """One ``s(x, k=, fx=, bs=)`` term."""
+    """One smooth term: ``s(x, k=, fx=, bs=, by=)``, ``te(x, z, ...)`` or ``ti(...)``."""
 
-    term: str  # as written in the formula
-    var: str
-    k: int
+    term: str  # mgcv's term label (R's deparse of the call)
+    kind: str  # s, te or ti
+    variables: tuple[str, ...]
+    k: tuple[int, ...]  # per margin (s: one)
     fx: bool
-    bs: str
+    bs: tuple[str, ...]  # per margin
+    by: str | None = None  # a factor: one smooth per level (an ordered factor's first: none)
 
     @property
     def label(self) -> str:
-        """mgcv's label, e.g. ``s(age)``."""
-        return f"s({self.var})"
+        """mgcv's label, e.g. ``s(age)``, ``ti(age,edu)`` (a factor ``by`` appends
+        ``:<by><level>`` to each level's smooth)."""
+        return f"{self.kind}({','.join(self.variables)})"
 
     @property
     def name(self) -> str:
-        """ModelArray's column prefix, e.g. ``s_age``."""
-        return f"s_{self.var}"
+        """ModelArray's name of the term (its changed-R-squared prefix): ``s_age``,
+        ``ti_age_edu``, ``s_age_BYosex``."""
+        name = f"{self.kind}_{'_'.join(self.variables)}"
+        return f"{name}_BY{self.by}" if self.by else name
+
+
+def smooth_column(label: str) -> str:
+    """ModelArray.gam's column prefix of a smooth (``analyseOneElement.gam``): ``s(age)`` ->
+    ``s_age``, ``s(age):osexM`` -> ``s_age_BYosexM``, ``ti(age,edu)`` -> ``ti_age_edu``."""
+    parts = re.split(r"[()]", label)
+    if parts[-1] == "":  # R's strsplit drops one empty string at the end
+        parts.pop()
+    name = f"{parts[0]}_{parts[1]}"
+    if len(parts) > 2:
+        name += "_" + "".join(parts[2:])
+    return name.replace(":", "BY").replace(",", "_")
 
 
 @dataclass(frozen=True)
 class GamFormula:
-    response: str
+    response: str  # the response as R writes it (back-quoted if it must be)
     smooths: tuple[SmoothSpec, ...]
-    parametric: tuple[str, ...]  # the other right-hand-side terms, as written
-    terms: tuple[str, ...]  # every right-hand-side term in order (ModelArray's term index)
+    parametric: tuple[str, ...]  # the other right-hand-side terms (R's term labels)
+    terms: tuple[str, ...]  # every right-hand-side term in R's order (ModelArray's term index)
+    intercept: bool = True
+    scalar: str = ""  # the response as a scalar name
 
     @property
     def parametric_rhs(self) -> str:
         return " + ".join(self.parametric) if self.parametric else "1"
 
+    @property
+    def text(self) -> str:
+        """The formula written again from its terms (as mgcv rebuilds its parts)."""
+        rhs = " + ".join(self.terms) if self.terms else "1"
+        return f"{self.response} ~ {rhs}" + ("" if self.intercept else " - 1")
+
     def without(self, term: str) -> GamFormula:
         """The reduced model of ModelArray's changed.rsq.term.index (term dropped)."""
-        return GamFormula(
-            self.response,
-            tuple(s for s in self.smooths if s.term != term),
-            tuple(t for t in self.parametric if t != term),
-            tuple(t for t in self.terms if t != term),
+        return replace(
+            self,
+            smooths=tuple(s for s in self.smooths if s.term != term),
+            parametric=tuple(t for t in self.parametric if t != term),
+            terms=tuple(t for t in self.terms if t != term),
         )
-
-
-def _split_terms(rhs: str) -> list[str]:
-    """Top-level ``+``-separated terms (parentheses respected)."""
-    terms, depth, start = [], 0, 0
-    for i, char in enumerate(rhs):
-        depth += char == "("
-        depth -= char == ")"
-        if char == "+" and depth == 0:
-            terms.append(rhs[start:i].strip())
-            start = i + 1
-    terms.append(rhs[start:].strip())
-    return [t for t in terms if t]
 
 
 def is_gam_formula(formula: str) -> bool:
-    """True when the formula has a smooth term ``s(...)`` (route it to fit-gam)."""
-    return "~" in formula and any(
-        re.match(r"s\s*\(", t) for t in _split_terms(formula.split("~", 1)[1])
-    )
+    """True when the formula has a smooth term ``s(...)``, ``te(...)`` or ``ti(...)`` (route it
+    to fit-gam)."""
+    return bool(rf.model_formula(formula).smooths)
 
 
-def _smooth_spec(term: str, formula: str) -> SmoothSpec:
-    try:
-        call = ast.parse(term.replace("TRUE", "True").replace("FALSE", "False"), mode="eval")
-        call = call.body
-    except SyntaxError:
-        raise UsageError(f"formula {formula!r}: cannot read smooth term {term!r}") from None
-    if len(call.args) != 1 or not isinstance(call.args[0], ast.Name):
-        raise UsageError(
-            f"formula {formula!r}: {term!r} must smooth one variable (s(x, ...)); tensor "
-            "and multi-variable smooths are not supported"
+def _constant(node: rf.Node, formula: str, term: str):
+    """A constant argument: a number, string, TRUE/FALSE (T/F), NA (None), a bare word (as
+    the name of a basis), or R's ``c(...)`` of them (a list)."""
+    if isinstance(node, rf.Num):
+        return int(node.value) if node.value == int(node.value) else node.value
+    if isinstance(node, rf.Call) and node.fn == "-" and len(node.args) == 1:
+        value = _constant(node.args[0], formula, term)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return -value
+    if isinstance(node, rf.Str):
+        return node.value
+    if isinstance(node, rf.Const):
+        return None if node.value == "NA" else node.value
+    if isinstance(node, rf.Name):
+        return {"T": True, "F": False}.get(node.id, node.id)
+    if isinstance(node, rf.Call) and node.fn == "c" and not any(node.names):
+        return [_constant(arg, formula, term) for arg in node.args]
+    raise UsageError(f"formula {formula!r}: {term!r}: '{rf.deparse(node)}' is not a constant")
+
+
+def _per_margin(value, n: int, default, what: str, term: str) -> tuple:
+    """One value per margin: a single value is repeated; for te/ti, a vector of the wrong
+    length is replaced by the default, as mgcv does (with a warning)."""
+    values = value if isinstance(value, list) else [value]
+    if len(values) == 1:
+        values = values * n
+    if len(values) != n:
+        log.warning(
+            "%s: %s has %d values for %d margins; mgcv uses %r", term, what, len(values), n, default
         )
-    args = {"k": 10, "fx": False, "bs": "tp"}
-    for kw in call.keywords:
-        if kw.arg not in args or not isinstance(kw.value, (ast.Constant, ast.Name)):
-            raise UsageError(f"formula {formula!r}: {term!r}: only k=, fx= and bs= are supported")
-        value = kw.value.id if isinstance(kw.value, ast.Name) else kw.value.value
-        args[kw.arg] = {"T": True, "F": False}.get(value, value) if kw.arg == "fx" else value
-    if args["bs"] not in BASES:
-        raise UsageError(f"formula {formula!r}: bs={args['bs']!r} (supported: {', '.join(BASES)})")
-    if not isinstance(args["k"], int) or not isinstance(args["fx"], bool):
-        raise UsageError(f"formula {formula!r}: {term!r} needs an integer k and fx=TRUE/FALSE")
-    k = max(args["k"], 3)  # mgcv raises k to the minimum (3) with a warning
-    return SmoothSpec(term, call.args[0].id, k, args["fx"], args["bs"])
+        values = [default] * n
+    return tuple(default if v is None else v for v in values)
+
+
+def _smooth_spec(smooth: rf.SmoothCall, formula: str) -> SmoothSpec:
+    term, kind = smooth.label, smooth.kind
+    if kind not in SMOOTH_KINDS:
+        raise UsageError(f"formula {formula!r}: {term!r}: {kind}() is not supported (s, te, ti)")
+    if not smooth.variables or not all(isinstance(v, rf.Name) for v in smooth.variables):
+        raise UsageError(f"formula {formula!r}: {term!r} must smooth columns, e.g. {kind}(age)")
+    variables = tuple(v.id for v in smooth.variables)
+    if kind == "s" and len(variables) > 1:
+        raise UsageError(
+            f"formula {formula!r}: {term!r}: a smooth of several variables (thin plate) is not "
+            "supported; use a tensor product, te(...) or ti(...)"
+        )
+    if len(set(variables)) < len(variables):
+        raise UsageError(f"formula {formula!r}: {term!r} repeats a variable")
+    args: dict = {"k": None, "fx": False, "bs": None, "by": None}
+    for name, node in smooth.arguments.items():
+        if name not in args:
+            raise UsageError(
+                f"formula {formula!r}: {term!r}: only k=, fx=, bs= and by= are supported"
+            )
+        if name != "by":
+            args[name] = _constant(node, formula, term)
+        elif isinstance(node, rf.Name):
+            args["by"] = node.id
+        elif not (isinstance(node, rf.Const) and node.value == "NA"):  # NA: mgcv's default
+            raise UsageError(f"formula {formula!r}: {term!r}: by= must name a column")
+    if args["by"] is not None and kind != "s":
+        raise UsageError(f"formula {formula!r}: {term!r}: by= is supported in s() only")
+    if not isinstance(args["fx"], bool):
+        raise UsageError(f"formula {formula!r}: {term!r} needs fx=TRUE or fx=FALSE")
+    n = len(variables)
+    default_bs, default_k = ("tp", 10) if kind == "s" else ("cr", 5)
+    if kind == "s" and any(isinstance(args[a], list) for a in ("k", "bs")):
+        raise UsageError(f"formula {formula!r}: {term!r} takes one k and one bs")
+    bs = _per_margin(args["bs"], n, default_bs, "bs", term)
+    ks = _per_margin(args["k"], n, default_k, "k", term)
+    for b in bs:
+        if b not in BASES:
+            raise UsageError(f"formula {formula!r}: bs={b!r} (supported: {', '.join(BASES)})")
+    if not all(isinstance(k, int) and not isinstance(k, bool) for k in ks):
+        raise UsageError(f"formula {formula!r}: {term!r} needs an integer k")
+    if kind == "s":  # mgcv: k < 0 is the default (10); below 3 it is raised to 3 (a warning)
+        ks = (default_k if ks[0] < 0 else max(ks[0], 3),)
+    elif min(ks) < 3:
+        log.warning("%s: k < 3; mgcv resets every margin's k to 5", term)
+        ks = (5,) * n
+    return SmoothSpec(term, kind, variables, ks, args["fx"], bs, args["by"])
 
 
 def parse_gam_formula(formula: str) -> GamFormula:
-    response, rhs = parse_formula(formula)
-    terms = _split_terms(rhs)
-    smooths = tuple(_smooth_spec(t, formula) for t in terms if re.match(r"s\s*\(", t))
-    parametric = tuple(t for t in terms if not re.match(r"s\s*\(", t))
-    if len({s.var for s in smooths}) < len(smooths):
-        raise UsageError(f"formula {formula!r}: a variable is smoothed twice")
-    return GamFormula(response, smooths, parametric, tuple(terms))
+    model = rf.model_formula(formula)
+    if model.bars:
+        raise UsageError(
+            f"formula {formula!r}: random-effect terms (... | ...) are lme4's: use fit-lmm, or "
+            's(g, bs = "re") in a GAM'
+        )
+    smooths = tuple(_smooth_spec(s, formula) for s in model.smooths)
+    keys = [(s.label, s.by) for s in smooths]
+    if len(set(keys)) < len(keys):
+        raise UsageError(
+            f"formula {formula!r}: a variable is smoothed twice the same way (mgcv warns and "
+            "drops columns by gam.side, which GreyArray does not reproduce)"
+        )
+    smooth_labels = {s.term for s in smooths}
+    labels = model.all_terms.labels
+    parametric = tuple(t for t in labels if t not in smooth_labels)
+    offsets = [model.all_terms.names[i] for i in model.all_terms.offsets]
+    if offsets:
+        raise UsageError(
+            f"formula {formula!r}: offset() in a GAM is not supported (mgcv would fit it)"
+        )
+    return GamFormula(
+        rf.deparse(model.response),
+        smooths,
+        parametric,
+        tuple(labels),
+        model.all_terms.intercept,
+        model.response_name,
+    )
 
 
 # --- one model (full or reduced) -------------------------------------------------------------
 
 
+def _smooth_variable(name: str, smooth: SmoothSpec, phenotypes, rows, factors):
+    """A smooth's covariate (numbers) or its ``by=`` (a factor: codes, levels, ordered) on the
+    design's rows, as the design layer reads the cohort (``--ordered-factor`` included)."""
+    try:
+        value = variable(name, phenotypes, rows, *factors)
+    except (UsageError, DataError) as err:
+        raise DataError(f"smooth {smooth.term!r}: {err}") from None
+    if name != smooth.by:
+        if not isinstance(value, Numeric) or value.values.ndim != 1:
+            raise DataError(
+                f"smooth {smooth.term!r}: {name!r} is not numeric (mgcv smooths numbers)"
+            )
+        return value.values
+    if not isinstance(value, Factor) or value.levels == ["FALSE", "TRUE"]:
+        kind = "logical" if isinstance(value, Factor) else "numeric"
+        raise DataError(
+            f"smooth {smooth.term!r}: by={name} is {kind}; "
+            "mgcv multiplies the smooth by it, which is not supported: only a factor by= (one "
+            "smooth per level)"
+        )
+    return value.codes, value.levels, value.ordered
+
+
 class GamModel:
     """A formula on the cohort: its subjects, parametric design and per-pattern designs."""
 
-    def __init__(self, formula: GamFormula, phenotypes: pd.DataFrame, method: str):
+    def __init__(
+        self,
+        formula: GamFormula,
+        phenotypes: pd.DataFrame,
+        method: str,
+        references: dict[str, str] | None = None,
+        ordered: dict[str, str] | None = None,
+    ):
         self.formula = formula
         self.method = method
-        design = build_design(f"{formula.response} ~ {formula.parametric_rhs}", phenotypes)
+        design = build_design(formula.text, phenotypes, references, ordered)
         self.param_columns = design.columns
         self.intercept = design.intercept
         self.references = design.references
         rows = design.rows
-        covariates = []
-        for smooth in formula.smooths:
-            if smooth.var not in phenotypes.columns:
-                names = ", ".join(phenotypes.columns)
-                raise DataError(
-                    f"smooth {smooth.term!r}: no column {smooth.var!r} (cohort columns: {names})"
-                )
-            values = pd.to_numeric(phenotypes[smooth.var], errors="coerce").to_numpy(float)
-            covariates.append(values)
         keep = np.ones(rows.size, bool)
-        for values in covariates:
-            keep &= np.isfinite(values[rows])
+        covariates, factors = {}, {}
+        for smooth in formula.smooths:
+            for var in smooth.variables:
+                covariates[var] = _smooth_variable(
+                    var, smooth, phenotypes, rows, (references, ordered)
+                )
+                keep &= np.isfinite(covariates[var])
+            if smooth.by:
+                factors[smooth.by] = _smooth_variable(
+                    smooth.by, smooth, phenotypes, rows, (references, ordered)
+                )
+                keep &= factors[smooth.by][0] >= 0
         if not keep.all():
             log.warning(
                 "%d subjects have a missing smooth covariate and are left out, as gam leaves "
@@ -194,15 +325,24 @@ class GamModel:
             )
         self.rows = rows[keep]  # subjects (HDF5 order) this model can use
         self.param_matrix = design.matrix[keep]
-        self.covariates = [values[self.rows] for values in covariates]
-        for smooth, values in zip(formula.smooths, self.covariates, strict=True):
-            distinct = np.unique(values).size
-            if smooth.bs in ("tp", "ts") and distinct > MAX_KNOTS:
-                raise DataError(
-                    f"smooth {smooth.term!r}: {distinct} distinct values of {smooth.var!r}; mgcv "
-                    f"then draws {MAX_KNOTS} random knots with R's generator, which GreyArray "
-                    "does not reproduce: use bs='cr' (or round the covariate)"
-                )
+        self.covariates = {var: values[keep] for var, values in covariates.items()}
+        self.factors = {by: (f[0][keep], *f[1:]) for by, f in factors.items()}
+        self.blocks: list[tuple[SmoothSpec, str]] = []  # (term, mgcv's label of each smooth)
+        for smooth in formula.smooths:
+            for bs, var in zip(smooth.bs, smooth.variables, strict=True):
+                distinct = np.unique(self.covariates[var]).size
+                if bs in ("tp", "ts") and distinct > MAX_KNOTS:
+                    raise DataError(
+                        f"smooth {smooth.term!r}: {distinct} distinct values of {var!r}; mgcv "
+                        f"then draws {MAX_KNOTS} random knots with R's generator, which "
+                        "GreyArray does not reproduce: use bs='cr' (or round the covariate)"
+                    )
+            if smooth.by is None:
+                self.blocks.append((smooth, smooth.label))
+                continue
+            _, levels, ordered = self.factors[smooth.by]
+            for level in levels[1:] if ordered and len(levels) > 1 else levels:
+                self.blocks.append((smooth, f"{smooth.label}:{smooth.by}{level}"))
         self._designs: OrderedDict[bytes, gam_fit.Design | None] = OrderedDict()
 
     def design(self, used: np.ndarray) -> gam_fit.Design | None:
@@ -220,24 +360,39 @@ class GamModel:
     def _build(self, used: np.ndarray) -> gam_fit.Design | None:
         parts = [self.param_matrix[used]]
         blocks, start = [], parts[0].shape[1]
-        for spec, values in zip(self.formula.smooths, self.covariates, strict=True):
+        labels = iter(label for _, label in self.blocks)
+        for spec in self.formula.smooths:
             try:
-                smooth = smooth_term(values[used], spec.bs, spec.k, spec.fx)
+                smooths = self._smooths(spec, used)
             except DataError as err:
                 log.debug("pattern skipped: %s", err)
                 return None
-            k = smooth.X.shape[1]
-            blocks.append(
-                gam_fit.SmoothBlock(
-                    spec.label, slice(start, start + k), smooth.S, smooth.shrink, smooth.deriv
+            for smooth in smooths:
+                k = smooth.X.shape[1]
+                retest = bool(smooth.S) and smooth.null_space_dim == 0
+                cols = slice(start, start + k)
+                blocks.append(
+                    gam_fit.SmoothBlock(next(labels), cols, smooth.S, retest, smooth.deriv)
                 )
-            )
-            parts.append(smooth.X)
-            start += k
+                parts.append(smooth.X)
+                start += k
         design = gam_fit.Design(
             np.hstack(parts), slice(0, parts[0].shape[1]), blocks, self.intercept
         )
         return design if design.ok else None
+
+    def _smooths(self, spec: SmoothSpec, used: np.ndarray) -> list[Smooth]:
+        """The smooths of one term on the subjects ``used``."""
+        xs = [self.covariates[var][used] for var in spec.variables]
+        if spec.kind != "s":
+            return [tensor_term(xs, list(spec.bs), list(spec.k), spec.fx, spec.kind == "ti")]
+        if spec.by is None:
+            return smooth_term(xs[0], spec.bs[0], spec.k[0], spec.fx)
+        codes, levels, ordered = self.factors[spec.by]
+        codes = codes[used]
+        if np.unique(codes).size < len(levels):  # gam drops unused levels: other columns
+            raise DataError(f"a level of {spec.by!r} has no subject")
+        return smooth_term(xs[0], spec.bs[0], spec.k[0], spec.fx, (codes, levels, ordered))
 
     def fit(self, y: np.ndarray, used: np.ndarray):
         """Fit elements (columns of ``y``, rows = self.rows) sharing the subjects ``used``:
@@ -276,7 +431,7 @@ class Results:
     """Per-element arrays of every statistic, filled block by block."""
 
     def __init__(self, model: GamModel, n_elements: int):
-        n_s, n_p = len(model.formula.smooths), len(model.param_columns)
+        n_s, n_p = len(model.blocks), len(model.param_columns)
         self.smooth = {s: np.full((n_elements, n_s), np.nan) for s in SMOOTH_STATS}
         self.param = {s: np.full((n_elements, n_p), np.nan) for s in PARAM_STATS}
         self.model = {s: np.full(n_elements, np.nan) for s in (*MODEL_STATS, "sse")}
@@ -345,12 +500,15 @@ def changed_term_name(formula: GamFormula, term: str) -> tuple[str, str]:
     ModelArray's changed.rsq.term.index (1-based position on the right-hand side)."""
     if term.strip().isdigit() and 1 <= int(term) <= len(formula.terms):
         term = formula.terms[int(term) - 1]
-    compact = term.replace(" ", "")
+    try:  # written as R would deparse it: spacing and quotes do not matter
+        written = rf.deparse(rf.parse(term))
+    except SyntaxError:
+        written = term
     for smooth in formula.smooths:
-        if compact in (smooth.term.replace(" ", ""), smooth.label, smooth.name):
+        if written in (smooth.term, smooth.label) or term.strip() == smooth.name:
             return smooth.term, smooth.name
     for param in formula.parametric:
-        if compact == param.replace(" ", ""):
+        if written == param:
             return param, param
     raise UsageError(
         f"--changed-rsq-term {term!r} is not a term of the formula "
@@ -362,7 +520,7 @@ def table(request: Request, model: GamModel, full: Results, reduced: Results | N
     """(column names, matrix columns x elements) in ModelArray.gam's order."""
     n = full.model["nobs"].size
     names, rows = ["element_id"], [np.arange(n, dtype=np.float64)]
-    smooth_names = [s.name for s in request.formula.smooths]
+    smooth_names = [smooth_column(label) for _, label in model.blocks]
     for i, name in enumerate(smooth_names):
         for stat in request.smooth_stats:
             names.append(f"{name}.{stat}")
@@ -399,13 +557,14 @@ def table(request: Request, model: GamModel, full: Results, reduced: Results | N
 
 
 def _changed_term_sign(formula, model, full: Results, written: str) -> np.ndarray:
-    """Sign of the term's effect (ModelArray issue #87): for a smooth, of the mean over the
-    subjects of its first derivative; for a one-column parametric term, of its estimate."""
-    for i, smooth in enumerate(formula.smooths):
-        if smooth.term == written:
-            return full.sign[:, i]
+    """Sign of the term's effect (ModelArray issue #87): for a smooth of one covariate (one
+    level of a factor ``by``), of the mean over the subjects of its first derivative; for a
+    one-column parametric term, of its estimate; otherwise NaN."""
+    blocks = [i for i, (spec, _) in enumerate(model.blocks) if spec.term == written]
+    if len(blocks) == 1:
+        return full.sign[:, blocks[0]]
     matching = [i for i, c in enumerate(model.param_columns) if c == written]
-    if len(matching) == 1:
+    if len(matching) == 1 and not blocks:
         return np.sign(full.param["estimate"][:, matching[0]])
     return np.full(full.sign.shape[0], np.nan)
 
@@ -423,6 +582,8 @@ def fit_gam(
     lthr_abs: float = 10,
     lthr_rel: float = 0.2,
     overwrite: bool = False,
+    reference_levels: dict[str, str] | None = None,
+    ordered_factors: dict[str, str] | None = None,
 ) -> list[str]:
     """Fit ``formula`` (mgcv syntax, gaussian) at every element and write results/<analysis>
     with ModelArray.gam's columns; returns the column names."""
@@ -435,7 +596,7 @@ def fit_gam(
     if changed_rsq_term is not None:
         written, _ = changed_term_name(parsed, changed_rsq_term)
         reduced_formula = parsed.without(written)
-    scalar = scalar or parsed.response
+    scalar = scalar or parsed.scalar
     cohort = read_csv_table(cohort_path, "cohort file")
     check_writable(h5_path)  # results go into the HDF5: refuse a read-only one before fitting
     with open_hdf5(h5_path) as h5:
@@ -444,9 +605,10 @@ def fit_gam(
             raise OutputError(f"{h5_path}: results/{analysis} exists; use --overwrite")
         names, values = stored.names, stored.values
         phenotypes = match_cohort(cohort, names, scalar, cohort_path)
-        models = [GamModel(parsed, phenotypes, method)]
+        factors = (reference_levels, ordered_factors)
+        models = [GamModel(parsed, phenotypes, method, *factors)]
         if reduced_formula is not None:
-            models.append(GamModel(reduced_formula, phenotypes, method))
+            models.append(GamModel(reduced_formula, phenotypes, method, *factors))
         n_elements = values.shape[1]
         results = [Results(m, n_elements) for m in models]
         threshold = max(len(names) * lthr_rel, lthr_abs)
@@ -486,10 +648,15 @@ def fit_gam(
         "smoothing": method,
         "changed_rsq_term": changed_rsq_term,
         "reference_levels": models[0].references,
+        "ordered_factors": dict(ordered_factors or {}),
         "n_subjects": len(names),
         "n_with_phenotypes": len(models[0].rows),
         "threshold": threshold_rule(lthr_abs, lthr_rel, len(names)),
         "cohort_file": str(cohort_path),
+        "scalar": scalar,
+        "threshold_abs": lthr_abs,
+        "threshold_rel": lthr_rel,
+        "single_subject_levels": single_subject_levels(formula, phenotypes, models[0].rows),
     }
     write_results(h5_path, analysis, columns, matrix, about, overwrite=overwrite)
     return columns

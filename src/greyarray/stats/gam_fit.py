@@ -31,10 +31,10 @@ EPS = np.finfo(float).eps
 class SmoothBlock:
     """Columns of one smooth term in the design, its penalty and what its test needs."""
 
-    label: str  # mgcv's label, e.g. "s(age)"
+    label: str  # mgcv's label, e.g. "s(age)", "s(age):osexM", "te(age,edu)"
     cols: slice
-    S: np.ndarray | None  # penalty on the block (None: fx = TRUE)
-    shrink: bool  # ts/cs: no null space, tested with reTest
+    S: tuple[np.ndarray, ...]  # penalties on the block (te: one per margin; fx = TRUE: none)
+    retest: bool  # penalised without null space (ts/cs): summary.gam tests it with reTest
     deriv: np.ndarray | None = None  # (n, k) d/dx of the block's columns at the data
 
 
@@ -49,10 +49,10 @@ class Design:
     Q: np.ndarray = field(init=False)
     R: np.ndarray = field(init=False)
     Rinv: np.ndarray = field(init=False)
+    penalties: list[tuple[slice, np.ndarray]] = field(init=False)  # (columns, S_j) per penalty
     St: list[np.ndarray] = field(init=False)  # R^-T S_j R^-1 (p x p) per penalty
     Lt: list[np.ndarray] = field(init=False)  # (r_j x p): St_j = Lt_j' Lt_j
-    ranks: list[int] = field(init=False)
-    log_det_S: float = field(init=False)  # sum_j log|S_j|+
+    log_det: PenaltyLogDet = field(init=False)  # log|sum_j lambda_j S_j|+ and derivatives
     log_det_R: float = field(init=False)
     Mp: int = field(init=False)
     rho0: np.ndarray = field(init=False)
@@ -72,28 +72,25 @@ class Design:
         self.Rinv = np.linalg.inv(self.R)
         self.log_det_R = float(np.log(diag).sum())
         self.col_sums = self.X.sum(axis=0)
-        self.Lt, self.St, self.ranks, log_det = [], [], [], 0.0
-        for block in self.penalised:
-            values, vectors = np.linalg.eigh(block.S)
+        self.penalties = [(block.cols, S) for block in self.smooths for S in block.S]
+        self.Lt, self.St, roots, log_dets = [], [], [], []
+        for cols, S in self.penalties:
+            values, vectors = np.linalg.eigh(S)
             keep = values > values.max() * EPS**0.75
             root = np.sqrt(values[keep])[:, None] * vectors[:, keep].T  # S = root' root
-            Lt = root @ self.Rinv[block.cols]  # R^-T S R^-1 = Lt' Lt, exactly rank r
+            Lt = root @ self.Rinv[cols]  # R^-T S R^-1 = Lt' Lt, exactly rank r
             self.Lt.append(Lt)
             self.St.append(Lt.T @ Lt)
-            self.ranks.append(int(keep.sum()))
-            log_det += float(np.log(values[keep]).sum())
-        self.log_det_S = log_det
-        self.Mp = p - sum(self.ranks)
-        self.rho0 = np.log(initial_sp(self.X, self.penalised))
+            roots.append(root)
+            log_dets.append(float(np.log(values[keep]).sum()))
+        self.log_det = PenaltyLogDet(self.smooths, roots, log_dets)
+        self.Mp = p - self.log_det.rank
+        self.rho0 = np.log(initial_sp(self.X, self.penalties))
         if len(self.St) == 1:  # one penalty: its eigenbasis makes A diagonal; exact zeros
             _, sv, vt = np.linalg.svd(self.Lt[0], full_matrices=True)
             self.eigen_s = np.zeros(p)
             self.eigen_s[: sv.size] = sv**2
             self.eigen_U = vt.T
-
-    @property
-    def penalised(self) -> list[SmoothBlock]:
-        return [s for s in self.smooths if s.S is not None]
 
     def term_factor(self, block: SmoothBlock) -> np.ndarray:
         """W = R_t R^-1[block]: maps y~-space coefficients to testStat's rotated ones, where
@@ -102,22 +99,127 @@ class Design:
         return Rt @ self.Rinv[block.cols]
 
 
-def initial_sp(X: np.ndarray, blocks: list[SmoothBlock]) -> np.ndarray:
+class PenaltyLogDet:
+    """log|S_lambda|+ for S_lambda = sum_j lambda_j S_j, with its first and second derivatives
+    in log lambda, as REML needs them (gam.fit3's ``gam.reparam``). A smooth with one penalty
+    adds r_j log lambda_j + log|S_j|+; a smooth with several (te, ti) adds the log determinant
+    of their sum on its range space (``totalPenaltySpace``), computed as mgcv's C
+    ``get_stableS`` computes it: dominant terms are split off one after another by similarity
+    transforms, so that no term leaks into the null space of another however different the
+    smoothing parameters are. Penalties of different smooths act on disjoint columns."""
+
+    def __init__(self, smooths: list[SmoothBlock], roots: list[np.ndarray], log_dets: list[float]):
+        """``roots[j]``: R_j with S_j = R_j'R_j (rank rows); ``log_dets[j]``: log|S_j|+."""
+        self.groups: list[tuple[list[int], float | tuple]] = []
+        self.ranks = np.zeros(len(roots))
+        self.rank = 0
+        j = 0
+        for block in smooths:
+            idx = list(range(j, j + len(block.S)))
+            j += len(block.S)
+            if len(idx) == 1:
+                self.ranks[idx[0]] = roots[idx[0]].shape[0]
+                self.groups.append((idx, log_dets[idx[0]]))
+                self.rank += roots[idx[0]].shape[0]
+            elif idx:
+                total = sum(S / np.sqrt(np.sum(S * S)) for S in block.S)
+                values, vectors = np.linalg.eigh(total)
+                Y = vectors[:, values > values.max() * EPS**0.66]
+                rS = [Y.T @ roots[i].T for i in idx]
+                self.groups.append((idx, (rS, [r @ r.T for r in rS])))
+                self.rank += Y.shape[1]
+
+    def __call__(self, rho: np.ndarray, deriv: bool):
+        m = rho.size
+        det, det1, det2 = 0.0, np.zeros(m), np.zeros((m, m))
+        for idx, part in self.groups:
+            if isinstance(part, float):
+                det += self.ranks[idx[0]] * rho[idx[0]] + part
+                det1[idx[0]] = self.ranks[idx[0]]
+                continue
+            d, d1, d2 = stable_log_det(part[0], np.exp(rho[idx]), deriv, part[1])
+            det += d
+            if deriv:
+                det1[idx] = d1
+                det2[np.ix_(idx, idx)] = d2
+        return det, det1, det2
+
+
+def stable_log_det(rS: list[np.ndarray], sp: np.ndarray, deriv: bool, Si=None):
+    """mgcv's C ``get_stableS`` (no fixed penalty): log|sum_i sp_i rS_i rS_i'| (full rank q),
+    its gradient and Hessian in log sp (``Si``: the rS_i rS_i', if already at hand)."""
+    q = rS[0].shape[0]
+    Si = [r @ r.T for r in rS] if Si is None else list(Si)
+    rS = [r.copy() for r in rS]
+    d_tol, r_tol = EPS**0.3, EPS**0.75
+    S = np.zeros((q, q))
+    K, Q = 0, q
+    gamma = np.ones(len(rS), bool)
+    first = True
+    while True:
+        frob = np.array(
+            [np.sqrt(np.sum(M * M)) if g else 0.0 for M, g in zip(Si, gamma, strict=True)]
+        )
+        max_frob = float((frob * sp)[gamma].max())
+        alpha = gamma & (frob * sp > max_frob * d_tol)
+        gamma1 = gamma & ~alpha
+        if gamma1.any():
+            ev = np.linalg.eigvalsh(sum(Si[i] / frob[i] for i in np.flatnonzero(alpha)))
+            r = 1
+            while r < Q and ev[Q - r - 1] > ev[Q - 1] * r_tol:
+                r += 1
+        else:
+            r = Q
+        if r == Q:
+            if first:
+                S = sum(sp[i] * Si[i] for i in range(len(Si)))
+            break
+        ev, U = np.linalg.eigh(sum(sp[i] * Si[i] for i in np.flatnonzero(alpha)))
+        ev, U = ev[::-1], U[:, ::-1]
+        Sg = sum((sp[i] * Si[i] for i in np.flatnonzero(gamma1)), np.zeros((Q, Q)))
+        if K > 0:
+            S[:K, K:] = S[:K, K:] @ U
+            S[K:, :K] = S[:K, K:].T
+        C = U.T @ Sg @ U
+        C[np.arange(r), np.arange(r)] += ev[:r]
+        S[K:, K:] = C
+        for i in range(len(rS)):
+            if alpha[i]:
+                rS[i][K : K + r] = U[:, :r].T @ rS[i][K:]
+                rS[i][K + r :] = 0.0
+            elif gamma1[i]:
+                rS[i][K:] = U.T @ rS[i][K:]
+        Un = U[:, r:]
+        for i in np.flatnonzero(gamma1):
+            Si[i] = Un.T @ Si[i] @ Un
+        K, Q, gamma, first = K + r, Q - r, gamma1, False
+    R = np.linalg.qr(S, mode="r")
+    det = float(np.log(np.abs(np.diag(R))).sum())
+    if not deriv:
+        return det, None, None
+    B = np.linalg.inv(S)
+    det1 = np.array([sp[i] * np.sum(r * (B @ r)) for i, r in enumerate(rS)])
+    BS = [B @ (r @ r.T) for r in rS]
+    det2 = -np.outer(sp, sp) * np.array([[np.sum(a * b.T) for b in BS] for a in BS])
+    det2[np.diag_indices(len(rS))] += det1
+    return det, det1, det2
+
+
+def initial_sp(X: np.ndarray, penalties: list[tuple[slice, np.ndarray]]) -> np.ndarray:
     """mgcv's ``initial.sp(X, S, off)`` (its starting smoothing parameters)."""
-    if not blocks:
+    if not penalties:
         return np.zeros(0)
     ldxx = (X * X).sum(axis=0)
     ldss = np.zeros_like(ldxx)
     pen = np.zeros(ldxx.size, bool)
-    sp = np.zeros(len(blocks))
-    for i, block in enumerate(blocks):
-        S = block.S
+    sp = np.zeros(len(penalties))
+    for i, (cols, S) in enumerate(penalties):
         absS = np.abs(S)
         thresh = EPS**0.8 * absS.max()
         ind = (absS.mean(axis=1) > thresh) & (absS.mean(axis=0) > thresh) & (np.diag(absS) > thresh)
-        xx = ldxx[block.cols][ind]
+        xx = ldxx[cols][ind]
         sp[i] = xx.mean() / np.diag(S)[ind].mean()
-        idx = np.arange(X.shape[1])[block.cols]
+        idx = np.arange(X.shape[1])[cols]
         pen[idx] |= ind
         ldss[idx] += sp[i] * np.diag(S)
     ind = (ldss > 0) & pen & (ldxx > 0)
@@ -149,7 +251,6 @@ class Evaluator:
 
     def __init__(self, design: Design, yt: np.ndarray, rss0: float, n: int, method: str):
         self.d, self.rss0, self.n, self.reml = design, rss0, n, method == "REML"
-        self.ranks = np.array(design.ranks, float)
         if len(design.St) == 1:
             self.s = design.eigen_s
             self.z = design.eigen_U.T @ yt
@@ -180,20 +281,21 @@ class Evaluator:
             return Score(value, grad, hess, scale_est)
         phi = math.exp(lsp[m])
         Mp = self.d.Mp
+        det, det1, det2 = self.d.log_det(rho, deriv)
         value = (
             Dp / (2 * phi)
             + (n - Mp) / 2 * math.log(2 * math.pi * phi)
             + self.d.log_det_R
             + logdetA / 2
-            - (rho @ self.ranks + self.d.log_det_S) / 2
+            - det / 2
         )
         if not deriv:
             return Score(value, None, None, scale_est)
         grad = np.empty(m + 1)
-        grad[:m] = Dp1 / (2 * phi) + tr1 / 2 - self.ranks / 2
+        grad[:m] = Dp1 / (2 * phi) + tr1 / 2 - det1 / 2
         grad[m] = -Dp / (2 * phi) + (n - Mp) / 2
         hess = np.empty((m + 1, m + 1))
-        hess[:m, :m] = Dp2 / (2 * phi) + tr2 / 2
+        hess[:m, :m] = Dp2 / (2 * phi) + tr2 / 2 - det2 / 2
         hess[:m, m] = hess[m, :m] = -Dp1 / (2 * phi)
         hess[m, m] = Dp / (2 * phi)
         return Score(value, grad, hess, scale_est)
@@ -227,37 +329,43 @@ class Evaluator:
         )  # fmt: skip
 
     def _dense(self, rho, deriv):
-        """Several penalties: p x p algebra."""
+        """Several penalties, from the SVD M = U D V' of M = [I; sqrt(lambda_j) Lt_j] (as mgcv's
+        magic): with U_j the rows of U of penalty j, A^-1 = V D^-2 V', sqrt(lambda_j) Lt_j beta =
+        U_j D^-1 V'y~ and A^-1 B_j = V D^-1 U_j'U_j D V', so every derivative is a product of
+        blocks of U: no smoothing parameter multiplies a small number (huge ones stay exact)."""
         lam = np.exp(rho)
-        Bs = [lam[j] * St for j, St in enumerate(self.d.St)]
-        Ai, logdetA = _stable_inverse(self.d.Lt, lam)
+        Lt = self.d.Lt
+        p = Lt[0].shape[1]
+        M = np.vstack([np.eye(p)] + [math.sqrt(lam[j]) * L for j, L in enumerate(Lt)])
+        U, d, vt = np.linalg.svd(M, full_matrices=False)
         yt = self.yt
-        beta = Ai @ yt
+        z = (vt @ yt) / d
+        beta = vt.T @ (z / d)
         r = yt - beta
         Dp = self.rss0 + float(yt @ r)
         D = self.rss0 + float(r @ r)
-        tau = float(np.trace(Ai))
+        tau = float(np.sum(d**-2))
+        logdetA = float(2 * np.log(d).sum())
         if not deriv:
             return Dp, None, None, logdetA, None, None, D, None, None, tau, None, None
-        m = len(Bs)
-        AB = [Ai @ B for B in Bs]
-        Bb = [B @ beta for B in Bs]
-        g = [Ai @ x for x in Bb]
-        ABAi = [x @ Ai for x in AB]
-        Dp1 = np.array([beta @ x for x in Bb])
-        tr1 = np.array([np.trace(x) for x in AB])
-        D1 = np.array([2 * (r @ x) for x in g])
-        tau1 = np.array([-np.trace(x) for x in ABAi])
-        Dp2, tr2, D2, tau2 = (np.zeros((m, m)) for _ in range(4))
-        for j in range(m):
-            for k in range(j, m):
-                same = float(j == k)
-                Dp2[j, k] = same * Dp1[j] - 2 * (Bb[k] @ g[j])
-                tr2[j, k] = same * tr1[j] - np.sum(AB[j] * AB[k].T)
-                D2[j, k] = 2 * (g[j] @ g[k]) + 2 * (r @ (same * g[j] - AB[k] @ g[j] - AB[j] @ g[k]))
-                tau2[j, k] = same * tau1[j] + np.sum(AB[k] * ABAi[j].T) + np.sum(AB[j] * ABAi[k].T)
-                for M in (Dp2, tr2, D2, tau2):
-                    M[k, j] = M[j, k]
+        m = len(Lt)
+        edges = np.cumsum([p] + [L.shape[0] for L in Lt])
+        # P_j = U_j'U_j: A^-1 B_j = V D^-1 P_j D V', so every trace and product below is one
+        P = np.stack([U[edges[j] : edges[j + 1]].T @ U[edges[j] : edges[j + 1]] for j in range(m)])
+        flat = P.reshape(m, -1)
+        W = P @ z  # (m, p): P_j z, with sqrt(lambda_j) Lt_j beta = U_j z
+        G = (W / d) @ vt  # rows g_j = A^-1 B_j beta = V D^-1 P_j z
+        Ps = P @ ((vt @ r) / d)  # rows P_j D^-1 V'r
+        Dp1 = W @ z
+        tr1 = np.trace(P, axis1=1, axis2=2)
+        D1 = 2 * (G @ r)
+        tau1 = -(np.diagonal(P, axis1=1, axis2=2) / d**2).sum(axis=1)
+        X = W @ Ps.T  # [j, k]: r'A^-1 B_k g_j
+        Dp2 = np.diag(Dp1) - 2 * (W @ W.T)
+        tr2 = np.diag(tr1) - flat @ flat.T
+        D2 = 2 * (G @ G.T) + np.diag(D1) - 2 * (X + X.T)
+        tau2 = np.diag(tau1) + 2 * (flat @ (P / d[:, None] ** 2).reshape(m, -1).T)
+        tau2 = (tau2 + tau2.T) / 2
         return Dp, Dp1, Dp2, logdetA, tr1, tr2, D, D1, D2, tau, tau1, tau2
 
 
@@ -507,9 +615,9 @@ def edf2_total(design: Design, rho, hess, beta, scale, edf1_total) -> np.ndarray
     XtX = design.R.T @ design.R
     lam = np.exp(rho)
     dH = []
-    for j, block in enumerate(design.penalised):
+    for j, (cols, S) in enumerate(design.penalties):
         full = np.zeros((p, p))
-        full[block.cols, block.cols] = block.S
+        full[cols, cols] = S
         dH.append(lam[:, j, None, None] * full)
     H = XtX + sum(dH)
     values, vectors = np.linalg.eigh(hess)
@@ -539,15 +647,6 @@ def edf2_total(design: Design, rho, hess, beta, scale, edf1_total) -> np.ndarray
         edf2 = float(np.sum(Vc * XtX)) / scale[e]
         total[e] = min(edf2, edf1_total[e])  # mgcv falls back to edf1 when edf2 exceeds it
     return total
-
-
-def _stable_inverse(Lt: list[np.ndarray], lam: np.ndarray):
-    """A^-1 and log|A| for A = I + sum_j lam_j Lt_j' Lt_j, from the SVD of [I; sqrt(lam_j) Lt_j]
-    (as mgcv's magic does), accurate however large the smoothing parameters."""
-    p = Lt[0].shape[1]
-    M = np.vstack([np.eye(p)] + [math.sqrt(lam[j]) * L for j, L in enumerate(Lt)])
-    _, d, vt = np.linalg.svd(M, full_matrices=False)
-    return (vt.T / d**2) @ vt, float(2 * np.log(d).sum())
 
 
 def _solve_parts(design: Design, rho: np.ndarray, yt: np.ndarray):
@@ -598,8 +697,8 @@ def summarise(
     FF_diag = np.einsum("ia,eac,ci->ei", Rinv, Ai @ Ai, R)
     edf, edf1 = F_diag, 2 * F_diag - FF_diag
     fixed = np.ones(R.shape[0], bool)  # coefficients no penalty touches: edf = edf1 = 1
-    for block in design.penalised:
-        fixed[block.cols] = False
+    for cols, _ in design.penalties:
+        fixed[cols] = False
     edf = np.where(fixed, 1.0, edf)
     edf1 = np.where(fixed, 1.0, edf1)
     tau = edf.sum(axis=1)
@@ -662,7 +761,7 @@ def _smooth_tests(design, Ai, bt, beta, edf, edf1, scale, res_df, rho) -> dict[s
     for i, block in enumerate(design.smooths):
         cols = block.cols
         out["edf"][:, i] = edf[:, cols].sum(axis=1)
-        if block.shrink and block.S is not None:
+        if block.retest:
             stat, pval, rank = _re_tests(design, i, Ai, beta, scale, res_df, lam)
         else:
             W = design.term_factor(block)

@@ -1,8 +1,10 @@
 """Mass-univariate linear models, as ModelArray.lm fits them, for all elements at once.
 
 ModelArray.lm fits one ``stats::lm`` per element (~45 ms each). Here the design matrix is built
-once (formulaic, R's treatment contrasts and column names) and every element sharing a pattern of
-missing values is fitted in one QR solve. The rules are ModelArray's:
+once (stats/design.py: R's model matrix and column names) and every element sharing a pattern of
+missing values is fitted in one QR solve. An ``offset()`` is subtracted from the response before
+the solve; R's fitted values keep it, and so do summary.lm's R-squared and F statistic. The rules
+are ModelArray's:
 
 - an element is fitted only if its number of subjects with a finite value is strictly greater
   than max(``lthr_abs``, ``lthr_rel`` x number of subjects); otherwise every output but
@@ -27,17 +29,19 @@ import numpy as np
 from scipy import special
 from tqdm import tqdm
 
-from greyarray.errors import OutputError
+from greyarray.errors import OutputError, UsageError
 from greyarray.io.cohort import read_csv_table
 from greyarray.io.fileio import check_writable
 from greyarray.io.h5read import read_scalar
 from greyarray.io.inputs import check_present, open_hdf5
 from greyarray.io.names import check_name
+from greyarray.stats import formula as rf
 from greyarray.stats.design import (
     Design,
     build_design,
     match_cohort,
     parse_formula,
+    single_subject_levels,
     threshold_rule,
 )
 from greyarray.stats.linalg import column_norms
@@ -60,12 +64,13 @@ BLOCK_BYTES = 32 * 2**20  # float64 values of one block of elements, all subject
 def output_columns(
     design: Design, term_stats=DEFAULT_TERM_STATS, model_stats=DEFAULT_MODEL_STATS
 ) -> list[str]:
-    """ModelArray.lm's columns, in its order."""
+    """ModelArray.lm's columns, in its order (aliased coefficients too: broom::tidy lists them,
+    with NA)."""
     names = ["element_id"]
-    names += [f"{term}.{stat}" for term in design.columns for stat in term_stats]
+    names += [f"{term}.{stat}" for term in design.coefficients for stat in term_stats]
     names += [f"model.{stat}" for stat in model_stats]
     if "p.value" in term_stats:
-        names += [f"{term}.p.value.fdr" for term in design.columns]
+        names += [f"{term}.p.value.fdr" for term in design.coefficients]
     if "p.value" in model_stats:
         names.append("model.p.value.fdr")
     return names
@@ -102,7 +107,10 @@ class Fitter:
         finite = np.isfinite(values)
         enough = finite.sum(axis=0) > self.threshold  # ModelArray counts all subjects
         used = finite[self.design.rows]  # among subjects with phenotypes
-        y = np.where(used, values[self.design.rows], 0).astype(np.float64)
+        y = values[self.design.rows].astype(np.float64)
+        if self.design.offset is not None:
+            y -= self.design.offset[:, None]
+        y = np.where(used, y, 0)
         complete = used.all(axis=0) & enough
         if complete.any():
             self._fit(
@@ -153,6 +161,9 @@ class Fitter:
         self.terms["statistic"][:, elements] = t.T
         self.terms["p.value"][:, elements] = 2 * special.stdtr(df[:, None], -np.abs(t)).T
         fitted = fitted[..., 0]
+        if self.design.offset is not None:  # R's fitted values (summary.lm keeps the offset)
+            offset = self.design.offset[None]
+            fitted = fitted + (offset if mask is None else offset * mask[ok])
         if self.design.intercept:  # summary.lm: spread of the fitted values around their mean
             mean = fitted.sum(axis=1) / n
             centred = fitted - mean[:, None]
@@ -172,16 +183,20 @@ class Fitter:
         with np.errstate(divide="ignore", invalid="ignore"):
             r2 = mss / (mss + rss)
             adj = 1 - (1 - r2) * ((n - df_int) / rdf)
-            fstat = (mss / numdf) / resvar if numdf > 0 else np.full_like(rss, np.nan)
-            pval = special.fdtrc(numdf, rdf, fstat) if numdf > 0 else np.full_like(rss, np.nan)
+            fstat = (mss / numdf) / resvar
+            pval = special.fdtrc(numdf, rdf, fstat)
             loglik = 0.5 * (-n * (np.log(2 * np.pi) + 1 - np.log(n) + np.log(rss)))
+        if p == df_int:  # summary.lm: an intercept-only model explains nothing
+            r2, adj = np.zeros_like(rss), np.zeros_like(rss)
+        if p == 1:  # broom::glance: no F test for a model of one coefficient
+            fstat, pval = np.full_like(rss, np.nan), np.full_like(rss, np.nan)
         stats = {
             "r.squared": r2,
             "adj.r.squared": adj,
             "sigma": np.sqrt(resvar),
             "statistic": fstat,
             "p.value": pval,
-            "df": np.full_like(rss, numdf),
+            "df": np.full_like(rss, numdf if p > 1 else np.nan),
             "logLik": loglik,
             "AIC": -2 * loglik + 2 * (p + 1),
             "BIC": -2 * loglik + np.log(n) * (p + 1),
@@ -195,18 +210,37 @@ class Fitter:
     def table(self, term_stats=DEFAULT_TERM_STATS, model_stats=DEFAULT_MODEL_STATS) -> np.ndarray:
         """(n_columns, n_elements) in ``output_columns`` order."""
         n = self.model["nobs"].size
+        fitted = {name: i for i, name in enumerate(self.design.columns)}
+        missing = np.full(n, np.nan)  # an aliased coefficient: NA in R's lm
+
+        def term(stat: str, name: str) -> np.ndarray:
+            return self.terms[stat][fitted[name]] if name in fitted else missing
+
+        names = self.design.coefficients
         rows = [np.arange(n, dtype=np.float64)]
-        rows += [
-            self.terms[stat][i] for i in range(len(self.design.columns)) for stat in term_stats
-        ]
+        rows += [term(stat, name) for name in names for stat in term_stats]
         rows += [self.model[stat] for stat in model_stats]
         if "p.value" in term_stats:
-            rows += [
-                p_adjust_fdr(self.terms["p.value"][i]) for i in range(len(self.design.columns))
-            ]
+            rows += [p_adjust_fdr(term("p.value", name)) for name in names]
         if "p.value" in model_stats:
             rows.append(p_adjust_fdr(self.model["p.value"]))
         return np.vstack(rows)
+
+
+def check_model(formula: str) -> None:
+    """fit-lm fits R's lm: mgcv's smooths and lme4's random-effect terms belong to other
+    commands (R's lm would stop on them: there is no function s(), and '|' is not a term)."""
+    model = rf.model_formula(formula)
+    if model.smooths:
+        raise UsageError(
+            f"formula {formula!r}: smooth terms ({', '.join(s.label for s in model.smooths)}) "
+            "are mgcv's: fit them with fit-gam (R's lm has no s())"
+        )
+    if model.bars:
+        raise UsageError(
+            f"formula {formula!r}: random-effect terms ({', '.join(map(rf.deparse, model.bars))}) "
+            "are lme4's: fit them with fit-lmm (R's lm cannot read them)"
+        )
 
 
 def fit_lm(
@@ -222,6 +256,7 @@ def fit_lm(
     lthr_rel: float = 0.2,
     overwrite: bool = False,
     reference_levels: dict[str, str] | None = None,
+    ordered_factors: dict[str, str] | None = None,
     permutations: PermutationOptions | None = None,
 ) -> list[str]:
     """Fit ``formula`` at every element of ``h5_path`` and write results/<analysis>.
@@ -231,6 +266,7 @@ def fit_lm(
     shard, only that shard's null distribution is written (beside the HDF5), and no results.
     """
     check_name("analysis", analysis)
+    check_model(formula)
     response, _ = parse_formula(formula)
     scalar = scalar or response
     cohort = read_csv_table(cohort_path, "cohort file")
@@ -245,7 +281,17 @@ def fit_lm(
             raise OutputError(f"{h5_path}: results/{analysis} exists; use --overwrite")
         names, values = stored.names, stored.values
         phenotypes = match_cohort(cohort, names, scalar, cohort_path)
-        design = build_design(formula, phenotypes, reference_levels)
+        design = build_design(formula, phenotypes, reference_levels, ordered_factors)
+        if not design.coefficients:
+            raise UsageError(
+                f"formula {formula!r} has no column (R's lm would fit an empty model, with "
+                "no term to report)"
+            )
+        if permutations is not None and design.offset is not None:
+            raise UsageError(
+                f"formula {formula!r}: --permutations with an offset() is not supported "
+                "(R's lm would fit it; fit without --permutations)"
+            )
         fitter = Fitter(design, len(names), values.shape[1], lthr_abs, lthr_rel)
         if permutations is not None:  # numba: imported only when asked for
             from greyarray.stats import permutation
@@ -291,10 +337,17 @@ def fit_lm(
         "method": "lm",
         "formula": formula,
         "reference_levels": design.references,
+        "ordered_factors": dict(ordered_factors or {}),
+        "offset": [design.model.fixed.names[i] for i in design.model.fixed.offsets],
+        "aliased_columns_left_out": design.aliased,
         "n_subjects": len(names),
         "n_with_phenotypes": len(design.rows),
         "threshold": threshold_rule(lthr_abs, lthr_rel, len(names)),
         "cohort_file": str(cohort_path),
+        "scalar": scalar,
+        "threshold_abs": lthr_abs,
+        "threshold_rel": lthr_rel,
+        "single_subject_levels": single_subject_levels(formula, phenotypes, design.rows),
     }
     if permutations is not None:
         about["permutations"] = {

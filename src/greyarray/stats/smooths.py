@@ -1,8 +1,10 @@
-"""mgcv's smooth bases for one covariate, built as mgcv 1.8-41 builds them.
+"""mgcv's smooths, built as mgcv 1.8-41 builds them.
 
 ``tp`` (thin plate regression spline, ``smooth.construct.tp.smooth.spec`` and C
 ``tprs_setup``), ``cr`` (cubic regression spline, C ``crspl``/``getFS``), and their shrinkage
-versions ``ts``/``cs``; then ``smoothCon``'s penalty rescaling and sum-to-zero constraint.
+versions ``ts``/``cs``; then ``smoothCon``'s penalty rescaling and sum-to-zero constraint, its
+factor ``by=`` (one smooth per level), and the tensor products ``te``/``ti`` of such margins
+(``smooth.construct.tensor.smooth.spec``).
 
 Why so literal: ``summary.gam``'s smooth test statistic is not invariant to the choice of basis
 of the smooth (it averages two quadratic forms whose roles depend on eigenvector signs in that
@@ -14,6 +16,7 @@ step below is sign-equivariant, so eigenvector signs (arbitrary in mgcv's Lanczo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,19 +25,33 @@ from scipy.sparse import linalg as sparse_linalg
 
 from greyarray.errors import DataError
 
+EPS = np.finfo(float).eps
+
 BASES = ("tp", "ts", "cr", "cs")
 MAX_KNOTS = 2000  # mgcv's default xt$max.knots for tp
 SHRINK = 0.1  # mgcv's shrinkage factor for ts/cs
 
 
 @dataclass(frozen=True)
-class Smooth:
-    """One smooth term's columns and penalty after mgcv's constraint absorption."""
+class Basis:
+    """A basis as mgcv's ``smooth.construct`` returns it (before ``smoothCon``)."""
 
-    X: np.ndarray  # (n, k - 1)
-    deriv: np.ndarray  # (n, k - 1): d/dx of the columns at the data
-    S: np.ndarray | None  # (k - 1, k - 1), scaled as smoothCon scales it; None when fx=TRUE
-    shrink: bool  # ts/cs: no penalty null space, so summary.gam tests them with reTest
+    X: np.ndarray  # (n, k)
+    dX: np.ndarray  # (n, k): d/dx of the columns at the data
+    S: np.ndarray  # (k, k), unscaled
+    null_space_dim: int  # 0 for the shrinkage bases ts/cs
+    predict: Callable[[np.ndarray], np.ndarray] | None  # columns at new x; None: mgcv's noterp
+
+
+@dataclass(frozen=True)
+class Smooth:
+    """One smooth as ``gam`` fits it (a factor ``by`` gives one per level): its columns and
+    penalties after smoothCon's scaling and constraint absorption."""
+
+    X: np.ndarray  # (n, q)
+    deriv: np.ndarray | None  # (n, q): d/dx of the columns at the data (one covariate only)
+    S: tuple[np.ndarray, ...]  # (q, q) each, scaled as smoothCon scales them; () when fx=TRUE
+    null_space_dim: int  # mgcv's null.space.dim: penalised and 0 means summary.gam's reTest
 
 
 def r_mean(x: np.ndarray) -> float:
@@ -65,10 +82,10 @@ def r_quantile7(x: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return qs
 
 
-def r_seq01(length: int) -> np.ndarray:
-    """R's ``seq(0, 1, length = n)``."""
-    by = 1.0 / (length - 1)
-    return np.array([0.0] + [i * by for i in range(1, length - 1)] + [1.0])
+def r_seq(start: float, stop: float, length: int) -> np.ndarray:
+    """R's ``seq(start, stop, length = n)``."""
+    by = (stop - start) / (length - 1)
+    return np.array([start] + [start + i * by for i in range(1, length - 1)] + [stop])
 
 
 # --- thin plate regression splines -----------------------------------------------------------
@@ -138,9 +155,10 @@ def _largest_magnitude_eigen(E: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
     return values[pick], vectors[:, pick]
 
 
-def tprs(x: np.ndarray, k: int, penalised: bool, shrink: bool):
+def tprs(x: np.ndarray, k: int, penalised: bool, shrink: bool) -> Basis:
     """Model matrix (n, k), its derivative in x and penalty (k, k) of ``s(x, bs="tp"|"ts")``."""
-    xx = x - r_mean(x)
+    shift = r_mean(x)
+    xx = x - shift
     knots, index = np.unique(xx, return_inverse=True)
     if knots.size > MAX_KNOTS:
         raise DataError(
@@ -177,7 +195,16 @@ def tprs(x: np.ndarray, k: int, penalised: bool, shrink: bool):
         values, vectors = values[::-1], vectors[:, ::-1]
         values[k - M :] = values[k - M - 1] * SHRINK
         S = (vectors * values) @ vectors.T
-    return X, dX, S
+
+    def predict(at: np.ndarray) -> np.ndarray:
+        """``Predict.matrix.tprs.smooth``: the columns at new covariate values."""
+        at = at - shift
+        d = np.abs(at[:, None] - knots[None, :])
+        P = _post_multiply_q((_eta_const_1d() * d**3) @ U, Z)
+        P[:, k - M :] = np.column_stack([np.ones_like(at), at])
+        return P / w
+
+    return Basis(X, dX, S, 0 if shrink else M, predict)
 
 
 # --- cubic regression splines ----------------------------------------------------------------
@@ -199,12 +226,12 @@ def _cr_maps(knots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return G, D.T @ BinvD
 
 
-def crspl(x: np.ndarray, k: int, penalised: bool, shrink: bool):
+def crspl(x: np.ndarray, k: int, penalised: bool, shrink: bool) -> Basis:
     """Model matrix (n, k), its derivative in x and penalty (k, k) of ``s(x, bs="cr"|"cs")``."""
     unique = np.unique(x)
     if unique.size < k:
         raise DataError(f"a cr smooth with k={k} needs {k} distinct covariate values")
-    knots = r_quantile7(unique, r_seq01(k))
+    knots = r_quantile7(unique, r_seq(0.0, 1.0, k))
     G, S = _cr_maps(knots)
     j = np.clip(np.searchsorted(knots, x, side="left") - 1, 0, k - 2)
     h = knots[j + 1] - knots[j]
@@ -228,15 +255,16 @@ def crspl(x: np.ndarray, k: int, penalised: bool, shrink: bool):
         values[k - 2] = values[k - 3] * SHRINK
         values[k - 1] = values[k - 2] * SHRINK
         S = (vectors * values) @ vectors.T
-    return X, dX, S
+    return Basis(X, dX, S, 0 if shrink else 2, None)  # cr: mgcv's noterp (no np reparameter)
 
 
 # --- smoothCon -------------------------------------------------------------------------------
 
 
-def absorb_sum_to_zero(X: np.ndarray, dX: np.ndarray, S: np.ndarray | None):
+def sum_to_zero(X: np.ndarray):
     """smoothCon's constraint colMeans(X) b = 0 absorbed through LINPACK's Householder QR of
-    t(C) (``qr``/``qr.qty``): keep rows 2..k of Q' (applied to X, its derivative and S)."""
+    t(C) (``qr``/``qr.qty``): with Z = rows 2..k of Q', returns A -> A Z (for the columns and
+    their derivative) and S -> Z'SZ (for a penalty)."""
     c = r_col_means(X)
     norm = math.sqrt(float(c @ c))
     if c[0] != 0.0:
@@ -247,8 +275,13 @@ def absorb_sum_to_zero(X: np.ndarray, dX: np.ndarray, S: np.ndarray | None):
     def qty(A: np.ndarray) -> np.ndarray:  # Q'A for A with k rows
         return A - np.outer(u, (u @ A) / u[0])
 
-    Sc = None if S is None else qty(qty(S)[1:].T)[1:].T
-    return qty(X.T)[1:].T, qty(dX.T)[1:].T, Sc
+    def columns(A: np.ndarray) -> np.ndarray:
+        return qty(A.T)[1:].T
+
+    def penalty(S: np.ndarray) -> np.ndarray:
+        return qty(qty(S)[1:].T)[1:].T
+
+    return columns, penalty
 
 
 def scale_penalty(X: np.ndarray, S: np.ndarray) -> np.ndarray:
@@ -258,12 +291,95 @@ def scale_penalty(X: np.ndarray, S: np.ndarray) -> np.ndarray:
     return S / ma_s
 
 
-def smooth_term(x: np.ndarray, bs: str, k: int, fx: bool) -> Smooth:
-    """The constrained columns and scaled penalty of ``s(x, bs=bs, k=k, fx=fx)``."""
+def basis(x: np.ndarray, bs: str, k: int, penalised: bool) -> Basis:
+    """``smooth.construct`` of a one-covariate basis."""
     if bs in ("tp", "ts"):
-        X, dX, S = tprs(x, k, not fx, bs == "ts")
-    else:
-        X, dX, S = crspl(x, k, not fx, bs == "cs")
-    S = None if fx else scale_penalty(X, S)
-    Xc, dXc, Sc = absorb_sum_to_zero(X, dX, S)
-    return Smooth(Xc, dXc, Sc, bs in ("ts", "cs"))
+        return tprs(x, k, penalised, bs == "ts")
+    return crspl(x, k, penalised, bs == "cs")
+
+
+def smooth_term(
+    x: np.ndarray, bs: str, k: int, fx: bool, by: tuple[np.ndarray, list[str], bool] | None = None
+) -> list[Smooth]:
+    """``s(x, bs=bs, k=k, fx=fx)``; with ``by = (codes, levels, ordered)`` (a factor: codes
+    index levels) one smooth per level, the level's dummy times the columns, every level under
+    the constraint of the whole data's columns; an ordered factor's first level gets none
+    (mgcv's smoothCon)."""
+    b = basis(x, bs, k, not fx)
+    columns, penalty = sum_to_zero(b.X)
+    S = () if fx else (penalty(scale_penalty(b.X, b.S)),)
+    null = max(0, b.null_space_dim - 1)
+    if by is None:
+        return [Smooth(columns(b.X), columns(b.dX), S, null)]
+    codes, levels, ordered = by
+    smooths = []
+    for j in range(len(levels)):
+        if ordered and j == 0 and len(levels) > 1:
+            continue
+        dummy = (codes == j).astype(np.float64)[:, None]
+        smooths.append(Smooth(columns(dummy * b.X), columns(dummy * b.dX), S, null))
+    return smooths
+
+
+def _row_kronecker(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``tensor.prod.model.matrix``: row-wise Kronecker product, A's columns outermost."""
+    return (A[:, :, None] * B[:, None, :]).reshape(A.shape[0], -1)
+
+
+def tensor_term(
+    xs: list[np.ndarray], bs: list[str], ks: list[int], fx: bool, interaction: bool
+) -> Smooth:
+    """``te(x, z, ...)`` or (``interaction``) ``ti(...)``: mgcv's
+    ``smooth.construct.tensor.smooth.spec`` then smoothCon. Margins are built unconstrained (te)
+    or through smoothCon with their sum-to-zero constraint (ti's marginal-removal constraints);
+    bases other than cr are re-parameterised to their values at evenly spaced points (np =
+    TRUE); each margin's penalty is divided by its largest eigenvalue; the columns are the
+    row-wise Kronecker product, with one penalty per margin (S_1 x I, I x S_2, ...); te alone
+    gets the sum-to-zero constraint of the whole term."""
+    Xm, dXm, Sm, nulls = [], [], [], 1
+    for x, b_s, k in zip(xs, bs, ks, strict=True):
+        b = basis(x, b_s, k, True)
+        X, dX, S, predict, null = b.X, b.dX, b.S, b.predict, b.null_space_dim
+        if interaction:
+            columns, penalty = sum_to_zero(X)
+            X, dX, S = columns(X), columns(dX), penalty(scale_penalty(X, S))
+            null = max(0, null - 1)
+            if predict is not None:
+                predict = _then(predict, columns)
+        if predict is not None:
+            at = r_seq(float(x.min()), float(x.max()), X.shape[1])
+            u, d, vt = np.linalg.svd(predict(at))
+            if d[-1] / d[0] >= EPS**0.66:  # else mgcv warns and leaves the margin as it is
+                XP = vt.T @ (u.T / d[:, None])
+                X, dX, S = X @ XP, dX @ XP, (XP.T @ S) @ XP
+        Xm.append(X)
+        dXm.append(dX)
+        Sm.append(S / np.linalg.eigvalsh(S)[-1])
+        nulls *= null
+    X = Xm[0]
+    for A in Xm[1:]:
+        X = _row_kronecker(X, A)
+    S = () if fx else tuple(scale_penalty(X, P) for P in _tensor_penalties(Sm))
+    deriv = dXm[0] if len(xs) == 1 else None
+    if not interaction:
+        columns, penalty = sum_to_zero(X)
+        X, S = columns(X), tuple(penalty(P) for P in S)
+        deriv = None if deriv is None else columns(deriv)
+    return Smooth(X, deriv, S, nulls)
+
+
+def _then(first: Callable, second: Callable) -> Callable:
+    return lambda at: second(first(at))
+
+
+def _tensor_penalties(Sm: list[np.ndarray]) -> list[np.ndarray]:
+    """``tensor.prod.penalties``: S_i in the i-th place of a Kronecker product of identities."""
+    if len(Sm) == 1:
+        return [Sm[0]]
+    out = []
+    for i in range(len(Sm)):
+        M = Sm[0] if i == 0 else np.eye(Sm[0].shape[0])
+        for j in range(1, len(Sm)):
+            M = np.kron(M, Sm[j] if i == j else np.eye(Sm[j].shape[0]))
+        out.append((M + M.T) / 2)
+    return out

@@ -171,9 +171,10 @@ def bytes_reader(blob: bytes) -> Callable[[int, int], bytes]:
     return lambda offset, size: view[offset : offset + size]
 
 
-def read_head(fd: int, path: Path, file_size: int) -> bytes:
-    """The bytes before the data (NIfTI-2 header and extensions), and never more than that."""
-    first = inputs.pread_exact(fd, min(file_size, NIFTI2_SIZE + 12), 0, path)
+def read_head(read: Callable[[int, int], bytes], path: Path, file_size: int) -> bytes:
+    """The bytes before the data (NIfTI-2 header and extensions), and never more than that;
+    ``read(offset, size)`` returns exactly ``size`` bytes of the file."""
+    first = read(0, min(file_size, NIFTI2_SIZE + 12))
     header = _nifti2_header(path, first)
     offset = _data_offset(path, header, first)
     if offset > MAX_HEAD_BYTES:
@@ -189,7 +190,7 @@ def read_head(fd: int, path: Path, file_size: int) -> bytes:
         raise DataError(
             f"{path}: file is truncated ({file_size} bytes, its data should start at {offset})"
         )
-    return inputs.pread_exact(fd, offset, 0, path)
+    return read(0, offset)
 
 
 def _too_large(size: int) -> str:
@@ -257,8 +258,8 @@ def _scale(header: np.ndarray) -> tuple[float, float] | None:
 
 def read_file(path: Path) -> CiftiFile:
     """Parse a CIFTI-2 file's header from disk (its data are not read)."""
-    with inputs.open_regular(path) as (fd, stamp):
-        return parse(path, read_head(fd, path, stamp.size), stamp.size)
+    with inputs.opened(path) as file:
+        return parse(path, read_head(file.read, path, file.size), file.size)
 
 
 def _nifti2_header(path: Path, blob: bytes) -> np.ndarray:

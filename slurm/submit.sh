@@ -1,0 +1,57 @@
+#!/bin/bash
+# Submit GreyArray's pipeline to SLURM: the participant array, then the group job once every
+# participant task has succeeded; with --shards K (and --model FORMULA --permutations N) the
+# permutations as an array of K shards after the group job, then the merge job that writes the
+# results and maps. A failed task cancels the jobs after it (--kill-on-invalid-dep=yes).
+#
+#   slurm/submit.sh BIDS_DIR OUTPUT_DIR SUBJECTS_FILE [--shards K] [options]
+#
+# [options] go to every job, except the model's (--model, --permutations, --tfce, --seed,
+# --exchangeability-blocks, --reference-level, --analysis-name, --gam-method, --changed-rsq-term),
+# which go to the group job (without --shards) or to the shards and the merge. SLURM logs go to
+# OUTPUT_DIR/logs/slurm/. The jobs run the image $GREYARRAY_IMAGE (default greyarray.sif) or
+# $GREYARRAY_CMD (see participant.sbatch); sbatch's own variables (SBATCH_ACCOUNT,
+# SBATCH_PARTITION, ...) apply to every job. Prints the job ids: participant=ID group=ID [shards=ID merge=ID].
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+if [ $# -lt 3 ]; then
+  sed -n '2,/^set/p' "$0" | sed -e '/^set/d' -e 's/^# \{0,1\}//' >&2
+  echo "greyarray: error: usage: submit.sh BIDS_DIR OUTPUT_DIR SUBJECTS_FILE [--shards K] [options]" >&2
+  exit 64
+fi
+bids=$(realpath "$1") out=$(realpath -m "$2") list=$(realpath "$3")
+shift 3
+common=() model=() shards=0 target=common
+while [ $# -gt 0 ]; do
+  case $1 in
+    --shards) shards=${2:?--shards needs K}; shift 2; continue ;;
+    --model | --permutations | --tfce | --seed | --exchangeability-blocks | --reference-level | \
+      --analysis-name | --gam-method | --changed-rsq-term) target=model ;;
+    --*) target=common ;;
+  esac
+  if [ $target = model ]; then model+=("$1"); else common+=("$1"); fi
+  shift
+done
+n=$(grep -c -v '^[[:space:]]*$' "$list" || true)
+if [ "$n" = 0 ]; then echo "greyarray: error: $list lists no participant" >&2; exit 66; fi
+if [ "$shards" != 0 ] && [[ " ${model[*]} " != *" --permutations "* ]]; then
+  echo "greyarray: error: --shards needs --model FORMULA --permutations N" >&2; exit 64
+fi
+logs=$out/logs/slurm
+mkdir -p "$logs"
+submit() { sbatch --parsable "$@" | cut -d';' -f1; }
+array="--output=$logs/%x-%A_%a.log" single="--output=$logs/%x-%j.log"
+after() { echo --dependency=afterok:"$1" --kill-on-invalid-dep=yes; }
+
+participant=$(submit "$array" --array="1-$n" "$here/participant.sbatch" "$bids" "$out" "$list" "${common[@]}")
+if [ "$shards" = 0 ]; then
+  group=$(submit "$single" $(after "$participant") "$here/group.sbatch" "$bids" "$out" "${common[@]}" "${model[@]}")
+  echo "participant=$participant group=$group"
+  exit 0
+fi
+group=$(submit "$single" $(after "$participant") "$here/group.sbatch" "$bids" "$out" "${common[@]}")
+shard=$(submit "$array" --array="1-$shards" $(after "$group") "$here/permutation-shards.sbatch" "$bids" "$out" \
+  "${common[@]}" "${model[@]}")
+merge=$(submit "$single" $(after "$shard") "$here/merge.sbatch" "$bids" "$out" "$shards" "${common[@]}" \
+  "${model[@]}")
+echo "participant=$participant group=$group shards=$shard merge=$merge"
