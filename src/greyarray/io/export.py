@@ -24,7 +24,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from greyarray.errors import DataError
+from greyarray.errors import DataError, UsageError
 from greyarray.io import h5read
 from greyarray.io.fileio import remove_stale_temporaries, staging
 from greyarray.io.formats import SpaceFiles
@@ -242,6 +242,10 @@ def resolve_geometry(
         space.check_tables(h5, template)
         return space
     if template is not None:
+        from greyarray.io import remote
+
+        if remote.is_url(template) and kind != "cifti":
+            raise UsageError(f"{template}: s3:// templates are read for CIFTI files only")
         try:
             return space.check_template(template)
         except DataError as err:

@@ -132,9 +132,11 @@ class Geometry(ElementSpace):
         return CiftiWriter(self)  # CIFTI files are never compressed
 
     def check_template(self, path: Path) -> Geometry:
+        from greyarray.io import remote
         from greyarray.io.formats.cifti import read_file
 
-        if problem := self.difference(read_file(path).geometry):
+        template = remote.read_file(path) if remote.is_url(path) else read_file(path)
+        if problem := self.difference(template.geometry):
             raise DataError(problem)
         return self
 
