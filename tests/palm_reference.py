@@ -1,6 +1,7 @@
-"""Run PALM (Octave) on CSV inputs and read its outputs: for the live tests and for
-tests/palm/make_fixtures.py. PALM itself is in ../shared/reference/palm beside the repository
-(GPL, a test reference: never shipped); PALM_DIR points elsewhere."""
+"""Run PALM (Octave) on CSV inputs (or NIfTI volumes) and read its outputs: for the live tests
+and for tests/palm/make_fixtures.py. PALM itself is in ../shared/reference/palm beside the
+repository (GPL, a test reference: never shipped); PALM_DIR points elsewhere. Volumes need
+Octave's image package (bwconncomp; Debian's octave-image)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class Analysis:
     options: tuple[str, ...] = ()
     blocks: np.ndarray | None = None  # -eb ... -whole
     surface: tuple[np.ndarray, np.ndarray] | None = None  # (coords, faces): -s patch.srf
+    volume: np.ndarray | None = None  # mask (x, y, z): data columns are its voxels, C order
     permutations: int = 1000  # -n (PALM runs all of them when there are no more)
 
 
@@ -47,10 +49,15 @@ def run(folder: Path, analyses: list[Analysis]) -> None:
     calls = []
     for analysis in analyses:
         stem = folder / analysis.name
-        _csv(f"{stem}_Y.csv", analysis.data)
         _csv(f"{stem}_design.csv", analysis.design)
         _csv(f"{stem}_con.csv", analysis.contrasts)
-        args = ["-i", f"{stem}_Y.csv", "-d", f"{stem}_design.csv", "-t", f"{stem}_con.csv"]
+        if analysis.volume is None:
+            _csv(f"{stem}_Y.csv", analysis.data)
+            args = ["-i", f"{stem}_Y.csv"]
+        else:  # a 4-D NIfTI and its mask, read by PALM's own NIfTI code (-noniiclass)
+            write_volumes(stem, analysis.data, analysis.volume)
+            args = ["-i", f"{stem}_Y.nii", "-m", f"{stem}_mask.nii", "-noniiclass"]
+        args += ["-d", f"{stem}_design.csv", "-t", f"{stem}_con.csv"]
         args += ["-o", str(stem), "-n", str(analysis.permutations), "-twotail", "-quiet"]
         if analysis.blocks is not None:
             np.savetxt(f"{stem}_eb.csv", analysis.blocks, fmt="%d")
@@ -65,7 +72,7 @@ def run(folder: Path, analyses: list[Analysis]) -> None:
         ["octave-cli", "--no-gui", "-q", "--eval", script], capture_output=True, text=True
     )
     for analysis in analyses:  # Octave may exit non-zero on shutdown even when PALM succeeded
-        if not list(folder.glob(f"{analysis.name}_*_fwep*.csv")):
+        if not list(folder.glob(f"{analysis.name}_*_fwep*")):
             raise RuntimeError(f"PALM failed on {analysis.name}:\n{done.stdout}\n{done.stderr}")
 
 
@@ -73,6 +80,31 @@ def read(folder: Path, name: str, what: str, contrast: int) -> np.ndarray:
     """An output row, e.g. what='dat_tstat_fwep' (FWE p), 'tfce_tstat' (TFCE scores)."""
     suffix = f"_c{contrast}" if (folder / f"{name}_{what}_c{contrast}.csv").exists() else ""
     return np.loadtxt(folder / f"{name}_{what}{suffix}.csv", delimiter=",", ndmin=1)
+
+
+def has_image_package() -> bool:
+    """Whether Octave's image package loads (PALM's TFCE on volumes needs its bwconncomp)."""
+    done = subprocess.run(
+        ["octave-cli", "--no-gui", "-q", "--eval", "pkg load image"], capture_output=True
+    )
+    return done.returncode == 0
+
+
+def write_volumes(stem: Path, data: np.ndarray, mask: np.ndarray) -> None:
+    import nibabel as nb
+
+    volume = np.zeros((*mask.shape, len(data)))
+    volume[mask] = data.T
+    nb.save(nb.Nifti1Image(volume, np.eye(4)), f"{stem}_Y.nii")
+    nb.save(nb.Nifti1Image(mask.astype(np.uint8), np.eye(4)), f"{stem}_mask.nii")
+
+
+def read_volume(folder: Path, name: str, what: str, contrast: int, mask: np.ndarray):
+    """An output volume (e.g. what='tfce_tstat'), at the mask's voxels in C order."""
+    import nibabel as nb
+
+    suffix = f"_c{contrast}" if (folder / f"{name}_{what}_c{contrast}.nii.gz").exists() else ""
+    return nb.load(folder / f"{name}_{what}{suffix}.nii.gz").get_fdata().reshape(mask.shape)[mask]
 
 
 def write_srf(path: Path, coords: np.ndarray, faces: np.ndarray) -> None:

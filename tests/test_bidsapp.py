@@ -493,13 +493,16 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     output = tmp_path / "demo" / "output"
     assert out.rstrip().splitlines()[-1] == f"Report: {output / 'group.html'}"
     page = (output / "group.html").read_text()
-    for anchor in ("thickness", "alff", "alff-desc-smooth", "thickness-analysis-lm"):
+    for anchor in ("thickness", "alff", "alff-desc-smooth", "fa", "thickness-analysis-lm"):
         assert f'<section id="{anchor}">' in page, anchor
     assert 'id="thickness-analysis-lm-age"' in page  # the age term's maps
+    assert "NIfTI, the group mask&#39;s voxels in a 24 x 28 x 24 grid of 6 x 6 x 6 mm" in page
+    assert (group / "desc-fa_mask.nii.gz").exists()  # the voxel derivative, with its group mask
     assert len(list(output.glob("sub-*.html"))) == 12
     page = (output / "sub-001.html").read_text()
-    for anchor in ("thickness", "alff", "alff-desc-smooth"):
+    for anchor in ("thickness", "alff", "alff-desc-smooth", "fa"):
         assert f'<section id="{anchor}">' in page, anchor
+    assert "voxels within sub-001_space-MNI152NLin2009cAsym_desc-brain_mask.nii.gz" in page
     code = cli.main(["demo", str(tmp_path / "demo"), "--subjects", "12"])
     assert code == 73  # outputs exist: --overwrite is needed to redo them
 

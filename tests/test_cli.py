@@ -185,30 +185,17 @@ def test_truncated_source_file(run_cli, cohort, tmp_path):
     )
 
 
-def test_non_cifti_nifti(run_cli, cohort, tmp_path):
-    import nibabel as nb
-
-    nb.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)).to_filename(tmp_path / "t1.nii")
-    csv = with_row(cohort, tmp_path, "t1.nii")
+@pytest.mark.parametrize("name", ["t1.nii", "t.nii.gz", "fd.mif"])
+def test_cohort_mixing_data_types(run_cli, cohort, tmp_path, name):
+    """CIFTI maps and a NIfTI or MRtrix file in one cohort: one line naming both types."""
+    (tmp_path / name).write_bytes(b"")
+    csv = with_row(cohort, tmp_path, name)
     expect_error(
         run_cli,
         convert(csv, tmp_path / "o.h5"),
         65,
-        r"t1.nii: is a NIfTI-1 file, not CIFTI-2",
-        tmp_path,
-    )
-
-
-def test_gzipped_nifti_is_named_as_such(run_cli, cohort, tmp_path):
-    import nibabel as nb
-
-    nb.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)).to_filename(tmp_path / "t.nii.gz")
-    csv = with_row(cohort, tmp_path, "t.nii.gz")
-    expect_error(
-        run_cli,
-        convert(csv, tmp_path / "o.h5"),
-        65,
-        r"t.nii.gz: is gzip-compressed \(a .nii.gz\); gzipped NIfTI is not CIFTI-2",
+        rf"cohort.csv: the cohort mixes data types: CIFTI-2 \('maps/sub-001_thickness.dscalar.nii"
+        rf"'\), (NIfTI|MRtrix fixel data) \('{name}'\)",
         tmp_path,
     )
 

@@ -5,6 +5,7 @@ obviously-correct TFCE (explicit thresholds, connected components by breadth-fir
 from __future__ import annotations
 
 import itertools
+import os
 from collections import deque
 from pathlib import Path
 
@@ -165,9 +166,37 @@ def palm_live(tmp_path_factory):
             permutations=2,  # only the scores are compared; PALM's TFCE takes ~20 ms a map
         )
     )
+    mask, volume = small_volume(rng, x)
+    volumes = palm_reference.has_image_package()
+    for connectivity in (6, 18, 26) if volumes else ():  # PALM's default (6) without option
+        options = ("-T",) if connectivity == 6 else ("-T", "-tfce_C", str(connectivity))
+        analyses.append(
+            palm_reference.Analysis(
+                f"tfce{connectivity}",
+                volume,
+                design,
+                np.array([[0, 1]]),
+                options,
+                volume=mask,
+                permutations=2,
+            )
+        )
     folder = tmp_path_factory.mktemp("palm")
     palm_reference.run(folder, analyses)
-    return folder, cases, (coords, faces, values, design)
+    return folder, cases, (coords, faces, values, design), (mask, volume)
+
+
+def small_volume(rng, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A 7 x 6 x 5 mask with a hole and a missing corner, and 8 subjects' values with an
+    effect of ``x`` in a blob."""
+    shape = (7, 6, 5)
+    mask = np.ones(shape, bool)
+    mask[0, 0, :] = False
+    mask[3, 2, 2] = False
+    grid = np.indices(shape)
+    blob = np.exp(-((grid[0] - 4) ** 2 + (grid[1] - 2) ** 2 + (grid[2] - 2) ** 2) / 5)
+    values = rng.normal(0, 1, (8, int(mask.sum()))) + np.outer(x, blob[mask]) * 1.5
+    return mask, values
 
 
 def surface_patch(size: int, centre: int = 5000):
@@ -194,7 +223,7 @@ def surface_patch(size: int, centre: int = 5000):
 @pytest.mark.parametrize("name", ["free", "ties", "blocks"])
 def test_fwe_equals_palm_live(palm_live, tmp_path, name):
     """Exhaustive permutations: the same p-values as PALM, within its CSV's 4 decimals."""
-    folder, cases, _ = palm_live
+    folder, cases, *_ = palm_live
     ph, formula, blocks, values = cases[name]
     ours = fit(
         tmp_path,
@@ -216,7 +245,7 @@ def test_tfce_scores_against_palm_live(palm_live):
     """PALM's TFCE is a 100-step sum over |z|: the slow reference with those steps matches it
     (same neighbours, areas, H, E, t -> z); ours is the exact integral, which differs from the
     sum by less than the bound of a Riemann sum: 3 dh e^E h^H at most per element."""
-    folder, _, (coords, faces, values, design) = palm_live
+    folder, _, (coords, faces, values, design), _ = palm_live
     palm = palm_reference.read(folder, "tfce", "tfce_tstat", 1)
     beta, rss, *_ = np.linalg.lstsq(design, values, rcond=None)
     df = len(values) - 2
@@ -234,6 +263,55 @@ def test_tfce_scores_against_palm_live(palm_live):
     bound = 3 * z.max() / 100 * areas.sum() * z**2
     assert (np.abs(ours - palm) <= bound).all()
     assert np.abs(ours - palm).max() > 1e-3 * palm.max()  # they are different sums
+
+
+@pytest.mark.parametrize("connectivity", [6, 18, 26])
+def test_volume_tfce_against_palm_live(palm_live, run_cli, tmp_path, connectivity):
+    """TFCE on NIfTI voxels with PALM's volume settings (H = 2, E = 0.5; 6 neighbours by
+    default, 18 or 26 with --tfce-connectivity): PALM's 100-step sum equals the slow reference
+    on GreyArray's voxel graph, and fit-lm's <term>.tfce on the converted maps (the exact
+    integral) is within that sum's bound of PALM's."""
+    import nibabel
+
+    folder, _, (_, _, _, design), (mask, volume) = palm_live
+    if not list(folder.glob(f"tfce{connectivity}_*")):
+        message = (
+            "Octave's image package (octave-image) is missing: PALM cannot run TFCE on volumes"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    palm = palm_reference.read_volume(folder, f"tfce{connectivity}", "tfce_tstat", 1, mask)
+    nibabel.save(nibabel.Nifti1Image(mask.astype(np.uint8), np.eye(4)), tmp_path / "mask.nii")
+    rows = []
+    for i, subject in enumerate(volume):
+        data = np.zeros(mask.shape, np.float32)
+        data[mask] = subject
+        nibabel.save(nibabel.Nifti1Image(data, np.eye(4)), tmp_path / f"s{i}.nii.gz")
+        rows.append({"scalar_name": "y", "source_file": f"s{i}.nii.gz", "x": design[i, 1]})
+    pd.DataFrame(rows).to_csv(tmp_path / "cohort.csv", index=False)
+    h5, csv = tmp_path / "y.h5", tmp_path / "cohort.csv"
+    convert = ["to-modelarray", "--cohort-file", csv, "--output", h5]
+    assert run_cli(*convert, "--mask", tmp_path / "mask.nii")[0] == 0
+    fit = ["fit-lm", "--input-hdf5", h5, "--cohort-file", csv, "--formula", "y ~ x"]
+    fit += ["--num-subj-lthr-abs", "0", "--permutations", "2", "--tfce"]
+    code, _, err = run_cli(*fit, "--tfce-connectivity", str(connectivity))
+    assert code == 0, err
+    ours = read_results(h5)["x.tfce"].to_numpy()
+    stored = volume.astype(np.float32).astype(float)
+    beta, rss, *_ = np.linalg.lstsq(design, stored, rcond=None)
+    df = len(volume) - 2
+    t = np.abs(beta[1]) / np.sqrt(rss / df * np.linalg.inv(design.T @ design)[1, 1])
+    z = permutation.to_z(t, df)
+    with h5py.File(h5) as file:
+        graph = tfce.element_graph(file, connectivity)
+    source = np.repeat(np.arange(graph.size), np.diff(graph.indptr))
+    edges = np.column_stack([source, graph.indices])[source < graph.indices]
+    discrete = slow_tfce(z, edges, np.ones(graph.size), np.full(graph.size, 0.5), steps=100)
+    assert np.abs(discrete - palm).max() <= 1e-5 * palm.max()
+    bound = 3 * z.max() / 100 * np.sqrt(graph.size) * z**2
+    assert (np.abs(ours - palm) <= bound).all()
+    assert np.diff(graph.indptr).max() == connectivity  # an inner voxel has all its neighbours
 
 
 def tri_areas(coords, faces):
@@ -597,11 +675,13 @@ def test_cli_errors(small_cohort, run_cli, tmp_path):
 
 
 def test_greyordinate_graph(small_cohort, tmp_path):
-    """Mesh edges between the vertices present, 26 voxel neighbours, nothing across
-    structures, midthickness areas; parcellated data have no graph."""
+    """Mesh edges between the vertices present, 6 voxel neighbours (PALM's volume default;
+    26 when asked), nothing across structures, midthickness areas; parcellated data have no
+    graph."""
     h5, _ = small_cohort
     with h5py.File(h5) as file:
-        graph = tfce.greyordinate_graph(file)
+        graph = tfce.element_graph(file)
+        corners = tfce.element_graph(file, 26)
         structure = file["greyarray/geometry/structure"][()]
         vertex = file["greyarray/geometry/vertex"][()]
     source = np.repeat(np.arange(graph.size), np.diff(graph.indptr))
@@ -617,10 +697,12 @@ def test_greyordinate_graph(small_cohort, tmp_path):
     assert found == expected and len(found) > 300
     assert np.allclose(graph.weight[left], mesh.vertex_areas("L")[vertex[left]])
     degree = np.diff(graph.indptr)
-    thalamus = np.flatnonzero(structure == 2)  # a 3 x 3 x 3 block: the centre has 26
+    thalamus = np.flatnonzero(structure == 2)  # a 3 x 3 x 3 block: the centre has 6
+    assert sorted(degree[thalamus])[-1] == 6 and sorted(degree[thalamus])[0] == 3
+    degree = np.diff(corners.indptr)  # ... or 26 (corners 7)
     assert sorted(degree[thalamus])[-1] == 26 and sorted(degree[thalamus])[0] == 7
     assert (graph.exponent[thalamus] == 0.5).all() and (graph.exponent[left] == 1).all()
     with h5py.File(tmp_path / "p.h5", "w") as file:
         file.create_group("greyarray/geometry").attrs["cifti_kind"] = "pscalar"
         with pytest.raises(permutation.DataError, match="pscalar data are parcellated"):
-            tfce.greyordinate_graph(file)
+            tfce.element_graph(file)

@@ -406,7 +406,7 @@ def test_relative_paths_fall_back_to_the_current_folder(maio_cohort, tmp_path):
     ("extra", "code", "message"),
     [
         (["--backend", "tiledb"], 64, "--backend tiledb is not supported yet"),
-        (["--mask", "m.nii.gz"], 64, "--mask is for NIfTI or fixel data"),
+        (["--mask", "m.nii.gz"], 64, "--mask is for NIfTI data; "),
         (["--workers", "4", "--s3-workers", "2", "--backend", "hdf5"], 0, ""),
     ],
 )
@@ -548,6 +548,7 @@ def test_group_model_with_permutations_and_tfce(tmp_path, template):
     assert sidecar["Permutations"] == {
         "n": 20,
         "tfce": True,
+        "tfce_connectivity": 6,
         "exchangeability_blocks": None,
         "seed": 3,
     }

@@ -255,7 +255,7 @@ def test_cancelled_mid_write_then_the_next_run_cleans_up(jobs, local3):
     assert all(
         f"Removed {path}, left by a process that no longer runs" in run_logs for path in left
     )
-    assert len(assert_same_hdf5(out, local3)) == 3
+    assert len(assert_same_hdf5(out, local3)) == 4  # the demo: 3 CIFTI scalars and fa (NIfTI)
 
 
 def test_pipeline_equals_a_local_run(jobs, local12):

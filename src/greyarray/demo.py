@@ -2,7 +2,8 @@
 
 The bundled ``ones.dscalar.nii`` (CIFTI-2 reference data, public domain) supplies the header; each
 subject gets a thickness-like map (smooth spatial pattern + an age effect + noise), float32, with
-its own map name.
+its own map name. The BIDS demo adds a small voxel derivative (QSIRecon-style FA maps in MNI
+space on a coarse 6 mm grid, with each participant's brain mask).
 """
 
 from __future__ import annotations
@@ -75,8 +76,11 @@ def _description(path: Path, name: str, generated_by: str | None = None) -> None
 
 
 def write_bids_demo(root: Path, n_subjects: int = 20, seed: int = 0) -> Path:
-    """A raw BIDS dataset with participants.tsv and two derivatives on the fsLR 91k grid:
-    fMRIPrep-style cortical thickness and XCP-D-style ALFF (plain and smoothed) maps."""
+    """A raw BIDS dataset with participants.tsv and three derivatives: on the fsLR 91k grid,
+    fMRIPrep-style cortical thickness and XCP-D-style ALFF (plain and smoothed) maps; in MNI
+    space, QSIRecon-style FA maps (NIfTI) with QSIPrep-style brain masks."""
+    import nibabel as nb
+
     geometry = cifti.read_file(template_path()).geometry
     writer = cifti.CiftiWriter(geometry)
     table = phenotypes(n_subjects, seed)
@@ -85,8 +89,21 @@ def write_bids_demo(root: Path, n_subjects: int = 20, seed: int = 0) -> Path:
         root / "participants.tsv", sep="\t", index=False
     )
     fmriprep, xcpd = root / "derivatives" / "fmriprep", root / "derivatives" / "xcp_d"
+    qsirecon = root / "derivatives" / "qsirecon"
     _description(fmriprep, "fMRIPrep (synthetic)", "fMRIPrep")
     _description(xcpd, "XCP-D (synthetic)", "XCP-D")
+    _description(qsirecon, "QSIRecon (synthetic)", "QSIRecon")
+    space = "space-MNI152NLin2009cAsym"
+    for subject, (fa, mask) in zip(table["participant_id"], fa_maps(table, seed), strict=True):
+        dwi = qsirecon / subject / "dwi"
+        dwi.mkdir(parents=True, exist_ok=True)
+        for name, data in (
+            (f"{subject}_{space}_model-tensor_param-fa_dwimap.nii.gz", fa),
+            (f"{subject}_{space}_desc-brain_mask.nii.gz", mask),
+        ):
+            image = nb.Nifti1Image(data, VOXEL_AFFINE)
+            image.header.set_xyzt_units("mm")
+            nb.save(image, dwi / name)
     thickness = thickness_maps(geometry.n_elements, table, seed)
     rng = np.random.default_rng(seed + 2)
     for subject, values in zip(table["participant_id"], thickness, strict=True):
@@ -101,6 +118,27 @@ def write_bids_demo(root: Path, n_subjects: int = 20, seed: int = 0) -> Path:
             name = f"{subject}_task-rest_space-fsLR_den-91k_stat-alff{desc}_boldmap.dscalar.nii"
             writer.write(func / name, data, name)
     return root
+
+
+VOXEL_SHAPE = (24, 28, 24)  # a coarse 6 mm grid: the demo stays fast
+VOXEL_AFFINE = np.array(
+    [[6.0, 0, 0, -72], [0, 6.0, 0, -102], [0, 0, 6.0, -66], [0, 0, 0, 1]]
+)  # MNI152NLin2009cAsym-like orientation and origin
+
+
+def fa_maps(table: pd.DataFrame, seed: int = 0):
+    """Yield (FA volume, brain mask) per row of ``table``: an ellipsoid brain whose edge varies
+    by participant, FA higher in a central "tract", falling with age, noise."""
+    rng = np.random.default_rng(seed + 3)
+    grid = np.indices(VOXEL_SHAPE).astype(float)
+    centre = (np.array(VOXEL_SHAPE)[:, None, None, None] - 1) / 2
+    radius = np.sqrt((((grid - centre) / (centre * 0.85)) ** 2).sum(axis=0))
+    tract = np.exp(-(((grid[0] - centre[0]) / 2) ** 2 + ((grid[2] - centre[2] - 3) / 3) ** 2))
+    for age in table["age"]:
+        mask = radius + rng.normal(0, 0.03, VOXEL_SHAPE) < 1
+        fa = 0.3 + 0.35 * tract - 0.002 * (age - 40) * (1 + tract)
+        fa = fa + rng.normal(0, 0.03, VOXEL_SHAPE)
+        yield np.where(mask, fa, 0).astype(np.float32), mask.astype(np.uint8)
 
 
 def run_demo(

@@ -130,6 +130,18 @@ def reference_levels(items: Sequence[str], option: str = "--reference-level") ->
     return levels
 
 
+def add_tfce_connectivity(parser) -> None:
+    option(
+        parser,
+        "--tfce-connectivity",
+        type=int,
+        choices=(6, 18, 26),
+        default=6,
+        help="with --tfce: voxels touch by a face (6, PALM's default for volumes), an edge (18) "
+        "or a corner (26); for NIfTI voxels and CIFTI's subcortical structures",
+    )
+
+
 def add_factor_options(parser, prefix: str = "") -> None:
     """--reference-level and --ordered-factor: how a model reads a cohort column (fit-lm,
     fit-gam, fit-lmm, and the BIDS-App's group --model with ``prefix`` "with --model: ")."""
@@ -173,6 +185,7 @@ def permutation_options(args):
             flag
             for flag, value in [
                 ("--tfce", args.tfce),
+                ("--tfce-connectivity", getattr(args, "tfce_connectivity", 6) != 6),
                 ("--exchangeability-blocks", args.exchangeability_blocks),
                 ("--permutation-shard", shard),
                 ("--merge-shards", merge),
@@ -187,6 +200,7 @@ def permutation_options(args):
     return PermutationOptions(
         permutations=args.permutations,
         tfce=args.tfce,
+        connectivity=getattr(args, "tfce_connectivity", 6),
         blocks=args.exchangeability_blocks,
         seed=args.seed,
         shard=parse_shard(shard) if shard else None,

@@ -24,6 +24,7 @@ from greyarray.options import (
     Parser,
     add_factor_options,
     add_nprocs,
+    add_tfce_connectivity,
     add_thresholds,
     factor_options,
     non_negative_int,
@@ -57,7 +58,8 @@ def build_parser(commands: str = "") -> Parser:
             f"stand-alone commands (greyarray COMMAND --help):\n{commands}\n\n" if commands else ""
         )
         + EXAMPLES,
-        description="BIDS-App: discover CIFTI-2 dscalar/pscalar/pconn derivatives with pybids, "
+        description="BIDS-App: discover CIFTI-2 dscalar/pscalar/pconn derivatives and NIfTI maps "
+        "in a standard space (QSIRecon, ASLPrep, XCP-D) with pybids, "
         "write ModelArray's cohort CSV and HDF5, fit models or export ModelArray's results as "
         "BIDS statistical maps.",
     )
@@ -118,6 +120,15 @@ def build_parser(commands: str = "") -> Parser:
         "--map",
         metavar="NAME|INDEX",
         help="map of multi-map files: a name, or a 1-based index as wb_command counts",
+    )
+    select.add_argument(
+        "--group-mask",
+        "--group_mask",
+        type=Path,
+        metavar="FILE",
+        help="NIfTI maps: the group mask (voxels > 0) for every NIfTI scalar; default: the "
+        "voxels inside at least half of the maps' subject masks (desc-brain_mask; a map "
+        "without one counts its finite non-zero voxels), written to group/",
     )
     run = parser.add_argument_group("running")
     run.add_argument(
@@ -188,8 +199,9 @@ def build_parser(commands: str = "") -> Parser:
         "--tfce",
         action="store_true",
         help="with --permutations: threshold-free cluster enhancement on the greyordinates "
-        "(adds stat-tfce and stat-tfcepfwe maps)",
+        "or voxels (adds stat-tfce and stat-tfcepfwe maps)",
     )
+    add_tfce_connectivity(model)
     model.add_argument(
         "--exchangeability-blocks",
         metavar="COLUMN",

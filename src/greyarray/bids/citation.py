@@ -104,10 +104,13 @@ def _update(logs_dir, facts, analysis, reports, discarded, harmonization=None) -
 def render(
     facts: dict, analyses: list[dict], reports: dict | None = None, harmonized: list | None = None
 ) -> str:
+    defaults = {"format_text": "CIFTI-2", "element_text": "greyordinate"}  # older records
     sections = "".join(
         Template(template("harmonization.md")).substitute(h) for h in harmonized or []
     )
-    sections += "".join(Template(template("analysis.md")).substitute(a) for a in analyses)
+    sections += "".join(
+        Template(template("analysis.md")).substitute({**defaults, **a}) for a in analyses
+    )
     text = Template(template("methods.md")).substitute({**facts, "analysis_text": sections})
     if reports is not None:
         text += Template(template("reports.md")).substitute(reports)

@@ -83,7 +83,7 @@ def description(sources: list[Path]) -> dict:
     generated = {
         "Name": "greyarray",
         "Version": __version__,
-        "Description": "CIFTI-2 maps to ModelArray's HDF5 layout, and results back",
+        "Description": "CIFTI-2 and NIfTI maps to ModelArray's HDF5 layout, and results back",
         "CodeURL": CODE_URL,
     }
     if image := container():
@@ -194,7 +194,9 @@ def statmap_path(folder: Path, meta: dict, analysis: str, column: str, ext: str)
     from greyarray.bids.discover import KEYS
 
     entities = "_".join(
-        f"{KEYS[k]}-{v}" for k, v in meta["Entities"].items() if k not in ("stat", "desc")
+        f"{KEYS[k]}-{v}"
+        for k, v in meta["Entities"].items()
+        if k not in ("stat", "param", "desc")  # the scalar's name is in desc
     )
     name = statmap_name(entities, meta["Scalar"], analysis, column, ext)
     return folder / name

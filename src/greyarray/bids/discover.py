@@ -1,14 +1,22 @@
-"""Find the CIFTI maps of a BIDS dataset with pybids, and group them into scalars.
+"""Find the maps of a BIDS dataset with pybids (CIFTI-2, and NIfTI maps in a standard space),
+and group them into scalars.
 
-BIDS_DIR may be a derivatives dataset (XCP-D, fMRIPrep, ...) or a raw dataset whose derivatives are
-given with ``--derivatives`` or found in ``derivatives/``. Each dataset is indexed by its own
-BIDSLayout: no validation, no metadata, only the selected subjects, and the derivative entities
-pybids 0.22 does not know (``stat``, ``cohort``) registered so that ``stat-alff`` and
-``stat-reho`` never merge. Names that are not BIDS (HCP's ``100307.thickness.32k_fs_LR...``)
-are found with regular expressions from the config file.
+BIDS_DIR may be a derivatives dataset (XCP-D, fMRIPrep, QSIRecon, ASLPrep, ...) or a raw dataset
+whose derivatives are given with ``--derivatives`` or found in ``derivatives/``. Each dataset is
+indexed by its own BIDSLayout: no validation, no metadata, only the selected subjects, and the
+derivative entities pybids 0.22 does not know (``stat``, ``param``, ``cohort``) registered so
+that ``stat-alff`` and ``stat-reho``, ``param-fa`` and ``param-md`` never merge.
+
+NIfTI maps are the parametric maps of BIDS derivatives (suffixes ``NIFTI_SUFFIXES``: QSIRecon's
+``dwimap``, ASLPrep's ``cbf`` and ``att``, XCP-D's ``boldmap``) in a standard space (a ``space``
+entity that is not an individual's: ``NATIVE_SPACES``); each gets the matching subject mask
+(``desc-brain_mask`` of the same participant, session, space and resolution:
+``subject_masks``). Names that are not BIDS (HCP's ``100307.thickness.32k_fs_LR...``) are found
+with regular expressions from the config file.
 
 A scalar is one kind of map: by default every distinct combination of entities other than
-subject, session and run, named after its ``stat`` (or suffix) plus whatever entities tell it
+subject, session and run (so the space is part of it), named after its ``stat`` or ``param``
+(or suffix) plus whatever entities tell it
 apart from the others (``alff``, ``alff_desc-smooth``, ``thickness_den-32k``); the config or the
 BIDS filter file can instead name scalars and give their queries.
 """
@@ -29,11 +37,16 @@ from greyarray.errors import DataError, GreyArrayError, MissingInputError
 log = logging.getLogger(__name__)
 
 CIFTI_EXTENSIONS = (".dscalar.nii", ".pscalar.nii", ".pconn.nii")
+NIFTI_EXTENSIONS = (".nii.gz", ".nii")
+NIFTI_SUFFIXES = ("dwimap", "cbf", "att", "boldmap")  # QSIRecon, ASLPrep, XCP-D parametric maps
+# spaces of one individual: maps in them are not on a common grid across participants
+NATIVE_SPACES = {"T1w", "T2w", "dwi", "ACPC", "orig", "fsnative", "boldref", "func", "anat", "asl"}
 # Derivative entities pybids 0.22 lacks (re-declaring one it has crashes its database).
 EXTRA_ENTITIES = {
     "name": "greyarray",
     "entities": [
         {"name": "stat", "pattern": "[_/\\\\]+stat-([a-zA-Z0-9+]+)"},
+        {"name": "param", "pattern": "[_/\\\\]+param-([a-zA-Z0-9+]+)"},
         {"name": "cohort", "pattern": "[_/\\\\]+cohort-([a-zA-Z0-9+]+)"},
     ],
 }
@@ -57,6 +70,7 @@ KEYS = {
     "hemi": "hemi",
     "roi": "roi",
     "subset": "subset",
+    "param": "param",
     "stat": "stat",
     "desc": "desc",
 }
@@ -198,10 +212,11 @@ def discover(
     database_dir: Path | None = None,
     gzipped: list[Path] | None = None,
 ) -> list[Found]:
-    """Every CIFTI map of the selected subjects/sessions in ``roots``.
+    """Every map of the selected subjects/sessions in ``roots``.
 
     ``queries`` ({scalar: pybids filters}) replace the default of all dscalar/pscalar/pconn
-    files; ``patterns`` ({scalar: regex with a ``subject`` group}) add non-BIDS files.
+    files and the NIfTI parametric maps; ``patterns`` ({scalar: regex with a ``subject``
+    group}) add non-BIDS files.
     ``gzipped`` receives the files those queries select but for a ``.gz`` extension: never
     CIFTI-2, yet users expect them found, so the caller reports them.
     """
@@ -211,8 +226,8 @@ def discover(
             found += _pattern_files(root, patterns or {}, subjects, sessions)
             continue
         layout = _layout(root, subjects, database_dir)
-        for scalar, filters in (queries or {None: {}}).items():
-            selection = {"extension": list(CIFTI_EXTENSIONS), **_query(filters)}
+        native: list[str] = []
+        for scalar, selection in _selections(queries):
             if subjects:
                 selection["subject"] = subjects
             if sessions:
@@ -224,6 +239,9 @@ def discover(
                 entities = dict(layout.parse_file_entities(path))
                 if "subject" not in entities:
                     continue  # dataset-level files (atlases, templates) are not subjects' maps
+                if is_volume(path) and entities.get("space") in (None, *NATIVE_SPACES):
+                    native.append(path)
+                    continue
                 subject, session = entities.pop("subject"), entities.pop("session", None)
                 found.append(
                     Found(
@@ -235,15 +253,44 @@ def discover(
                         scalar,
                     )
                 )
+        if native:
+            log.info(
+                "%s: left out %d NIfTI map(s) in an individual's space (no space entity, or "
+                "space-%s): GreyArray converts maps in a standard space, e.g. %s",
+                root,
+                len(native),
+                "/".join(sorted(NATIVE_SPACES)),
+                native[0],
+            )
         found += _pattern_files(root, patterns or {}, subjects, sessions)
     return sorted(set(found), key=lambda f: (f.subject, f.session or "", str(f.path)))
+
+
+def _selections(queries: dict[str, dict] | None) -> list[tuple[str | None, dict]]:
+    """(scalar name, pybids selection): the named queries (any map extension unless they give
+    one), else every CIFTI map and the NIfTI parametric maps of ``NIFTI_SUFFIXES``."""
+    if queries:
+        extensions = [*CIFTI_EXTENSIONS, *NIFTI_EXTENSIONS]
+        return [(name, {"extension": extensions, **_query(f)}) for name, f in queries.items()]
+    return [
+        (None, {"extension": list(CIFTI_EXTENSIONS)}),
+        (None, {"extension": list(NIFTI_EXTENSIONS), "suffix": list(NIFTI_SUFFIXES)}),
+    ]
+
+
+def is_volume(path: str | Path) -> bool:
+    """A NIfTI volume (``.nii``, ``.nii.gz``), not a CIFTI-2 file."""
+    name = str(path)
+    return name.endswith(NIFTI_EXTENSIONS) and not name.endswith(CIFTI_EXTENSIONS)
 
 
 def _gzipped(layout, selection: dict) -> list[Path]:
     """The files ``selection`` would select if their extensions ended in ``.gz``."""
     extensions = selection["extension"]
     extensions = [extensions] if isinstance(extensions, str) else extensions
-    gz = [f"{ext}.gz" for ext in extensions if isinstance(ext, str) and ext.endswith(".nii")]
+    gz = [
+        f"{ext}.gz" for ext in extensions if isinstance(ext, str) and ext.endswith(CIFTI_EXTENSIONS)
+    ]
     if not gz:
         return []
     return [Path(p) for p in layout.get(return_type="filename", **{**selection, "extension": gz})]
@@ -259,7 +306,7 @@ def _pattern_files(root: Path, patterns: dict[str, str], subjects, sessions) -> 
     out = []
     if not patterns:
         return out
-    paths = [p for ext in CIFTI_EXTENSIONS for p in root.rglob(f"*{ext}")]
+    paths = sorted({p for ext in MAP_EXTENSIONS for p in root.rglob(f"*{ext}")})
     for scalar, pattern in patterns.items():
         regex = re.compile(pattern)
         if "subject" not in regex.groupindex:
@@ -285,11 +332,12 @@ def _pattern_files(root: Path, patterns: dict[str, str], subjects, sessions) -> 
 
 
 def _extension(path: Path) -> str:
-    return next(ext for ext in CIFTI_EXTENSIONS if path.name.endswith(ext))
+    return next(ext for ext in MAP_EXTENSIONS if path.name.endswith(ext))
 
 
 Key = tuple  # sorted (entity, value) pairs: what makes two files the same kind of map
-KIND_ORDER = {".dscalar.nii": 0, ".pscalar.nii": 1, ".pconn.nii": 2}
+MAP_EXTENSIONS = (*CIFTI_EXTENSIONS, *NIFTI_EXTENSIONS)  # CIFTI first: .dscalar.nii is not .nii
+KIND_ORDER = {".dscalar.nii": 0, ".pscalar.nii": 1, ".pconn.nii": 2, ".nii.gz": 3, ".nii": 4}
 
 
 @dataclass(frozen=True)
@@ -343,7 +391,7 @@ def name_scalars(
 
 def _base(key: Key) -> str:
     entities = dict(key)
-    return entities.get("stat") or entities.get("suffix", "map")
+    return entities.get("stat") or entities.get("param") or entities.get("suffix", "map")
 
 
 def _entity_names(
@@ -373,17 +421,19 @@ def _entity_names(
 def _variant_name(base: str, kind: dict, primary: dict, taken: set[str]) -> str:
     """The base, plus the entities (and CIFTI kind) in which ``kind`` differs from ``primary``;
     more of its entities, then a number, if that name is taken."""
+    named = ("stat", "param")  # the base name's entities
     differing = [
         f"{key}-{kind[entity]}"
         for entity, key in KEYS.items()
-        if entity != "stat" and entity in kind and kind.get(entity) != primary.get(entity)
+        if entity not in named and entity in kind and kind.get(entity) != primary.get(entity)
     ]
-    if kind.get("extension") != primary.get("extension"):
-        differing.append(kind["extension"].split(".")[1])  # pscalar / pconn
+    extension, first = kind.get("extension", ""), primary.get("extension", "")
+    if extension != first and not (is_volume(extension) and "space" in kind):
+        differing.append(extension.split(".")[1])  # pscalar / pconn
     if kind.get("suffix") not in (base, None) and kind.get("suffix") != primary.get("suffix"):
         differing.append(kind["suffix"])
     name = "_".join([base, *differing])
-    extra = [f"{key}-{kind[e]}" for e, key in KEYS.items() if e != "stat" and e in kind]
+    extra = [f"{key}-{kind[e]}" for e, key in KEYS.items() if e not in named and e in kind]
     for entity in extra:
         if name not in taken:
             break
@@ -411,7 +461,7 @@ def coverage(roots: list[Path]) -> dict[Key, int]:
         for folder in sorted(root.glob("sub-*")):
             for top, _, files in os.walk(folder):
                 for name in files:
-                    if not name.endswith(CIFTI_EXTENSIONS):
+                    if not name.endswith(MAP_EXTENSIONS):
                         continue
                     path = os.path.join(top, name)
                     pattern = re.sub(r"(?<=sub-)[^_/]+|(?<=ses-)[^_/]+", "*", path)
@@ -422,9 +472,78 @@ def coverage(roots: list[Path]) -> dict[Key, int]:
                         for k, v in parsed[pattern].items()
                         if k not in ("subject", "session", "run")
                     }
-                    if "subject" in parsed[pattern]:
+                    if "subject" in parsed[pattern] and _a_map(name, parsed[pattern]):
                         participants[tuple(sorted(entities.items()))].add(folder.name)
     return {key: len(subjects) for key, subjects in participants.items()}
+
+
+def _a_map(name: str, entities: dict) -> bool:
+    """Whether the default discovery takes this file: a CIFTI map, or a NIfTI parametric map
+    in a standard space."""
+    if not is_volume(name):
+        return True
+    space = entities.get("space")
+    return entities.get("suffix") in NIFTI_SUFFIXES and space not in (None, *NATIVE_SPACES)
+
+
+MASK_MATCH = ("space", "res", "den", "cohort")  # entities a map and its mask share
+
+
+def subject_masks(found: list[Found], roots: list[Path]) -> dict[Path, Path | None]:
+    """The subject mask of each NIfTI map: the ``desc-brain_mask`` (.nii or .nii.gz) of the same
+    participant and session in one of ``roots``, with the map's space (and res, den, cohort
+    when the map has them). Among several: the one sharing most of the map's other entities
+    (task, ...), then in the map's folder, then in its dataset, then in a folder of its datatype
+    (dwi, func, perf), then with the fewest entities of its own (an anatomical mask rather than a
+    run's). None when there is none (the map's own non-zero voxels count then); an error naming
+    two when the choice is ambiguous."""
+    from bids.layout import parse_file_entities
+    from bids.layout.models import Config
+
+    config = [Config.load(c) for c in ("bids", "derivatives", EXTRA_ENTITIES)]
+    candidates: dict[tuple, list[tuple[Path, Path, dict]]] = {}
+    out: dict[Path, Path | None] = {}
+    for item in found:
+        if not is_volume(item.path):
+            continue
+        visit = (item.subject, item.session)
+        if visit not in candidates:
+            candidates[visit] = []
+            for root in roots:
+                folder = root / f"sub-{item.subject}"
+                if item.session:
+                    folder = folder / f"ses-{item.session}"
+                for path in sorted(folder.glob(f"**/sub-{item.subject}_*desc-brain_mask.nii*")):
+                    entities = parse_file_entities(str(path), config=config)
+                    if entities.get("suffix") != "mask" or not is_volume(path):
+                        continue
+                    if str(entities.get("session")) != str(item.session):
+                        continue
+                    candidates[visit].append((path, root, entities))
+        wanted = {k: item.entities[k] for k in MASK_MATCH if k in item.entities}
+        ranked = sorted(
+            (_rank(path, root, entities, item), str(path))
+            for path, root, entities in candidates[visit]
+            if all(str(entities.get(k)) == v for k, v in wanted.items())
+        )
+        if len(ranked) > 1 and ranked[0][0] == ranked[1][0]:
+            ties = sum(rank == ranked[0][0] for rank, _ in ranked)
+            raise DataError(
+                f"{item.path}: {ties} subject masks match it equally ({ranked[0][1]}, "
+                f"{ranked[1][1]}); keep one, or give the group mask with --group-mask"
+            )
+        out[item.path] = Path(ranked[0][1]) if ranked else None
+    return out
+
+
+def _rank(path: Path, root: Path, entities: dict, item: Found) -> tuple:
+    """Smaller is a better mask for ``item``: more shared entities, the map's folder, its
+    dataset, its datatype folder (dwi, func, ...), fewer entities of its own."""
+    own = {k: str(v) for k, v in entities.items() if k not in IGNORED and k != "desc"}
+    shared = sum(item.entities.get(k) == v for k, v in own.items())
+    extra = sum(k not in item.entities for k in own)
+    folder = path.parent != item.path.parent
+    return (-shared, folder, root != item.root, path.parent.name != item.path.parent.name, extra)
 
 
 def _check_one_file_per_visit(name: str, files: list[Found]) -> None:

@@ -43,6 +43,11 @@ class Plan:
     sources: list[Source] = field(default_factory=list)
     action: str = "write"  # write (new file) | keep | replace | discard (replace, drop results)
     analyses: list[str] = field(default_factory=list)  # results/ of the existing file
+    group_mask: bytes | None = None  # NIfTI: the group mask made from the subject masks
+
+    @property
+    def mask_path(self) -> Path:
+        return self.h5.with_name(self.h5.name.replace("_modelarray.h5", "_mask.nii.gz"))
 
     @property
     def csv(self) -> Path:
@@ -94,11 +99,15 @@ def convert(
     for plan in plans:  # group/ may not exist yet: open the files by their found paths
         Cohort.from_table(plan.csv, plan.table)
         paths = {os.path.relpath(f.path, settings.group_dir): f.path for f in plan.files}
+        files = [(s, paths[s]) for s in plan.table["source_file"]]
+        space, masks = _voxel_space(settings, plan, [path for _, path in files])
         plan.sources = check_sources(
-            [(s, paths[s]) for s in plan.table["source_file"]],
+            files,
             settings.args.map,
             options.nprocs,
             label=plan.name,
+            space=space,
+            masks=masks,
         )
     _refuse_shared_files(plans)
     for plan in plans:
@@ -108,6 +117,39 @@ def convert(
         _execute(settings, plan, options)
     citation.update(settings.logs, facts=methods_facts(settings, plans, options))
     return plans
+
+
+def _voxel_space(settings: Run, plan: Plan, paths: list[Path]):
+    """For NIfTI maps: (the group mask's voxels, each map's subject mask); (None, None) for
+    CIFTI. The group mask is --group-mask, else the voxels inside at least half of the
+    subject masks (made here, written beside the HDF5)."""
+    from greyarray.io.formats import group_mask
+    from greyarray.io.sources import majority_mask
+
+    if not all(discover.is_volume(path) for path in paths):
+        return None, None
+    found = discover.subject_masks(plan.files, settings.roots)
+    masks = [found.get(path) for path in paths]
+    without = sum(m is None for m in masks)
+    if without:
+        log.warning(
+            "%s: %d of %d maps have no subject mask (desc-brain_mask of their participant, "
+            "session and space), e.g. %s; their finite non-zero voxels count as inside",
+            plan.name,
+            without,
+            len(masks),
+            paths[masks.index(None)],
+        )
+    if settings.args.group_mask is not None:
+        return group_mask(settings.args.group_mask), masks
+    grid, plan.group_mask = majority_mask(paths, masks, str(plan.mask_path))
+    log.info(
+        "%s: group mask of %d voxels (inside at least half of %d subject masks)",
+        plan.name,
+        grid.n_elements,
+        len(masks),
+    )
+    return grid, masks
 
 
 def _refuse_shared_files(plans: list[Plan]) -> None:
@@ -189,6 +231,8 @@ def _analyses_in(path: Path) -> list[str]:
 
 
 def _execute(settings: Run, plan: Plan, options: StoreOptions) -> None:
+    if plan.group_mask is not None and (plan.action != "keep" or not plan.mask_path.exists()):
+        atomic_write(plan.mask_path, plan.group_mask)
     if plan.action == "keep":
         kept = f", with its results ({', '.join(plan.analyses)})" if plan.analyses else ""
         log.info("%s: inputs unchanged; kept as it is%s", plan.h5, kept)
@@ -228,6 +272,16 @@ def _execute(settings: Run, plan: Plan, options: StoreOptions) -> None:
         "CohortFile": plan.csv.name,
         "Sources": sorted({str(f.root) for f in plan.files}),
     }
+    if plan.sources and plan.sources[0].file.geometry.kind == "voxels":
+        sidecar["GroupMask"] = (
+            plan.mask_path.name if plan.group_mask is not None else str(settings.args.group_mask)
+        )
+        sidecar["GroupMaskRule"] = (
+            "voxels inside at least half of the maps' subject masks (desc-brain_mask; a map "
+            "without one counts its finite non-zero voxels)"
+            if plan.group_mask is not None
+            else "given with --group-mask"
+        )
     write_json(plan.h5.with_suffix(".json"), sidecar)
 
 
@@ -249,6 +303,8 @@ def scalar_record(plan: Plan) -> dict:
         "entities": discover.common_entities(plan.files),
         "kinds": sorted({s.file.kind for s in plan.sources}),
         "n_elements": plan.sources[0].file.geometry.n_elements,
+        "masked": sum(s.mask is not None for s in plan.sources),
+        "group_mask": "made" if plan.group_mask is not None else "given",
         "nonfinite": [s.n_nonfinite for s in plan.sources],
         "rows": len(plan.table),
     }
@@ -270,14 +326,9 @@ def methods_facts(settings: Run, plans: list[Plan], options: StoreOptions) -> di
     }
     records.update({plan.name: scalar_record(plan) for plan in plans})
     files = {tuple(f) for r in records.values() for f in r["files"]}
-    n_files = sum(len(r["files"]) for r in records.values())
     n_sessions = len({(subject, session) for subject, session, _ in files if session})
-    first = next(iter(records.values()))["entities"]
-    entities = {
-        k: v for k, v in first.items() if all(r["entities"].get(k) == v for r in records.values())
-    }
-    space = " ".join(f"{k}-{v}" for k, v in entities.items() if k in ("space", "den", "seg"))
-    elements = sorted({r["n_elements"] for r in records.values()})
+    volumes = {n: r for n, r in records.items() if r["kinds"] == ["nifti"]}
+    greyordinates = {n: r for n, r in records.items() if n not in volumes}
     described = [r for r in settings.roots if (r / "dataset_description.json").is_file()]
     versions = sorted(
         {str(discover.load_description(r).get("BIDSVersion", "")) for r in described} - {""}
@@ -290,18 +341,17 @@ def methods_facts(settings: Run, plans: list[Plan], options: StoreOptions) -> di
         "h5py_version": h5py.__version__,
         "hdf5_version": h5py.version.hdf5_version,
         "pybids_version": pybids_version,
-        "n_files": n_files,
+        "maps_text": _maps_text(greyordinates, volumes),
+        "heading_text": " and ".join(
+            name for group, name in ((greyordinates, "greyordinate"), (volumes, "voxel")) if group
+        ),
+        "checks_text": _checks_text(greyordinates, volumes),
         "n_participants": len({subject for subject, _, _ in files}),
         "sessions_text": f" ({n_sessions} sessions)" if n_sessions else "",
         "datasets": ", ".join(sorted({root for _, _, root in files})),
         "input_bids_text": f"BIDS {' and '.join(versions)}" if versions else "BIDS",
         "n_scalars": len(records),
         "scalars_text": ", ".join(records),
-        "kinds_text": " or ".join(
-            f"CIFTI-2 {k}" for k in sorted({k for r in records.values() for k in r["kinds"]})
-        ),
-        "space_text": space or "greyordinate space of the inputs",
-        "n_elements": " or ".join(f"{n:,}" for n in elements),
         "nonfinite_text": _nonfinite_text([c for r in records.values() for c in r["nonfinite"]]),
         "matrix_text": (
             "a matrix with one row per session of each participant and one column per element"
@@ -312,6 +362,58 @@ def methods_facts(settings: Run, plans: list[Plan], options: StoreOptions) -> di
         "sessions_table_text": " and `sessions.tsv` files" if n_sessions else "",
         "storage_text": f"{options.description}, chunks of at most 1 MiB holding all rows",
     }
+
+
+def _space(records: dict) -> str:
+    """The entities all these scalars share that say where their elements are."""
+    first = next(iter(records.values()))["entities"]
+    shared = {
+        k: v for k, v in first.items() if all(r["entities"].get(k) == v for r in records.values())
+    }
+    return " ".join(f"{k}-{v}" for k, v in shared.items() if k in ("space", "den", "seg", "res"))
+
+
+def _maps_text(greyordinates: dict, volumes: dict) -> str:
+    counts = [
+        (sum(len(r["files"]) for r in group.values()), name)
+        for group, name in ((greyordinates, "CIFTI-2 [@cifti2]"), (volumes, "NIfTI"))
+        if group
+    ]
+    return " and ".join(f"{n} {name}" for n, name in counts) + " maps"
+
+
+def _checks_text(greyordinates: dict, volumes: dict) -> str:
+    """What every map was checked for, per data type."""
+    texts = []
+    if greyordinates:
+        kinds = sorted({k for r in greyordinates.values() for k in r["kinds"]})
+        elements = sorted({r["n_elements"] for r in greyordinates.values()})
+        texts.append(
+            f"Every CIFTI map was checked to be a {' or '.join(f'CIFTI-2 {k}' for k in kinds)} "
+            "file with exactly the element geometry of the first map of its scalar "
+            f"({_space(greyordinates) or 'greyordinate space of the inputs'}: "
+            f"{' or '.join(f'{n:,}' for n in elements)} elements; structure of every "
+            "greyordinate, surface vertex indices, voxel indices, volume dimensions and affine "
+            "were compared)"
+        )
+    if volumes:
+        elements = sorted({r["n_elements"] for r in volumes.values()})
+        made = any(r.get("group_mask") == "made" for r in volumes.values())
+        masked = sum(r.get("masked", 0) for r in volumes.values())
+        n = sum(len(r["files"]) for r in volumes.values())
+        rule = (
+            "made of the voxels inside at least half of the participants' brain masks"
+            if made
+            else "given by the user"
+        )
+        texts.append(
+            "Every NIfTI map was checked to be a 3-D volume on the grid of its scalar's group "
+            f"mask ({_space(volumes) or 'one space'}: dimensions and voxel-to-mm affine within "
+            f"1e-4 mm; {' or '.join(f'{v:,}' for v in elements)} voxels, the group mask {rule}); "
+            f"{masked} of the {n} maps were masked by their participant's brain mask "
+            "(desc-brain_mask of the same session and space: voxels outside it are missing)"
+        )
+    return ". ".join(texts)
 
 
 def _nonfinite_text(counts: list[int]) -> str:

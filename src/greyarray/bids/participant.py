@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from pathlib import Path
 
 from greyarray import __version__
 from greyarray.bids import discover, reports
@@ -22,6 +23,8 @@ log = logging.getLogger("greyarray")
 
 def run(settings: Run) -> int:
     naming = settings.find("participant")
+    found = [item for files in naming.scalars.values() for item in files]
+    masks = discover.subject_masks(found, settings.roots)
     by_subject: dict[str, list[tuple[str, discover.Found]]] = {}
     for name, files in naming.scalars.items():
         for item in files:
@@ -37,7 +40,7 @@ def run(settings: Run) -> int:
             "bids_dir": str(settings.bids_dir),
             "selection": settings.selection(),
             "scalar_filter": settings.args.scalar or None,  # the group level may need more
-            "files": [_check(settings, name, item) for name, item in items],
+            "files": [_check(settings, name, item, masks.get(item.path)) for name, item in items],
             "skipped": [_entry(name, item) for name, item in skipped.get(subject, [])],
         }
         for subject, items in sorted(by_subject.items())
@@ -68,13 +71,13 @@ def _entry(name: str, item: discover.Found) -> dict:
     }
 
 
-def _check(settings: Run, name: str, item: discover.Found) -> dict:
-    source = sources.inspect(item.path, item.relative, settings.args.map)
+def _check(settings: Run, name: str, item: discover.Found, mask: Path | None) -> dict:
+    source = sources.inspect_alone(item.path, item.relative, settings.args.map, mask)
     if source.n_nonfinite:
         log.warning(
             "%s: %d non-finite values (missing for ModelArray)", item.path, source.n_nonfinite
         )
-    return {
+    entry = {
         **_entry(name, item),
         "kind": source.file.kind,
         "n_elements": source.file.geometry.n_elements,
@@ -83,3 +86,7 @@ def _check(settings: Run, name: str, item: discover.Found) -> dict:
         "sha256": source.sha256,
         "nonfinite_count": source.n_nonfinite,
     }
+    if discover.is_volume(item.path):
+        entry["mask"] = str(mask) if mask else None
+        entry["mask_sha256"] = source.mask.sha256 if source.mask else None
+    return entry

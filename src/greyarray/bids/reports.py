@@ -65,6 +65,7 @@ def map_files(manifest: dict, wanted_map: str | None) -> list:
             Path(e["dataset"]) / e["path"],
             e["session"],
             wanted_map or e.get("map") or None,
+            Path(e["mask"]) if e.get("mask") else None,
         )
         for e in entries
     ]

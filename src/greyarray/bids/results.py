@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from greyarray.bids import citation, derivatives, group, reports
+from greyarray.bids import citation, derivatives, discover, group, reports
 from greyarray.bids.run import Run
 from greyarray.errors import DataError, MissingInputError, OutputError, UsageError
 from greyarray.io.fileio import check_writable
@@ -263,7 +263,10 @@ def _export(settings: Run, analysis: str, scalars: set[str]) -> list[Path]:
             h5_path, meta, analysis, about, overwrite=settings.args.overwrite
         )
         paths += maps
-        citation.update(settings.logs, analysis=_section(meta, analysis, about, len(maps)))
+        section = _section(meta, analysis, about, len(maps))
+        if any(discover.is_volume(path) for path in maps):
+            section.update(format_text="NIfTI", element_text="voxel of the group mask")
+        citation.update(settings.logs, analysis=section)
     return paths
 
 
@@ -405,10 +408,10 @@ def _permutation_text(options: dict | None) -> str:
     )
     if options.get("tfce"):
         text += (
-            " Threshold-free cluster enhancement [@tfce] was computed on the greyordinates "
+            " Threshold-free cluster enhancement [@tfce] was computed on the elements "
             "(H = 2, E = 1 with vertex areas of the fsLR 32k midthickness surface; H = 2, E = 0.5 "
-            "with 26-neighbour voxels; structures never connected) and its maximum was "
-            "compared in the same permutations."
+            f"with {options.get('tfce_connectivity', 26)}-neighbour voxels; CIFTI structures "
+            "never connected) and its maximum was compared in the same permutations."
         )
     return text
 

@@ -16,9 +16,11 @@ log = logging.getLogger("greyarray")
 def to_modelarray_parser(prog: str = "greyarray to-modelarray") -> Parser:
     parser = Parser(
         prog=prog,
-        description="Convert a cohort of CIFTI-2 dscalar/pscalar/pconn files to the HDF5 file "
-        "ModelArray reads. Every file is checked (type, full greyordinate geometry, maps) "
-        "before anything is written. The flags are ModelArrayIO's.",
+        description="Convert a cohort of CIFTI-2 dscalar/pscalar/pconn files, NIfTI-1/2 maps "
+        "(.nii, .nii.gz; with --mask) or MRtrix fixel data (.mif, .mif.gz; with --index-file "
+        "and --directions-file) to the HDF5 file ModelArray reads. The data type comes from the "
+        "files' names. Every file is checked (type, geometry, maps) before anything is written. "
+        "The flags are ModelArrayIO's.",
     )
     option(
         parser,
@@ -125,7 +127,7 @@ def to_modelarray_parser(prog: str = "greyarray to-modelarray") -> Parser:
         "chain, MODELARRAYIO_S3_ANON=1 for public buckets, AWS_ENDPOINT_URL for S3-compatible "
         "stores",
     )
-    _unsupported_modalities(parser)
+    _space_files(parser)
     parser.add_argument(
         "--overwrite",
         action="store_true",
@@ -135,31 +137,54 @@ def to_modelarray_parser(prog: str = "greyarray to-modelarray") -> Parser:
     return parser
 
 
-def _unsupported_modalities(parser) -> None:
-    """ModelArrayIO's NIfTI and fixel flags: recognised, so the error can say why."""
-    for name in ("--mask", "--index-file", "--directions-file"):
-        option(
-            parser,
-            name,
-            type=Path,
-            metavar="FILE",
-            help="ModelArrayIO's NIfTI/fixel option: not supported (GreyArray converts CIFTI-2)",
-        )
+def _space_files(parser, export: bool = False) -> None:
+    """ModelArrayIO's NIfTI and fixel flags."""
+    group = parser.add_argument_group("NIfTI maps (.nii, .nii.gz)")
+    option(
+        group,
+        "--mask",
+        type=Path,
+        metavar="FILE",
+        help="group mask (NIfTI, voxels > 0): "
+        + (
+            "optional for HDF5 files GreyArray made (checked against the stored grid)"
+            if export
+            else "the elements are its voxels; every map and subject mask (cohort column "
+            "source_mask_file, optional; voxels outside it are NaN) must be on its grid"
+        ),
+    )
+    group = parser.add_argument_group("MRtrix fixel data (.mif, .mif.gz)")
+    option(
+        group,
+        "--index-file",
+        type=Path,
+        metavar="FILE",
+        help="the fixel directory's index image"
+        + (" (copied beside the maps; optional for HDF5 files GreyArray made)" if export else ""),
+    )
+    option(
+        group,
+        "--directions-file",
+        type=Path,
+        metavar="FILE",
+        help="the fixel directory's directions image"
+        + (" (copied beside the maps)" if export else ""),
+    )
 
 
 def _refuse_unsupported(args: argparse.Namespace) -> None:
-    for flag in ("mask", "index_file", "directions_file"):
-        if getattr(args, flag, None) is not None:
-            raise UsageError(
-                f"--{flag.replace('_', '-')} is for NIfTI or fixel data, which GreyArray does "
-                "not convert yet; it converts CIFTI-2 dscalar/pscalar/pconn files"
-            )
     if getattr(args, "backend", "hdf5") != "hdf5":
         raise UsageError(
             f"--backend {args.backend} is not supported yet; GreyArray writes HDF5 (--backend hdf5)"
         )
     if getattr(args, "workers", None) is not None:
         log.info("--workers has no effect on HDF5 output; --nprocs sets threads")
+
+
+def _space_files_of(args: argparse.Namespace):
+    from greyarray.io.formats import SpaceFiles
+
+    return SpaceFiles(args.mask, args.index_file, args.directions_file)
 
 
 def run_to_modelarray(args: argparse.Namespace) -> int:
@@ -187,6 +212,7 @@ def run_to_modelarray(args: argparse.Namespace) -> int:
         wanted_map=args.map,
         overwrite=args.overwrite,
         command_line=args.command_line,
+        space_files=_space_files_of(args),
     )
     return 0
 
@@ -195,9 +221,10 @@ def run_to_modelarray(args: argparse.Namespace) -> int:
 def export_results_parser(prog: str = "greyarray export-results") -> Parser:
     parser = Parser(
         prog=prog,
-        description="Write ModelArray's results (results/<analysis> in the HDF5) as CIFTI-2 files, "
-        "one per result column, with 1m.p.value companions for p-values. The geometry stored "
-        "by to-modelarray is used; a template is optional. The flags are ModelArrayIO's.",
+        description="Write ModelArray's results (results/<analysis> in the HDF5) as maps of the "
+        "HDF5's data type (CIFTI-2, NIfTI, MRtrix fixel data), one per result column, with "
+        "1m.p.value companions for p-values. The geometry stored by to-modelarray is used; a "
+        "template is optional. The flags are ModelArrayIO's.",
     )
     option(parser, "--analysis-name", required=True, help="name of the analysis in the HDF5")
     option(parser, "--input-hdf5", required=True, type=Path, help="HDF5 file with the results")
@@ -206,7 +233,7 @@ def export_results_parser(prog: str = "greyarray export-results") -> Parser:
         "--output-dir",
         required=True,
         type=Path,
-        help="folder for the CIFTI files (created if needed; files of the same names in it are "
+        help="folder for the maps (created if needed; files of the same names in it are "
         "replaced, others are left alone)",
     )
     template = parser.add_mutually_exclusive_group()
@@ -221,15 +248,15 @@ def export_results_parser(prog: str = "greyarray export-results") -> Parser:
         template,
         "--example-file",
         type=Path,
-        help="a CIFTI file of the cohort's geometry to use as template",
+        help="a map of the cohort's geometry to use as template",
     )
     parser.add_argument(
         "--no-compress",
         dest="compress",
         action="store_false",
-        help="accepted for ModelArrayIO compatibility; CIFTI files are never compressed",
+        help="write .nii / .mif instead of .nii.gz / .mif.gz (CIFTI files are never compressed)",
     )
-    _unsupported_modalities(parser)
+    _space_files(parser, export=True)
     report_option(parser)
     add_logging(parser)
     return parser
@@ -248,7 +275,14 @@ def run_export_results(args: argparse.Namespace) -> int:
         from greyarray.io.cohort import first_source
 
         template = first_source(args.cohort_file)
-    export_results(args.input_hdf5, args.analysis_name, args.output_dir, template)
+    export_results(
+        args.input_hdf5,
+        args.analysis_name,
+        args.output_dir,
+        template,
+        space_files=_space_files_of(args),
+        compress=args.compress,
+    )
     if args.report:
         write_report(args.input_hdf5, args.cohort_file, args.report)
     return 0

@@ -12,6 +12,7 @@ from greyarray.options import (
     add_factor_options,
     add_logging,
     add_nprocs,
+    add_tfce_connectivity,
     add_thresholds,
     factor_options,
     non_negative_int,
@@ -103,8 +104,12 @@ def _permutation_options(parser) -> None:
         "there are no more than N",
     )
     group.add_argument(
-        "--tfce", action="store_true", help="TFCE on the greyordinates (dscalar only)"
+        "--tfce",
+        action="store_true",
+        help="TFCE on dense greyordinates or voxels (PALM's H = 2; E = 1 on surfaces, 0.5 in "
+        "volumes); not on parcels or fixels",
     )
+    add_tfce_connectivity(group)
     option(
         group,
         "--exchangeability-blocks",

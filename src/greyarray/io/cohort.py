@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # pandas costs 0.3 s to import: only the functions that read 
 log = logging.getLogger(__name__)
 
 REQUIRED = ("scalar_name", "source_file")
+MASK_COLUMN = "source_mask_file"  # ModelArrayIO's optional per-file mask (NIfTI)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,36 @@ class Cohort:
         """{scalar name: its source_file strings, in cohort order}, scalars in first-seen order."""
         groups = self.table.groupby("scalar_name", sort=False)["source_file"]
         return {name: list(files) for name, files in groups}
+
+    def masks(self, scalar: str) -> list[Path | None]:
+        """Each file's subject mask (column ``source_mask_file``, resolved as source files
+        are; None where empty or without the column), in the order of ``scalars[scalar]``."""
+        if MASK_COLUMN not in self.table:
+            return [None] * len(self.scalars[scalar])
+        rows = self.table[self.table["scalar_name"] == scalar][MASK_COLUMN].fillna("")
+        return [self.resolve(m) if str(m).strip() else None for m in rows.astype(str)]
+
+    def data_type(self) -> str:
+        """The cohort's data type from its files' names, as ModelArrayIO detects it: cifti,
+        nifti or mif (plain ``.nii`` files are CIFTI when the first one's header is CIFTI-2's).
+        A cohort mixing types is refused."""
+        from greyarray.io.formats import NAMES, data_type
+
+        first: dict[str, str] = {}
+        plain = None  # CIFTI files named .nii: the first such file's header tells
+        for source in self.table["source_file"]:
+            kind = data_type(source)
+            if kind == "nifti" and source.endswith(".nii"):
+                plain = plain or data_type(self._resolve(source), sniff=True)
+                kind = plain
+            first.setdefault(kind, source)
+        if len(first) > 1:
+            found = ", ".join(f"{NAMES[k]} ({f!r})" for k, f in first.items())
+            raise DataError(
+                f"{self.path}: the cohort mixes data types: {found}; convert one data type per "
+                "cohort"
+            )
+        return next(iter(first))
 
     @classmethod
     def from_table(cls, path: Path, table: pd.DataFrame) -> Cohort:

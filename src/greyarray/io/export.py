@@ -14,19 +14,23 @@ re-reading a chunked matrix cheap).
 from __future__ import annotations
 
 import logging
+import os
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from greyarray.errors import DataError
+from greyarray.errors import DataError, UsageError
 from greyarray.io import h5read
 from greyarray.io.fileio import remove_stale_temporaries, staging
+from greyarray.io.formats import SpaceFiles
 from greyarray.io.inputs import open_hdf5
 from greyarray.io.names import refuse_inputs, safe_name, unique_files
-from greyarray.io.spaces import ElementSpace, read_geometry
+from greyarray.io.spaces import ElementSpace, MapWriter, read_geometry
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +195,9 @@ def _element_ids(column: np.ndarray, where: str, n_elements: int) -> np.ndarray:
     return ids
 
 
+TYPE_OF_KIND = {"voxels": "nifti", "fixels": "mif"}  # other kinds are CIFTI's
+
+
 def load_template(path: Path) -> ElementSpace:
     """The space of a template file (``--example-file`` or the cohort's first file)."""
     from greyarray.io import remote
@@ -199,25 +206,52 @@ def load_template(path: Path) -> ElementSpace:
     return (remote.read_file(path) if remote.is_url(path) else cifti.read_file(path)).geometry
 
 
-def resolve_geometry(h5: h5py.File, template: Path | None) -> ElementSpace:
-    """Stored space, checked against the template when one is given."""
+def stored_type(h5: h5py.File, stored: ElementSpace | None) -> str:
+    """The data type an HDF5 holds: from GreyArray's geometry, else ModelArrayIO's tables."""
+    if stored is not None:
+        return TYPE_OF_KIND.get(stored.kind, "cifti")
+    return "mif" if "fixels" in h5 else "nifti" if "voxels" in h5 else "cifti"
+
+
+def resolve_geometry(
+    h5: h5py.File, template: Path | None, space_files: SpaceFiles | None = None
+) -> ElementSpace:
+    """The space to write maps on: the one stored, checked against what the user gives (a
+    template map, a group mask, a fixel index); for files another tool wrote, what is given,
+    checked against the element tables in the file."""
     stored = read_geometry(h5)
-    if template is None:
+    kind = stored_type(h5, stored)
+    space_files = space_files or SpaceFiles()
+    given = space_files.load(kind, f"{h5.filename} holds", required=stored is None)
+    if given is not None:
+        if stored is not None and (problem := stored.difference(given)):
+            flag = space_files.paths[0]
+            raise DataError(
+                f"{flag}: does not match the geometry stored in {h5.filename}: {problem}"
+            )
         if stored is None:
+            given.check_tables(h5, space_files.paths[0])
+    space = given or stored
+    if space is None:
+        if template is None:
             raise DataError(
                 f"{h5.filename}: holds no GreyArray geometry (written by another tool?); "
                 "give --example-file or --cohort-file"
             )
-        return stored
-    space = load_template(template)
-    if stored is not None:
-        problem = stored.difference(space)
-        if problem:
+        space = load_template(template)
+        space.check_tables(h5, template)
+        return space
+    if template is not None:
+        from greyarray.io import remote
+
+        if remote.is_url(template) and kind != "cifti":
+            raise UsageError(f"{template}: s3:// templates are read for CIFTI files only")
+        try:
+            return space.check_template(template)
+        except DataError as err:
             raise DataError(
-                f"{template}: does not match the geometry stored in {h5.filename}: {problem}"
-            )
-        return stored
-    space.check_tables(h5, template)
+                f"{template}: does not match the geometry stored in {h5.filename}: {err}"
+            ) from None
     return space
 
 
@@ -252,24 +286,56 @@ def output_files(results: Results, ext: str, output_dir: Path) -> dict[str, Path
 
 
 def export_results(
-    h5_path: Path, analysis: str, output_dir: Path, template: Path | None = None
+    h5_path: Path,
+    analysis: str,
+    output_dir: Path,
+    template: Path | None = None,
+    *,
+    space_files: SpaceFiles | None = None,
+    compress: bool = True,
 ) -> list[Path]:
-    """Write every result of ``analysis`` as a CIFTI file in ``output_dir``; return the paths."""
+    """Write every result of ``analysis`` as a map file in ``output_dir`` (plus the companion
+    files of fixel data); return the paths."""
+    space_files = space_files or SpaceFiles()
     with open_hdf5(h5_path) as h5:
-        geometry = resolve_geometry(h5, template)
+        geometry = resolve_geometry(h5, template, space_files)
         results = read_results(h5, analysis, geometry.n_elements)
     for name, levels in results.levels.items():
         log.info("%s is a factor; values are codes 1..%d for %s", name, len(levels), levels)
-    files = output_files(results, geometry.extension, output_dir)
-    refuse_inputs(files.values(), [h5_path, *([template] if template else [])])
+    writer = geometry.writer(compress=compress)
+    files = output_files(results, writer.extension, output_dir)
+    companions = {output_dir / name: data for name, data in writer.companions().items()}
+    inputs = [h5_path, *([template] if template else []), *space_files.paths]
+    refuse_inputs([*files.values(), *companions], inputs)
     if output_dir.exists():
         log.warning("Output directory exists: %s", output_dir)
     remove_stale_temporaries(output_dir)
-    writer = geometry.writer()
     with staging(output_dir) as private:
-        for name, values in result_maps(results):
-            (private / files[name].name).write_bytes(writer.encode(values, name))
-        for name, data in writer.companions().items():
-            (private / name).write_bytes(data)
-    log.info("Wrote %d files to %s", len(files), output_dir)
-    return list(files.values())
+        write_maps(private, writer, result_maps(results), files)
+        for path, data in companions.items():
+            (private / path.name).write_bytes(data)
+    log.info("Wrote %d files to %s", len(files) + len(companions), output_dir)
+    return [*files.values(), *companions]
+
+
+def write_maps(folder: Path, writer: MapWriter, maps, files: dict[str, Path]) -> None:
+    """Encode and write maps (name, values) into ``folder`` as ``files[name].name``; files
+    that are compressed on threads (zlib releases the GIL), at most a few maps in memory."""
+    workers = min(4, os.cpu_count() or 1) if writer.compress else 1
+
+    def one(item: tuple[str, np.ndarray]) -> None:
+        name, values = item
+        (folder / files[name].name).write_bytes(writer.encode(values, name))
+
+    if workers <= 1:
+        for item in maps:
+            one(item)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for item in maps:
+            pending.append(pool.submit(one, item))
+            if len(pending) > workers:
+                pending.popleft().result()
+        while pending:
+            pending.popleft().result()

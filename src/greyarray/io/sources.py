@@ -1,29 +1,41 @@
 """Check every file of a cohort before anything is written, and remember how to read it.
 
 First every path is stat'ed (a cohort of missing files fails at once). Then one pass over the
-files: parse each header (cifti.parse), compare its element axis with the first file's (raw bytes
-first; nibabel only for headers whose bytes differ, once per distinct header), hash what is read
-for provenance and count non-finite values (ModelArray treats them as missing). Each file's
-identity is recorded, and the write pass reads only a file that is still the one checked.
+files: parse each header, compare its element space with the first file's (CIFTI: raw bytes
+first, nibabel only for headers whose bytes differ, once per distinct header; NIfTI and fixel
+data: against the group mask's grid or the index's fixel count), hash what is read for
+provenance and count non-finite values (ModelArray treats them as missing).
+
+CIFTI files are read again by stripes of elements at their offsets when the HDF5 is written; each
+file's identity is recorded, and the write pass reads only a file that is still the one checked.
+A compressed or volumetric file cannot be read by stripes, so its values (masked, in element
+order) go to a temporary file (``Spill``, in TMPDIR, deleted when closed or when the process
+dies) during the check pass: every input is read and inflated exactly once, in bounded memory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
+import tempfile
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from greyarray.errors import DataError
+from greyarray.errors import DataError, OutputError, UsageError
 from greyarray.io import inputs, remote
 from greyarray.io.formats import cifti
+from greyarray.io.spaces import ElementSpace
+from greyarray.io.spaces.fixels import FixelSet
+from greyarray.io.spaces.voxels import VoxelGrid, grid_difference
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +43,79 @@ BLOCK_BYTES = 16 * 2**20  # data read per call while checking (memory bound per 
 
 
 @dataclass(frozen=True)
+class MapFile:
+    """A NIfTI or MRtrix map: its path, its data type and the space it was checked against."""
+
+    path: Path
+    kind: str  # nifti | mif
+    geometry: ElementSpace
+    map_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SubjectMask:
+    """A subject's own mask (cohort column ``source_mask_file``) and what it left out."""
+
+    path: Path
+    sha256: str
+    outside: int  # group-mask voxels outside this subject's mask (NaN in the HDF5)
+
+
+class Spill:
+    """Rows of values in a temporary file (subjects x elements, the storage dtype): written once
+    by the check pass, read back by stripes when the HDF5 is written."""
+
+    def __init__(self, n_rows: int, n_elements: int, dtype: np.dtype):
+        self.dtype, self.n_elements = np.dtype(dtype), n_elements
+        self.row_bytes = n_elements * self.dtype.itemsize
+        folder = tempfile.gettempdir()
+        need = n_rows * self.row_bytes
+        free = shutil.disk_usage(folder).free
+        if free < need:
+            raise OutputError(
+                f"{folder}: the temporary folder has {free / 2**20:,.0f} MB free; converting "
+                f"{n_rows:,} maps of {n_elements:,} elements needs {need / 2**20:,.0f} MB there "
+                "(set TMPDIR to a folder on a larger disk)"
+            )
+        self.file = tempfile.TemporaryFile(prefix="greyarray-values-")  # noqa: SIM115 (closed by close())
+
+    def write(self, row: int, values: np.ndarray) -> None:
+        data = memoryview(np.ascontiguousarray(values, self.dtype)).cast("B")
+        offset, done = row * self.row_bytes, 0
+        try:
+            while done < len(data):
+                done += os.pwrite(self.file.fileno(), data[done:], offset + done)
+        except OSError as err:
+            raise OutputError(
+                f"{tempfile.gettempdir()}: cannot write the temporary values file "
+                f"({err.strerror or err}; set TMPDIR to a folder with room)"
+            ) from None
+
+    def read(self, row: int, start: int, stop: int) -> np.ndarray:
+        size = (stop - start) * self.dtype.itemsize
+        offset = row * self.row_bytes + start * self.dtype.itemsize
+        data = os.pread(self.file.fileno(), size, offset)
+        if len(data) != size:
+            raise OSError(f"temporary values file ended early (row {row})")
+        return np.frombuffer(data, self.dtype)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@dataclass(frozen=True)
 class Source:
     """One subject's map of one scalar: where it is, how to read it, what it held when checked."""
 
     column_name: str  # the cohort's source_file string, stored as the HDF5 column name
-    file: cifti.CiftiFile
+    file: cifti.CiftiFile | MapFile
     map_index: int
     sha256: str
     n_nonfinite: int
     stamp: inputs.FileStamp | remote.Spooled | None = None  # how to read it again, checked
+    spill: Spill | None = field(default=None, compare=False, repr=False)
+    row: int = 0  # its row in the spill
+    mask: SubjectMask | None = None
 
     @property
     def map_name(self) -> str:
@@ -48,7 +124,10 @@ class Source:
     def read_into(self, out: np.ndarray, start: int, stop: int) -> None:
         """Fill ``out`` with elements [start, stop), cast to its dtype, from the file as it was
         checked (a changed, truncated or deleted file is an error)."""
-        out[:] = self.file.elements(self._read, self.map_index, start, stop)
+        if self.spill is not None:
+            out[:] = self.spill.read(self.row, start, stop)
+        else:
+            out[:] = self.file.elements(self._read, self.map_index, start, stop)
 
     def _read(self, offset: int, size: int) -> bytes:
         if self.stamp is None:
@@ -108,6 +187,134 @@ class GeometryCheck:
         return replace(source, file=replace(source.file, geometry=ref))
 
 
+def inspect_volume(
+    path: Path, column_name: str, grid: VoxelGrid, spill: Spill, row: int, mask: Path | None
+) -> Source:
+    """Read one NIfTI map (and its subject mask), check both against the group mask's grid,
+    and put the group mask's voxels in the spill: NaN outside the subject's mask, as
+    ModelArrayIO does."""
+    from greyarray.io.formats import nifti
+
+    volume = nifti.read_volume(path)
+    if problem := grid.grid_difference(volume.shape, volume.affine):
+        raise DataError(f"{path}: does not match the group mask ({grid.source}): {problem}")
+    values = volume.values(grid.flat)
+    finite = np.isfinite(values)
+    subject = None
+    if mask is not None:
+        own = nifti.read_volume(mask)
+        if problem := grid.grid_difference(own.shape, own.affine):
+            raise DataError(
+                f"{mask}: the subject mask of {path.name} does not match the group mask "
+                f"({grid.source}): {problem}"
+            )
+        inside = own.positive(grid.flat)
+        values[~inside] = np.nan
+        finite &= inside
+        subject = SubjectMask(mask, own.sha256, int(inside.size - np.count_nonzero(inside)))
+        n_bad = int(np.count_nonzero(inside) - np.count_nonzero(finite))
+    else:
+        n_bad = int(finite.size - np.count_nonzero(finite))
+    spill.write(row, values)
+    return Source(
+        column_name,
+        MapFile(path, "nifti", grid),
+        0,
+        volume.sha256,
+        n_bad,
+        None,
+        spill,
+        row,
+        subject,
+    )
+
+
+def inspect_fixels(
+    path: Path, column_name: str, fixels: FixelSet, spill: Spill, row: int, mask: Path | None
+) -> Source:
+    """Read one fixel data file (F x 1 x 1) of the index's F fixels into the spill."""
+    from greyarray.io.formats import mif
+
+    if mask is not None:
+        raise DataError(f"{mask}: source_mask_file is for NIfTI maps, not fixel data")
+    image = mif.read_image(path)
+    dim = image.header.dim
+    if dim[0] != fixels.n_elements or any(d != 1 for d in dim[1:]):
+        raise DataError(
+            f"{path}: has dims {' x '.join(map(str, dim))}; fixel data of the index "
+            f"({fixels.source}) are {fixels.n_elements:,} x 1 x 1"
+        )
+    values = image.values().reshape(-1)
+    n_bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    spill.write(row, values)
+    return Source(
+        column_name, MapFile(path, "mif", fixels), 0, image.sha256, n_bad, None, spill, row
+    )
+
+
+READERS = {VoxelGrid: inspect_volume, FixelSet: inspect_fixels}
+
+
+def inspect_alone(
+    path: Path, column_name: str, wanted_map: str | None, mask: Path | None = None
+) -> Source:
+    """One map checked on its own (the BIDS-App's participant level): a CIFTI file; or a NIfTI
+    map within its subject mask (or all its voxels), whose non-finite values are counted there."""
+    from greyarray.io.formats import data_type, nifti
+
+    if data_type(str(path), sniff=True) != "nifti":
+        return inspect(path, column_name, wanted_map)
+    volume = nifti.read_volume(path)
+    inside = np.ones(volume.shape, bool)
+    subject = None
+    if mask is not None:
+        own = nifti.read_volume(mask)
+        if problem := grid_difference(
+            volume.shape, volume.affine, own.shape, own.affine, path.name
+        ):
+            raise DataError(
+                f"{mask}: the subject mask of {path.name} is on another grid: {problem}"
+            )
+        inside = own.positive().reshape(own.shape, order="F")
+        subject = SubjectMask(mask, own.sha256, 0)
+    grid = VoxelGrid.from_mask(volume.shape, volume.affine, inside, b"", str(path))
+    values = volume.values(grid.flat)
+    n_bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    return Source(column_name, MapFile(path, "nifti", grid), 0, volume.sha256, n_bad, mask=subject)
+
+
+def majority_mask(maps: Sequence[Path], masks: Sequence[Path | None], name: str):
+    """A group mask: the voxels inside at least half of the maps' subject masks (a map without
+    one counts its finite, non-zero voxels). Returns (VoxelGrid, the mask as .nii.gz bytes,
+    named ``name`` in messages). Every mask and map must be on the first one's grid."""
+    import nibabel as nb
+
+    from greyarray.io.formats import nifti
+    from greyarray.io.formats.stream import gzip_bytes
+
+    counts, first = None, None
+    for path, mask in zip(maps, masks, strict=True):
+        volume = nifti.read_volume(mask or path)
+        if first is None:
+            first, counts = volume, np.zeros(volume.data.size, np.int32)
+        elif problem := grid_difference(
+            first.shape, first.affine, volume.shape, volume.affine, first.path.name
+        ):
+            raise DataError(f"{volume.path}: is not on the grid of {first.path}: {problem}")
+        if mask is not None:
+            counts += volume.positive()
+        else:
+            values = volume.values()
+            counts += np.isfinite(values) & (values != 0)
+    inside = (2 * counts >= len(maps)).reshape(first.shape, order="F")
+    image = nb.Nifti1Image(inside.astype(np.uint8), first.affine)
+    image.header.set_xyzt_units("mm")
+    blob = image.to_bytes()
+    head = nifti.result_header(blob)
+    grid = VoxelGrid.from_mask(first.shape, first.affine, inside, head, name)
+    return grid, gzip_bytes(blob, 6)
+
+
 def check_sources(
     files: Iterable[tuple[str, Path | remote.S3Url]],
     wanted_map: str | None,
@@ -115,17 +322,38 @@ def check_sources(
     label: str = "",
     spool: Path | None = None,
     s3_workers: int = remote.DEFAULT_WORKERS,
+    *,
+    space: ElementSpace | None = None,
+    masks: Sequence[Path | None] | None = None,
+    dtype: str = "float32",
 ) -> list[Source]:
-    """Inspect (column name, path) pairs in parallel (``s3_workers`` threads when some are S3
-    objects, whose data go to ``spool``); all must share the first file's geometry."""
+    """Inspect (column name, path) pairs in parallel; all must share the first file's space
+    (CIFTI: ``s3_workers`` threads when some are S3 objects, whose data go to ``spool``), or be
+    on ``space`` (the group mask's voxels, an index's fixels: local files), with ``masks``
+    (each file's subject mask, or None)."""
     files = list(files)
     inputs.check_present(path for _, path in files if not remote.is_url(path))
+    masks = list(masks) if masks is not None else [None] * len(files)
+    if any(m is not None for m in masks):
+        inputs.check_present((m for m in masks if m is not None), "subject mask")
     threads = max(1, s3_workers if any(remote.is_url(p) for _, p in files) else nprocs)
-    read = partial(inspect, wanted_map=wanted_map, spool=spool, s3_workers=threads)
+    if space is None:
+        read = partial(inspect, wanted_map=wanted_map, spool=spool, s3_workers=threads)
+        jobs = [partial(read, path, name) for name, path in files]
+    else:
+        remote_ = next((path for _, path in files if remote.is_url(path)), None)
+        if remote_ is not None:
+            raise UsageError(f"{remote_}: s3:// sources are read for CIFTI files only")
+        spill = Spill(len(files), space.n_elements, np.dtype(dtype))
+        read = READERS[type(space)]
+        jobs = [
+            partial(read, path, name, space, spill, row, mask)
+            for row, ((name, path), mask) in enumerate(zip(files, masks, strict=True))
+        ]
     sources: list[Source] = []
     check: GeometryCheck | None = None
     for source in tqdm(
-        _inspect_all(files, read, threads),
+        _run_all(jobs, threads),
         total=len(files),
         desc=f"Checking {label}".strip(),
         unit="file",
@@ -140,14 +368,14 @@ def check_sources(
     return sources
 
 
-def _inspect_all(files: list[tuple[str, Path]], read, nprocs: int) -> Iterator[Source]:
+def _run_all(jobs: list[Callable[[], Source]], nprocs: int) -> Iterator[Source]:
     """Sources in order, at most a few files ahead of the consumer: the first error stops the
     pass at once (queued files are cancelled, not inspected)."""
     with ThreadPoolExecutor(nprocs) as pool:
         queue: deque = deque()
         try:
-            for name, path in files:
-                queue.append(pool.submit(read, path, name))
+            for job in jobs:
+                queue.append(pool.submit(job))
                 if len(queue) >= 4 * nprocs:
                     yield queue.popleft().result()
             while queue:

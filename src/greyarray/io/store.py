@@ -22,23 +22,25 @@ import logging
 import platform
 import shlex
 import sys
-import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 
-from greyarray.errors import OutputError
+from greyarray.errors import DataError, OutputError
 from greyarray.io import remote
 from greyarray.io.fileio import check_output, remove_stale_temporaries, replacing
+from greyarray.io.formats import SpaceFiles
+from greyarray.io.formats.stream import deflate
 from greyarray.io.h5read import read_scalar
 from greyarray.io.inputs import open_hdf5
 from greyarray.io.names import refuse_inputs, safe_name, unique_files
 from greyarray.io.sources import Source, check_sources
+from greyarray.io.spaces import ElementSpace, read_geometry
 from greyarray.io.spaces.base import write_strings
 from greyarray.io.threads import thread_pool
 
@@ -63,7 +65,6 @@ class StoreOptions:
     chunk_elements: int = 0  # 0: derive from target_chunk_mb
     target_chunk_mb: float = 1.0
     nprocs: int = 1
-    encoder: str = "zlib"  # zlib: HDF5's own bytes; isal: ISA-L's deflate (levels 0-3, ~10x faster)
     s3_workers: int = 8  # parallel S3 reads (remote.py)
 
     @property
@@ -111,23 +112,31 @@ def to_modelarray(
     wanted_map: str | None = None,
     overwrite: bool = False,
     command_line: str | None = None,
+    space_files: SpaceFiles | None = None,
 ) -> list[Path]:
     """Check every cohort file, then write the HDF5 file(s); nothing is written if a check fails.
+    ``space_files``: the group mask (NIfTI) or fixel index and directions the files are on.
 
     Without ``overwrite``, an output that appears while this runs (another run) is not replaced.
     """
+    space_files = space_files or SpaceFiles()
     plan = output_plan(cohort, output, split)
+    kind = cohort.data_type()
     cohort.check_files()
-    sources = (cohort.resolve(s) for s in cohort.table["source_file"])
-    refuse_inputs(plan, [cohort.path, *sources])
+    sources = [cohort.resolve(s) for s in cohort.table["source_file"]]
+    masks = {name: cohort.masks(name) if kind == "nifti" else None for name in cohort.scalars}
+    given = [m for ms in masks.values() for m in ms or () if m is not None]
+    refuse_inputs(plan, [cohort.path, *sources, *space_files.paths, *given])
     for path in plan:
         check_output(path, overwrite)
         remove_stale_temporaries(path.parent)
+    space = space_files.load(kind, f"{cohort.path} lists")
     checked = {}
     needed = any(map(remote.is_url, cohort.table["source_file"]))
     with remote.spool_folder(next(iter(plan)).parent, needed) as spool:  # S3 objects' data
         for path, names in plan.items():
             files = [(name, src) for name in names for src in cohort.scalars[name]]
+            n_files = {name: len(cohort.scalars[name]) for name in names}
             sources = check_sources(
                 [(src, cohort.resolve(src)) for _, src in files],
                 wanted_map,
@@ -135,6 +144,9 @@ def to_modelarray(
                 label=", ".join(names),
                 spool=spool,
                 s3_workers=options.s3_workers,
+                space=space,
+                masks=[m for name in names for m in masks[name] or [None] * n_files[name]],
+                dtype=options.dtype,
             )
             checked[path] = {
                 name: [s for (n, _), s in zip(files, sources, strict=True) if n == name]
@@ -183,6 +195,12 @@ def _write_scalar(h5: h5py.File, name: str, sources: Sequence[Source], options: 
     write_strings(h5, f"{prov}/sha256", [s.sha256 for s in sources])
     write_strings(h5, f"{prov}/map_name", [s.map_name for s in sources])
     h5.create_dataset(f"{prov}/nonfinite_count", data=[s.n_nonfinite for s in sources], dtype="i8")
+    if any(s.mask is not None for s in sources):  # subject masks (NIfTI's source_mask_file)
+        masks = [s.mask for s in sources]
+        write_strings(h5, f"{prov}/mask_path", [m.path.resolve() if m else "" for m in masks])
+        write_strings(h5, f"{prov}/mask_sha256", [m.sha256 if m else "" for m in masks])
+        outside = [m.outside if m else 0 for m in masks]
+        h5.create_dataset(f"{prov}/outside_mask_count", data=outside, dtype="i8")
     _fill(values, sources, options)
 
 
@@ -234,11 +252,7 @@ def _write_chunks(dset, block: np.ndarray, start: int, pool, options: StoreOptio
             return piece.tobytes()
         if options.shuffle:  # HDF5's shuffle filter: byte k of every value, for k in order
             piece = piece.view(np.uint8).reshape(-1, block.dtype.itemsize).T
-        if options.encoder == "isal":  # a zlib stream like any other: every reader inflates it
-            from isal import isal_zlib
-
-            return isal_zlib.compress(piece.tobytes(), min(options.compression_level, 3))
-        return zlib.compress(piece.tobytes(), options.compression_level)
+        return deflate(piece.tobytes(), options.compression_level)
 
     for (r, c), data in zip(corners, pool.map(encode, corners), strict=True):
         dset.id.write_direct_chunk((r, start + c), data)
@@ -249,17 +263,15 @@ GEOMETRY_OBJECTS = ("greyordinates", "parcels", "greyarray/geometry")
 
 
 def options_like(values: h5py.Dataset, nprocs: int = 1) -> StoreOptions:
-    """The storage of an existing scalar (dtype, compression), for a scalar derived from it;
-    gzip is written by ISA-L at level 1 (the same ratio as zlib's level 4 on maps, whose low
-    mantissa bytes do not compress, ~10x faster)."""
+    """The storage of an existing scalar (dtype, compression and level, shuffle), for a scalar
+    derived from it."""
     compression = values.compression if values.compression in ("gzip", "lzf") else "none"
     return StoreOptions(
         dtype=values.dtype.name,
         compression=compression,
-        compression_level=1,
+        compression_level=int(values.compression_opts or 4) if compression == "gzip" else 4,
         shuffle=bool(values.shuffle),
         nprocs=nprocs,
-        encoder="isal" if compression == "gzip" else "zlib",
     )
 
 
@@ -424,6 +436,8 @@ class StoredInputs:
     sha256: list[str]
     storage: str
     analyses: list[str]
+    mask_sha256: list[str] = field(default_factory=list)  # subject masks (NIfTI), if any
+    space: ElementSpace | None = None  # the stored element space (group mask, ...)
 
     def difference(self, sources: Sequence[Source], storage: str) -> str | None:
         """None when ``sources`` (stored as ``storage``) are what this file holds, else how
@@ -438,7 +452,14 @@ class StoredInputs:
         if len(self.sha256) != len(names):
             return "the file records no checksums of its sources"
         changed = sum(s.sha256 != old for s, old in zip(sources, self.sha256, strict=True))
-        return f"{changed} of {len(names)} files changed" if changed else None
+        if changed:
+            return f"{changed} of {len(names)} files changed"
+        masks = [s.mask.sha256 if s.mask else "" for s in sources]
+        if masks != (self.mask_sha256 or [""] * len(masks)):
+            return "subject masks changed"
+        if self.space is not None and sources and self.space.difference(sources[0].file.geometry):
+            return "the elements (e.g. the group mask) changed"
+        return None
 
 
 def stored_inputs(h5_path: Path, scalar: str) -> StoredInputs:
@@ -448,6 +469,8 @@ def stored_inputs(h5_path: Path, scalar: str) -> StoredInputs:
         prov = f"greyarray/sources/{scalar}"
         names = read_scalar(h5, scalar).names
         sha = list(h5[f"{prov}/sha256"].asstr()[()]) if f"{prov}/sha256" in h5 else []
+        masks = f"{prov}/mask_sha256"
+        mask_sha = list(h5[masks].asstr()[()]) if masks in h5 else []
         storage = str(h5["greyarray"].attrs.get("storage", "")) if "greyarray" in h5 else ""
         results = h5.get("results")
         analyses = (
@@ -455,4 +478,8 @@ def stored_inputs(h5_path: Path, scalar: str) -> StoredInputs:
             if isinstance(results, h5py.Group)
             else []
         )
-    return StoredInputs(names, sha, storage, analyses)
+        try:
+            space = read_geometry(h5)
+        except DataError:  # a damaged geometry: the sources decide
+            space = None
+    return StoredInputs(names, sha, storage, analyses, mask_sha, space)

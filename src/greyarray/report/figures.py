@@ -26,6 +26,7 @@ from greyarray.report.layout import Layout, Volume, short_name
 DPI = 100
 MISSING = 0.55  # grey of voxels/parcels/strip cells without a value
 SLICES = 6  # axial slices of the subcortical voxels
+MOSAIC = (2, 6)  # rows x columns of axial slices of a NIfTI or fixel volume
 VOXEL_PIXELS = 2  # each voxel drawn as at least 2 x 2 pixels (more for small volumes)
 STRIP_WIDTH, STRIP_HEIGHT = 900, 14
 VIEW_LABELS = ("left lateral", "left medial", "right medial", "right lateral")
@@ -137,7 +138,14 @@ def brain_map(layout: Layout, values: np.ndarray, style: Style, title: str, kind
         labels = [_below(width * (i + 0.5), height, text) for i, text in enumerate(VIEW_LABELS)]
         rows.append((picture, labels))
     if layout.volume is not None:
-        rows.append(volume_slices(layout.volume, values, style))
+        whole = layout.kind in ("voxels", "fixels")  # a brain volume: a mosaic
+        shape = MOSAIC if whole else (1, SLICES)
+        rows += volume_slices(layout.volume, layout.on_voxels(values), style, shape)
+        if layout.fixel_voxel is not None:
+            notes.append(
+                "Fixels are drawn in the voxels that hold them: each voxel shows the value of "
+                "largest magnitude among its fixels."
+            )
     if layout.strips:
         rows.append(strips(layout, values, style))
         odd = [
@@ -156,6 +164,17 @@ def brain_map(layout: Layout, values: np.ndarray, style: Style, title: str, kind
                 "tool): each structure is drawn as a strip, elements in file order."
             )
     return _canvas(rows, style, title), " ".join(notes)
+
+
+def geometry_figures(layout: Layout, where: str) -> list[Image]:
+    """What a geometry table cannot show: how many fixels each voxel holds."""
+    counts = layout.fixels_per_voxel
+    if counts is None:
+        return []
+    voxels = Layout.voxels(layout.volume.ijk, layout.volume.shape, layout.volume.affine)
+    style = Style("fixels per voxel", "viridis", 0, max(1, int(counts.max())))
+    picture, _ = brain_map(voxels, counts.astype(float), style, f"{where}: fixels per voxel")
+    return [picture]
 
 
 # (x, y, text, horizontal alignment, vertical alignment), in pixels of its picture (y down)
@@ -208,8 +227,9 @@ def _colours(values: np.ndarray, style: Style) -> np.ndarray:
     return rgb
 
 
-def volume_slices(volume: Volume, values: np.ndarray, style: Style):
-    """Axial slices through the voxels' bounding box, left hemisphere on the left."""
+def volume_slices(volume: Volume, values: np.ndarray, style: Style, shape=(1, SLICES)):
+    """Rows of axial slices through the voxels' bounding box (``shape``: rows x slices per row),
+    left hemisphere on the left; voxels outside the volume's elements are white."""
     ijk = volume.ijk
     low, high = ijk.min(axis=0), ijk.max(axis=0) + 1
     grid = np.full(high - low, np.nan)
@@ -219,21 +239,25 @@ def volume_slices(volume: Volume, values: np.ndarray, style: Style):
     inside[tuple(local.T)] = True
     if volume.affine[0, 0] < 0:  # i runs right to left: flip so that left is on the left
         grid, inside = grid[::-1], inside[::-1]
-    levels = np.unique(np.linspace(0, grid.shape[2] - 1, SLICES + 2).round().astype(int)[1:-1])
+    count = shape[0] * shape[1]
+    levels = np.unique(np.linspace(0, grid.shape[2] - 1, count + 2).round().astype(int)[1:-1])
     scale = int(np.clip(90 // max(grid.shape[:2]), VOXEL_PIXELS, 16))  # small volumes: bigger
-    panels, labels, x = [], [], 0
-    for k in levels:
-        rgb = _colours(grid[:, :, k].T[::-1], style)  # rows: anterior at the top
-        rgb[~inside[:, :, k].T[::-1]] = 1.0
-        rgb = rgb.repeat(scale, axis=0).repeat(scale, axis=1)
-        gap = np.ones((rgb.shape[0], 10, 3), np.float32)
-        panels += [rgb, gap]
-        z = (volume.affine @ np.r_[0, 0, k + low[2], 1])[2]
-        labels.append(_below(x + rgb.shape[1] / 2, rgb.shape[0], f"z = {z:g} mm"))
-        x += rgb.shape[1] + gap.shape[1]
-    picture = np.concatenate(panels[:-1], axis=1)
-    labels.append((-4, picture.shape[0] / 2, "L", "right", "center"))
-    return picture, labels
+    rows = []
+    for start in range(0, len(levels), shape[1]):
+        panels, labels, x = [], [], 0
+        for k in levels[start : start + shape[1]]:
+            rgb = _colours(grid[:, :, k].T[::-1], style)  # rows: anterior at the top
+            rgb[~inside[:, :, k].T[::-1]] = 1.0
+            rgb = rgb.repeat(scale, axis=0).repeat(scale, axis=1)
+            gap = np.ones((rgb.shape[0], 10, 3), np.float32)
+            panels += [rgb, gap]
+            z = (volume.affine @ np.r_[0, 0, k + low[2], 1])[2]
+            labels.append(_below(x + rgb.shape[1] / 2, rgb.shape[0], f"z = {z:g} mm"))
+            x += rgb.shape[1] + gap.shape[1]
+        picture = np.concatenate(panels[:-1], axis=1)
+        labels.append((-4, picture.shape[0] / 2, "L", "right", "center"))
+        rows.append((picture, labels))
+    return rows
 
 
 def strips(layout: Layout, values: np.ndarray, style: Style):

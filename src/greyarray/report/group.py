@@ -38,7 +38,7 @@ from greyarray.report.results import results_section
 
 log = logging.getLogger(__name__)
 
-ID_COLUMNS = ("scalar_name", "source_file", "participant_id", "session_id")
+ID_COLUMNS = ("scalar_name", "source_file", "source_mask_file", "participant_id", "session_id")
 
 
 @dataclass(frozen=True)
@@ -236,6 +236,7 @@ def scalar_section(
             ]
         ),
         Table(SUMMARY_COLUMNS, summary_rows(layout), caption="Geometry"),
+        *(Figure(image) for image in figures.geometry_figures(layout, label)),
     )
     if rows is not None:
         section.subsections.append(cohort_section(rows, names, participants, anchors, label))

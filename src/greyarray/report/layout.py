@@ -1,10 +1,11 @@
 """Where each element of a map goes on screen: surface vertices, voxels, parcels or strips.
 
-A ``Layout`` is built once per geometry (from nibabel's axes, parsed from the stored CIFTI XML)
-and tells the figures how to place a flat vector of element values: cortical greyordinates onto
-fsLR 32k vertices, subcortical ones into a volume, parcels into bars or a matrix. Files written by
-other tools (ModelArrayIO) only record structure codes or parcel names; they are drawn as strips
-or bars.
+A ``Layout`` is built once per element space and tells the figures how to place a flat vector
+of element values: cortical greyordinates onto fsLR 32k vertices, subcortical ones and NIfTI
+voxels into a volume, fixels into the voxels that hold them (``fixel_voxel``), parcels into bars
+or a matrix. This module and ``figures.brain_map`` are the one place that draws by space type.
+Files written by other tools (ModelArrayIO) record structure codes, parcel names, or voxel and
+fixel tables without an affine; they are drawn as strips, bars or voxel slices.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ from nibabel.cifti2 import cifti2_axes
 
 from greyarray.errors import DataError
 from greyarray.io import h5read, mesh
-from greyarray.io.spaces import Geometry, read_geometry
+from greyarray.io.spaces import (
+    ElementSpace,
+    FixelSet,
+    VoxelGrid,
+    read_geometry,
+    stored_kind,
+)
+from greyarray.io.spaces.voxels import describe_grid
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,25 @@ class Layout:
     volume: Volume | None = None
     parcels: list[str] = field(default_factory=list)  # pscalar parcels; pconn rows
     columns: list[str] = field(default_factory=list)  # pconn columns
+    fixel_voxel: np.ndarray | None = None  # fixels: index into volume.ijk of each element
+
+    def on_voxels(self, values: np.ndarray) -> np.ndarray:
+        """Values per voxel of ``volume``: the elements' own (voxels), or for fixels the value
+        of largest magnitude among each voxel's fixels (NaN: none finite)."""
+        if self.fixel_voxel is None:
+            return values
+        size = np.where(np.isnan(values), -1.0, np.abs(values))
+        order = np.lexsort((size, self.fixel_voxel))  # by voxel, then |value|: last is largest
+        last = np.r_[self.fixel_voxel[order][1:] != self.fixel_voxel[order][:-1], True]
+        out = np.full(len(self.volume.ijk), np.nan)
+        out[self.fixel_voxel[order][last]] = values[order][last]
+        return out
+
+    @property
+    def fixels_per_voxel(self) -> np.ndarray | None:
+        if self.fixel_voxel is None:
+            return None
+        return np.bincount(self.fixel_voxel, minlength=len(self.volume.ijk))
 
     @property
     def drawable(self) -> list[Surface]:
@@ -83,7 +110,13 @@ class Layout:
         return [item for item in self.structures if item[0] in names]
 
     @classmethod
-    def from_geometry(cls, geometry: Geometry) -> Layout:
+    def from_geometry(cls, geometry: ElementSpace) -> Layout:
+        if isinstance(geometry, VoxelGrid):
+            return cls.voxels(geometry.ijk, geometry.shape, geometry.affine)
+        if isinstance(geometry, FixelSet):
+            return cls.fixels(
+                geometry.voxel_ijk, geometry.shape, geometry.affine, geometry.fixel_voxel
+            )
         axes = geometry.axes
         if geometry.kind == "pscalar":
             return cls("pscalar", geometry.n_elements, parcels=[str(n) for n in axes[0].name])
@@ -97,6 +130,22 @@ class Layout:
         return _dense(axes[0])
 
     @classmethod
+    def voxels(cls, ijk: np.ndarray, shape, affine) -> Layout:
+        """NIfTI voxels: every element is a voxel of the volume."""
+        n = len(ijk)
+        volume = Volume(np.arange(n), np.asarray(ijk), tuple(int(s) for s in shape), affine)
+        return cls("voxels", n, [("voxels", 0, n)], volume=volume)
+
+    @classmethod
+    def fixels(cls, voxel_ijk: np.ndarray, shape, affine, fixel_voxel: np.ndarray) -> Layout:
+        """Fixels drawn in the voxels that hold them."""
+        n = len(fixel_voxel)
+        volume = Volume(
+            np.arange(len(voxel_ijk)), np.asarray(voxel_ijk), tuple(int(s) for s in shape), affine
+        )
+        return cls("fixels", n, [("fixels", 0, n)], volume=volume, fixel_voxel=fixel_voxel)
+
+    @classmethod
     def from_h5(cls, h5: h5py.File) -> Layout:
         """From the decoded geometry GreyArray stores (no XML parsing), else from ModelArrayIO's
         structure codes or parcel names."""
@@ -107,6 +156,10 @@ class Layout:
         stored = h5.get("greyarray/geometry")
         if stored is not None and "structure" in stored:
             return _stored_dense(stored)
+        if stored_kind(h5) in ("voxels", "fixels"):
+            return cls.from_geometry(read_geometry(h5))
+        if "voxels" in h5:  # ModelArrayIO's tables: no affine, drawn on a 1 mm grid
+            return _modelarrayio_volume(h5, n)
         if "parcels/parcel_id" in h5:
             return cls("pscalar", n, parcels=list(h5["parcels/parcel_id"].asstr()[()]))
         if "parcels/parcel_id_from" in h5:
@@ -121,6 +174,22 @@ class Layout:
             names = [_text(v) for v in h5["greyordinates"].attrs.get("structure_names", [])]
             return cls("dscalar", n, structures=_runs(codes, names))
         return cls("dscalar", n, structures=[("all elements", 0, n)])
+
+
+def _modelarrayio_volume(h5: h5py.File, n: int) -> Layout:
+    from greyarray.io.spaces.voxels import read_voxel_table
+
+    table = h5["voxels"]
+    size = np.asarray(table[1:].max(axis=1) + 1 if table.shape[1] else [1, 1, 1], dtype=int)
+    ijk = read_voxel_table(h5, tuple(size))
+    if "fixels" in h5:
+        fixel_voxel = np.asarray(h5["fixels"][1], dtype=np.int64)
+        if fixel_voxel.size != n or fixel_voxel.min(initial=0) < 0 or fixel_voxel.max() >= len(ijk):
+            raise DataError(f"{h5.filename}: fixels table does not fit the voxels table")
+        return Layout.fixels(ijk, size, np.eye(4), fixel_voxel)
+    if len(ijk) != n:
+        raise DataError(f"{h5.filename}: voxels table has {len(ijk)} rows for {n} elements")
+    return Layout.voxels(ijk, size, np.eye(4))
 
 
 def _stored_dense(group: h5py.Group) -> Layout:
@@ -204,6 +273,15 @@ def summary_rows(layout: Layout) -> list[list[str]]:
     if layout.kind == "pconn":
         shape = f"{len(layout.parcels)} x {len(layout.columns)} parcels"
         return [["parcel pairs", f"{layout.n_elements:,}", f"connectivity matrix (pconn), {shape}"]]
+    if layout.kind == "voxels":
+        grid = describe_grid(layout.volume.shape, layout.volume.affine)
+        return [["voxels", f"{layout.n_elements:,}", f"NIfTI, the group mask's voxels in a {grid}"]]
+    if layout.kind == "fixels":
+        counts = layout.fixels_per_voxel
+        grid = describe_grid(layout.volume.shape, layout.volume.affine)
+        spread = f"{counts.min()} to {counts.max()} per voxel, mean {counts.mean():.2f}"
+        where = f"MRtrix fixels in {len(counts):,} voxels ({spread}) of a {grid}"
+        return [["fixels", f"{layout.n_elements:,}", where]]
     surfaces = {s.structure: s for s in layout.surfaces}
     rows = []
     for name, start, stop in layout.structures:

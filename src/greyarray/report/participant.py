@@ -39,6 +39,7 @@ class MapFile:
     path: Path
     session: str | None = None
     map: str | None = None
+    mask: Path | None = None  # a NIfTI map's subject mask (drawn within it)
 
 
 @lru_cache(maxsize=8)
@@ -65,22 +66,45 @@ def participant_report(
     return write(output, page)
 
 
-def map_section(item: MapFile, anchors: Anchors, surface_kind: str = "inflated") -> Section:
+def read_map(item: MapFile) -> tuple[np.ndarray, Layout, str, str]:
+    """(values, layout, map name, kind) of one map: a CIFTI file, or a NIfTI map within its
+    subject mask (all its voxels without one)."""
+    from greyarray.io.formats import data_type
+
+    if data_type(str(item.path), sniff=True) == "nifti":
+        from greyarray.io.formats.nifti import read_volume
+        from greyarray.io.spaces import VoxelGrid
+
+        volume = read_volume(Path(item.path))
+        inside = np.ones(volume.shape, bool)
+        if item.mask is not None:  # checked on the map's grid by the participant level
+            inside = read_volume(Path(item.mask)).positive().reshape(volume.shape, order="F")
+        grid = VoxelGrid.from_mask(volume.shape, volume.affine, inside, b"", str(item.path))
+        values = volume.values(grid.flat)
+        within = f" within {Path(item.mask).name}" if item.mask else " (no subject mask)"
+        kind = f"NIfTI, {grid.n_elements:,} voxels{within}"
+        return values, Layout.from_geometry(grid), "(one volume)", kind
     parsed = cifti.read_file(Path(item.path))
     index = parsed.select_map(item.map)
     values = parsed.elements(
         cifti.pread_from(parsed.path), index, 0, parsed.geometry.n_elements
     ).astype(np.float64)
-    layout = layout_of(parsed.geometry)
+    name = parsed.map_names[index] if parsed.map_names else "(pconn)"
+    kind = f"CIFTI-2 {parsed.kind}, {parsed.geometry.n_elements:,} elements"
+    return values, layout_of(parsed.geometry), name, kind
+
+
+def map_section(item: MapFile, anchors: Anchors, surface_kind: str = "inflated") -> Section:
+    values, layout, map_name, kind = read_map(item)
     session = str(item.session or "")
     title = item.scalar + (f", ses-{session.removeprefix('ses-')}" if session else "")
     finite = values[np.isfinite(values)]
     n_bad = values.size - finite.size
     section = Section(title, anchors(title), summary=f"{n_bad:,} non-finite" if n_bad else "")
     facts = [
-        ("File", str(parsed.path)),
-        ("Map", parsed.map_names[index] if parsed.map_names else "(pconn)"),
-        ("Kind", f"CIFTI-2 {parsed.kind}, {parsed.geometry.n_elements:,} elements"),
+        ("File", str(item.path)),
+        ("Map", map_name),
+        ("Kind", kind),
         ("Non-finite values", f"{n_bad:,} ({n_bad / max(values.size, 1):.2%})"),
     ]
     if finite.size:

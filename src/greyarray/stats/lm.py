@@ -346,6 +346,7 @@ def fit_lm(
         about["permutations"] = {
             "n": permutations.permutations,
             "tfce": permutations.tfce,
+            "tfce_connectivity": permutations.connectivity,
             "exchangeability_blocks": permutations.blocks,
             "seed": permutations.seed,
         }

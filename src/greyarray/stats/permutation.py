@@ -67,6 +67,7 @@ class PermutationOptions:
 
     permutations: int
     tfce: bool = False
+    connectivity: int = 6  # voxel neighbourhood of TFCE (PALM's -tfce_C; its default 6)
     blocks: str | None = None  # cohort column of exchangeability blocks (whole-block)
     seed: int = 0
     shard: tuple[int, int] | None = None  # (i, k): compute shard i of k (1-based) only
@@ -609,11 +610,11 @@ def prepare(
 ) -> Prepared:
     """Check the options against the data (TFCE geometry, blocks) and read the response
     (``stored``: the scalar as io.h5read.read_scalar checked it)."""
-    graph = tfce_module.greyordinate_graph(h5) if options.tfce else None
+    graph = tfce_module.element_graph(h5, options.connectivity) if options.tfce else None
     scalar, values = stored.name, stored.values
     if graph is not None and graph.size != values.shape[1]:
         raise DataError(
-            f"{h5.filename}: the stored geometry has {graph.size} greyordinates but "
+            f"{h5.filename}: the stored geometry has {graph.size} elements but "
             f"scalars/{scalar} has {values.shape[1]} elements"
         )
     units = exchangeable_units(phenotypes, design.rows, options.blocks, source)
@@ -627,6 +628,7 @@ def prepare(
         "permutations": options.permutations,
         "seed": options.seed,
         "tfce": options.tfce,
+        **({"connectivity": options.connectivity} if options.tfce else {}),
         "threshold": threshold,
         "batch": BATCH,
     }

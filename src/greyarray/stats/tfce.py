@@ -1,4 +1,4 @@
-"""Threshold-free cluster enhancement (Smith & Nichols 2009) on greyordinates, exactly.
+"""Threshold-free cluster enhancement (Smith & Nichols 2009) on any element space, exactly.
 
 TFCE(v) = integral over h from 0 to X(v) of e(h, v)^E h^H dh, where e(h, v) is the extent of the
 cluster of {X >= h} holding v. The extent changes only at data values, so the integral is a sum
@@ -8,10 +8,12 @@ parent, so a vertex joining a cluster does not inherit what the cluster accrued 
 map of 91k greyordinates costs a few milliseconds; PALM instead sums 100 thresholds
 (dh = max/100), which differs from the integral by at most about one step (see DEVELOPERS.md).
 
-Neighbours and extents follow PALM's defaults: cortical vertices are joined by the edges of the
-fsLR 32k triangles, extent = area on the midthickness surface (E = 1); subcortical voxels are
-joined to their 26 neighbours within the same structure, extent = voxel count (E = 0.5); H = 2.
-Structures never connect to one another.
+Neighbours come from the element space (``spaces``); extents and exponents follow PALM's
+defaults: on surfaces (the fsLR 32k cortex) vertices are joined by the edges of the triangles,
+extent = area on the midthickness surface (E = 1, PALM's -tfce2D); voxels (NIfTI maps, CIFTI's
+subcortical structures) are joined to their 6 face neighbours (PALM's volume default; 18 or 26
+with ``--tfce-connectivity``), extent = voxel count (E = 0.5); H = 2. CIFTI structures never
+connect to one another; fixels have no neighbourhood without tractography (refused).
 """
 
 from __future__ import annotations
@@ -132,6 +134,8 @@ def graph(neighbours: Neighbours) -> Graph:
     return Graph(neighbours.indptr, neighbours.indices, neighbours.weight, exponent)
 
 
-def greyordinate_graph(h5: h5py.File) -> Graph:
-    """The TFCE graph of the element space stored in ``h5`` (``greyarray/geometry``)."""
-    return graph(read_neighbours(h5, 26))
+def element_graph(h5: h5py.File, connectivity: int = 6) -> Graph:
+    """The TFCE graph of the element space stored in ``h5`` (``greyarray/geometry``); voxels
+    (subcortical greyordinates, NIfTI voxels) touch by a face (6), an edge (18) or a corner
+    (26)."""
+    return graph(read_neighbours(h5, connectivity))

@@ -11,24 +11,29 @@ import h5py
 from greyarray.errors import DataError
 from greyarray.io.spaces.base import ElementSpace, MapWriter, Neighbours
 from greyarray.io.spaces.cifti import EXTENSIONS, Geometry, Greyordinates, Parcels
+from greyarray.io.spaces.fixels import FixelSet
+from greyarray.io.spaces.voxels import VoxelGrid
 
 __all__ = [
     "MAP_EXTENSIONS",
     "ElementSpace",
+    "FixelSet",
     "Geometry",
     "Greyordinates",
     "MapWriter",
     "Neighbours",
     "Parcels",
+    "VoxelGrid",
     "read_geometry",
     "read_neighbours",
     "stored_kind",
 ]
 
 SPACES: dict[str, type[ElementSpace]] = {
-    kind: cls for cls in (Greyordinates, Parcels) for kind in cls.stored_kinds
+    kind: cls for cls in (Greyordinates, Parcels, VoxelGrid, FixelSet) for kind in cls.stored_kinds
 }
-MAP_EXTENSIONS = tuple(sorted(set(EXTENSIONS.values())))  # endings of every space's map files
+# endings of every space's map files (longest first: ``.nii.gz`` before ``.nii``)
+MAP_EXTENSIONS = (*sorted(set(EXTENSIONS.values())), ".nii.gz", ".nii", ".mif.gz", ".mif")
 
 
 def _group(h5: h5py.File) -> h5py.Group | None:

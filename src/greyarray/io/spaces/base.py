@@ -61,6 +61,7 @@ class MapWriter(ABC):
     need beside them (a fixel directory's index and directions)."""
 
     extension: str
+    compress: bool = False  # compressed files are encoded on threads
 
     @abstractmethod
     def encode(self, values: np.ndarray, name: str = "") -> bytes:
@@ -131,8 +132,14 @@ class ElementSpace(ABC):
         """The file name ending of this space's maps."""
 
     @abstractmethod
-    def writer(self) -> MapWriter:
-        """Writes result maps on this space."""
+    def writer(self, compress: bool = True) -> MapWriter:
+        """Writes result maps on this space (``compress``: gzip where the format allows)."""
+
+    @abstractmethod
+    def check_template(self, path: Path) -> ElementSpace:
+        """Check a template map (``--example-file``) against this space (DataError saying what
+        differs) and return the space to write maps with (with the template's header, where
+        the format keeps one)."""
 
 
 def write_strings(h5: h5py.Group, name: str, values) -> None:
@@ -165,3 +172,15 @@ def grid_edges(ijk: np.ndarray, connectivity: int) -> np.ndarray:
         hit = sorted_keys[found] == target
         pieces.append(np.column_stack([rows[hit], order[found[hit]]]))
     return np.concatenate(pieces)
+
+
+def read_bytes(group: h5py.Group, name: str, where: str, limit: int = 2**28) -> bytes:
+    """A 1-D uint8 dataset (a file GreyArray kept) as bytes, checked before it is read."""
+    import h5py
+
+    dataset = group.get(name)
+    if not isinstance(dataset, h5py.Dataset) or dataset.dtype != np.uint8 or dataset.ndim != 1:
+        raise DataError(f"{where}/{name} is missing or not bytes (damaged file?)")
+    if dataset.size > limit:
+        raise DataError(f"{where}/{name} is larger than {limit // 2**20} MiB (damaged file?)")
+    return dataset[()].tobytes()

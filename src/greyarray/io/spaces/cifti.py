@@ -126,10 +126,19 @@ class Geometry(ElementSpace):
     def extension(self) -> str:
         return EXTENSIONS[self.kind]
 
-    def writer(self) -> CiftiWriter:
+    def writer(self, compress: bool = True) -> CiftiWriter:
         from greyarray.io.formats.cifti import CiftiWriter
 
-        return CiftiWriter(self)
+        return CiftiWriter(self)  # CIFTI files are never compressed
+
+    def check_template(self, path: Path) -> Geometry:
+        from greyarray.io import remote
+        from greyarray.io.formats.cifti import read_file
+
+        template = remote.read_file(path) if remote.is_url(path) else read_file(path)
+        if problem := self.difference(template.geometry):
+            raise DataError(problem)
+        return self
 
     def describe(self) -> str:
         return f"CIFTI-2 {self.kind}, {self.n_elements:,} {NAMES[self.kind]}"
