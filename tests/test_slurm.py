@@ -381,12 +381,22 @@ def test_scripts_refuse_bad_arguments(tmp_path):
             "--shards needs --model FORMULA --permutations N",
         ),
         (
-            ["submit.sh", tmp_path, out, two, "--shards", "2", "--model", "y ~ x",
-             "--permutations=10", "--harmonize=site"],
+            [
+                "submit.sh",
+                tmp_path,
+                out,
+                two,
+                "--shards",
+                "2",
+                "--model",
+                "y ~ x",
+                "--permutations=10",
+                "--harmonize=site",
+            ],
             {},
             64,
             "--shards with --harmonize needs --harmonize-covariates TERMS",
-        ),  # fmt: skip
+        ),
         (["participant.sbatch", tmp_path], {}, 64, "usage: sbatch"),
         (
             ["participant.sbatch", tmp_path, out, two],
