@@ -245,6 +245,70 @@ def test_output_hdf5_gets_the_geometry(cohort_h5, run_cli, tmp_path):
     assert relative(read(out, "h"), expected["parametric"]) < COMBAT_TOLERANCE
 
 
+def voxel_space(offset: int, n: int = 100):
+    """A stored voxel space of ``n`` voxels of a 10 x 10 x 10 grid, from voxel ``offset`` on."""
+    from greyarray.io.spaces import VoxelGrid
+
+    ijk = np.column_stack(np.unravel_index(np.arange(offset, offset + n), (10, 10, 10)))
+    return VoxelGrid((10, 10, 10), np.eye(4), ijk.astype(np.int64), b"", "test")
+
+
+@pytest.mark.parametrize(
+    ("existing", "code", "words"),
+    [
+        ("fewer elements", 65, "holds 50 elements, scalars/thickness of"),
+        ("other voxels", 65, "its elements differ from those of"),
+        ("no geometry", 0, "cannot check that they hold the same elements"),
+        ("same voxels", 0, ""),
+    ],
+)
+def test_output_hdf5_of_other_elements_is_refused(cohort_h5, run_cli, existing, code, words):
+    """An existing --output-hdf5 whose element count or stored element space is not the
+    input's: one line (65) before any work, the file as it was; one that stores no space is
+    written with a warning that the elements could not be compared."""
+    h5, csv, expected, cohort = cohort_h5
+    with h5py.File(h5, "a") as file:
+        voxel_space(0).to_hdf5(file)
+    out = h5.with_name("existing.h5")
+    n = 50 if existing == "fewer elements" else 100
+    write_h5(out, expected["values"][:, :n], cohort["source_file"], scalar="other")
+    if existing in ("other voxels", "same voxels"):
+        with h5py.File(out, "a") as file:
+            voxel_space(0 if existing == "same voxels" else 300).to_hdf5(file)
+    listed = objects(out)
+    got, _, err = harmonize(run_cli, h5, csv, "--output-hdf5", out)
+    assert got == code, err
+    if code:
+        assert words in one_error(err) and "Estimating" not in err
+        assert objects(out) == listed
+    else:
+        assert words in err and "scalars/thickness_combat/values" in objects(out)
+
+
+@pytest.mark.parametrize("kind", ["voxels", "fixels"])
+def test_output_hdf5_of_a_modelarrayio_file_gets_its_element_tables(tmp_path, run_cli, kind):
+    """A ModelArrayIO HDF5 (no greyarray/geometry) harmonised into a new file: the new file
+    gets every element table the spaces know (voxels; fixels and voxels), bit for bit."""
+    folder = Path(__file__).parent / "data" / "modelarrayio" / kind
+    source = folder / "modelarrayio" / "maio.h5"
+    cohort = pd.read_csv(folder / "cohort.csv")
+    cohort["site"] = ["a", "b"] * (len(cohort) // 2)
+    cohort.to_csv(tmp_path / "cohort.csv", index=False)
+    out = tmp_path / "harmonised.h5"
+    scalar = cohort["scalar_name"][0]
+    code, _, err = run_cli(
+        "harmonize", "--input-hdf5", source, "--cohort-file", tmp_path / "cohort.csv",
+        "--scalar", scalar, "--batch", "site", "--output-hdf5", out, "--mean-only",
+    )  # fmt: skip
+    assert code == 0, err
+    tables = ["voxels"] if kind == "voxels" else ["fixels", "voxels"]
+    with h5py.File(source) as before, h5py.File(out) as after:
+        assert sorted(k for k in after if k not in ("scalars", "greyarray")) == tables
+        for name in tables:
+            assert np.array_equal(before[name][()], after[name][()])
+            assert before[name].dtype == after[name].dtype
+
+
 # ---- missing values -----------------------------------------------------------------------------
 def test_missing_value_is_left_out_of_its_element(fixture):
     """Without empirical Bayes every element stands alone: a subject's NaN at an element gives

@@ -40,7 +40,7 @@ from greyarray.io.h5read import read_scalar
 from greyarray.io.inputs import open_hdf5
 from greyarray.io.names import refuse_inputs, safe_name, unique_files
 from greyarray.io.sources import Source, check_sources
-from greyarray.io.spaces import ElementSpace, read_geometry
+from greyarray.io.spaces import ElementSpace, copy_space, read_geometry
 from greyarray.io.spaces.base import write_strings
 from greyarray.io.threads import thread_pool
 
@@ -259,9 +259,6 @@ def _write_chunks(dset, block: np.ndarray, start: int, pool, options: StoreOptio
 
 
 # ---- a scalar added to an HDF5 file (harmonize) ---------------------------------------------
-GEOMETRY_OBJECTS = ("greyordinates", "parcels", "greyarray/geometry")
-
-
 def options_like(values: h5py.Dataset, nprocs: int = 1) -> StoreOptions:
     """The storage of an existing scalar (dtype, compression and level, shuffle), for a scalar
     derived from it."""
@@ -376,7 +373,8 @@ def scalar_output(
             tmp = stack.enter_context(replacing(path, overwrite))
             h5 = stack.enter_context(h5py.File(tmp, "w", libver=LIBVER))
             if template is not None:
-                _copy_geometry(template, h5)
+                with open_hdf5(template) as source:
+                    copy_space(source, h5)
             _write_provenance(h5.require_group("greyarray"), options, command_line or "")
         pool = stack.enter_context(thread_pool(options.nprocs))
         output = ScalarOutput(h5, None, options, pool)  # type: ignore[arg-type]
@@ -390,21 +388,6 @@ def scalar_output(
         )
         write_strings(scalar, "column_names", column_names)
         yield output
-
-
-def _copy_geometry(template: Path, h5: h5py.File) -> None:
-    """The element space of another ModelArray file: GreyArray's (``to_hdf5``), else the
-    tables ModelArrayIO writes, copied."""
-    from greyarray.io.spaces import read_geometry
-
-    with open_hdf5(template) as source:
-        space = read_geometry(source)
-        if space is not None:
-            space.to_hdf5(h5)
-            return
-        for name in ("greyordinates", "parcels"):
-            if name in source:
-                source.copy(source[name], h5, name=name)
 
 
 def _write_provenance(group: h5py.Group, options: StoreOptions, command_line: str) -> None:

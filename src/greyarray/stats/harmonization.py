@@ -113,7 +113,7 @@ def _harmonize(request: Request) -> Done:
         names, n_elements = stored.names, stored.n_elements
         table = match_cohort(cohort, names, request.scalar, request.cohort_file)
         storage = options_like(stored.values, request.nprocs)
-        _check_output(request, h5)
+        _check_output(request, h5, n_elements)
         if fitted is None:
             model = combat.build_model(
                 table,
@@ -145,7 +145,7 @@ def _harmonize(request: Request) -> Done:
             about = combat.about(estimates, method, request.scalar)
             gaps = combat.log_gaps(estimates)
         else:
-            fitted.check_elements(h5, n_elements, request.input_hdf5)
+            fitted.check_elements(h5, n_elements)
             model = fitted.model_for(table, request.batch, str(request.cohort_file))
             adjust = fitted.adjuster(model)
             about = {**fitted.about, "input_scalar": request.scalar}
@@ -186,9 +186,9 @@ def _batch_column(request: Request) -> str:
     return request.batch
 
 
-def _check_output(request: Request, h5: h5py.File) -> None:
-    """Before any work: the output can be written, and its scalar replaced only with
-    --overwrite."""
+def _check_output(request: Request, h5: h5py.File, n_elements: int) -> None:
+    """Before any work: the output can be written, holds the input's elements (another file),
+    and its scalar is replaced only with --overwrite."""
     where = f"scalars/{request.output_scalar}"
     if request.in_place:
         check_writable(request.input_hdf5)
@@ -203,8 +203,48 @@ def _check_output(request: Request, h5: h5py.File) -> None:
         return
     check_writable(output)
     with open_hdf5(output) as other:
+        counts = sorted(_element_counts(other) - {n_elements})
+        if counts:
+            raise DataError(
+                f"{output}: holds {' and '.join(f'{c:,}' for c in counts)} elements, "
+                f"scalars/{request.scalar} of {request.input_hdf5} has {n_elements:,}; write the "
+                "harmonised scalar into a file of the same elements (or a new --output-hdf5)"
+            )
+        same_elements(h5, other, request.input_hdf5, output, "the harmonised scalar would "
+                      "put its values on other elements")  # fmt: skip
         if where in other and not request.overwrite:
             raise OutputError(f"{output}: {where} exists; use --overwrite to replace it")
+
+
+def _element_counts(h5: h5py.File) -> set[int]:
+    """The element counts of a ModelArray file: of its scalars and results."""
+    found = set()
+    for group, name in (("scalars", "values"), ("results", "results_matrix")):
+        for item in h5.get(group, {}).values() if isinstance(h5.get(group), h5py.Group) else []:
+            data = item.get(name) if isinstance(item, h5py.Group) else None
+            if isinstance(data, h5py.Dataset) and data.ndim == 2:
+                found.add(int(data.shape[1]))
+    return found
+
+
+def same_elements(first: h5py.File, second: h5py.File, first_path, second_path, why: str):
+    """Refuse (one line) two files whose stored element spaces differ (``why``: what would go
+    wrong); a warning when either stores none, so that they cannot be compared."""
+    from greyarray.io.spaces import element_difference
+
+    difference, complete = element_difference(first, second)
+    if difference:
+        raise DataError(
+            f"{second_path}: its elements differ from those of {first_path} ({difference}); {why}"
+        )
+    if not complete:
+        log.warning(
+            "%s and %s: not both store their element space (greyarray/geometry, written by "
+            "greyarray to-modelarray), so GreyArray cannot check that they hold the same "
+            "elements; only their element counts agree",
+            first_path,
+            second_path,
+        )
 
 
 def _counts(model: combat.Model) -> dict[str, int]:
@@ -285,20 +325,17 @@ class Fitted:
     arrays: dict[str, np.ndarray]
     table: pd.DataFrame
     knots: list[np.ndarray]
-    geometry: bytes | None
+    path: Path  # the fit's HDF5
 
-    def check_elements(self, h5: h5py.File, n_elements: int, path: Path) -> None:
+    def check_elements(self, h5: h5py.File, n_elements: int) -> None:
         if n_elements != self.arrays["grand_mean"].size:
             raise DataError(
-                f"{path}: {n_elements} elements, but {self.where} was fitted on "
+                f"{h5.filename}: {n_elements} elements, but {self.where} was fitted on "
                 f"{self.arrays['grand_mean'].size}"
             )
-        geometry = _geometry(h5)
-        if geometry is not None and self.geometry is not None and geometry != self.geometry:
-            raise DataError(
-                f"{path}: its element geometry differs from that of {self.where} (another "
-                "space or resolution); the estimates apply to the same elements only"
-            )
+        with open_hdf5(self.path) as fit:
+            same_elements(fit, h5, self.path, h5.filename, "the estimates apply to the same "
+                          "elements only")  # fmt: skip
 
     def model_for(self, table: pd.DataFrame, batch: str | None, where: str) -> combat.Model:
         """The new subjects coded as the fit coded its own: the fit's batch levels, factor
@@ -469,15 +506,7 @@ def load(text: str) -> Fitted:
         except (KeyError, ValueError, TypeError, OSError) as err:
             raise DataError(f"{where}: damaged harmonization estimates ({err})") from None
         arrays = {k: v for k, v in arrays.items() if v is not None}
-        return Fitted(where, about, arrays, table, knots, _geometry(h5))
-
-
-def _geometry(h5: h5py.File) -> bytes | None:
-    """What identifies the elements GreyArray stored (None: a file of another tool)."""
-    from greyarray.io.spaces import read_geometry
-
-    space = read_geometry(h5)
-    return None if space is None else space.identity()
+        return Fitted(where, about, arrays, table, knots, path)
 
 
 def read_summary(group: h5py.Group) -> dict:
