@@ -512,6 +512,37 @@ def test_failure_midway_leaves_the_file_as_it_was(cohort_h5, run_cli, monkeypatc
     assert objects(h5) == listed and np.array_equal(read(h5, "thickness"), before)
 
 
+def test_no_room_for_the_estimates_is_refused_before_any_work(tmp_path, run_cli):
+    """The free-space check before the passes over the data counts the float64 estimates kept
+    beside the values (batches x elements; here more than the values): a disk with room for
+    the copy and the values but not for them is refused at once (73), the file as it was."""
+    from test_faults import tmpfs
+
+    rng = np.random.default_rng(0)
+    cohort = pd.DataFrame({"source_file": [f"s{i}" for i in range(48)], "site": list("abcd") * 12})
+    values = rng.normal(2, 0.5, (48, 20_000))
+    with tmpfs(tmp_path / "disk", "9m") as disk:
+        h5 = write_h5(disk / "data.h5", values, cohort["source_file"], chunk=4096)
+        cohort.to_csv(disk / "cohort.csv", index=False)
+        before = sha256(h5)
+        code, _, err = run_cli(
+            "harmonize", "--input-hdf5", h5, "--cohort-file", disk / "cohort.csv",
+            "--scalar", "thickness", "--batch", "site",
+        )  # fmt: skip
+        assert code == 73 and "not enough free space" in one_error(err)
+        assert "and its estimates" in one_error(err) and "Estimating" not in err
+        assert sha256(h5) == before and sorted(p.name for p in disk.iterdir()) == [
+            "cohort.csv",
+            "data.h5",
+        ]
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 @pytest.mark.parametrize(
     "extra",
     [

@@ -346,6 +346,7 @@ def scalar_output(
     n_elements: int,
     options: StoreOptions,
     *,
+    extra: int = 0,
     overwrite: bool = False,
     template: Path | None = None,
     command_line: str | None = None,
@@ -358,14 +359,15 @@ def scalar_output(
     ``h5update.updating_hdf5``: written in a private copy that replaces it only when the block
     succeeds, so no failure, signal or kill can cost it. An existing ``scalars/<name>`` is
     replaced only with ``overwrite``. A new file gets the element space of ``template`` and is
-    written in a private temporary, renamed into place at the end."""
+    written in a private temporary, renamed into place at the end. ``extra``: an upper bound of
+    the bytes the block's groups add beside the values (the free-space check)."""
     from greyarray.io.h5update import updating_hdf5
 
     n = len(column_names)
     itemsize = np.dtype(options.dtype).itemsize
     with contextlib.ExitStack() as stack:
         if path.exists():
-            need = n * n_elements * itemsize + 2**22
+            need = n * n_elements * itemsize + extra + 2**22
             h5 = stack.enter_context(updating_hdf5(path, need, f"scalars/{name}"))
             if f"scalars/{name}" in h5 and not overwrite:
                 raise OutputError(f"{path}: scalars/{name} exists; use --overwrite to replace it")

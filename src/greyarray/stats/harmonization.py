@@ -40,7 +40,7 @@ import pandas as pd
 
 from greyarray.errors import DataError, OutputError, UsageError
 from greyarray.io.cohort import read_csv_table
-from greyarray.io.fileio import check_output, check_writable
+from greyarray.io.fileio import check_free_space, check_output, check_writable
 from greyarray.io.h5read import decode, read_scalar, strings
 from greyarray.io.inputs import open_hdf5
 from greyarray.io.names import check_name
@@ -123,6 +123,7 @@ def _harmonize(request: Request) -> Done:
                 request.scalar,
                 str(request.cohort_file),
             )
+            _check_space(request, len(names), n_elements, storage, model)
             log.info(
                 "Estimating ComBat%s for %s: %d subjects in %d batches of %s, %d elements",
                 "-GAM" if model.splines else "",
@@ -147,6 +148,7 @@ def _harmonize(request: Request) -> Done:
         else:
             fitted.check_elements(h5, n_elements)
             model = fitted.model_for(table, request.batch, str(request.cohort_file))
+            _check_space(request, len(names), n_elements, storage, model)
             adjust = fitted.adjuster(model)
             about = {**fitted.about, "input_scalar": request.scalar}
             about["applied_from"] = request.apply_from
@@ -159,6 +161,7 @@ def _harmonize(request: Request) -> Done:
             names,
             n_elements,
             storage,
+            extra=estimate_bytes(model, n_elements),
             overwrite=request.overwrite,
             template=None if request.output.exists() else request.input_hdf5,
             command_line=request.command_line,
@@ -214,6 +217,24 @@ def _check_output(request: Request, h5: h5py.File, n_elements: int) -> None:
                       "put its values on other elements")  # fmt: skip
         if where in other and not request.overwrite:
             raise OutputError(f"{output}: {where} exists; use --overwrite to replace it")
+
+
+def estimate_bytes(model: combat.Model, n_elements: int) -> int:
+    """An upper bound of what ``save`` and ``save_summary`` keep beside the values: per element
+    the float64 coefficients, grand mean, pooled variance, smoothing penalties and per batch
+    gamma/delta hat and star, the int32 counts and float32 mean maps before and after."""
+    b, p, s = model.n_batch, len(model.columns), len(model.splines)
+    return n_elements * (8 * (p + 2 + 4 * b + s) + 1 + 4 * b + 8 * b) + 2**20
+
+
+def _check_space(request: Request, n_subjects: int, n_elements: int, storage, model) -> None:
+    """Before the passes over the data: room for the harmonised values, the estimates and, for
+    an existing file, the updated copy of it that replaces it."""
+    output = request.output
+    values = n_subjects * n_elements * np.dtype(storage.dtype).itemsize
+    size = output.stat().st_size if output.exists() else 0
+    need = size + values + estimate_bytes(model, n_elements)
+    check_free_space(output, need, f"scalars/{request.output_scalar} and its estimates")
 
 
 def _element_counts(h5: h5py.File) -> set[int]:
