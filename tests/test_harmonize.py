@@ -493,6 +493,99 @@ def test_group_harmonize_then_model(tmp_path):
     assert again.returncode == 73 and "--overwrite" in one_error(again.stderr)
 
 
+def test_a_scalar_results_were_fitted_to_is_replaced_only_with_discard_results(cohort_h5, run_cli):
+    """Stand-alone: --overwrite of a harmonised scalar that results/<a> were fitted to is
+    refused in one line (73), the file as it was; with --discard-results those results are
+    removed with it (said in a warning), results fitted to other scalars kept. A scalar
+    converted from files (greyarray/sources/<s>) is never replaced (64)."""
+    h5, csv, _, cohort = cohort_h5
+    assert harmonize(run_cli, h5, csv)[0] == 0
+    fit = ["fit-lm", "--input-hdf5", h5, "--cohort-file", csv, "--formula", "thickness ~ age"]
+    assert run_cli(*fit, "--scalar", "thickness_combat")[0] == 0
+    assert run_cli(*fit, "--analysis-name", "raw")[0] == 0
+    listed = objects(h5)
+    code, _, err = harmonize(run_cli, h5, csv, "--mean-only", "--overwrite")
+    assert code == 73 and "results lm were fitted to scalars/thickness_combat" in one_error(err)
+    assert "--discard-results" in one_error(err) and "Estimating" not in err
+    assert objects(h5) == listed
+    code, _, err = harmonize(run_cli, h5, csv, "--mean-only", "--discard-results")
+    assert code == 64 and "needs --overwrite" in one_error(err)
+    code, _, err = harmonize(run_cli, h5, csv, "--mean-only", "--overwrite", "--discard-results")
+    assert code == 0, err
+    assert "results lm, fitted to the scalar replaced, were removed" in err
+    with h5py.File(h5) as file:
+        assert sorted(file["results"]) == ["raw"]
+    with h5py.File(h5, "a") as file:  # as to-modelarray records a converted scalar
+        file.create_group("greyarray/sources/thickness")
+    listed = objects(h5)
+    code, _, err = run_cli(
+        "harmonize", "--input-hdf5", h5, "--cohort-file", csv, "--scalar", "thickness_combat",
+        "--batch", "site", "--output-scalar", "thickness", "--overwrite", "--discard-results",
+    )  # fmt: skip
+    assert code == 64 and "never replaces a converted scalar" in one_error(err)
+    assert objects(h5) == listed
+
+
+def test_bids_app_says_which_scalar_results_were_fitted_to(tmp_path):
+    """group --model --harmonize: the maps' sidecars name the scalar fitted (the harmonised
+    one) and the harmonisation (batch column, covariates, options), the methods text says
+    so. Harmonising again with --overwrite would leave those results stale: refused (73)
+    without --discard-results, which removes them and their maps. A model fitted to the
+    converted scalar says that in its sidecars and methods text."""
+    from conftest import run_greyarray
+
+    from greyarray.demo import write_bids_demo
+
+    bids, out = write_bids_demo(tmp_path / "bids", 12), tmp_path / "out"
+    group = [bids, out, "group", "--scalar", "fa", "--no-report"]
+    done = run_greyarray(*group, "--model", "fa ~ age", "--harmonize", "site")
+    assert done.returncode == 0, done.stderr
+    h5 = out / "group" / "desc-fa_modelarray.h5"
+    (sidecar,) = out.glob("group/*contrast-age_stat-statistic_statmap.json")
+    meta = json.loads(sidecar.read_text())
+    assert meta["Scalar"] == "fa_combat" and "NotHarmonized" not in meta
+    harmonized = meta["Harmonization"]
+    assert harmonized["InputScalar"] == "fa" and harmonized["BatchColumn"] == "site"
+    assert harmonized["Covariates"] == "age" and harmonized["Options"]["eb"] is True
+    citation = (out / "logs" / "CITATION.md").read_text()
+    assert "The model was fitted to the harmonized values, `fa_combat`" in citation
+
+    again = [*group, "--harmonize", "site", "--harmonize-covariates", "age + sex", "--overwrite"]
+    before = h5.read_bytes()
+    done = run_greyarray(*again)
+    assert done.returncode == 73 and "--discard-results" in one_error(done.stderr)
+    assert "results lm were fitted to scalars/fa_combat" in one_error(done.stderr)
+    assert h5.read_bytes() == before and sidecar.exists()
+    code, _, err = run_cli_plain(
+        "harmonize", "--input-hdf5", h5, "--cohort-file", h5.with_name("desc-fa_cohort.csv"),
+        "--scalar", "fa", "--batch", "site", "--overwrite",
+    )  # fmt: skip
+    assert code == 73 and "--discard-results" in one_error(err) and h5.read_bytes() == before
+    done = run_greyarray(*again, "--discard-results")
+    assert done.returncode == 0, done.stderr
+    assert "results lm discarded, with the 34 statistical map files" in done.stderr
+    assert not list(out.glob("group/*statmap*"))
+    with h5py.File(h5) as file:
+        assert "results" not in file or not list(file["results"])
+    assert 'Analysis "lm"' not in (out / "logs" / "CITATION.md").read_text()
+
+    done = run_greyarray(*group, "--model", "fa ~ age")
+    assert done.returncode == 0, done.stderr
+    meta = json.loads(sidecar.read_text())
+    assert meta["Scalar"] == "fa" and "Harmonization" not in meta
+    assert "fa_combat, harmonised from it" in meta["NotHarmonized"]
+    citation = (out / "logs" / "CITATION.md").read_text()
+    assert "fitted to the values of `fa` as converted, not harmonized" in citation
+    assert "fitted to the harmonized values" not in citation
+
+
+def run_cli_plain(*args):
+    from conftest import run_greyarray
+
+    done = run_greyarray(*args)
+    return done.returncode, done.stdout, done.stderr
+
+
 def test_failure_midway_leaves_the_file_as_it_was(cohort_h5, run_cli, monkeypatch):
     """A disk that fills while the scalar is written: one line (73), the staging groups gone,
     every object of the user's file as it was."""

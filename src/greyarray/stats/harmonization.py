@@ -69,6 +69,7 @@ class Request:
     output_hdf5: Path | None = None
     apply_from: str | None = None  # FILE.h5:SCALAR
     overwrite: bool = False
+    discard_results: bool = False  # remove the results fitted to a scalar it replaces
     nprocs: int = 1
     command_line: str | None = None
 
@@ -88,6 +89,7 @@ class Done:
     about: dict
     gaps: list[str]
     output: Path
+    discarded: list[str] = field(default_factory=list)  # results removed (--discard-results)
 
 
 def harmonize(request: Request) -> Done:
@@ -113,7 +115,7 @@ def _harmonize(request: Request) -> Done:
         names, n_elements = stored.names, stored.n_elements
         table = match_cohort(cohort, names, request.scalar, request.cohort_file)
         storage = options_like(stored.values, request.nprocs)
-        _check_output(request, h5, n_elements)
+        discard = _check_output(request, h5, n_elements)
         if fitted is None:
             model = combat.build_model(
                 table,
@@ -180,7 +182,15 @@ def _harmonize(request: Request) -> Done:
         else:
             fitted.save(group, model, about)
         save_summary(group, adjust)
-    return Done(about, gaps, request.output)
+        for analysis in discard:  # stale: fitted to the scalar just replaced
+            del out.h5[f"results/{analysis}"]
+    if discard:
+        log.warning(
+            "%s: results %s, fitted to the scalar replaced, were removed (--discard-results)",
+            request.output,
+            ", ".join(discard),
+        )
+    return Done(about, gaps, request.output, discard)
 
 
 def _batch_column(request: Request) -> str:
@@ -189,21 +199,17 @@ def _batch_column(request: Request) -> str:
     return request.batch
 
 
-def _check_output(request: Request, h5: h5py.File, n_elements: int) -> None:
+def _check_output(request: Request, h5: h5py.File, n_elements: int) -> list[str]:
     """Before any work: the output can be written, holds the input's elements (another file),
-    and its scalar is replaced only with --overwrite."""
-    where = f"scalars/{request.output_scalar}"
+    and an existing scalar of that name may be replaced (``_check_replace``). Returns the
+    analyses to remove with it."""
     if request.in_place:
         check_writable(request.input_hdf5)
-        if where in h5 and not request.overwrite:
-            raise OutputError(
-                f"{request.input_hdf5}: {where} exists; use --overwrite to replace it"
-            )
-        return
+        return _check_replace(request, h5, request.input_hdf5)
     output = request.output
     if not output.exists():
         check_output(output, request.overwrite)
-        return
+        return []
     check_writable(output)
     with open_hdf5(output) as other:
         counts = sorted(_element_counts(other) - {n_elements})
@@ -215,8 +221,43 @@ def _check_output(request: Request, h5: h5py.File, n_elements: int) -> None:
             )
         same_elements(h5, other, request.input_hdf5, output, "the harmonised scalar would "
                       "put its values on other elements")  # fmt: skip
-        if where in other and not request.overwrite:
-            raise OutputError(f"{output}: {where} exists; use --overwrite to replace it")
+        return _check_replace(request, other, output)
+
+
+def _check_replace(request: Request, h5: h5py.File, path: Path) -> list[str]:
+    """An existing ``scalars/<output>`` is replaced only with --overwrite and never when it
+    was converted from files (its provenance would then describe other values); the results
+    GreyArray fitted to it are never silently left stale: refused unless --discard-results,
+    which removes them with it (returned)."""
+    from greyarray.stats.results import fitted_to
+
+    name = request.output_scalar
+    where = f"scalars/{name}"
+    if where not in h5:
+        return []
+    if f"greyarray/sources/{name}" in h5:
+        raise UsageError(
+            f"{path}: {where} was converted from files (greyarray/sources/{name}); harmonize "
+            "never replaces a converted scalar: choose another --output-scalar"
+        )
+    if not request.overwrite:
+        raise OutputError(f"{path}: {where} exists; use --overwrite to replace it")
+    fitted, unknown = fitted_to(h5, name)
+    if fitted and not request.discard_results:
+        raise OutputError(
+            f"{path}: results {', '.join(fitted)} were fitted to {where}; replacing it would "
+            "leave them describing values no longer there. Use --discard-results to remove "
+            "them with it, or another --output-scalar"
+        )
+    if unknown:
+        log.warning(
+            "%s: results %s record no scalar (written by ModelArray?); if they were fitted to "
+            "%s, fit them again after it is replaced",
+            path,
+            ", ".join(unknown),
+            where,
+        )
+    return fitted
 
 
 def estimate_bytes(model: combat.Model, n_elements: int) -> int:
