@@ -331,6 +331,31 @@ def test_missing_value_is_left_out_of_its_element(fixture):
     assert np.allclose(ours[rest, 17], alone[:, 0], rtol=1e-12)
 
 
+def test_infinite_value_is_missing(fixture):
+    """An Inf is a missing value, as a NaN is: the same numbers as with a NaN there, NaN in the
+    output, and no numpy warning."""
+    import warnings
+
+    expected, cohort = fixture
+    values = expected["values"].copy()
+    values[5, 7] = np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, _ = harmonize_array(values, cohort, "site", "age + sex")
+    values[5, 7] = np.nan
+    same, _ = harmonize_array(values, cohort, "site", "age + sex")
+    assert np.isnan(out[5, 7]) and np.array_equal(out, same, equal_nan=True)
+
+
+def test_no_element_harmonised_is_said(cohort_h5, run_cli):
+    h5, csv, expected, cohort = cohort_h5
+    empty = write_h5(h5.with_name("empty.h5"), np.full_like(expected["values"], np.nan),
+                     cohort["source_file"])  # fmt: skip
+    code, _, err = harmonize(run_cli, empty, csv, "--no-eb")
+    assert code == 0 and "WARNING: no element was harmonised (of 100)" in err
+    assert np.isnan(read(empty, "thickness_combat")).all()
+
+
 def test_batch_with_too_few_values_is_reported_per_element(fixture):
     """A batch with one subject with a value at an element: its subjects are NaN there, the
     other batches are harmonised as if it were absent, and the count is said per batch."""
@@ -395,6 +420,7 @@ def test_nonparametric_weights_do_not_underflow():
         (None, ["--output-scalar", "thickness"], 64, "never replaced"),
         (None, ["--batch", "scanner"], 64, "no batch column 'scanner'"),
         (None, ["--nonparametric", "--no-eb"], 64, "--no-eb has none"),
+        (lambda c: c.assign(site=c["age"]), [], 65, "site has 44 levels, 41 of them with fewer"),
     ],
 )  # fmt: skip
 def test_refusals(cohort_h5, run_cli, change, extra, code, words):
@@ -498,7 +524,7 @@ def test_a_scalar_results_were_fitted_to_is_replaced_only_with_discard_results(c
     refused in one line (73), the file as it was; with --discard-results those results are
     removed with it (said in a warning), results fitted to other scalars kept. A scalar
     converted from files (greyarray/sources/<s>) is never replaced (64)."""
-    h5, csv, _, cohort = cohort_h5
+    h5, csv, _, _ = cohort_h5
     assert harmonize(run_cli, h5, csv)[0] == 0
     fit = ["fit-lm", "--input-hdf5", h5, "--cohort-file", csv, "--formula", "thickness ~ age"]
     assert run_cli(*fit, "--scalar", "thickness_combat")[0] == 0
@@ -538,8 +564,15 @@ def test_bids_app_says_which_scalar_results_were_fitted_to(tmp_path):
 
     bids, out = write_bids_demo(tmp_path / "bids", 12), tmp_path / "out"
     group = [bids, out, "group", "--scalar", "fa", "--no-report"]
-    done = run_greyarray(*group, "--model", "fa ~ age", "--harmonize", "site")
+    first = ["--harmonize", "site", "--harmonize-covariates", "age"]
+    done = run_greyarray(*group, *first)  # the next steps name the harmonised scalar
     assert done.returncode == 0, done.stderr
+    assert 'scalar_types = "fa_combat")' in done.stdout
+    assert 'ModelArray.lm(fa_combat ~ age + sex, ma, phen, "fa_combat")' in done.stdout
+    assert '--model "fa ~ age + sex" --harmonize site --harmonize-covariates age' in done.stdout
+    done = run_greyarray(*group, "--model", "fa ~ age + site", *first)
+    assert done.returncode == 0, done.stderr
+    assert "'fa ~ age + site': site has the --harmonize column site" in done.stderr
     h5 = out / "group" / "desc-fa_modelarray.h5"
     (sidecar,) = out.glob("group/*contrast-age_stat-statistic_statmap.json")
     meta = json.loads(sidecar.read_text())
@@ -563,7 +596,7 @@ def test_bids_app_says_which_scalar_results_were_fitted_to(tmp_path):
     assert code == 73 and "--discard-results" in one_error(err) and h5.read_bytes() == before
     done = run_greyarray(*again, "--discard-results")
     assert done.returncode == 0, done.stderr
-    assert "results lm discarded, with the 34 statistical map files" in done.stderr
+    assert "results lm discarded, with the 46 statistical map files" in done.stderr
     assert not list(out.glob("group/*statmap*"))
     with h5py.File(h5) as file:
         assert "results" not in file or not list(file["results"])

@@ -67,9 +67,6 @@ def run(settings: Run) -> int:
         harmonized = ["", f"Harmonised by {settings.args.harmonize}:"] + [
             harmonize.harmonize_scalar(settings, plan.h5, plan.csv, plan.name)[1] for plan in plans
         ]
-        harmonized.append(
-            '  In R, ModelArray(h5, scalar_types = "<scalar>_combat") reads the harmonised values'
-        )
     outliers, report = [], []
     if reports.wanted(settings):  # every HDF5 on disk, not only this run's
         outliers, report = reports.group_report(settings), [reports.report_line(settings)]
@@ -441,24 +438,34 @@ def summary(plans: list[Plan]) -> list[str]:
     return lines
 
 
-def suggested_formula(plan: Plan) -> str:
-    """A formula the cohort can fit: age and sex when present, else its first phenotypes."""
-    ignored = {"scalar_name", "source_file", "participant_id", "session_id"}
+def suggested_formula(plan: Plan, response: str | None = None, batch: str | None = None) -> str:
+    """A formula the cohort can fit: age and sex when present, else its first phenotypes (the
+    ``batch`` column of --harmonize left out: ComBat removed its effect)."""
+    ignored = {"scalar_name", "source_file", "participant_id", "session_id", batch}
     columns = [c for c in plan.table.columns if c not in ignored]
     chosen = [c for c in ("age", "sex") if c in columns] or columns[:2]
     rhs = " + ".join(f"`{c}`" if not c.isidentifier() else c for c in chosen) or "1"
-    return f"{plan.name if plan.name.isidentifier() else '`' + plan.name + '`'} ~ {rhs}"
+    response = response or plan.name
+    return f"{response if response.isidentifier() else '`' + response + '`'} ~ {rhs}"
 
 
 def r_hint(settings: Run, plan: Plan) -> list[str]:
-    formula = suggested_formula(plan)
+    """The next steps: the scalar in R (the harmonised one after --harmonize), the export, or
+    the same model fitted here."""
+    from greyarray.bids import harmonize
+
+    batch = settings.args.harmonize if harmonize.wanted(settings) else None
+    scalar = harmonize.output_name(plan.name) if batch else plan.name
+    formula = suggested_formula(plan, scalar, batch)  # in R: the response is the scalar read
+    here = suggested_formula(plan, None, batch)  # --model: the converted scalar's name
+    again = harmonize.options_text(settings)  # --harmonize: fitted to the harmonised scalar
     repeated = "session_id" in plan.table and plan.table["participant_id"].duplicated().any()
     analysis = "gam" if repeated else "lm"
     lines = [
         "",
         "Next, in R:",
         "  library(ModelArray)",
-        f'  ma <- ModelArray("{plan.h5}", scalar_types = "{plan.name}")',
+        f'  ma <- ModelArray("{plan.h5}", scalar_types = "{scalar}")',
         f'  phen <- read.csv("{plan.csv}")',
     ]
     if repeated:
@@ -468,10 +475,10 @@ def r_hint(settings: Run, plan: Plan) -> list[str]:
             "  # ModelArray.wrap and lme4) accounts for it:",
             "  phen$participant_id <- factor(phen$participant_id)",
             f'  res <- ModelArray.gam({formula} + s(participant_id, bs = "re"), ma, phen, '
-            f'"{plan.name}")',
+            f'"{scalar}")',
         ]
     else:
-        lines.append(f'  res <- ModelArray.lm({formula}, ma, phen, "{plan.name}")')
+        lines.append(f'  res <- ModelArray.lm({formula}, ma, phen, "{scalar}")')
     lines += [
         f'  writeResults("{plan.h5}", df.output = res, analysis_name = "{analysis}")',
         "Then export the maps:",
@@ -480,12 +487,12 @@ def r_hint(settings: Run, plan: Plan) -> list[str]:
     if not repeated:
         lines += [
             "Or fit the same model here, in seconds, and export it:",
-            f'  greyarray {settings.bids_dir} {settings.output_dir} group --model "{formula}"',
+            f'  greyarray {settings.bids_dir} {settings.output_dir} group --model "{here}"{again}',
         ]
     else:
         lines += [
             "Or fit the mixed model here (lme4's numbers, lmerTest's tests) and export it:",
             f"  greyarray {settings.bids_dir} {settings.output_dir} group --model "
-            f'"{formula} + (1 | participant_id)"',
+            f'"{here} + (1 | participant_id)"{again}',
         ]
     return [*lines, ""]

@@ -37,6 +37,18 @@ def output_name(scalar: str) -> str:
     return f"{scalar}{SUFFIX}"
 
 
+def options_text(settings: Run) -> str:
+    """The --harmonize options of this run, as a command line takes them ('' without)."""
+    import shlex
+
+    if not wanted(settings):
+        return ""
+    text = f" --harmonize {shlex.quote(settings.args.harmonize)}"
+    if settings.args.harmonize_covariates is not None:
+        text += f" --harmonize-covariates {shlex.quote(settings.args.harmonize_covariates)}"
+    return text
+
+
 def covariates(settings: Run) -> str:
     """--harmonize-covariates, else the --model's right-hand side (smooths as s(x)), else
     none."""
@@ -75,6 +87,8 @@ def check(settings: Run) -> Callable[[pd.DataFrame], None] | None:
     terms = covariates(settings)
     if settings.args.model and settings.args.harmonize_covariates is not None:
         _warn_unprotected(settings.args.model, terms, settings.args.harmonize)
+    if settings.args.model:
+        _warn_batch_tested(settings.args.model, settings.args.harmonize)
     if not terms:
         log.warning(
             "Harmonising by %s without covariates: effects that differ between sites (age, "
@@ -107,6 +121,26 @@ def _warn_unprotected(model: str, terms: str, batch: str) -> None:
             "of their effect where they differ between sites",
             ", ".join(missing),
             terms,
+        )
+
+
+def _warn_batch_tested(model: str, batch: str) -> None:
+    """A --model with the batch column in a term is fitted to values whose batch effects
+    ComBat removed: those terms are near zero by construction."""
+    from greyarray.stats.gam import parse_gam_formula
+
+    formula = parse_gam_formula(model)
+    terms = [*(s.term for s in formula.smooths), *formula.parametric]
+    tested = [t for t in terms if _names(t, batch)]
+    if tested:
+        log.warning(
+            "--model %r: %s has the --harmonize column %s, whose effects ComBat removed from the "
+            "harmonised scalar the model is fitted to (near zero by construction there); test "
+            "%s on the converted scalar, without --harmonize",
+            model,
+            ", ".join(tested),
+            batch,
+            batch,
         )
 
 
