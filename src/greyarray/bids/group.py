@@ -16,18 +16,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import pandas as pd
 
 from greyarray.bids import citation, derivatives, discover, reports
 from greyarray.bids.cohort import build_cohort, load_phenotypes, report_mismatch
 from greyarray.bids.run import Run
-from greyarray.errors import DataError, GreyArrayError, OutputError, UsageError
+from greyarray.errors import DataError, OutputError, UsageError
 from greyarray.io.cohort import Cohort
 from greyarray.io.fileio import atomic_write, write_json
-from greyarray.io.inputs import open_hdf5
 from greyarray.io.sources import Source, check_sources
-from greyarray.io.store import StoreOptions, stored_inputs, write_modelarray
+from greyarray.io.store import StoreOptions, analyses_in, stored_inputs, write_modelarray
 
 log = logging.getLogger("greyarray")
 
@@ -172,7 +170,7 @@ def _decide(settings: Run, plan: Plan, options: StoreOptions) -> None:
                 f"{plan.h5}: exists but is not a GreyArray HDF5 of scalar {plan.name!r}; use "
                 "--overwrite to replace it"
             ) from None
-        if (analyses := _analyses_in(plan.h5)) and not settings.args.discard_results:
+        if (analyses := analyses_in(plan.h5)) and not settings.args.discard_results:
             raise OutputError(
                 f"{plan.h5}: holds another scalar with ModelArray results ({', '.join(analyses)}); "
                 "it was left as it is. Use --discard-results to replace it, or move it away"
@@ -215,16 +213,6 @@ def _write_cohort_csv(settings: Run, plan: Plan) -> None:
             )
         return
     atomic_write(plan.csv, text)
-
-
-def _analyses_in(path: Path) -> list[str]:
-    """The results/ analyses of an HDF5 that is not this scalar's (unreadable: none)."""
-    try:
-        with open_hdf5(path) as h5:
-            results = h5.get("results")
-            return sorted(results) if isinstance(results, h5py.Group) else []
-    except GreyArrayError:
-        return []
 
 
 def _execute(settings: Run, plan: Plan, options: StoreOptions) -> None:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
-from greyarray.errors import DataError, OutputError
+from greyarray.errors import DataError, GreyArrayError, OutputError
 from greyarray.io import remote
 from greyarray.io.fileio import check_output, remove_stale_temporaries, replacing
 from greyarray.io.formats import SpaceFiles
@@ -130,6 +130,13 @@ def to_modelarray(
     for path in plan:
         check_output(path, overwrite)
         remove_stale_temporaries(path.parent)
+        if overwrite and (analyses := analyses_in(path)):
+            log.warning(
+                "%s: --overwrite replaces it with its results (%s), which ModelArray or "
+                "GreyArray fitted to the values it held",
+                path,
+                ", ".join(analyses),
+            )
     space = space_files.load(kind, f"{cohort.path} lists")
     checked = {}
     needed = any(map(remote.is_url, cohort.table["source_file"]))
@@ -156,6 +163,18 @@ def to_modelarray(
             write_modelarray(path, scalars, options, command_line, overwrite)
             log.info("Wrote %s", path)
     return list(checked)
+
+
+def analyses_in(path: Path) -> list[str]:
+    """The results/ analyses of an existing HDF5 ([] when there is none or it is unreadable)."""
+    if not path.is_file():
+        return []
+    try:
+        with open_hdf5(path) as h5:
+            results = h5.get("results")
+            return sorted(results) if isinstance(results, h5py.Group) else []
+    except GreyArrayError:
+        return []
 
 
 def write_modelarray(
