@@ -161,7 +161,17 @@ def private_folder(folder: Path) -> Iterator[Path]:
         yield made
     finally:
         if made is not None:
-            shutil.rmtree(made, ignore_errors=True)
+            _remove_tree(made)
+
+
+def _remove_tree(path: Path) -> None:
+    """rmtree that a signal cannot cut short: the signal's exception (SLURM's SIGTERM landing
+    while a finished write removes its emptied folder) waits until the folder is gone."""
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)  # later signals are recorded, never raised
+        raise
 
 
 @contextlib.contextmanager
