@@ -103,8 +103,7 @@ class Constants:
 
 Value = Numeric | Logical | Text | Factor | Constants
 
-_LOGICAL_TEXT = {"T": 1.0, "TRUE": 1.0, "true": 1.0, "True": 1.0,
-                 "F": 0.0, "FALSE": 0.0, "false": 0.0, "False": 0.0}  # fmt: skip
+_LOGICAL_TEXT = {"T": 1.0, "TRUE": 1.0, "F": 0.0, "FALSE": 0.0}  # read.csv's (not true/True)
 
 
 def _missing(value: Value) -> np.ndarray:
@@ -214,8 +213,9 @@ class _BadData(Exception):
 
 
 def _column(series: pd.Series) -> Value:
-    """A cohort column as ``read.csv`` types it: numbers, logicals (T/F/TRUE/FALSE/true/...),
-    text; factors made by --reference-level / --ordered-factor stay factors."""
+    """A cohort column as ``read.csv`` types it (``io.cohort.read_csv_table`` reads it so):
+    numbers, logicals (T, F, TRUE, FALSE), text (empty fields are a level ""); factors made by
+    --reference-level / --ordered-factor stay factors."""
     if isinstance(series.dtype, pd.CategoricalDtype):
         codes = series.cat.codes.to_numpy().astype(np.int64)
         return Factor(codes, [str(c) for c in series.cat.categories], bool(series.cat.ordered))
