@@ -33,6 +33,7 @@ from greyarray.stats.design import (
     Factor,
     Numeric,
     build_design,
+    is_text,
     repeated_measures,
     single_subject_levels,
     threshold_rule,
@@ -249,6 +250,11 @@ def parse_gam_formula(formula: str) -> GamFormula:
     smooth_labels = {s.term for s in smooths}
     labels = model.all_terms.labels
     parametric = tuple(t for t in labels if t not in smooth_labels)
+    if not labels and not model.all_terms.intercept:
+        raise UsageError(
+            f"formula {formula!r} has no term and no intercept: mgcv stops (\"You've got no "
+            'model....")'
+        )
     offsets = [model.all_terms.names[i] for i in model.all_terms.offsets]
     if offsets:
         raise UsageError(
@@ -272,6 +278,12 @@ def _smooth_variable(name: str, smooth: SmoothSpec, phenotypes, rows, factors):
     design's rows, as the design layer reads the cohort (``--ordered-factor`` included)."""
     try:
         value = variable(name, phenotypes, rows, *factors)
+        if name == smooth.by and is_text(name, phenotypes, *factors):
+            raise DataError(
+                f"by={name} is a text column (read.csv reads it as character), and mgcv "
+                '1.8-41 stops ("Can\'t find by variable"): make it a factor, '
+                f"--reference-level {name}=LEVEL (or --ordered-factor {name}=LEVEL)"
+            )
     except (UsageError, DataError) as err:
         raise DataError(f"smooth {smooth.term!r}: {err}") from None
     if name != smooth.by:

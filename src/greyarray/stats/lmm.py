@@ -51,7 +51,7 @@ from greyarray.stats.design import (
     single_subject_levels,
     threshold_rule,
 )
-from greyarray.stats.formula import model_formula
+from greyarray.stats.formula import all_names, deparse, model_formula, subbars, terms
 from greyarray.stats.linalg import column_norms
 from greyarray.stats.results import (
     element_blocks,
@@ -135,7 +135,24 @@ class MixedModel:
         ordered: dict[str, str] | None = None,
     ):
         self.formula, self.reml = formula, reml
-        if model_formula(formula).smooths:
+        read = model_formula(formula)
+        if read.hidden_bars:
+            bar = read.hidden_bars[0]
+            group = bar.args[1]
+            frame = set(terms(read.response, subbars(read.rhs)).names)
+            unseen = [n.id for n in all_names(group) if n.id not in frame]
+            stops = (
+                f" and stops (couldn't evaluate grouping factor {deparse(group)} within model "
+                f"frame: object '{unseen[0]}' not found)"
+                if unseen
+                else ", not as R's 'or'"
+            )
+            raise UsageError(
+                f"formula {formula!r}: lme4 reads the '|' in '{deparse(bar)}' as a random-effect "
+                f"term even inside a function call{stops}; compute that column in the cohort "
+                "CSV"
+            )
+        if read.smooths:
             raise UsageError(
                 f"formula {formula!r}: smooth terms s(...) with random effects (gamm4's models) "
                 "are not supported; use linear terms, or fit-gam without random effects"
