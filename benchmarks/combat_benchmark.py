@@ -111,7 +111,7 @@ def build(folder: Path, n_subjects: int, n_elements: int, seed: int = 0) -> tupl
     base = rng.normal(2.5, 0.4, n_elements).astype(np.float32)
     shift = rng.normal(0, 0.15, (len(SITES), n_elements)).astype(np.float32)
     scale = rng.uniform(0.7, 1.5, len(SITES)).astype(np.float32)
-    options = StoreOptions(nprocs=os.cpu_count() or 1, compression_level=1, encoder="isal")
+    options = StoreOptions(nprocs=os.cpu_count() or 1, compression_level=1)
     with scalar_output(h5, "y", cohort["source_file"], n_elements, options) as out:
         width = out.chunk_width * max(1, 2**26 // (4 * n_subjects * out.chunk_width))
         for start in range(0, n_elements, width):

@@ -584,3 +584,22 @@ def test_report_that_cannot_be_written_is_refused_before_export(which, exported,
     assert done.returncode in (64, 73), done.stderr
     one_error_line(done.stderr)
     assert not (tmp_path / "maps.html").exists()
+
+
+def test_a_signal_during_the_cleanup_still_removes_the_temporary_folder(monkeypatch, tmp_path):
+    """SLURM's SIGTERM can land while a finished write removes its emptied private folder
+    (seen in CI: scancel left one behind). The removal finishes, then the signal ends the run."""
+    from greyarray.errors import Interrupted
+
+    real, calls = fileio.shutil.rmtree, []
+
+    def interrupted_once(path, ignore_errors=False):
+        calls.append(path)
+        if len(calls) == 1:
+            raise Interrupted(signal.SIGTERM, "SIGTERM")
+        real(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(fileio.shutil, "rmtree", interrupted_once)
+    with pytest.raises(Interrupted), fileio.private_folder(tmp_path) as private:
+        (private / "written").write_bytes(b"x")
+    assert list(tmp_path.iterdir()) == []

@@ -410,6 +410,29 @@ def test_a_file_replaced_while_waiting_for_the_lock_is_locked_again(small, tmp_p
         assert done.attrs["theirs"] == 1 and done.attrs["mine"] == 1
 
 
+@pytest.mark.parametrize("code", sorted(fileio.NO_LOCKS))
+def test_a_file_system_without_locks(small, tmp_path, monkeypatch, code):
+    """Lustre mounted noflock (flock fails with ENOSYS, ENOLCK or EOPNOTSUPP): the update and
+    a shared folder's lock go ahead unlocked, said in one warning, instead of a crash at the
+    end of the work."""
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setattr(fileio, "_UNLOCKED_DEVICES", set())
+    h5 = tmp_path / "data.h5"
+    shutil.copyfile(small[0], h5)
+    fit = ["fit-lm", "--input-hdf5", h5, "--cohort-file", small[1], "--formula", "thickness ~ age"]
+    done = run_greyarray(*fit, "--analysis-name", "unlocked")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("does not support file locks") == 1, done.stderr
+    assert "not protected" in done.stderr
+    with fileio.locked(tmp_path / ".lock"), h5py.File(h5) as file:
+        assert "results/unlocked" in file
+
+
 def test_an_update_where_the_kernel_cannot_copy(small, tmp_path, monkeypatch):
     """No reflink, no copy_file_range (another file system, another kernel): read and write."""
     import errno

@@ -245,6 +245,70 @@ def test_output_hdf5_gets_the_geometry(cohort_h5, run_cli, tmp_path):
     assert relative(read(out, "h"), expected["parametric"]) < COMBAT_TOLERANCE
 
 
+def voxel_space(offset: int, n: int = 100):
+    """A stored voxel space of ``n`` voxels of a 10 x 10 x 10 grid, from voxel ``offset`` on."""
+    from greyarray.io.spaces import VoxelGrid
+
+    ijk = np.column_stack(np.unravel_index(np.arange(offset, offset + n), (10, 10, 10)))
+    return VoxelGrid((10, 10, 10), np.eye(4), ijk.astype(np.int64), b"", "test")
+
+
+@pytest.mark.parametrize(
+    ("existing", "code", "words"),
+    [
+        ("fewer elements", 65, "holds 50 elements, scalars/thickness of"),
+        ("other voxels", 65, "its elements differ from those of"),
+        ("no geometry", 0, "cannot check that they hold the same elements"),
+        ("same voxels", 0, ""),
+    ],
+)
+def test_output_hdf5_of_other_elements_is_refused(cohort_h5, run_cli, existing, code, words):
+    """An existing --output-hdf5 whose element count or stored element space is not the
+    input's: one line (65) before any work, the file as it was; one that stores no space is
+    written with a warning that the elements could not be compared."""
+    h5, csv, expected, cohort = cohort_h5
+    with h5py.File(h5, "a") as file:
+        voxel_space(0).to_hdf5(file)
+    out = h5.with_name("existing.h5")
+    n = 50 if existing == "fewer elements" else 100
+    write_h5(out, expected["values"][:, :n], cohort["source_file"], scalar="other")
+    if existing in ("other voxels", "same voxels"):
+        with h5py.File(out, "a") as file:
+            voxel_space(0 if existing == "same voxels" else 300).to_hdf5(file)
+    listed = objects(out)
+    got, _, err = harmonize(run_cli, h5, csv, "--output-hdf5", out)
+    assert got == code, err
+    if code:
+        assert words in one_error(err) and "Estimating" not in err
+        assert objects(out) == listed
+    else:
+        assert words in err and "scalars/thickness_combat/values" in objects(out)
+
+
+@pytest.mark.parametrize("kind", ["voxels", "fixels"])
+def test_output_hdf5_of_a_modelarrayio_file_gets_its_element_tables(tmp_path, run_cli, kind):
+    """A ModelArrayIO HDF5 (no greyarray/geometry) harmonised into a new file: the new file
+    gets every element table the spaces know (voxels; fixels and voxels), bit for bit."""
+    folder = Path(__file__).parent / "data" / "modelarrayio" / kind
+    source = folder / "modelarrayio" / "maio.h5"
+    cohort = pd.read_csv(folder / "cohort.csv")
+    cohort["site"] = ["a", "b"] * (len(cohort) // 2)
+    cohort.to_csv(tmp_path / "cohort.csv", index=False)
+    out = tmp_path / "harmonised.h5"
+    scalar = cohort["scalar_name"][0]
+    code, _, err = run_cli(
+        "harmonize", "--input-hdf5", source, "--cohort-file", tmp_path / "cohort.csv",
+        "--scalar", scalar, "--batch", "site", "--output-hdf5", out, "--mean-only",
+    )  # fmt: skip
+    assert code == 0, err
+    tables = ["voxels"] if kind == "voxels" else ["fixels", "voxels"]
+    with h5py.File(source) as before, h5py.File(out) as after:
+        assert sorted(k for k in after if k not in ("scalars", "greyarray")) == tables
+        for name in tables:
+            assert np.array_equal(before[name][()], after[name][()])
+            assert before[name].dtype == after[name].dtype
+
+
 # ---- missing values -----------------------------------------------------------------------------
 def test_missing_value_is_left_out_of_its_element(fixture):
     """Without empirical Bayes every element stands alone: a subject's NaN at an element gives
@@ -265,6 +329,31 @@ def test_missing_value_is_left_out_of_its_element(fixture):
         "age + sex", Options(eb=False),
     )  # fmt: skip
     assert np.allclose(ours[rest, 17], alone[:, 0], rtol=1e-12)
+
+
+def test_infinite_value_is_missing(fixture):
+    """An Inf is a missing value, as a NaN is: the same numbers as with a NaN there, NaN in the
+    output, and no numpy warning."""
+    import warnings
+
+    expected, cohort = fixture
+    values = expected["values"].copy()
+    values[5, 7] = np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, _ = harmonize_array(values, cohort, "site", "age + sex")
+    values[5, 7] = np.nan
+    same, _ = harmonize_array(values, cohort, "site", "age + sex")
+    assert np.isnan(out[5, 7]) and np.array_equal(out, same, equal_nan=True)
+
+
+def test_no_element_harmonised_is_said(cohort_h5, run_cli):
+    h5, csv, expected, cohort = cohort_h5
+    empty = write_h5(h5.with_name("empty.h5"), np.full_like(expected["values"], np.nan),
+                     cohort["source_file"])  # fmt: skip
+    code, _, err = harmonize(run_cli, empty, csv, "--no-eb")
+    assert code == 0 and "WARNING: no element was harmonised (of 100)" in err
+    assert np.isnan(read(empty, "thickness_combat")).all()
 
 
 def test_batch_with_too_few_values_is_reported_per_element(fixture):
@@ -331,6 +420,7 @@ def test_nonparametric_weights_do_not_underflow():
         (None, ["--output-scalar", "thickness"], 64, "never replaced"),
         (None, ["--batch", "scanner"], 64, "no batch column 'scanner'"),
         (None, ["--nonparametric", "--no-eb"], 64, "--no-eb has none"),
+        (lambda c: c.assign(site=c["age"]), [], 65, "site has 44 levels, 41 of them with fewer"),
     ],
 )  # fmt: skip
 def test_refusals(cohort_h5, run_cli, change, extra, code, words):
@@ -429,6 +519,106 @@ def test_group_harmonize_then_model(tmp_path):
     assert again.returncode == 73 and "--overwrite" in one_error(again.stderr)
 
 
+def test_a_scalar_results_were_fitted_to_is_replaced_only_with_discard_results(cohort_h5, run_cli):
+    """Stand-alone: --overwrite of a harmonised scalar that results/<a> were fitted to is
+    refused in one line (73), the file as it was; with --discard-results those results are
+    removed with it (said in a warning), results fitted to other scalars kept. A scalar
+    converted from files (greyarray/sources/<s>) is never replaced (64)."""
+    h5, csv, _, _ = cohort_h5
+    assert harmonize(run_cli, h5, csv)[0] == 0
+    fit = ["fit-lm", "--input-hdf5", h5, "--cohort-file", csv, "--formula", "thickness ~ age"]
+    assert run_cli(*fit, "--scalar", "thickness_combat")[0] == 0
+    assert run_cli(*fit, "--analysis-name", "raw")[0] == 0
+    listed = objects(h5)
+    code, _, err = harmonize(run_cli, h5, csv, "--mean-only", "--overwrite")
+    assert code == 73 and "results lm were fitted to scalars/thickness_combat" in one_error(err)
+    assert "--discard-results" in one_error(err) and "Estimating" not in err
+    assert objects(h5) == listed
+    code, _, err = harmonize(run_cli, h5, csv, "--mean-only", "--discard-results")
+    assert code == 64 and "needs --overwrite" in one_error(err)
+    code, _, err = harmonize(run_cli, h5, csv, "--mean-only", "--overwrite", "--discard-results")
+    assert code == 0, err
+    assert "results lm, fitted to the scalar replaced, were removed" in err
+    with h5py.File(h5) as file:
+        assert sorted(file["results"]) == ["raw"]
+    with h5py.File(h5, "a") as file:  # as to-modelarray records a converted scalar
+        file.create_group("greyarray/sources/thickness")
+    listed = objects(h5)
+    code, _, err = run_cli(
+        "harmonize", "--input-hdf5", h5, "--cohort-file", csv, "--scalar", "thickness_combat",
+        "--batch", "site", "--output-scalar", "thickness", "--overwrite", "--discard-results",
+    )  # fmt: skip
+    assert code == 64 and "never replaces a converted scalar" in one_error(err)
+    assert objects(h5) == listed
+
+
+def test_bids_app_says_which_scalar_results_were_fitted_to(tmp_path):
+    """group --model --harmonize: the maps' sidecars name the scalar fitted (the harmonised
+    one) and the harmonisation (batch column, covariates, options), the methods text says
+    so. Harmonising again with --overwrite would leave those results stale: refused (73)
+    without --discard-results, which removes them and their maps. A model fitted to the
+    converted scalar says that in its sidecars and methods text."""
+    from conftest import run_greyarray
+
+    from greyarray.demo import write_bids_demo
+
+    bids, out = write_bids_demo(tmp_path / "bids", 12), tmp_path / "out"
+    group = [bids, out, "group", "--scalar", "fa", "--no-report"]
+    first = ["--harmonize", "site", "--harmonize-covariates", "age"]
+    done = run_greyarray(*group, *first)  # the next steps name the harmonised scalar
+    assert done.returncode == 0, done.stderr
+    assert 'scalar_types = "fa_combat")' in done.stdout
+    assert 'ModelArray.lm(fa_combat ~ age + sex, ma, phen, "fa_combat")' in done.stdout
+    assert '--model "fa ~ age + sex" --harmonize site --harmonize-covariates age' in done.stdout
+    done = run_greyarray(*group, "--model", "fa ~ age + site", *first)
+    assert done.returncode == 0, done.stderr
+    assert "'fa ~ age + site': site has the --harmonize column site" in done.stderr
+    h5 = out / "group" / "desc-fa_modelarray.h5"
+    (sidecar,) = out.glob("group/*contrast-age_stat-statistic_statmap.json")
+    meta = json.loads(sidecar.read_text())
+    assert meta["Scalar"] == "fa_combat" and "NotHarmonized" not in meta
+    harmonized = meta["Harmonization"]
+    assert harmonized["InputScalar"] == "fa" and harmonized["BatchColumn"] == "site"
+    assert harmonized["Covariates"] == "age" and harmonized["Options"]["eb"] is True
+    citation = (out / "logs" / "CITATION.md").read_text()
+    assert "The model was fitted to the harmonized values, `fa_combat`" in citation
+
+    again = [*group, "--harmonize", "site", "--harmonize-covariates", "age + sex", "--overwrite"]
+    before = h5.read_bytes()
+    done = run_greyarray(*again)
+    assert done.returncode == 73 and "--discard-results" in one_error(done.stderr)
+    assert "results lm were fitted to scalars/fa_combat" in one_error(done.stderr)
+    assert h5.read_bytes() == before and sidecar.exists()
+    code, _, err = run_cli_plain(
+        "harmonize", "--input-hdf5", h5, "--cohort-file", h5.with_name("desc-fa_cohort.csv"),
+        "--scalar", "fa", "--batch", "site", "--overwrite",
+    )  # fmt: skip
+    assert code == 73 and "--discard-results" in one_error(err) and h5.read_bytes() == before
+    done = run_greyarray(*again, "--discard-results")
+    assert done.returncode == 0, done.stderr
+    assert "results lm discarded, with the 46 statistical map files" in done.stderr
+    assert not list(out.glob("group/*statmap*"))
+    with h5py.File(h5) as file:
+        assert "results" not in file or not list(file["results"])
+    assert 'Analysis "lm"' not in (out / "logs" / "CITATION.md").read_text()
+
+    done = run_greyarray(*group, "--model", "fa ~ age")
+    assert done.returncode == 0, done.stderr
+    meta = json.loads(sidecar.read_text())
+    assert meta["Scalar"] == "fa" and "Harmonization" not in meta
+    assert "fa_combat, harmonised from it" in meta["NotHarmonized"]
+    citation = (out / "logs" / "CITATION.md").read_text()
+    assert "fitted to the values of `fa` as converted, not harmonized" in citation
+    assert "fitted to the harmonized values" not in citation
+
+
+def run_cli_plain(*args):
+    from conftest import run_greyarray
+
+    done = run_greyarray(*args)
+    return done.returncode, done.stdout, done.stderr
+
+
 def test_failure_midway_leaves_the_file_as_it_was(cohort_h5, run_cli, monkeypatch):
     """A disk that fills while the scalar is written: one line (73), the staging groups gone,
     every object of the user's file as it was."""
@@ -446,6 +636,37 @@ def test_failure_midway_leaves_the_file_as_it_was(cohort_h5, run_cli, monkeypatc
     code, _, err = harmonize(run_cli, h5, csv)
     assert code == 73 and "no space left" in one_error(err)
     assert objects(h5) == listed and np.array_equal(read(h5, "thickness"), before)
+
+
+def test_no_room_for_the_estimates_is_refused_before_any_work(tmp_path, run_cli):
+    """The free-space check before the passes over the data counts the float64 estimates kept
+    beside the values (batches x elements; here more than the values): a disk with room for
+    the copy and the values but not for them is refused at once (73), the file as it was."""
+    from test_faults import tmpfs
+
+    rng = np.random.default_rng(0)
+    cohort = pd.DataFrame({"source_file": [f"s{i}" for i in range(48)], "site": list("abcd") * 12})
+    values = rng.normal(2, 0.5, (48, 20_000))
+    with tmpfs(tmp_path / "disk", "9m") as disk:
+        h5 = write_h5(disk / "data.h5", values, cohort["source_file"], chunk=4096)
+        cohort.to_csv(disk / "cohort.csv", index=False)
+        before = sha256(h5)
+        code, _, err = run_cli(
+            "harmonize", "--input-hdf5", h5, "--cohort-file", disk / "cohort.csv",
+            "--scalar", "thickness", "--batch", "site",
+        )  # fmt: skip
+        assert code == 73 and "not enough free space" in one_error(err)
+        assert "and its estimates" in one_error(err) and "Estimating" not in err
+        assert sha256(h5) == before and sorted(p.name for p in disk.iterdir()) == [
+            "cohort.csv",
+            "data.h5",
+        ]
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize(

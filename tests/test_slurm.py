@@ -380,6 +380,23 @@ def test_scripts_refuse_bad_arguments(tmp_path):
             64,
             "--shards needs --model FORMULA --permutations N",
         ),
+        (
+            [
+                "submit.sh",
+                tmp_path,
+                out,
+                two,
+                "--shards",
+                "2",
+                "--model",
+                "y ~ x",
+                "--permutations=10",
+                "--harmonize=site",
+            ],
+            {},
+            64,
+            "--shards with --harmonize needs --harmonize-covariates TERMS",
+        ),
         (["participant.sbatch", tmp_path], {}, 64, "usage: sbatch"),
         (
             ["participant.sbatch", tmp_path, out, two],
@@ -409,3 +426,50 @@ def test_scripts_refuse_bad_arguments(tmp_path):
         assert done.returncode == code, (script, done.stderr)
         assert says in done.stderr and len(errors(done)) == 1, (script, done.stderr)
         assert not out.exists()
+
+
+def test_submit_routes_each_option_to_its_jobs(tmp_path):
+    """With a stand-in sbatch that records its arguments: the harmonization's options go to
+    the group job, the shards and the merge, never to the participant array (which refuses
+    them); the model's go to the group job, or with --shards to the shards and the merge;
+    --flag=value is routed as --flag value."""
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    fake = tmp_path / "bin" / "sbatch"
+    fake.parent.mkdir()
+    fake.write_text(
+        '#!/bin/bash\nn=$(( $(ls "$CALLS" | wc -l) + 1 ))\n'
+        'printf "%s\\n" "$@" > "$CALLS/$n"\necho "$n;cluster"\n'
+    )
+    fake.chmod(0o755)
+    (tmp_path / "subjects.txt").write_text("001\n002\n")
+    env = {**ENV, "PATH": f"{fake.parent}:{os.environ['PATH']}", "CALLS": str(calls)}
+
+    def jobs(*extra: str) -> dict[str, list[str]]:
+        for old in calls.iterdir():
+            old.unlink()
+        done = subprocess.run(
+            ["bash", SLURM / "submit.sh", tmp_path, tmp_path / "out", tmp_path / "subjects.txt",
+             "--no-report", *extra],
+            capture_output=True, text=True, env=env,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        found = {}
+        for call in sorted(calls.iterdir(), key=lambda p: int(p.name)):
+            args = call.read_text().splitlines()
+            script = next(Path(a).stem for a in args if a.endswith(".sbatch"))
+            found[script] = args[args.index(next(a for a in args if a.endswith(".sbatch"))) :]
+        return found
+
+    harmonize = ["--harmonize", "site", "--harmonize-covariates=age"]
+    found = jobs(*harmonize, "--model", "thickness ~ age")
+    assert sorted(found) == ["group", "participant"]
+    assert "--harmonize" not in found["participant"] and "--model" not in found["participant"]
+    assert found["participant"][-1] == "--no-report"
+    assert found["group"][-5:] == [*harmonize, "--model", "thickness ~ age"]
+    found = jobs("--shards", "2", "--model=thickness ~ age", "--permutations", "9", *harmonize)
+    assert sorted(found) == ["group", "merge", "participant", "permutation-shards"]
+    assert not [a for a in found["participant"] if a.startswith(("--harmonize", "--model"))]
+    assert found["group"][-3:] == harmonize and "--permutations" not in found["group"]
+    for script in ("permutation-shards", "merge"):
+        assert found[script][-6:] == [*harmonize, "--model=thickness ~ age", "--permutations", "9"]

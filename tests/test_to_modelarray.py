@@ -9,7 +9,7 @@ import nibabel as nb
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import CONTE91K, PCONN, PSCALAR, subject_values, write_cohort
+from conftest import CONTE91K, PCONN, PSCALAR, run_greyarray, subject_values, write_cohort
 
 from greyarray import cli
 from greyarray.io import spaces, store
@@ -180,6 +180,26 @@ def test_parcellated_round_trip(tmp_path, path):
     # pconn elements are the row-major flattening of nibabel's (rows, cols) matrix
     first = np.asarray(nb.load(csv.parent / pd.read_csv(csv)["source_file"][0]).dataobj)
     assert np.array_equal(first.ravel(), values[0])
+
+
+def test_overwrite_names_the_results_it_removes(tmp_path):
+    """--overwrite replaces the whole file, results included (as documented): one warning
+    names the analyses removed."""
+    geometry = cifti.read_file(PSCALAR).geometry
+    csv = write_cohort(
+        tmp_path, cifti.CiftiWriter(geometry), subject_values(3, geometry.n_elements)
+    )
+    out = tmp_path / "p.h5"
+    assert run_greyarray("to-modelarray", "--cohort-file", csv, "--output", out).returncode == 0
+    with h5py.File(out, "a") as h5:
+        h5.create_group("results/lm")
+        h5.create_group("results/gam")
+    done = run_greyarray("to-modelarray", "--cohort-file", csv, "--output", out, "--overwrite")
+    assert done.returncode == 0, done.stderr
+    (line,) = [x for x in done.stderr.splitlines() if "--overwrite replaces it" in x]
+    assert line.startswith("WARNING: ") and "with its results (gam, lm)" in line
+    with h5py.File(out) as h5:
+        assert "results" not in h5
 
 
 def test_nonfinite_values_are_counted_and_reported(tmp_path, writer91k, caplog):

@@ -104,7 +104,11 @@ def _update(logs_dir, facts, analysis, reports, discarded, harmonization=None) -
 def render(
     facts: dict, analyses: list[dict], reports: dict | None = None, harmonized: list | None = None
 ) -> str:
-    defaults = {"format_text": "CIFTI-2", "element_text": "greyordinate"}  # older records
+    defaults = {
+        "format_text": "CIFTI-2",
+        "element_text": "greyordinate",
+        "fitted_text": "",
+    }  # older records
     sections = "".join(
         Template(template("harmonization.md")).substitute(h) for h in harmonized or []
     )

@@ -282,7 +282,7 @@ SIDECAR_KEYS = {
     "ModelArrayColumn", "Description", "Scalar", "Analysis", "SourceHDF5", "CohortFile",
     "Model", "FittedBy", "NumberOfRows", "ElementThreshold", "Permutations", "Method",
     "Smoothing", "NumberOfRowsWithPhenotypes", "ReferenceLevels", "OrderedFactors", "Offset",
-    "AliasedColumnsLeftOut", "Warnings",
+    "AliasedColumnsLeftOut", "Warnings", "Harmonization", "NotHarmonized",
 }  # fmt: skip
 
 

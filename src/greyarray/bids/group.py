@@ -15,18 +15,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import pandas as pd
 
 from greyarray.bids import citation, derivatives, discover, reports
 from greyarray.bids.cohort import build_cohort, load_phenotypes, report_mismatch
 from greyarray.bids.run import Run
-from greyarray.errors import DataError, GreyArrayError, OutputError, UsageError
+from greyarray.errors import DataError, OutputError, UsageError
 from greyarray.io.cohort import Cohort, read_csv_text
 from greyarray.io.fileio import atomic_write, write_json
-from greyarray.io.inputs import open_hdf5
 from greyarray.io.sources import Source, check_sources
-from greyarray.io.store import StoreOptions, stored_inputs, write_modelarray
+from greyarray.io.store import StoreOptions, analyses_in, stored_inputs, write_modelarray
 
 log = logging.getLogger("greyarray")
 
@@ -66,9 +64,6 @@ def run(settings: Run) -> int:
         harmonized = ["", f"Harmonised by {settings.args.harmonize}:"] + [
             harmonize.harmonize_scalar(settings, plan.h5, plan.csv, plan.name)[1] for plan in plans
         ]
-        harmonized.append(
-            '  In R, ModelArray(h5, scalar_types = "<scalar>_combat") reads the harmonised values'
-        )
     outliers, report = [], []
     if reports.wanted(settings):  # every HDF5 on disk, not only this run's
         outliers, report = reports.group_report(settings), [reports.report_line(settings)]
@@ -174,7 +169,7 @@ def _decide(settings: Run, plan: Plan, options: StoreOptions) -> None:
                 f"{plan.h5}: exists but is not a GreyArray HDF5 of scalar {plan.name!r}; use "
                 "--overwrite to replace it"
             ) from None
-        if (analyses := _analyses_in(plan.h5)) and not settings.args.discard_results:
+        if (analyses := analyses_in(plan.h5)) and not settings.args.discard_results:
             raise OutputError(
                 f"{plan.h5}: holds another scalar with ModelArray results ({', '.join(analyses)}); "
                 "it was left as it is. Use --discard-results to replace it, or move it away"
@@ -217,16 +212,6 @@ def _write_cohort_csv(settings: Run, plan: Plan) -> None:
             )
         return
     atomic_write(plan.csv, text)
-
-
-def _analyses_in(path: Path) -> list[str]:
-    """The results/ analyses of an HDF5 that is not this scalar's (unreadable: none)."""
-    try:
-        with open_hdf5(path) as h5:
-            results = h5.get("results")
-            return sorted(results) if isinstance(results, h5py.Group) else []
-    except GreyArrayError:
-        return []
 
 
 def _execute(settings: Run, plan: Plan, options: StoreOptions) -> None:
@@ -440,24 +425,34 @@ def summary(plans: list[Plan]) -> list[str]:
     return lines
 
 
-def suggested_formula(plan: Plan) -> str:
-    """A formula the cohort can fit: age and sex when present, else its first phenotypes."""
-    ignored = {"scalar_name", "source_file", "participant_id", "session_id"}
+def suggested_formula(plan: Plan, response: str | None = None, batch: str | None = None) -> str:
+    """A formula the cohort can fit: age and sex when present, else its first phenotypes (the
+    ``batch`` column of --harmonize left out: ComBat removed its effect)."""
+    ignored = {"scalar_name", "source_file", "participant_id", "session_id", batch}
     columns = [c for c in plan.table.columns if c not in ignored]
     chosen = [c for c in ("age", "sex") if c in columns] or columns[:2]
     rhs = " + ".join(f"`{c}`" if not c.isidentifier() else c for c in chosen) or "1"
-    return f"{plan.name if plan.name.isidentifier() else '`' + plan.name + '`'} ~ {rhs}"
+    response = response or plan.name
+    return f"{response if response.isidentifier() else '`' + response + '`'} ~ {rhs}"
 
 
 def r_hint(settings: Run, plan: Plan) -> list[str]:
-    formula = suggested_formula(plan)
+    """The next steps: the scalar in R (the harmonised one after --harmonize), the export, or
+    the same model fitted here."""
+    from greyarray.bids import harmonize
+
+    batch = settings.args.harmonize if harmonize.wanted(settings) else None
+    scalar = harmonize.output_name(plan.name) if batch else plan.name
+    formula = suggested_formula(plan, scalar, batch)  # in R: the response is the scalar read
+    here = suggested_formula(plan, None, batch)  # --model: the converted scalar's name
+    again = harmonize.options_text(settings)  # --harmonize: fitted to the harmonised scalar
     repeated = "session_id" in plan.table and plan.table["participant_id"].duplicated().any()
     analysis = "gam" if repeated else "lm"
     lines = [
         "",
         "Next, in R:",
         "  library(ModelArray)",
-        f'  ma <- ModelArray("{plan.h5}", scalar_types = "{plan.name}")',
+        f'  ma <- ModelArray("{plan.h5}", scalar_types = "{scalar}")',
         f'  phen <- read.csv("{plan.csv}")',
     ]
     if repeated:
@@ -467,10 +462,10 @@ def r_hint(settings: Run, plan: Plan) -> list[str]:
             "  # ModelArray.wrap and lme4) accounts for it:",
             "  phen$participant_id <- factor(phen$participant_id)",
             f'  res <- ModelArray.gam({formula} + s(participant_id, bs = "re"), ma, phen, '
-            f'"{plan.name}")',
+            f'"{scalar}")',
         ]
     else:
-        lines.append(f'  res <- ModelArray.lm({formula}, ma, phen, "{plan.name}")')
+        lines.append(f'  res <- ModelArray.lm({formula}, ma, phen, "{scalar}")')
     lines += [
         f'  writeResults("{plan.h5}", df.output = res, analysis_name = "{analysis}")',
         "Then export the maps:",
@@ -479,12 +474,12 @@ def r_hint(settings: Run, plan: Plan) -> list[str]:
     if not repeated:
         lines += [
             "Or fit the same model here, in seconds, and export it:",
-            f'  greyarray {settings.bids_dir} {settings.output_dir} group --model "{formula}"',
+            f'  greyarray {settings.bids_dir} {settings.output_dir} group --model "{here}"{again}',
         ]
     else:
         lines += [
             "Or fit the mixed model here (lme4's numbers, lmerTest's tests) and export it:",
             f"  greyarray {settings.bids_dir} {settings.output_dir} group --model "
-            f'"{formula} + (1 | participant_id)"',
+            f'"{here} + (1 | participant_id)"{again}',
         ]
     return [*lines, ""]

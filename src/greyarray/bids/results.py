@@ -60,7 +60,7 @@ def model(settings: Run) -> int:
     cohort = h5.with_name(h5.name.replace("_modelarray.h5", "_cohort.csv"))
     scalar, lines = response, []
     if harmonize.wanted(settings):  # the model is fitted to the harmonised scalar
-        scalar, line = harmonize.harmonize_scalar(settings, h5, cohort, response)
+        scalar, line = harmonize.harmonize_scalar(settings, h5, cohort, response, analysis)
         lines = [f"Harmonised by {settings.args.harmonize}:", line, ""]
     columns = fit(h5, cohort, formula, analysis, overwrite=settings.args.overwrite, scalar=scalar)
     maps = _export(settings, analysis, {response})
@@ -100,12 +100,12 @@ def _shard(settings: Run, h5: Path, scalar: str, fit, formula: str, analysis: st
         )
     from greyarray.bids import harmonize
 
+    cohort = h5.with_name(h5.name.replace("_modelarray.h5", "_cohort.csv"))
     if harmonize.wanted(settings):  # the shards permute what the model is fitted to: the
-        scalar = harmonize.output_name(scalar)  # harmonised scalar, made by the group run
+        scalar = harmonize.check_earlier(settings, h5, cohort, scalar)  # group run's scalar
     with open_hdf5(h5) as file:
         read_scalar(file, scalar)
     settings.open_output("shard")
-    cohort = h5.with_name(h5.name.replace("_modelarray.h5", "_cohort.csv"))
     fit(h5, cohort, formula, analysis, overwrite=settings.args.overwrite, scalar=scalar)
     i, k = shard
     return settings.finish(
@@ -278,10 +278,19 @@ def _sidecar(h5_path: Path) -> dict:
 
 
 def _about(h5, analysis: str, meta: dict) -> dict:
-    """What the sidecars say about the fit: from GreyArray's record, else what the file shows."""
-    record = _record(h5["results"][analysis])
-    n = len(read_scalar(h5, meta["Scalar"]).names)
+    """What the sidecars say about the fit: from GreyArray's record, else what the file shows.
+    ``Scalar`` is the scalar the model was fitted to (the harmonised one, with how it was
+    harmonised), which replaces the HDF5's own in the sidecars."""
+    from greyarray.bids.harmonize import harmonization_record
+    from greyarray.stats.results import fit_record
+
+    record = fit_record(h5["results"][analysis])
+    scalar = record.get("scalar") or meta["Scalar"]
+    if f"scalars/{scalar}" not in h5:  # a record of a scalar removed since
+        scalar = meta["Scalar"]
+    n = len(read_scalar(h5, scalar).names)
     about = {
+        "Scalar": scalar,
         "Model": record.get(
             "formula", "not recorded (fitted outside GreyArray, e.g. by ModelArray in R)"
         ),
@@ -314,16 +323,24 @@ def _about(h5, analysis: str, meta: dict) -> dict:
         about["DegreesOfFreedom"] = "Satterthwaite, as lmerTest computes them"
     if record.get("notes"):  # repeated sessions, unfitted elements, empty columns, ...
         about["Warnings"] = record["notes"]
+    if (harmonized := harmonization_record(h5, scalar)) is not None:
+        about["Harmonization"] = harmonized
+    elif (other := _harmonized_from(h5, scalar)) is not None:
+        about["NotHarmonized"] = (
+            f"fitted to {scalar} as converted; the HDF5 also holds {other}, harmonised from it"
+        )
     return about
 
 
-def _record(group) -> dict:
-    """What GreyArray recorded about a fit (``greyarray_about``); {} for R's results."""
-    try:
-        record = json.loads(group.attrs["greyarray_about"])
-    except (KeyError, TypeError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
+def _harmonized_from(h5, scalar: str) -> str | None:
+    """A harmonised scalar of the HDF5 made from ``scalar``, if any."""
+    from greyarray.bids.harmonize import harmonization_record
+
+    for name in h5.get("scalars", {}):
+        record = harmonization_record(h5, name)
+        if record is not None and record.get("InputScalar") == scalar:
+            return name
+    return None
 
 
 def _section(meta: dict, analysis: str, about: dict, n_maps: int) -> dict:
@@ -352,8 +369,23 @@ def _section(meta: dict, analysis: str, about: dict, n_maps: int) -> dict:
         "scalar": meta["Scalar"],
         "analysis": analysis,
         "model_text": model_text,
+        "fitted_text": _fitted_text(meta["Scalar"], about),
         "n_maps": n_maps,
     }
+
+
+def _fitted_text(scalar: str, about: dict) -> str:
+    """Which values the model was fitted to, when the HDF5 holds a harmonised scalar."""
+    fitted, harmonized = about.get("Scalar", scalar), about.get("Harmonization")
+    if harmonized:
+        method, batch = harmonized.get("Method", "ComBat"), harmonized.get("BatchColumn")
+        return (
+            f"The model was fitted to the harmonized values, `{fitted}` ({method} by `{batch}`, "
+            f"above), not to the converted `{scalar}`.\n"
+        )
+    if about.get("NotHarmonized"):
+        return f"The model was fitted to the values of `{fitted}` as converted, not harmonized.\n"
+    return ""
 
 
 def _reference_text(about: dict) -> str:
@@ -417,9 +449,11 @@ def _permutation_text(options: dict | None) -> str:
 
 
 def _significance(h5_path: Path, analysis: str, formula: str, columns: list[str]) -> list[str]:
+    from greyarray.stats.results import fit_record
+
     with open_hdf5(h5_path) as h5:
         table = h5[f"results/{analysis}/results_matrix"][()]
-        notes = _record(h5["results"][analysis]).get("notes") or []
+        notes = fit_record(h5["results"][analysis]).get("notes") or []
     fitted = int(np.isfinite(table[1:]).any(axis=0).sum())
     lines = [f"\nModel {formula}: fitted at {fitted:,} of {table.shape[1]:,} elements"]
     lines += [f"  WARNING: {note}" for note in notes]

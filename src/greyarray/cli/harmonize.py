@@ -105,6 +105,13 @@ def harmonize_parser(prog: str = "greyarray harmonize") -> Parser:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing scalars/<output-scalar>"
     )
+    parser.add_argument(
+        "--discard-results",
+        action="store_true",
+        help="with --overwrite: also remove the results/ GreyArray fitted to the scalar being "
+        "replaced (without it such a scalar is not replaced: those results would describe "
+        "values no longer there)",
+    )
     add_nprocs(parser, "threads for compressing and the non-parametric step")
     report_option(parser)
     add_logging(parser)
@@ -115,6 +122,11 @@ def run_harmonize(args: argparse.Namespace) -> int:
     from greyarray.stats.combat import Options
     from greyarray.stats.harmonization import Request, harmonize
 
+    if args.discard_results and not args.overwrite:
+        raise UsageError(
+            "--discard-results needs --overwrite (it removes the results fitted to the scalar "
+            "--overwrite replaces)"
+        )
     if args.apply_from:
         given = [flag for name, flag in FIT_ONLY.items() if getattr(args, name)]
         if given:
@@ -145,6 +157,7 @@ def run_harmonize(args: argparse.Namespace) -> int:
             output_hdf5=args.output_hdf5,
             apply_from=args.apply_from,
             overwrite=args.overwrite,
+            discard_results=args.discard_results,
             nprocs=args.nprocs,
             command_line=args.command_line,
         )

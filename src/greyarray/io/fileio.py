@@ -161,7 +161,17 @@ def private_folder(folder: Path) -> Iterator[Path]:
         yield made
     finally:
         if made is not None:
-            shutil.rmtree(made, ignore_errors=True)
+            _remove_tree(made)
+
+
+def _remove_tree(path: Path) -> None:
+    """rmtree that a signal cannot cut short: the signal's exception (SLURM's SIGTERM landing
+    while a finished write removes its emptied folder) waits until the folder is gone."""
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)  # later signals are recorded, never raised
+        raise
 
 
 @contextlib.contextmanager
@@ -256,23 +266,47 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     return removed
 
 
+# flock's errno where the file system has no locks (Lustre mounted noflock, some NFS and FUSE)
+NO_LOCKS = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP}
+_UNLOCKED_DEVICES: set[int] = set()  # file systems already said to have no locks
+
+
+def try_lock(fd: int, path: Path) -> bool | None:
+    """flock(fd) exclusive, without waiting: True when locked, None when another process holds
+    it, False on a file system without locks (said once per file system: the run goes on,
+    but concurrent runs on its files are then not protected from each other)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return None
+    except OSError as err:
+        if err.errno not in NO_LOCKS:
+            raise
+        device = os.fstat(fd).st_dev
+        if device not in _UNLOCKED_DEVICES:
+            _UNLOCKED_DEVICES.add(device)
+            log.warning(
+                "%s: this file system does not support file locks (flock: %s); GreyArray runs "
+                "at the same time on these files are not protected from each other",
+                path,
+                os.strerror(err.errno),
+            )
+        return False
+
+
 @contextlib.contextmanager
 def locked(lock_file: Path) -> Iterator[None]:
-    """An exclusive lock (flock) held for the block: parallel participant jobs take turns."""
+    """An exclusive lock (flock) held for the block: parallel participant jobs take turns (on
+    a file system without locks, the block runs unlocked: ``try_lock``)."""
     with open(lock_file, "a") as handle:
-
-        def attempt() -> bool | None:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except BlockingIOError:
-                return None
-
-        when_free(attempt, lock_file, "held by another GreyArray run")
+        held = when_free(lambda: try_lock(handle.fileno(), lock_file), lock_file,
+                         "held by another GreyArray run")  # fmt: skip
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            if held:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def when_free(attempt: Callable[[], T | None], path: Path, holder: str) -> T:

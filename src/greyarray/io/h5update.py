@@ -10,7 +10,8 @@ scalar of harmonize) goes through ``updating_hdf5`` instead:
    (exclusive), the lock HDF5 1.10 itself takes: R (hdf5r, rhdf5) or another GreyArray run
    cannot open it for writing until the update is published (and the update waits, up to
    ``GREYARRAY_LOCK_WAIT``, while one of them has it open). A path that no longer names the
-   locked file (another run published meanwhile) is locked again.
+   locked file (another run published meanwhile) is locked again. A file system without locks
+   (Lustre mounted ``noflock``: ENOSYS, ENOLCK, EOPNOTSUPP) is updated unlocked, said once.
 2. **Copy.** The bytes go to a private temporary folder beside the file (same file system):
    a reflink where the file system shares blocks (btrfs, XFS, ...: instant, no space used),
    else ``copy_file_range`` (in the kernel). The copy gets the original's mode, owner, group
@@ -45,6 +46,7 @@ from greyarray.io.fileio import (
     output_failure,
     private_folder,
     remove_stale_temporaries,
+    try_lock,
     when_free,
 )
 from greyarray.io.inputs import FileStamp, _h5_reason, _missing, _refuse_irregular
@@ -123,10 +125,9 @@ def _locked(path: Path, target: Path) -> Iterator[tuple[int, FileStamp]]:
                 raise output_failure(path, err) or _missing(path, err, "HDF5 file") from None
             try:
                 _refuse_irregular(path, os.fstat(fd).st_mode)
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return None
+                if try_lock(fd, path) is None:  # False: no locks on this file system
+                    os.close(fd)
+                    return None
             except BaseException:
                 os.close(fd)
                 raise

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
-from greyarray.errors import DataError, OutputError
+from greyarray.errors import DataError, GreyArrayError, OutputError
 from greyarray.io import remote
 from greyarray.io.fileio import check_output, remove_stale_temporaries, replacing
 from greyarray.io.formats import SpaceFiles
@@ -40,7 +40,7 @@ from greyarray.io.h5read import read_scalar
 from greyarray.io.inputs import open_hdf5
 from greyarray.io.names import refuse_inputs, safe_name, unique_files
 from greyarray.io.sources import Source, check_sources
-from greyarray.io.spaces import ElementSpace, read_geometry
+from greyarray.io.spaces import ElementSpace, copy_space, read_geometry
 from greyarray.io.spaces.base import write_strings
 from greyarray.io.threads import thread_pool
 
@@ -130,6 +130,13 @@ def to_modelarray(
     for path in plan:
         check_output(path, overwrite)
         remove_stale_temporaries(path.parent)
+        if overwrite and (analyses := analyses_in(path)):
+            log.warning(
+                "%s: --overwrite replaces it with its results (%s), which ModelArray or "
+                "GreyArray fitted to the values it held",
+                path,
+                ", ".join(analyses),
+            )
     space = space_files.load(kind, f"{cohort.path} lists")
     checked = {}
     needed = any(map(remote.is_url, cohort.table["source_file"]))
@@ -156,6 +163,18 @@ def to_modelarray(
             write_modelarray(path, scalars, options, command_line, overwrite)
             log.info("Wrote %s", path)
     return list(checked)
+
+
+def analyses_in(path: Path) -> list[str]:
+    """The results/ analyses of an existing HDF5 ([] when there is none or it is unreadable)."""
+    if not path.is_file():
+        return []
+    try:
+        with open_hdf5(path) as h5:
+            results = h5.get("results")
+            return sorted(results) if isinstance(results, h5py.Group) else []
+    except GreyArrayError:
+        return []
 
 
 def write_modelarray(
@@ -259,9 +278,6 @@ def _write_chunks(dset, block: np.ndarray, start: int, pool, options: StoreOptio
 
 
 # ---- a scalar added to an HDF5 file (harmonize) ---------------------------------------------
-GEOMETRY_OBJECTS = ("greyordinates", "parcels", "greyarray/geometry")
-
-
 def options_like(values: h5py.Dataset, nprocs: int = 1) -> StoreOptions:
     """The storage of an existing scalar (dtype, compression and level, shuffle), for a scalar
     derived from it."""
@@ -349,6 +365,7 @@ def scalar_output(
     n_elements: int,
     options: StoreOptions,
     *,
+    extra: int = 0,
     overwrite: bool = False,
     template: Path | None = None,
     command_line: str | None = None,
@@ -361,14 +378,15 @@ def scalar_output(
     ``h5update.updating_hdf5``: written in a private copy that replaces it only when the block
     succeeds, so no failure, signal or kill can cost it. An existing ``scalars/<name>`` is
     replaced only with ``overwrite``. A new file gets the element space of ``template`` and is
-    written in a private temporary, renamed into place at the end."""
+    written in a private temporary, renamed into place at the end. ``extra``: an upper bound of
+    the bytes the block's groups add beside the values (the free-space check)."""
     from greyarray.io.h5update import updating_hdf5
 
     n = len(column_names)
     itemsize = np.dtype(options.dtype).itemsize
     with contextlib.ExitStack() as stack:
         if path.exists():
-            need = n * n_elements * itemsize + 2**22
+            need = n * n_elements * itemsize + extra + 2**22
             h5 = stack.enter_context(updating_hdf5(path, need, f"scalars/{name}"))
             if f"scalars/{name}" in h5 and not overwrite:
                 raise OutputError(f"{path}: scalars/{name} exists; use --overwrite to replace it")
@@ -376,7 +394,8 @@ def scalar_output(
             tmp = stack.enter_context(replacing(path, overwrite))
             h5 = stack.enter_context(h5py.File(tmp, "w", libver=LIBVER))
             if template is not None:
-                _copy_geometry(template, h5)
+                with open_hdf5(template) as source:
+                    copy_space(source, h5)
             _write_provenance(h5.require_group("greyarray"), options, command_line or "")
         pool = stack.enter_context(thread_pool(options.nprocs))
         output = ScalarOutput(h5, None, options, pool)  # type: ignore[arg-type]
@@ -390,21 +409,6 @@ def scalar_output(
         )
         write_strings(scalar, "column_names", column_names)
         yield output
-
-
-def _copy_geometry(template: Path, h5: h5py.File) -> None:
-    """The element space of another ModelArray file: GreyArray's (``to_hdf5``), else the
-    tables ModelArrayIO writes, copied."""
-    from greyarray.io.spaces import read_geometry
-
-    with open_hdf5(template) as source:
-        space = read_geometry(source)
-        if space is not None:
-            space.to_hdf5(h5)
-            return
-        for name in ("greyordinates", "parcels"):
-            if name in source:
-                source.copy(source[name], h5, name=name)
 
 
 def _write_provenance(group: h5py.Group, options: StoreOptions, command_line: str) -> None:

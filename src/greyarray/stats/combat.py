@@ -61,6 +61,7 @@ BLOCK_BYTES = 32 * 2**20  # float64 values of one stripe of elements, all subjec
 BATCH = 256  # elements with missing values solved together
 CONVERGENCE = 1e-4  # neuroCombat's it_sol
 HARMONISED, UNCHANGED, NOT_HARMONISED = 0, 1, 2  # element status
+SHOWN = 10  # batches named in a message
 
 
 @dataclass(frozen=True)
@@ -278,6 +279,12 @@ def _refuse_small(levels, batch, options: Options, column: str, where: str) -> N
             "covariate; ComBat needs 2 or more"
         )
     small = [f"{levels[b]!r} ({counts[b]})" for b in np.flatnonzero(counts < options.minimum)]
+    if len(small) > SHOWN:  # e.g. a continuous column given as the batch: not every level
+        raise DataError(
+            f"{where}: {column} has {len(levels):,} levels, {len(small):,} of them with fewer "
+            f"than {options.minimum} subjects with every covariate (e.g. {', '.join(small[:3])}):"
+            " is it a site column? A batch needs that many to estimate its scale"
+        )
     if small:
         raise DataError(
             f"{where}: {column} {', '.join(small)}: a batch needs {options.minimum} or more "
@@ -330,7 +337,8 @@ class Estimates:
             self._add_general(elements, y)
             return
         q, r = self.qr
-        coef = np.linalg.solve(r, q.T @ y)
+        with np.errstate(invalid="ignore", over="ignore"):  # Inf: solved again without it
+            coef = np.linalg.solve(r, q.T @ y)
         sum_r, sum_r2, low, high, missing = _residual_sums(
             y, self.x_used, np.nan_to_num(coef), self.batch_used, self.model.n_batch
         )
@@ -632,14 +640,14 @@ def _adjust_kernel(
             result[:] = np.nan
         elif b == ref:
             for j in range(w):
-                result[j] = row[j] if k[b, j] == k[b, j] else np.nan
+                result[j] = row[j] if k[b, j] == k[b, j] and row[j] - row[j] == 0 else np.nan
         else:
             _row_product(cov, coef, i, mod)
             scale, shift = a[b], k[b]
-            for j in range(w):
-                result[j] = mod[j] + scale[j] * (row[j] - mod[j]) + shift[j]
+            for j in range(w):  # + (y - y): 0, or NaN where y is not finite (Inf: missing)
+                result[j] = mod[j] + scale[j] * (row[j] - mod[j]) + shift[j] + (row[j] - row[j])
         for j in special:
-            result[j] = row[j] if mode[j] == 1 and b >= 0 else np.nan
+            result[j] = row[j] if mode[j] == 1 and b >= 0 and row[j] - row[j] == 0 else np.nan
         for side in range(2):
             values = row if side == 0 else result
             total, count = 0.0, 0
@@ -676,7 +684,7 @@ class Adjuster:
 
     def adjust(self, start: int, values: np.ndarray, dtype=np.float64) -> np.ndarray:
         """(n, width) harmonised values of elements start, ... (in ``dtype``); NaN where not
-        harmonised.
+        harmonised and where a value is not finite (NaN, Inf: missing).
 
         y* = (s - gamma*) / sqrt(delta*) sd + grand + mod with s = (y - grand - mod) / sd is
         mod + a (y - mod) + k, with a = 1 / sqrt(delta*) and k = grand (1 - a) - gamma* sd a per
@@ -820,6 +828,12 @@ def log_gaps(estimates: Estimates) -> list[str]:
     """What was not harmonised, in words (logged as warnings, kept in the summary)."""
     model, status = estimates.model, estimates.status
     lines = []
+    if not (status == HARMONISED).any():
+        lines.append(
+            f"no element was harmonised (of {status.size:,}): none has the values ComBat needs "
+            "(too few finite values per batch, or no variance); the harmonised scalar holds no "
+            "harmonised value"
+        )
     if (unchanged := int((status == UNCHANGED).sum())) > 0:
         lines.append(
             f"{unchanged} elements have no variance left after the covariates (e.g. every "

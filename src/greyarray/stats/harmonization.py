@@ -40,7 +40,7 @@ import pandas as pd
 
 from greyarray.errors import DataError, OutputError, UsageError
 from greyarray.io.cohort import read_csv_table
-from greyarray.io.fileio import check_output, check_writable
+from greyarray.io.fileio import check_free_space, check_output, check_writable
 from greyarray.io.h5read import decode, read_scalar, strings
 from greyarray.io.inputs import open_hdf5
 from greyarray.io.names import check_name
@@ -69,6 +69,7 @@ class Request:
     output_hdf5: Path | None = None
     apply_from: str | None = None  # FILE.h5:SCALAR
     overwrite: bool = False
+    discard_results: bool = False  # remove the results fitted to a scalar it replaces
     nprocs: int = 1
     command_line: str | None = None
 
@@ -88,6 +89,7 @@ class Done:
     about: dict
     gaps: list[str]
     output: Path
+    discarded: list[str] = field(default_factory=list)  # results removed (--discard-results)
 
 
 def harmonize(request: Request) -> Done:
@@ -113,7 +115,7 @@ def _harmonize(request: Request) -> Done:
         names, n_elements = stored.names, stored.n_elements
         table = match_cohort(cohort, names, request.scalar, request.cohort_file)
         storage = options_like(stored.values, request.nprocs)
-        _check_output(request, h5)
+        discard = _check_output(request, h5, n_elements)
         if fitted is None:
             model = combat.build_model(
                 table,
@@ -123,6 +125,7 @@ def _harmonize(request: Request) -> Done:
                 request.scalar,
                 str(request.cohort_file),
             )
+            _check_space(request, len(names), n_elements, storage, model)
             log.info(
                 "Estimating ComBat%s for %s: %d subjects in %d batches of %s, %d elements",
                 "-GAM" if model.splines else "",
@@ -145,8 +148,9 @@ def _harmonize(request: Request) -> Done:
             about = combat.about(estimates, method, request.scalar)
             gaps = combat.log_gaps(estimates)
         else:
-            fitted.check_elements(h5, n_elements, request.input_hdf5)
+            fitted.check_elements(h5, n_elements)
             model = fitted.model_for(table, request.batch, str(request.cohort_file))
+            _check_space(request, len(names), n_elements, storage, model)
             adjust = fitted.adjuster(model)
             about = {**fitted.about, "input_scalar": request.scalar}
             about["applied_from"] = request.apply_from
@@ -159,6 +163,7 @@ def _harmonize(request: Request) -> Done:
             names,
             n_elements,
             storage,
+            extra=estimate_bytes(model, n_elements),
             overwrite=request.overwrite,
             template=None if request.output.exists() else request.input_hdf5,
             command_line=request.command_line,
@@ -177,7 +182,15 @@ def _harmonize(request: Request) -> Done:
         else:
             fitted.save(group, model, about)
         save_summary(group, adjust)
-    return Done(about, gaps, request.output)
+        for analysis in discard:  # stale: fitted to the scalar just replaced
+            del out.h5[f"results/{analysis}"]
+    if discard:
+        log.warning(
+            "%s: results %s, fitted to the scalar replaced, were removed (--discard-results)",
+            request.output,
+            ", ".join(discard),
+        )
+    return Done(about, gaps, request.output, discard)
 
 
 def _batch_column(request: Request) -> str:
@@ -186,25 +199,114 @@ def _batch_column(request: Request) -> str:
     return request.batch
 
 
-def _check_output(request: Request, h5: h5py.File) -> None:
-    """Before any work: the output can be written, and its scalar replaced only with
-    --overwrite."""
-    where = f"scalars/{request.output_scalar}"
+def _check_output(request: Request, h5: h5py.File, n_elements: int) -> list[str]:
+    """Before any work: the output can be written, holds the input's elements (another file),
+    and an existing scalar of that name may be replaced (``_check_replace``). Returns the
+    analyses to remove with it."""
     if request.in_place:
         check_writable(request.input_hdf5)
-        if where in h5 and not request.overwrite:
-            raise OutputError(
-                f"{request.input_hdf5}: {where} exists; use --overwrite to replace it"
-            )
-        return
+        return _check_replace(request, h5, request.input_hdf5)
     output = request.output
     if not output.exists():
         check_output(output, request.overwrite)
-        return
+        return []
     check_writable(output)
     with open_hdf5(output) as other:
-        if where in other and not request.overwrite:
-            raise OutputError(f"{output}: {where} exists; use --overwrite to replace it")
+        counts = sorted(_element_counts(other) - {n_elements})
+        if counts:
+            raise DataError(
+                f"{output}: holds {' and '.join(f'{c:,}' for c in counts)} elements, "
+                f"scalars/{request.scalar} of {request.input_hdf5} has {n_elements:,}; write the "
+                "harmonised scalar into a file of the same elements (or a new --output-hdf5)"
+            )
+        same_elements(h5, other, request.input_hdf5, output, "the harmonised scalar would "
+                      "put its values on other elements")  # fmt: skip
+        return _check_replace(request, other, output)
+
+
+def _check_replace(request: Request, h5: h5py.File, path: Path) -> list[str]:
+    """An existing ``scalars/<output>`` is replaced only with --overwrite and never when it
+    was converted from files (its provenance would then describe other values); the results
+    GreyArray fitted to it are never silently left stale: refused unless --discard-results,
+    which removes them with it (returned)."""
+    from greyarray.stats.results import fitted_to
+
+    name = request.output_scalar
+    where = f"scalars/{name}"
+    if where not in h5:
+        return []
+    if f"greyarray/sources/{name}" in h5:
+        raise UsageError(
+            f"{path}: {where} was converted from files (greyarray/sources/{name}); harmonize "
+            "never replaces a converted scalar: choose another --output-scalar"
+        )
+    if not request.overwrite:
+        raise OutputError(f"{path}: {where} exists; use --overwrite to replace it")
+    fitted, unknown = fitted_to(h5, name)
+    if fitted and not request.discard_results:
+        raise OutputError(
+            f"{path}: results {', '.join(fitted)} were fitted to {where}; replacing it would "
+            "leave them describing values no longer there. Use --discard-results to remove "
+            "them with it, or another --output-scalar"
+        )
+    if unknown:
+        log.warning(
+            "%s: results %s record no scalar (written by ModelArray?); if they were fitted to "
+            "%s, fit them again after it is replaced",
+            path,
+            ", ".join(unknown),
+            where,
+        )
+    return fitted
+
+
+def estimate_bytes(model: combat.Model, n_elements: int) -> int:
+    """An upper bound of what ``save`` and ``save_summary`` keep beside the values: per element
+    the float64 coefficients, grand mean, pooled variance, smoothing penalties and per batch
+    gamma/delta hat and star, the int32 counts and float32 mean maps before and after."""
+    b, p, s = model.n_batch, len(model.columns), len(model.splines)
+    return n_elements * (8 * (p + 2 + 4 * b + s) + 1 + 4 * b + 8 * b) + 2**20
+
+
+def _check_space(request: Request, n_subjects: int, n_elements: int, storage, model) -> None:
+    """Before the passes over the data: room for the harmonised values, the estimates and, for
+    an existing file, the updated copy of it that replaces it."""
+    output = request.output
+    values = n_subjects * n_elements * np.dtype(storage.dtype).itemsize
+    size = output.stat().st_size if output.exists() else 0
+    need = size + values + estimate_bytes(model, n_elements)
+    check_free_space(output, need, f"scalars/{request.output_scalar} and its estimates")
+
+
+def _element_counts(h5: h5py.File) -> set[int]:
+    """The element counts of a ModelArray file: of its scalars and results."""
+    found = set()
+    for group, name in (("scalars", "values"), ("results", "results_matrix")):
+        for item in h5.get(group, {}).values() if isinstance(h5.get(group), h5py.Group) else []:
+            data = item.get(name) if isinstance(item, h5py.Group) else None
+            if isinstance(data, h5py.Dataset) and data.ndim == 2:
+                found.add(int(data.shape[1]))
+    return found
+
+
+def same_elements(first: h5py.File, second: h5py.File, first_path, second_path, why: str):
+    """Refuse (one line) two files whose stored element spaces differ (``why``: what would go
+    wrong); a warning when either stores none, so that they cannot be compared."""
+    from greyarray.io.spaces import element_difference
+
+    difference, complete = element_difference(first, second)
+    if difference:
+        raise DataError(
+            f"{second_path}: its elements differ from those of {first_path} ({difference}); {why}"
+        )
+    if not complete:
+        log.warning(
+            "%s and %s: not both store their element space (greyarray/geometry, written by "
+            "greyarray to-modelarray), so GreyArray cannot check that they hold the same "
+            "elements; only their element counts agree",
+            first_path,
+            second_path,
+        )
 
 
 def _counts(model: combat.Model) -> dict[str, int]:
@@ -285,20 +387,17 @@ class Fitted:
     arrays: dict[str, np.ndarray]
     table: pd.DataFrame
     knots: list[np.ndarray]
-    geometry: bytes | None
+    path: Path  # the fit's HDF5
 
-    def check_elements(self, h5: h5py.File, n_elements: int, path: Path) -> None:
+    def check_elements(self, h5: h5py.File, n_elements: int) -> None:
         if n_elements != self.arrays["grand_mean"].size:
             raise DataError(
-                f"{path}: {n_elements} elements, but {self.where} was fitted on "
+                f"{h5.filename}: {n_elements} elements, but {self.where} was fitted on "
                 f"{self.arrays['grand_mean'].size}"
             )
-        geometry = _geometry(h5)
-        if geometry is not None and self.geometry is not None and geometry != self.geometry:
-            raise DataError(
-                f"{path}: its element geometry differs from that of {self.where} (another "
-                "space or resolution); the estimates apply to the same elements only"
-            )
+        with open_hdf5(self.path) as fit:
+            same_elements(fit, h5, self.path, h5.filename, "the estimates apply to the same "
+                          "elements only")  # fmt: skip
 
     def model_for(self, table: pd.DataFrame, batch: str | None, where: str) -> combat.Model:
         """The new subjects coded as the fit coded its own: the fit's batch levels, factor
@@ -469,15 +568,7 @@ def load(text: str) -> Fitted:
         except (KeyError, ValueError, TypeError, OSError) as err:
             raise DataError(f"{where}: damaged harmonization estimates ({err})") from None
         arrays = {k: v for k, v in arrays.items() if v is not None}
-        return Fitted(where, about, arrays, table, knots, _geometry(h5))
-
-
-def _geometry(h5: h5py.File) -> bytes | None:
-    """What identifies the elements GreyArray stored (None: a file of another tool)."""
-    from greyarray.io.spaces import read_geometry
-
-    space = read_geometry(h5)
-    return None if space is None else space.identity()
+        return Fitted(where, about, arrays, table, knots, path)
 
 
 def read_summary(group: h5py.Group) -> dict:

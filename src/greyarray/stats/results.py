@@ -132,6 +132,32 @@ def write_results(
     return notes
 
 
+def fit_record(group: h5py.Group) -> dict:
+    """What GreyArray recorded about the fit of results/<analysis> (``greyarray_about``); {}
+    for results it did not fit (ModelArray's writeResults)."""
+    try:
+        record = json.loads(group.attrs["greyarray_about"])
+    except (KeyError, TypeError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def fitted_to(h5: h5py.File, scalar: str) -> tuple[list[str], list[str]]:
+    """(the results/ analyses GreyArray fitted to ``scalar``, those without a record of the
+    scalar they were fitted to: ModelArray's)."""
+    results = h5.get("results")
+    fitted, unknown = [], []
+    for name, group in sorted(results.items()) if isinstance(results, h5py.Group) else []:
+        if name.startswith("."):  # a writer's staging group
+            continue
+        record = fit_record(group) if isinstance(group, h5py.Group) else {}
+        if record.get("scalar") == scalar:
+            fitted.append(name)
+        elif "scalar" not in record:
+            unknown.append(name)
+    return fitted, unknown
+
+
 @contextmanager
 def fit_inputs(h5_path: Path, cohort_path: Path, scalar: str, analysis: str, overwrite: bool):
     """What a fit opens first (fit-gam, fit-lmm): the HDF5, checked writable and without

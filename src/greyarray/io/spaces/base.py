@@ -86,6 +86,7 @@ class ElementSpace(ABC):
     n_elements: int
     source: str
     stored_kinds: ClassVar[tuple[str, ...]] = ()  # greyarray/geometry kinds read by from_hdf5
+    tables: ClassVar[tuple[str, ...]] = ()  # ModelArrayIO's element tables (top-level objects)
 
     @property
     @abstractmethod

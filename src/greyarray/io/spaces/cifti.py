@@ -229,6 +229,7 @@ class Greyordinates(Geometry):
     """Dense CIFTI (dscalar): cortical vertices and subcortical voxels."""
 
     stored_kinds: ClassVar[tuple[str, ...]] = ("dscalar",)
+    tables: ClassVar[tuple[str, ...]] = ("greyordinates",)
 
     def _write_tables(self, h5: h5py.File) -> None:
         codes, names = factorize(self.axes[0].name)
@@ -287,6 +288,7 @@ class Parcels(Geometry):
     row-major, as ModelArrayIO flattens them)."""
 
     stored_kinds: ClassVar[tuple[str, ...]] = ("pscalar", "pconn")
+    tables: ClassVar[tuple[str, ...]] = ("parcels",)
 
     def _write_tables(self, h5: h5py.File) -> None:
         if self.kind == "pscalar":

@@ -40,6 +40,7 @@ class FixelSet(ElementSpace):
     source: str = ""
     kind: ClassVar[str] = "fixels"
     stored_kinds: ClassVar[tuple[str, ...]] = ("fixels",)
+    tables: ClassVar[tuple[str, ...]] = ("fixels", "voxels")
 
     @classmethod
     def from_index(cls, index, directions, files=(), source: str = "") -> FixelSet:

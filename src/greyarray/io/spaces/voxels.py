@@ -56,6 +56,7 @@ class VoxelGrid(ElementSpace):
     source: str = ""
     kind: ClassVar[str] = "voxels"
     stored_kinds: ClassVar[tuple[str, ...]] = ("voxels",)
+    tables: ClassVar[tuple[str, ...]] = ("voxels",)
 
     @classmethod
     def from_mask(cls, shape, affine, mask: np.ndarray, head: bytes, source: str) -> VoxelGrid:
