@@ -79,6 +79,9 @@ FITTED = [
     "0 + age",
     'I(site %in% c("siteA", "siteC")) + age',
     "sex:age + age:group",
+    "age + I(age < 30 | age > 60)",  # '|' inside I() is R's "or", not a random effect
+    "log(edu, base = exp(1)) + log(age, 2)",
+    "bs(age, df = 4.5)",  # a fractional df: R puts a knot on the boundary (a zero column)
 ]
 REFUSED = {  # formula: (exit code, what the line says; R's outcome in the comment)
     "poly(agemiss, 2)": (65, "R's poly() stops on a missing value"),  # R: error
@@ -89,6 +92,7 @@ REFUSED = {  # formula: (exit code, what the line says; R's outcome in the comme
     "ns(age, 3, Boundary.knots = c(10, 80))": (64, "Boundary.knots = is not supported"),
     "age + (1 | site)": (64, "random-effect terms"),  # lm: an error; it is lme4's syntax
     "s(age) + sex": (64, "smooth terms"),  # lm: no function s; it is mgcv's syntax
+    "ns(age, df = 2.7)": (65, "R stops: a knot lies on the boundary"),  # R: NA/NaN/Inf
 }
 R_FAILS = {  # R's lm stops on these too
     "poly(agemiss, 2)",
@@ -97,6 +101,7 @@ R_FAILS = {  # R's lm stops on these too
     "age + exp(age * 30)",
     "age + (1 | site)",
     "s(age) + sex",
+    "ns(age, df = 2.7)",
 }
 
 

@@ -20,7 +20,7 @@ from greyarray.stats import gam
 GAM_DATA = Path(__file__).parent / "data" / "gam"
 R_SCRIPT = Path(__file__).parent / "r" / "gam_reference.R"
 
-CASES = {  # fixture name: (formula, method, full outputs, changed-R-squared term[, ordered])
+CASES = {  # name: (formula, method, full outputs, changed-R-squared term[, factor options])
     "fx_reml": ("y ~ s(age, k = 4, fx = TRUE) + sex", "REML", True, None),
     "tp_reml_rsq": ("y ~ s(age) + sex", "REML", False, "s(age)"),
     "tp_reml_full": ("y ~ s(age) + sex", "REML", True, None),
@@ -36,16 +36,29 @@ CASES = {  # fixture name: (formula, method, full outputs, changed-R-squared ter
     "ti_reml": ("y ~ ti(age) + ti(x2) + ti(age, x2)", "REML", True, None),
     "te_reml": ("y ~ te(age, x2) + sex", "REML", True, None),
     "te_gcv": ('y ~ te(age, x2, k = c(4, 6), bs = c("tp", "cr"))', "GCV.Cp", True, None),
-    "by_gcv": ('y ~ sex + s(age, by = sex, bs = "cr")', "GCV.Cp", True, "2"),
+    # a by= must be a factor (mgcv stops on text): --reference-level makes sex one
+    "by_gcv": (
+        'y ~ sex + s(age, by = sex, bs = "cr")',
+        "GCV.Cp",
+        True,
+        "2",
+        {"reference_levels": {"sex": "F"}},
+    ),
     # ModelArray's gen_gamFormula_fxSmooth(k = 4) formula: osex an ordered factor, F first
     "fxsmooth_reml": (
         "y ~ osex + s(age, k = 4, fx = TRUE) + s(age, k = 4, by = osex, fx = TRUE)",
         "REML",
         True,
         "3",
-        {"osex": "F"},
+        {"ordered_factors": {"osex": "F"}},
     ),
-    "by_reml": ("y ~ osex + s(age) + s(age, by = osex)", "REML", True, "3", {"osex": "F"}),
+    "by_reml": (
+        "y ~ osex + s(age) + s(age, by = osex)",
+        "REML",
+        True,
+        "3",
+        {"ordered_factors": {"osex": "F"}},
+    ),
 }
 
 
@@ -99,7 +112,7 @@ def fixture_results(tmp_path_factory):
     phenotypes = pd.read_csv(GAM_DATA / "phenotypes.csv")
     values = pd.read_csv(GAM_DATA / "values.csv").to_numpy(np.float32)
     h5 = make_h5(folder, phenotypes, values)
-    for name, (formula, method, full, changed, *ordered) in CASES.items():
+    for name, (formula, method, full, changed, *factors) in CASES.items():
         gam.fit_gam(
             h5,
             folder / "cohort.csv",
@@ -108,7 +121,7 @@ def fixture_results(tmp_path_factory):
             method=method,
             full_outputs=full,
             changed_rsq_term=changed,
-            ordered_factors=ordered[0] if ordered else None,
+            **(factors[0] if factors else {}),
         )
     return h5
 
@@ -415,3 +428,36 @@ def test_davies_equals_mgcv_psum_chisq():
     ]
     for q, lb, df, expected in cases:
         assert abs(psum_chisq(q, lb, df) - expected) < 1e-14
+
+
+GAM_REFUSALS = {  # formula: (exit code, GreyArray's line, mgcv 1.8-41's error on read.csv's data)
+    "y ~ 0": (64, "has no term and no intercept", "You've got no model"),
+    "y ~ s(age, by = sex)": (65, "by=sex is a text column", "Can't find by variable"),
+    "log(y) ~ s(age)": (64, "the response 'log(y)' is an expression", None),
+}
+
+
+def test_refused_as_mgcv_refuses(tmp_path, run_cli):
+    """Formulas mgcv stops on are refused in one line (a by= factor made by --reference-level
+    is fitted); mgcv's own errors checked live."""
+    rscript = require("Rscript")
+    phenotypes = pd.read_csv(GAM_DATA / "phenotypes.csv")
+    values = pd.read_csv(GAM_DATA / "values.csv").iloc[:, :2].to_numpy(np.float32)
+    h5 = make_h5(tmp_path, phenotypes, values)
+    args = ["fit-gam", "--input-hdf5", h5, "--cohort-file", tmp_path / "cohort.csv"]
+    script = tmp_path / "m.R"
+    script.write_text(
+        'suppressMessages(library(mgcv)); d <- read.csv("cohort.csv"); d$y <- rnorm(nrow(d))\n'
+        "for (f in commandArgs(TRUE)) cat(tryCatch({gam(as.formula(f), data = d); 'fitted'},\n"
+        "  error = function(e) conditionMessage(e)), '\\n')\n"
+    )
+    said = subprocess.run(
+        [rscript, script, *GAM_REFUSALS], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    for (formula, (code, line, mgcv)), theirs in zip(GAM_REFUSALS.items(), said, strict=True):
+        got, _, err = run_cli(*args, "--formula", formula)
+        lines = err.strip().splitlines()
+        assert got == code and len(lines) == 1 and line in lines[0], err
+        assert mgcv is None or mgcv in theirs, theirs
+    ok = run_cli(*args, "--formula", "y ~ sex + s(age, by = sex)", "--reference-level", "sex=F")
+    assert ok[0] == 0, ok[2]

@@ -220,6 +220,33 @@ def test_live_lmer(tmp_path):
         assert value <= (0 if "ngroups" in kind else TOLERANCES[kind]), (kind, value)
 
 
+def test_live_lmer_without_fixed_effects(tmp_path):
+    """lmer fits a model without fixed effects, and a grouping expression whose variable is in
+    the model frame (site, a fixed effect): so does fit-lmm, with lmer's numbers (the second
+    model's random intercept duplicates the fixed effect: only its criterion is defined)."""
+    require("Rscript")
+    phenotypes = pd.read_csv(DATA / "phenotypes.csv")
+    values = pd.read_csv(DATA / "values.csv").iloc[:, :3]
+    values.to_csv(tmp_path / "values.csv", index=False, na_rep="NA", float_format="%.17g")
+    h5 = make_h5(tmp_path, phenotypes, values.to_numpy())
+    for formula in ("y ~ 0 + (1 | participant_id)", "y ~ site + (1 | factor(site))"):
+        subprocess.run(
+            ["Rscript", str(R_SCRIPT), str(DATA / "phenotypes.csv"), str(tmp_path / "values.csv"),
+             formula, "TRUE", str(tmp_path / "r.csv"), "tight"],
+            check=True, env=r_environment(), capture_output=True, timeout=300,
+        )  # fmt: skip
+        done = run_greyarray(
+            "fit-lmm", "--input-hdf5", h5, "--cohort-file", tmp_path / "cohort.csv",
+            "--formula", formula, "--overwrite",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        reference = pd.read_csv(tmp_path / "r.csv", skipinitialspace=True)
+        singular = reference["model.singular"].to_numpy() == 1
+        for kind, value in differences(read_results(h5, "lmm"), reference, ~singular).items():
+            if "site" not in formula or kind == "model.logLik":
+                assert value <= (0 if "ngroups" in kind else TOLERANCES[kind]), (formula, kind)
+
+
 @pytest.fixture
 def small_h5(tmp_path):
     phenotypes = pd.read_csv(DATA / "phenotypes.csv")
@@ -235,6 +262,16 @@ def small_h5(tmp_path):
         ("y ~ s(age) + (1 | participant_id)", 64, "smooth terms s(...) with random effects"),
         ("y ~ age + (1 | source_file)", 65, "98 levels for 98 observations"),
         ("y ~ age + (1 + age + I(age^2) | participant_id)", 65, "number of random effects"),
+        ("y ~ age + (0 | participant_id)", 64, "length(theta) > 0L is not TRUE"),
+        ("y ~ age + (-1 | participant_id)", 64, "has no coefficient"),
+        ("y ~ age + (1 | factor(site))", 64, "object 'site' not found"),
+        (
+            "y ~ I(age < 12 | age > 18) + (1 | site)",
+            64,
+            "age > 18 within model frame: object 'age'",
+        ),
+        ("y ~ age + I(age < 12 | site) + (1 | site)", 64, "a random-effect term even inside"),
+        ("log(y) ~ age + (1 | participant_id)", 64, "the response 'log(y)' is an expression"),
     ],
 )
 def test_refused_as_lmer_refuses(run_cli, small_h5, formula, code, message):
@@ -248,6 +285,34 @@ def test_refused_as_lmer_refuses(run_cli, small_h5, formula, code, message):
     lines = [line for line in err.splitlines() if line.startswith("greyarray: error:")]
     assert status == code and len(lines) == 1 and message in lines[0], err
     assert h5.read_bytes() == before
+
+
+LMER_STOPS = {  # formula: what lme4 1.1-31's lmer says on read.csv's cohort
+    "y ~ age + (0 | participant_id)": "length(theta) > 0L is not TRUE",
+    "y ~ age + (-1 | participant_id)": "length(theta) > 0L is not TRUE",
+    "y ~ age + (1 | factor(site))": "object 'site' not found",
+    "y ~ I(age < 12 | age > 18) + (1 | site)": "age > 18 within model frame",
+    "y ~ age + I(age < 12 | site) + (1 | site)": "",  # it stops, not on R's 'or'
+}
+
+
+def test_lmer_stops_on_the_refused_formulas(tmp_path):
+    """The refusals above that say lmer stops: live lmer stops on them too."""
+    rscript = require("Rscript")
+    script = tmp_path / "m.R"
+    script.write_text(
+        "suppressMessages(library(lme4)); d <- read.csv(commandArgs(TRUE)[1]); set.seed(1)\n"
+        "d$y <- rnorm(nrow(d))\n"
+        "for (f in commandArgs(TRUE)[-1]) cat(gsub('\\n', ' ', tryCatch({\n"
+        "  lmer(as.formula(f), data = d); 'fitted'}, error = function(e) conditionMessage(e))),\n"
+        "  '\\n')\n"
+    )
+    said = subprocess.run(
+        [rscript, script, DATA / "phenotypes.csv", *LMER_STOPS],
+        capture_output=True, text=True, check=True, env=r_environment(), timeout=300,
+    ).stdout.splitlines()  # fmt: skip
+    for (formula, message), theirs in zip(LMER_STOPS.items(), said, strict=True):
+        assert theirs.strip() != "fitted" and message in theirs, (formula, theirs)
 
 
 def test_existing_results_and_fit_lm_with_random_effects(run_cli, small_h5):
@@ -355,6 +420,28 @@ def test_bids_app_repeated_sessions(tmp_path):
     )  # fmt: skip
     assert done.returncode == 65 and "by default with repeated sessions" in done.stderr
     assert not (tmp_path / "out2" / "group").exists()
+
+
+@pytest.mark.parametrize(
+    ("formula", "mixed"),
+    [
+        ("y~age*sex", "'y~age*sex + (1 | participant_id)'"),
+        ("y ~ age + sex - 1", "'y ~ age + sex - 1 + (1 | participant_id)'"),
+        ("y ~ s(age, k = 4) + sex", "'y ~ age + sex + (1 | participant_id)'"),
+        ("y ~ te(age, x2) + sex", "'y ~ (age + x2) + sex + (1 | participant_id)'"),
+    ],
+)
+def test_repeated_sessions_advice_keeps_the_formula(formula, mixed):
+    """The mixed model advised for repeated sessions is the formula as written plus
+    ``+ (1 | participant_id)``; smooths become their covariates, entered linearly."""
+    from greyarray.stats.design import repeated_measures
+
+    phenotypes = pd.DataFrame(
+        {"participant_id": ["a", "a", "b"], "age": [1.0, 2, 3], "sex": ["F", "M", "F"],
+         "x2": [1.0, 2, 3]}
+    )  # fmt: skip
+    advice = repeated_measures(formula, phenotypes, np.arange(3))
+    assert advice is not None and advice.endswith(f": {mixed}"), advice
 
 
 def test_engines_agree():

@@ -9,7 +9,6 @@ decision is taken, and every file checked, before anything is written.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from greyarray.bids import citation, derivatives, discover, reports
 from greyarray.bids.cohort import build_cohort, load_phenotypes, report_mismatch
 from greyarray.bids.run import Run
 from greyarray.errors import DataError, OutputError, UsageError
-from greyarray.io.cohort import Cohort
+from greyarray.io.cohort import Cohort, read_csv_text
 from greyarray.io.fileio import atomic_write, write_json
 from greyarray.io.sources import Source, check_sources
 from greyarray.io.store import StoreOptions, analyses_in, stored_inputs, write_modelarray
@@ -89,7 +88,7 @@ def convert(
         h5 = h5_path(settings, name)
         table = build_cohort({name: files}, settings.group_dir, participants, sessions)
         if check_table is not None:  # on the table as the fit will read it from the CSV
-            check_table(pd.read_csv(io.StringIO(table.to_csv(index=False, na_rep="NA"))))
+            check_table(read_csv_text(table.to_csv(index=False, na_rep="NA")))
         plans.append(Plan(name, files, h5, table))
     for plan in plans:  # group/ may not exist yet: open the files by their found paths
         Cohort.from_table(plan.csv, plan.table)

@@ -13,7 +13,9 @@ import contextlib
 import csv
 import io
 import logging
+import math
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -185,9 +187,14 @@ def read_csv_table(
     path: Path, what: str = "file", *, sep: str = ",", allow_empty: bool = False, **options
 ) -> pd.DataFrame:
     """A CSV (or TSV) read by pandas, with one-line errors every command shares: missing or not
-    a regular file (66); empty, garbled or not UTF-8 (65). ``options`` go to pandas.read_csv."""
+    a regular file (66); empty, garbled or not UTF-8 (65). ``options`` go to pandas.read_csv;
+    without them, the values are read as R's ``read.csv`` reads them (``r_types``: what
+    ModelArray's users do with a cohort), so every model sees the columns R would."""
     import pandas as pd
 
+    like_r = not options
+    if like_r:
+        options = {"dtype": str, "keep_default_na": False, "na_values": R_NA_STRINGS}
     kind = "TSV" if sep == "\t" else "CSV"
     with inputs.open_regular(Path(path), what) as (fd, _), os.fdopen(os.dup(fd), "rb") as handle:
         try:
@@ -202,7 +209,87 @@ def read_csv_table(
             raise DataError(f"{path}: cannot read as {kind} ({reason})") from None
     if table.empty and not allow_empty:
         raise DataError(f"{path}: {'cohort' if 'cohort' in what else kind} has no rows")
-    return table
+    return r_types(table) if like_r else table
+
+
+# --- R's read.csv: na.strings = "NA", then type.convert(as.is = TRUE) per column -----------
+
+R_NA_STRINGS = ["NA"]  # read.csv's na.strings: "NA" only (also quoted); "", n/a, NaN are data
+R_LOGICAL = {"T": True, "TRUE": True, "F": False, "FALSE": False}  # exactly (not true, True)
+_R_NUMBER = re.compile(  # R_strtod as type.convert uses it (checked against R 4.2: test_cohort)
+    r"\s*[+-]?(?:(?P<dec>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d*)?)"
+    r"|0[xX](?P<hex>[0-9a-fA-F]+\.?[0-9a-fA-F]*)(?:[pP](?P<exp>[+-]?\d+))?"
+    r"|(?P<nan>[nN][aA][nN])|(?P<inf>[iI][nN][fF](?:[iI][nN][iI][tT][yY])?))\s*"
+)
+
+
+def r_number(text: str) -> float | None:
+    """R's reading of a field as a number (``type.convert``), or None if R would not: decimal
+    and hexadecimal numbers (``0x1A``, ``0x1p3``), ``NaN``/``nan``, ``Inf``/``-inf``/
+    ``infinity``, with white space around; R's quirks kept (``1.5e`` is 1.5; a hexadecimal
+    point is ignored, ``0x1.8`` is 24; anything starting ``NA`` is not a number)."""
+    match = _R_NUMBER.fullmatch(text)
+    if match is None or text.startswith("NA"):
+        return None
+    sign = -1.0 if text.strip().startswith("-") else 1.0
+    if match["dec"] is not None:
+        return sign * float(re.sub(r"[eE][+-]?$", "", match["dec"]))
+    if match["hex"] is not None:
+        return sign * math.ldexp(
+            float(int(match["hex"].replace(".", ""), 16)), int(match["exp"] or 0)
+        )
+    return float("nan") if match["nan"] is not None else sign * math.inf
+
+
+def read_csv_text(text: str) -> pd.DataFrame:
+    """CSV text (a table written in memory) read as ``read_csv_table`` reads a file."""
+    import pandas as pd
+
+    return r_types(
+        pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=R_NA_STRINGS)
+    )
+
+
+def r_types(table: pd.DataFrame) -> pd.DataFrame:
+    """A table read as text (NaN for R's NA) with each column typed as ``read.csv`` types it:
+    logical (only T, F, TRUE, FALSE: bools, None for NA), numeric (float, or int without
+    missing values) or character (text; empty fields stay ""). In logical and numeric columns
+    a blank field is NA, as in R."""
+    import numpy as np
+    import pandas as pd
+
+    columns = {}
+    for name, column in table.items():
+        values = column.to_numpy(object)
+        missing = pd.isna(column).to_numpy()
+        blank = missing | np.array(
+            [not m and not str(v).strip() for v, m in zip(values, missing, strict=True)]
+        )
+        filled = {str(v) for v in values[~blank]}
+        if filled <= R_LOGICAL.keys():
+            columns[name] = [
+                None if b else R_LOGICAL[str(v)] for v, b in zip(values, blank, strict=True)
+            ]
+            if not blank.any():
+                columns[name] = np.array(columns[name], bool)
+            continue
+        numbers = {text: r_number(text) for text in filled}
+        if all(number is not None for number in numbers.values()):
+            out = np.array(
+                [np.nan if b else numbers[str(v)] for v, b in zip(values, blank, strict=True)]
+            )
+            integral = not blank.any() and np.isfinite(out).all() and (out == np.round(out)).all()
+            columns[name] = (
+                out.astype(np.int64) if integral and np.abs(out).max(initial=0) < 2**53 else out
+            )
+            continue
+        columns[name] = [None if m else str(v) for v, m in zip(values, missing, strict=True)]
+    return pd.DataFrame(
+        {
+            name: pd.Series(v, table.index, dtype=None if isinstance(v, np.ndarray) else object)
+            for name, v in columns.items()
+        }
+    )
 
 
 def check_header(path: Path, names: Sequence[str]) -> None:

@@ -103,8 +103,7 @@ class Constants:
 
 Value = Numeric | Logical | Text | Factor | Constants
 
-_LOGICAL_TEXT = {"T": 1.0, "TRUE": 1.0, "true": 1.0, "True": 1.0,
-                 "F": 0.0, "FALSE": 0.0, "false": 0.0, "False": 0.0}  # fmt: skip
+_LOGICAL_TEXT = {"T": 1.0, "TRUE": 1.0, "F": 0.0, "FALSE": 0.0}  # read.csv's (not true/True)
 
 
 def _missing(value: Value) -> np.ndarray:
@@ -214,8 +213,9 @@ class _BadData(Exception):
 
 
 def _column(series: pd.Series) -> Value:
-    """A cohort column as ``read.csv`` types it: numbers, logicals (T/F/TRUE/FALSE/true/...),
-    text; factors made by --reference-level / --ordered-factor stay factors."""
+    """A cohort column as ``read.csv`` types it (``io.cohort.read_csv_table`` reads it so):
+    numbers, logicals (T, F, TRUE, FALSE), text (empty fields are a level ""); factors made by
+    --reference-level / --ordered-factor stay factors."""
     if isinstance(series.dtype, pd.CategoricalDtype):
         codes = series.cat.codes.to_numpy().astype(np.int64)
         return Factor(codes, [str(c) for c in series.cat.categories], bool(series.cat.ordered))
@@ -549,18 +549,24 @@ class Evaluator:
 
     def _math(self, node: rf.Call, fn: str) -> Value:
         args = _match(node, fn)
-        x = _numeric(self.vector(self(args["x"])), f"{fn}()")
+        return self._elementwise(args["x"], _MATH[fn], f"{fn}()")
+
+    def _elementwise(self, node: rf.Node, function, what: str) -> Value:
+        """``function`` of a value: constants stay constants (``log(x, base = exp(1))``)."""
+        value = self(node)
         with np.errstate(all="ignore"):
-            return Numeric(_MATH[fn](x))
+            if isinstance(value, Constants):
+                return Constants(function(_numeric(value, what)).tolist())
+            return Numeric(function(_numeric(self.vector(value), what)))
 
     def _log(self, node: rf.Call, fn: str) -> Value:
         args = _match(node, fn)
-        x = _numeric(self.vector(self(args["x"])), "log()")
-        with np.errstate(all="ignore"):
-            out = np.log(x)
-            if "base" in args:
-                out = out / math.log(_number(args["base"], self(args["base"]), "log()"))
-        return Numeric(out)
+        if "base" not in args:
+            return self._elementwise(args["x"], np.log, "log()")
+        base = _number(args["base"], self(args["base"]), "log()")
+        exact = {10.0: np.log10, 2.0: np.log2}  # R's logbase() uses them for these bases
+        function = exact.get(base, lambda x: np.log(x) / np.log(base))
+        return self._elementwise(args["x"], function, "log()")
 
     def _I(self, node: rf.Call, fn: str) -> Value:
         return self.vector(self(_match(node, fn)["x"]))
@@ -764,12 +770,14 @@ def _spline_design(knots: np.ndarray, x: np.ndarray, order: int, deriv: int = 0)
     boundary belongs to the last interval, as in R)."""
     from scipy.interpolate import BSpline
 
-    n_basis = knots.size - order
+    extra = max(0, int((knots == knots[-1]).sum()) - order)  # a knot on the right boundary:
+    knots = knots[: knots.size - extra]  # its B-splines are zero, and x = max stays in the
+    n_basis = knots.size - order  # last interval of positive length, as in R
     spline = BSpline(knots, np.eye(n_basis), order - 1, extrapolate=False)
     if deriv:
         spline = spline.derivative(deriv)
-    out = spline(x)
-    return np.nan_to_num(out, nan=0.0)
+    out = np.nan_to_num(spline(x), nan=0.0)
+    return np.hstack([out, np.zeros((x.size, extra))])
 
 
 def linpack_qty(a: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -812,15 +820,25 @@ def spline_basis(
         raise _BadData("no values to place the knots")
     boundary = np.array([x.min(), x.max()])
     if df is not None and knots is None:
-        n_knots = int(df) - 1 - int(intercept) if natural else int(df) - order + (1 - intercept)
-        n_knots = max(n_knots, 0)
-        knots = r_quantile7(x, r_seq(0.0, 1.0, n_knots + 2)[1:-1]) if n_knots > 0 else np.array([])
+        # R: seq.int(0, 1, length.out = n + 2)[-c(1, n + 2)] with n possibly fractional: the
+        # length is rounded up and the index truncated, so a fractional df keeps the last
+        # probability, 1: a knot on the boundary (bs: a column of zeros; ns: R stops)
+        n_knots = max(df - 1 - int(intercept) if natural else df - order + (1 - intercept), 0)
+        probs = r_seq(0.0, 1.0, math.ceil(n_knots + 2)) if n_knots > 0 else np.array([0.0])
+        probs = np.delete(probs, sorted({0, int(n_knots + 2) - 1} & set(range(probs.size))))
+        knots = r_quantile7(x, probs) if probs.size else np.array([])
     elif knots is None:
         knots = np.array([])
     all_knots = np.sort(np.concatenate([np.repeat(boundary, order), knots]))
     basis = _spline_design(all_knots, x, order)
     if not natural:
         return basis if intercept else basis[:, 1:]
+    if knots.size and not (boundary[0] < knots.min() and knots.max() < boundary[1]):
+        raise _BadData(
+            "R stops: a knot lies on the boundary of the values (with a fractional df R "
+            "places one there), and ns() then fails ('NA/NaN/Inf in foreign function call'); "
+            "give an integer df"
+        )
     const = _spline_design(all_knots, boundary, order, deriv=2)
     if not intercept:
         const, basis = const[:, 1:], basis[:, 1:]
@@ -1085,6 +1103,21 @@ def variable(
     return _as_model_factor(_take(value, rows))[0]
 
 
+def is_text(
+    expression: str,
+    phenotypes: pd.DataFrame,
+    references: dict[str, str] | None = None,
+    ordered: dict[str, str] | None = None,
+) -> bool:
+    """Whether ``expression`` is text as R holds the cohort (a character column of read.csv,
+    not a factor: --reference-level and --ordered-factor make factors)."""
+    evaluate = Evaluator(prepare_phenotypes(phenotypes, references, ordered))
+    try:
+        return isinstance(evaluate(rf.parse(expression)), Text)
+    except (_NotR, _BadData, SyntaxError):
+        return False
+
+
 def parse_formula(formula: str) -> tuple[str, str]:
     """(response, right-hand side as written) of an R formula; the response may be
     `back-quoted`."""
@@ -1112,18 +1145,28 @@ class RandomBlock:
     levels: list[str]
 
 
-def _grouping(node: rf.Node, evaluate: Evaluator, rows: np.ndarray) -> Factor:
+def _grouping(node: rf.Node, evaluate: Evaluator, rows: np.ndarray, frame: set[str]) -> Factor:
     """lme4's grouping factor: ``factor(g)`` (``makeFac``), ``a:b`` as lme4's ``%i%``
-    (levels a:b in the order of a's then b's levels), unused levels dropped."""
+    (levels a:b in the order of a's then b's levels), unused levels dropped. lme4 evaluates
+    any other expression within the model frame (``frame``: its variables), so
+    ``(1 | factor(site))`` works only where ``site`` itself is a variable of the formula."""
     if isinstance(node, rf.Call) and node.fn == ":" and len(node.args) == 2:
-        f1, f2 = (_grouping(a, evaluate, rows) for a in node.args)
+        f1, f2 = (_grouping(a, evaluate, rows, frame) for a in node.args)
         labels = [f"{f1.levels[a]}:{f2.levels[b]}" for a, b in zip(f1.codes, f2.codes, strict=True)]
         first = dict.fromkeys(zip(f1.codes.tolist(), f2.codes.tolist(), strict=True))
         order = sorted(first, key=lambda ab: len(f2.levels) * ab[0] + ab[1])
         levels = [f"{f1.levels[a]}:{f2.levels[b]}" for a, b in order]
         return _factor(Text(np.array(labels, object)), levels)
     if isinstance(node, rf.Call) and node.fn == "(":
-        return _grouping(node.args[0], evaluate, rows)
+        return _grouping(node.args[0], evaluate, rows, frame)
+    if isinstance(node, rf.Call):
+        unseen = [n.id for n in rf.all_names(node) if rf.deparse(n) not in frame]
+        if unseen:
+            raise _NotR(
+                f"lme4 evaluates the grouping factor '{rf.deparse(node)}' within the model "
+                f"frame, which has no {unseen[0]!r} (lmer stops: object '{unseen[0]}' not "
+                f"found): write (... | {unseen[0]}), lme4 makes a grouping column a factor"
+            )
     value = _take(evaluate.vector(evaluate(node)), rows)
     factor = value if isinstance(value, Factor) else _factor(value)
     return _drop_unused(factor)
@@ -1150,7 +1193,8 @@ def random_effects(
         try:
             trms = rf.terms(None, lhs)
             values = _frame_values(evaluate, trms.variables, set())
-            factor = _grouping(group, evaluate, rows)
+            frame = set(rf.terms(model.response, rf.subbars(model.rhs)).names)
+            factor = _grouping(group, evaluate, rows, frame)
         except (_NotR, SyntaxError) as err:
             raise UsageError(f"formula {formula!r}: {err}") from None
         except _BadData as err:
@@ -1159,6 +1203,13 @@ def random_effects(
         for i, value in values.items():
             kept[i], logical[i] = _as_model_factor(_take(value, rows))
         matrix, names, _, _ = model_matrix(trms, kept, logical, rows.size)
+        if not names:
+            raise UsageError(
+                f"formula {formula!r}: the random-effect term ({rf.deparse(bar)}) has no "
+                f"coefficient: '{rf.deparse(lhs)}' leaves nothing to vary by "
+                f"{rf.deparse(group)} (lme4 stops: length(theta) > 0L is not TRUE); write "
+                f"(1 | {rf.deparse(group)}) for a random intercept"
+            )
         if factor.codes.min(initial=0) < 0:
             raise _problem(formula, f"the grouping factor {rf.deparse(group)!r} has missing values")
         blocks.append(
@@ -1176,6 +1227,18 @@ def random_effect_terms(formula: str) -> list[str]:
     return [rf.deparse(bar) for bar in rf.model_formula(formula).bars]
 
 
+def _linear(node: rf.Node) -> rf.Node:
+    """The formula's right-hand side with each smooth call replaced by its covariates."""
+    if not isinstance(node, rf.Call):
+        return node
+    if node.fn in rf.SMOOTHS and node.positional:
+        out = node.positional[0]
+        for variable in node.positional[1:]:
+            out = rf.call("+", out, variable)
+        return rf.call("(", out) if len(node.positional) > 1 else out
+    return rf.Call(node.fn, tuple(_linear(a) for a in node.args), node.names)
+
+
 def repeated_measures(formula: str, phenotypes: pd.DataFrame, rows: np.ndarray) -> str | None:
     """What to say when a model without random effects is fitted to a cohort where some
     participants have several rows (sessions): the rows are not independent, the p-values are
@@ -1189,12 +1252,10 @@ def repeated_measures(formula: str, phenotypes: pd.DataFrame, rows: np.ndarray) 
     repeated = int((counts > 1).sum())
     if not repeated:
         return None
-    response = rf.deparse(model.response)
-    labels = list(model.fixed.labels)
+    written = formula.strip()
     if model.smooths:  # fit-lmm has no smooths: their covariates enter linearly
-        labels += [rf.deparse(v) for s in model.smooths for v in s.variables]
-    rhs = " + ".join(dict.fromkeys(labels)) or "1"
-    mixed = f"{response} ~ {rhs} + (1 | {PARTICIPANT})"
+        written = rf.deparse(rf.call("~", model.response, _linear(model.rhs)))
+    mixed = f"{written} + (1 | {PARTICIPANT})"
     smooth_note = " (with linear terms: fit-lmm has no smooth terms)" if model.smooths else ""
     return (
         f"{len(ids)} rows come from {len(counts)} participants, {repeated} of them with more "

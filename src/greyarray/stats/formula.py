@@ -687,40 +687,37 @@ def terms(response: Node | None, rhs: Node, keep_order: bool = False) -> Terms:
 SMOOTHS = ("s", "te", "ti", "t2")
 
 
+# The operators that make a formula's terms. A random-effect term is a '|' reached through
+# them and parentheses only: inside any other call (``I(a < 12 | a > 18)``) '|' is R's "or"
+# for lm and gam. lme4's own ``findbars`` walks every call (``ModelFormula.hidden_bars``).
+FORMULA_OPERATORS = ("+", "-", "*", "/", ":", "^", "%in%", "(")
+
+
 def is_bar(node: Node) -> bool:
     return isinstance(node, Call) and node.fn in ("|", "||") and len(node.args) == 2
 
 
-def _any_bars(node: Node) -> bool:
-    return isinstance(node, Call) and (node.fn in ("|", "||") or any(map(_any_bars, node.args)))
-
-
 def nobars(node: Node) -> Node | None:
-    """lme4's ``nobars_``: the expression without its random-effect terms (None if nothing
-    is left)."""
-    if not _any_bars(node):
-        return node
+    """The expression without its random-effect terms (None if nothing is left): lme4's
+    ``nobars_`` on the terms, which never looks inside other calls (``I()`` protects its
+    argument)."""
     if is_bar(node):
         return None
-    assert isinstance(node, Call)
-    if node.fn not in ("~", "(") and any(is_bar(a) for a in node.args):
-        return None
-    if len(node.args) == 1:
-        inner = nobars(node.args[0])
-        return None if inner is None else Call(node.fn, (inner,), node.names)
-    if len(node.args) != 2:
+    if not (isinstance(node, Call) and node.fn in FORMULA_OPERATORS):
         return node
-    left, right = nobars(node.args[0]), nobars(node.args[1])
-    if left is None:
-        return right
-    if right is None:
-        return left
-    return Call(node.fn, (left, right), node.names)
+    args = [nobars(a) for a in node.args]
+    if all(a is not None for a in args):
+        return Call(node.fn, tuple(args), node.names)
+    kept = [a for a in args if a is not None]
+    if node.fn == "(" or len(args) != 2 or not kept:
+        return None
+    return kept[0]  # lme4: what is left of a binary operator is the other side
 
 
-def _expand_double_verts(node: Node) -> Node:
-    """lme4's ``expandDoubleVerts``: ``(x || g)`` -> ``(1 | g) + (0 + x | g)``."""
-    if not isinstance(node, Call):
+def _expand_double_verts(node: Node, lme4: bool = False) -> Node:
+    """lme4's ``expandDoubleVerts``: ``(x || g)`` -> ``(1 | g) + (0 + x | g)`` (among the
+    formula's terms, or with ``lme4`` inside any call, as lme4 does)."""
+    if not isinstance(node, Call) or not (lme4 or node.fn in (*FORMULA_OPERATORS, "||")):
         return node
     if node.fn == "||" and len(node.args) == 2:
         lhs, group = node.args
@@ -730,7 +727,7 @@ def _expand_double_verts(node: Node) -> Node:
             parts.insert(0, "1")
         text = ")+(".join(f"{p}|{deparse(group)}" for p in parts)
         return parse(f"({text})")
-    return Call(node.fn, tuple(_expand_double_verts(a) for a in node.args), node.names)
+    return Call(node.fn, tuple(_expand_double_verts(a, lme4) for a in node.args), node.names)
 
 
 def _slash_terms(node: Node):
@@ -764,9 +761,10 @@ def _flatten(x) -> list:
     return [x]
 
 
-def findbars(rhs: Node) -> list[Call]:
-    """lme4's ``findbars``: the random-effect terms after ``||`` and ``/`` are expanded, in
-    lme4's order (``(1 | a/b)`` -> ``(1 | b:a)``, ``(1 | a)``)."""
+def findbars(rhs: Node, lme4: bool = False) -> list[Call]:
+    """The random-effect terms after ``||`` and ``/`` are expanded, in lme4's order
+    (``(1 | a/b)`` -> ``(1 | b:a)``, ``(1 | a)``): those of the formula's terms, or with
+    ``lme4`` every '|' that lme4 1.1-31's ``findbars`` finds, inside any call too."""
 
     def find(node: Node) -> list[Call]:
         if not isinstance(node, Call):
@@ -775,18 +773,28 @@ def findbars(rhs: Node) -> list[Call]:
             return find(node.args[0])
         if is_bar(node) and node.fn == "|":
             return [node]
+        if not lme4 and node.fn not in FORMULA_OPERATORS:
+            return []
         if len(node.args) == 1:
             return find(node.args[0])
         return [b for a in node.args[:2] for b in find(a)]
 
     bars = []
-    for bar in find(_expand_double_verts(rhs)):
+    for bar in find(_expand_double_verts(rhs, lme4)):
         trms = _slash_terms(bar.args[1])
         if isinstance(trms, list):
             bars += [call("|", bar.args[0], g) for g in _flatten(_make_interaction(trms))]
         else:
             bars.append(bar)
     return bars
+
+
+def subbars(node: Node) -> Node:
+    """lme4's ``subbars``: every '|' and '||' made a '+' (the model frame's variables)."""
+    if not isinstance(node, Call):
+        return node
+    fn = "+" if is_bar(node) else node.fn
+    return Call(fn, tuple(subbars(a) for a in node.args), node.names)
 
 
 @dataclass(frozen=True)
@@ -818,12 +826,22 @@ class ModelFormula:
     fixed: Terms  # the parametric / fixed-effects terms (no smooths, no bars)
     smooths: list[SmoothCall]
     bars: list[Call]  # lme4's random-effect terms, expanded
+    hidden_bars: list[Call] = field(default_factory=list)  # '|' in a call: lme4's bars too
 
     @property
     def response_name(self) -> str:
-        """The response as a scalar name (a back-quoted response without its quotes)."""
+        """The response as a scalar name (a back-quoted response without its quotes). A
+        transformed response (``log(y) ~ age``) is refused: the models read a scalar as
+        stored, and fitting it untransformed would be another model."""
         assert self.response is not None
-        return self.response.id if isinstance(self.response, Name) else deparse(self.response)
+        if isinstance(self.response, Name):
+            return self.response.id
+        written = deparse(self.response)
+        raise UsageError(
+            f"formula {self.text!r}: the response {written!r} is an expression; GreyArray "
+            "fits a stored scalar as it is: store the transformed values as a scalar of their "
+            f"own (or fit {written} in R), and name that scalar on the left of '~'"
+        )
 
     @property
     def rhs_terms(self) -> list[str]:
@@ -856,6 +874,8 @@ def model_formula(text: str) -> ModelFormula:
         raise UsageError(f"formula {text!r} needs exactly one '~' (e.g. 'thickness ~ age + sex')")
     try:
         bars = findbars(rhs)
+        written = {deparse(b) for b in bars}
+        hidden = [b for b in findbars(rhs, lme4=True) if deparse(b) not in written]
         fixed_rhs = nobars(rhs)
         if fixed_rhs is None:
             fixed_rhs = Num(1.0)
@@ -879,7 +899,7 @@ def model_formula(text: str) -> ModelFormula:
         fixed = whole if not smooths else _mgcv_parametric(whole, parametric, response)
     except SyntaxError as err:
         raise _problem(text, str(err)) from None
-    out = ModelFormula(text, response, rhs, fixed, smooths, bars)
+    out = ModelFormula(text, response, rhs, fixed, smooths, bars, hidden)
     out.all_terms = whole
     return out
 

@@ -33,12 +33,19 @@ from greyarray.stats.design import (
     Factor,
     Numeric,
     build_design,
+    is_text,
     repeated_measures,
     single_subject_levels,
     threshold_rule,
     variable,
 )
-from greyarray.stats.results import element_blocks, fit_inputs, p_adjust_fdr, write_results
+from greyarray.stats.results import (
+    element_blocks,
+    fit_inputs,
+    p_adjust_fdr,
+    perfect_fits,
+    write_results,
+)
 from greyarray.stats.smooths import BASES, MAX_KNOTS, Smooth, smooth_term, tensor_term
 
 log = logging.getLogger(__name__)
@@ -64,6 +71,10 @@ DEFAULT_PARAM_STATS = ("estimate", "statistic", "p.value")
 DEFAULT_MODEL_STATS = ("dev.expl",)
 PATTERN_CACHE = 32  # designs kept for sets of valid subjects (each is small)
 SMOOTH_KINDS = ("s", "te", "ti")
+UNFITTED = (  # why an element above ModelArray's threshold has no fit (results.result_notes)
+    "cannot be fitted with the subjects they have (a rank-deficient design, too few distinct "
+    "covariate values for a smooth, or mgcv's iterations fail there)"
+)
 
 
 @dataclass(frozen=True)
@@ -239,6 +250,11 @@ def parse_gam_formula(formula: str) -> GamFormula:
     smooth_labels = {s.term for s in smooths}
     labels = model.all_terms.labels
     parametric = tuple(t for t in labels if t not in smooth_labels)
+    if not labels and not model.all_terms.intercept:
+        raise UsageError(
+            f"formula {formula!r} has no term and no intercept: mgcv stops (\"You've got no "
+            'model....")'
+        )
     offsets = [model.all_terms.names[i] for i in model.all_terms.offsets]
     if offsets:
         raise UsageError(
@@ -262,6 +278,12 @@ def _smooth_variable(name: str, smooth: SmoothSpec, phenotypes, rows, factors):
     design's rows, as the design layer reads the cohort (``--ordered-factor`` included)."""
     try:
         value = variable(name, phenotypes, rows, *factors)
+        if name == smooth.by and is_text(name, phenotypes, *factors):
+            raise DataError(
+                f"by={name} is a text column (read.csv reads it as character), and mgcv "
+                '1.8-41 stops ("Can\'t find by variable"): make it a factor, '
+                f"--reference-level {name}=LEVEL (or --ordered-factor {name}=LEVEL)"
+            )
     except (UsageError, DataError) as err:
         raise DataError(f"smooth {smooth.term!r}: {err}") from None
     if name != smooth.by:
@@ -390,21 +412,25 @@ class GamModel:
 
     def fit(self, y: np.ndarray, used: np.ndarray):
         """Fit elements (columns of ``y``, rows = self.rows) sharing the subjects ``used``:
-        (which elements were fitted, their results), or None when the design is unusable.
-        Constant responses (no variance: mgcv's scale search starts at log(0)) and fits whose
-        iterations fail are left out."""
+        (which elements were fitted, their results, which were fitted exactly and their
+        parametric estimates), or None when the design is unusable. A response the
+        unpenalised model reproduces (a constant one: mgcv's scale search starts at log(0))
+        is fitted exactly (results.perfect_fits): its parametric estimates are the exact
+        fit's, for every smoothing parameter. Fits whose iterations fail are left out."""
         design = self.design(used)
         if design is None:
             return None
         y = y[used]
         n = y.shape[0]
-        ysum = y.sum(axis=0)
-        yss_c = ((y - ysum / n) ** 2).sum(axis=0)
-        ok = yss_c > 0
-        y, ysum, yss_c = y[:, ok], ysum[ok], yss_c[ok]
         yt = (design.Q.T @ y).T  # (b, p)
         resid0 = y - design.Q @ yt.T
         rss0 = (resid0**2).sum(axis=0)
+        exact = perfect_fits(rss0, (y**2).sum(axis=0))
+        estimates = (yt[exact] @ design.Rinv.T)[:, design.param_cols]
+        ok = ~exact
+        y, yt, rss0 = y[:, ok], yt[ok], rss0[ok]
+        ysum = y.sum(axis=0)
+        yss_c = ((y - ysum / n) ** 2).sum(axis=0)
         nulldev = yss_c if self.intercept else (y**2).sum(axis=0)
         rho, scores, hess = gam_fit.fit_smoothing(design, yt, rss0, yss_c / n, n, self.method)
         fitted = np.isfinite(rho).all(axis=1)
@@ -415,7 +441,7 @@ class GamModel:
             design, rho[fitted], scores[fitted], hess, yt[fitted], rss0[fitted], ysum[fitted],
             yss_c[fitted], nulldev[fitted], n, self.method,
         )  # fmt: skip
-        return ok, result
+        return ok, result, exact, estimates
 
 
 # --- all elements ----------------------------------------------------------------------------
@@ -430,6 +456,7 @@ class Results:
         self.param = {s: np.full((n_elements, n_p), np.nan) for s in PARAM_STATS}
         self.model = {s: np.full(n_elements, np.nan) for s in (*MODEL_STATS, "sse")}
         self.sign = np.full((n_elements, n_s), np.nan)
+        self.perfect = np.zeros(n_elements, bool)  # fitted exactly (results.perfect_fits)
 
     def store(self, elements: np.ndarray, result: gam_fit.BatchResult) -> None:
         for name, values in result.smooth.items():
@@ -439,6 +466,11 @@ class Results:
         for name, values in result.model.items():
             self.model[name][elements] = values
         self.sign[elements] = result.slope_sign
+
+    def store_exact(self, elements: np.ndarray, estimates: np.ndarray, n: int) -> None:
+        self.param["estimate"][elements] = estimates
+        self.model["nobs"][elements] = n
+        self.perfect[elements] = True
 
 
 def fit_block(model: GamModel, results: Results, start: int, values, threshold) -> int:
@@ -460,9 +492,10 @@ def fit_block(model: GamModel, results: Results, start: int, values, threshold) 
         if fitted is None:
             skipped += members.size
             continue
-        ok, result = fitted
-        skipped += int((~ok).sum())
+        ok, result, exact, estimates = fitted
+        skipped += int((~ok & ~exact).sum())
         results.store(start + members[ok], result)
+        results.store_exact(start + members[exact], estimates, int(used[:, members[0]].sum()))
     return skipped
 
 
@@ -608,18 +641,18 @@ def fit_gam(
             n_elements,
             len(models[0].rows),
         )
-        skipped = 0
+        skipped = [0] * len(models)
         # the work is thousands of small matrices: BLAS threads only add contention
         with threadpool_limits(limits=1, user_api="blas"):
             for start, block in element_blocks(values, analysis):
-                for model, result in zip(models, results, strict=True):
-                    skipped += fit_block(model, result, start, block, threshold)
-    if skipped:
+                for i, (model, result) in enumerate(zip(models, results, strict=True)):
+                    skipped[i] += fit_block(model, result, start, block, threshold)
+    if skipped[-1] and len(models) > 1:
         log.warning(
-            "%d element fits were skipped (rank-deficient design, too few distinct covariate "
-            "values among their valid subjects, a constant response or a failed fit): their "
-            "results are NaN",
-            skipped,
+            "The reduced model of --changed-rsq-term cannot be fitted at %d elements (a "
+            "rank-deficient design, too few distinct covariate values or a failed fit there): "
+            "their changed R-squared is NaN",
+            skipped[-1],
         )
     reduced = results[1] if len(results) > 1 else None
     columns, matrix = table(request, models[0], results[0], reduced)
@@ -639,6 +672,7 @@ def fit_gam(
         "threshold_abs": lthr_abs,
         "threshold_rel": lthr_rel,
         "single_subject_levels": single_subject_levels(formula, phenotypes, models[0].rows),
+        "unfitted_reasons": {UNFITTED: skipped[0]},
     }
-    write_results(h5_path, analysis, columns, matrix, about, overwrite=overwrite)
+    write_results(h5_path, analysis, columns, matrix, about, overwrite, results[0].perfect)
     return columns

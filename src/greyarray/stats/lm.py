@@ -51,7 +51,7 @@ from greyarray.stats.names import (
     MODEL_STATS,
     TERM_STATS,
 )
-from greyarray.stats.results import element_blocks, p_adjust_fdr, write_results
+from greyarray.stats.results import element_blocks, p_adjust_fdr, perfect_fits, write_results
 
 if TYPE_CHECKING:  # numba is imported only when permutations are asked for
     from greyarray.stats.permutation import PermutationOptions
@@ -98,7 +98,7 @@ class Fitter:
             stat: np.full((len(design.columns), n_elements), np.nan) for stat in TERM_STATS
         }
         self.model = {stat: np.full(n_elements, np.nan) for stat in MODEL_STATS}
-        self.rank_deficient = 0
+        self.perfect = np.zeros(n_elements, bool)  # fitted exactly (results.perfect_fits)
 
     def fit_block(self, start: int, values: np.ndarray) -> None:
         """``values``: (n_subjects, block) of the response for elements start, start+1, ..."""
@@ -140,13 +140,13 @@ class Fitter:
             ok = np.broadcast_to(ok, n.shape)
         else:
             x, q, r = x[ok], q[ok], r[ok]
-        self.rank_deficient += int((~ok).sum())
         y, n, elements = y[ok], n[ok], elements[ok]
         if not elements.size:
             return
         beta = np.linalg.solve(r, np.swapaxes(q, 1, 2) @ y)  # (k, p, 1)
         fitted = x @ beta  # (k, n, 1); zero on missing rows
         rss = ((y - fitted) ** 2).sum(axis=(1, 2))
+        self.perfect[elements] = perfect_fits(rss, (y**2).sum(axis=(1, 2)))
         df = n - p
         resvar = rss / df
         r_inv = np.linalg.inv(r)
@@ -318,12 +318,6 @@ def fit_lm(
             if permutations is not None
             else ([], np.empty((0, values.shape[1])))
         )
-    if fitter.rank_deficient:
-        log.warning(
-            "%d elements have a rank-deficient design (e.g. a factor level with no "
-            "finite values): their results are NaN",
-            fitter.rank_deficient,
-        )
     columns = output_columns(design, term_stats, model_stats) + extra[0]
     about = {
         "method": "lm",
@@ -351,5 +345,5 @@ def fit_lm(
             "seed": permutations.seed,
         }
     table = np.vstack([fitter.table(term_stats, model_stats), extra[1]])
-    write_results(h5_path, analysis, columns, table, about, overwrite=overwrite)
+    write_results(h5_path, analysis, columns, table, about, overwrite, fitter.perfect)
     return columns

@@ -51,15 +51,25 @@ from greyarray.stats.design import (
     single_subject_levels,
     threshold_rule,
 )
-from greyarray.stats.formula import model_formula
+from greyarray.stats.formula import all_names, deparse, model_formula, subbars, terms
 from greyarray.stats.linalg import column_norms
-from greyarray.stats.results import element_blocks, fit_inputs, p_adjust_fdr, write_results
+from greyarray.stats.results import (
+    element_blocks,
+    fit_inputs,
+    p_adjust_fdr,
+    perfect_fits,
+    write_results,
+)
 
 log = logging.getLogger(__name__)
 
 TERM_STATS = ("estimate", "std.error", "df", "statistic", "p.value")
 BATCH_BYTES = 48 * 2**20  # working memory of one batch of elements (per thread)
 PATTERN_CACHE = 16  # structures kept for sets of valid observations
+RANK_DEFICIENT = (  # lme4 would drop columns there and fit another model: left NaN
+    "cannot be fitted: the fixed-effects design is rank deficient there (e.g. a factor level "
+    "without values; lme4 would drop a column and fit another model)"
+)
 
 
 def clean(name: str) -> str:
@@ -125,7 +135,24 @@ class MixedModel:
         ordered: dict[str, str] | None = None,
     ):
         self.formula, self.reml = formula, reml
-        if model_formula(formula).smooths:
+        read = model_formula(formula)
+        if read.hidden_bars:
+            bar = read.hidden_bars[0]
+            group = bar.args[1]
+            frame = set(terms(read.response, subbars(read.rhs)).names)
+            unseen = [n.id for n in all_names(group) if n.id not in frame]
+            stops = (
+                f" and stops (couldn't evaluate grouping factor {deparse(group)} within model "
+                f"frame: object '{unseen[0]}' not found)"
+                if unseen
+                else ", not as R's 'or'"
+            )
+            raise UsageError(
+                f"formula {formula!r}: lme4 reads the '|' in '{deparse(bar)}' as a random-effect "
+                f"term even inside a function call{stops}; compute that column in the cohort "
+                "CSV"
+            )
+        if read.smooths:
             raise UsageError(
                 f"formula {formula!r}: smooth terms s(...) with random effects (gamm4's models) "
                 "are not supported; use linear terms, or fit-gam without random effects"
@@ -162,7 +189,7 @@ class MixedModel:
         ) == len(self.terms)
         problem = self.problem(np.arange(len(self.design.rows)))
         if problem:
-            raise DataError(f"formula {formula!r}: {problem} (lme4's lmer stops)")
+            raise DataError(f"formula {formula!r}: {problem[1]} (lme4's lmer stops)")
 
     @property
     def n_params(self) -> int:
@@ -171,33 +198,40 @@ class MixedModel:
     def codes(self, factor: str) -> np.ndarray:
         return next(t.block.codes for t in self.terms if t.factor == factor)
 
-    def problem(self, rows: np.ndarray) -> str | None:
-        """What lme4's ``lmer`` (with lmerTest's fit) would stop on, for these design rows."""
+    def problem(self, rows: np.ndarray) -> tuple[str, str] | None:
+        """What lme4's ``lmer`` (with lmerTest's fit) would stop on, for these design rows:
+        (the reason in general words, for a count of elements; the reason with its numbers)."""
         n = rows.size
         for factor in self.factors:
             levels = np.unique(self.codes(factor)[rows]).size
             if levels < 2:
-                return f"grouping factor {factor!r} has {levels} sampled level (needs > 1)"
+                return (
+                    f"grouping factor {factor!r} has fewer than 2 levels",
+                    f"grouping factor {factor!r} has {levels} sampled level (needs > 1)",
+                )
             if levels >= n:
                 return (
+                    f"grouping factor {factor!r} has as many levels as observations",
                     f"grouping factor {factor!r} has {levels} levels for {n} observations "
-                    "(the number of levels must be < the number of observations)"
+                    "(the number of levels must be < the number of observations)",
                 )
         for term in self.terms:
             levels = np.unique(term.block.codes[rows]).size
             effects = levels * len(term.coefs)
             if n <= effects:
                 return (
+                    f"no more observations than random effects in term ({term.block.term})",
                     f"number of observations (={n}) <= number of random effects (={effects}) "
                     f"for term ({term.block.term}); the random-effects parameters and the "
-                    "residual variance are probably unidentifiable"
+                    "residual variance are probably unidentifiable",
                 )
         x = self.design.matrix[rows]
         if n <= x.shape[1]:
-            return f"{n} observations for {x.shape[1]} fixed-effect columns"
+            few = "no more observations than fixed-effect columns"
+            return few, f"{few} ({n} observations, {x.shape[1]} columns)"
         diag = np.abs(np.diagonal(np.linalg.qr(x)[1]))
         if not (diag > 1e-7 * column_norms(x)).all():
-            return "the fixed-effects design is rank deficient"
+            return RANK_DEFICIENT, "the fixed-effects design is rank deficient"
         return None
 
     def structure(self, rows: np.ndarray):
@@ -280,7 +314,7 @@ class Fitter:
         self.cache: dict[bytes, object] = {}
         self.problems: dict[str, int] = {}
         self.warm: np.ndarray | None = None  # a typical optimum (optimiser's coordinates)
-        self.fallbacks = 0
+        self.perfect = np.zeros(n_elements, bool)  # fitted exactly (results.perfect_fits)
 
     def jobs(self, start: int, values: np.ndarray):
         """(rows, elements, responses) per set of valid observations in a block of elements
@@ -300,7 +334,9 @@ class Fitter:
             rows = np.flatnonzero(used[:, candidates[f]])
             problem = self.model.problem(rows)
             if problem:
-                reason = re.sub(r"\(=?\d+\)|\d+", "N", problem)
+                reason = problem[0]
+                if reason != RANK_DEFICIENT:
+                    reason = f"cannot be fitted: lme4's lmer stops there ({reason})"
                 self.problems[reason] = self.problems.get(reason, 0) + members.size
                 continue
             response = y[np.ix_(rows, members)].astype(np.float64)
@@ -317,7 +353,23 @@ class Fitter:
         return self.cache[key]
 
     def fit(self, rows: np.ndarray, elements: np.ndarray, y: np.ndarray, engine) -> None:
-        """Fit one batch of elements sharing ``rows`` (y: (n_rows, E))."""
+        """Fit one batch of elements sharing ``rows`` (y: (n_rows, E)). Elements that the
+        fixed effects fit exactly (a constant response: the criterion has no minimum, lme4
+        stops) keep their estimates only (results.perfect_fits). Rounding at the edges of the
+        parameter space (an infinite criterion far out on a line search) is handled as such
+        and never printed."""
+        model = self.model
+        rest, beta = lmm_fit.residualise(model.design.matrix[rows], y)
+        exact = perfect_fits((rest**2).sum(axis=0), (y**2).sum(axis=0))
+        if exact.any():
+            self._store_exact(elements[exact], rows, beta[exact])
+            elements, y = elements[~exact], y[:, ~exact]
+            if not elements.size:
+                return
+        with np.errstate(all="ignore"):
+            self._optimise(rows, elements, y, engine)
+
+    def _optimise(self, rows: np.ndarray, elements: np.ndarray, y: np.ndarray, engine) -> None:
         model = self.model
         stats = engine.stats(y)
         criterion = lmm_fit.Criterion(
@@ -343,6 +395,18 @@ class Fitter:
         out = lmm_fit.summarise(lme4, lmm_fit.Optimum(theta, optimum.dev, optimum.converged))
         self._store(elements, rows, theta, optimum.converged, out)
 
+    def _store_exact(self, elements, rows, beta) -> None:
+        for i, name in enumerate(self.model.design.columns):
+            self._put(f"{name}.estimate", elements, beta[:, i])
+        self._counts(elements, rows)
+        self.perfect[elements] = True
+
+    def _counts(self, elements, rows) -> None:
+        self._put("model.nobs", elements, np.full(elements.size, rows.size, float))
+        for factor in self.model.factors:
+            count = np.unique(self.model.codes(factor)[rows]).size
+            self._put(f"model.ngroups.{factor}", elements, np.full(elements.size, count, float))
+
     def _store(self, elements, rows, theta, converged, out) -> None:
         model, put = self.model, self._put
         for i, name in enumerate(model.design.columns):
@@ -357,10 +421,7 @@ class Fitter:
         put("residual.sd", elements, out["sigma"])
         for key in ("logLik", "AIC", "BIC"):
             put(f"model.{key}", elements, out[key])
-        put("model.nobs", elements, np.full(elements.size, rows.size, float))
-        for factor in model.factors:
-            count = np.unique(model.codes(factor)[rows]).size
-            put(f"model.ngroups.{factor}", elements, np.full(elements.size, count, float))
+        self._counts(elements, rows)
         put("model.singular", elements, lmm_fit.singular(theta, model.lower).astype(float))
         put("model.converged", elements, converged.astype(float))
 
@@ -445,8 +506,9 @@ def fit_lmm(
         "threshold_abs": lthr_abs,
         "threshold_rel": lthr_rel,
         "single_subject_levels": single_subject_levels(formula, phenotypes, model.design.rows),
+        "unfitted_reasons": dict(fitter.problems),
     }
-    write_results(h5_path, analysis, columns, table, about, overwrite=overwrite)
+    write_results(h5_path, analysis, columns, table, about, overwrite, fitter.perfect)
     return columns
 
 
@@ -455,8 +517,6 @@ def _report(fitter: Fitter) -> None:
     fitted = np.isfinite(table[index["model.logLik"]])
     singular = int((table[index["model.singular"]] == 1).sum())
     failed = int((table[index["model.converged"]] == 0).sum())
-    for reason, count in fitter.problems.items():
-        log.warning("%d elements not fitted: lme4's lmer would stop (%s)", count, reason)
     if singular:
         log.info(
             "%d of %d fitted elements have a singular fit (a variance at zero, or correlation "
@@ -465,6 +525,7 @@ def _report(fitter: Fitter) -> None:
         )  # fmt: skip
     if failed:
         log.warning(
-            "%d elements did not converge (model.converged = 0): their numbers are the best "
-            "criterion found", failed,
+            "%d %s not converge (model.converged = 0): %s numbers are the best criterion "
+            "found", failed, "element did" if failed == 1 else "elements did",
+            "its" if failed == 1 else "their",
         )  # fmt: skip

@@ -340,7 +340,8 @@ class OneFactor:
         for a, b in zip(self.pa, self.pb, strict=True):
             outer = np.einsum("mi,mj->mij", b_j[:, a], b_j[:, b])
             outer = (outer + outer.transpose(0, 2, 1)) / 2
-            pxx.append((self.classes @ outer.reshape(self.n_groups, -1)).reshape(-1, p, p))
+            sums = self.classes @ outer.reshape(self.n_groups, p * p)
+            pxx.append(sums.reshape(self.classes.shape[0], p, p))
         self.pxx = np.stack(pxx, 1) * self.sym[None, :, None, None]  # (C, K, p, p)
         self.xx = x.T @ x
         self.n, self.p, self.d = x.shape[0], p, d

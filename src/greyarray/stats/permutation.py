@@ -50,6 +50,7 @@ from greyarray.io.h5read import Scalar
 from greyarray.stats import tfce as tfce_module
 from greyarray.stats.compiled import compiled
 from greyarray.stats.linalg import column_norms
+from greyarray.stats.results import perfect_fits
 
 log = logging.getLogger(__name__)
 
@@ -386,7 +387,9 @@ def basis(problem: Problem, pattern: Pattern, term: int) -> Basis:
 
 @dataclass(frozen=True)
 class PatternFit:
-    """Per element of a pattern: Q'y and |u|^2 (u = y - QQ'y), for one term."""
+    """Per element of a pattern: Q'y and |u|^2 (u = y - QQ'y), for one term; and which
+    elements the full model fits exactly (results.perfect_fits: never tested, never counted in
+    a maximum, as fit-lm writes no statistic there)."""
 
     pattern: Pattern
     term: int
@@ -394,6 +397,7 @@ class PatternFit:
     projection: np.ndarray  # (k, n_elements of the pattern)
     residual_ss: np.ndarray  # (n_elements of the pattern,)
     block: int  # elements per block of products
+    exact: np.ndarray  # (n_elements of the pattern,) bool
 
 
 def fit_term(problem: Problem, term: int) -> list[PatternFit]:
@@ -404,13 +408,18 @@ def fit_term(problem: Problem, term: int) -> list[PatternFit]:
         block = _block_size(m, 1 + k - base.fixed)
         projection = np.empty((k, pattern.elements.size))
         residual_ss = np.empty(pattern.elements.size)
+        exact = np.empty(pattern.elements.size, bool)
+        xx = base.x @ base.x
         for start in range(0, pattern.elements.size, block):
-            y = _response(problem, pattern, base.rows, slice(start, start + block))
-            projection[:, start : start + block] = base.q.T @ y
-            u = y - base.q @ projection[:, start : start + block]
-            residual_ss[start : start + block] = (u**2).sum(axis=0)
+            part = slice(start, start + block)
+            y = _response(problem, pattern, base.rows, part)
+            projection[:, part] = base.q.T @ y
+            u = y - base.q @ projection[:, part]
+            residual_ss[part] = (u**2).sum(axis=0)
+            full_rss = residual_ss[part] - (base.x @ u) ** 2 / xx  # the full model's
+            exact[part] = perfect_fits(full_rss, (y**2).sum(axis=0))
         df = m - problem.design.shape[1]
-        fits.append(PatternFit(pattern, term, df, projection, residual_ss, block))
+        fits.append(PatternFit(pattern, term, df, projection, residual_ss, block, exact))
     return fits
 
 
@@ -448,6 +457,7 @@ def t_blocks(problem: Problem, fits: list[PatternFit], perms: np.ndarray) -> Ite
             rss = fit.residual_ss[part] - (products[:, 1:] ** 2).sum(axis=1) - a**2 / xx
             with np.errstate(divide="ignore", invalid="ignore"):
                 t = np.abs(a) / np.sqrt(xx * np.maximum(rss, 0) / fit.df)
+            t[:, fit.exact[part]] = np.nan
             yield fit, elements[part], np.where(np.isfinite(t), t, np.nan)
 
 

@@ -22,6 +22,45 @@ from greyarray.stats.design import threshold_rule
 log = logging.getLogger(__name__)
 
 BLOCK_BYTES = 32 * 2**20  # values read at once: a block of elements, all subjects
+# An element whose residuals are below this share of its response (|r| <= 1e-10 |y|) is fitted
+# exactly: what is left is rounding (1e-16 |y| per value: ~1e-13 at 40,000 subjects), far below
+# anything float32 data can hold (a one-ulp difference in one subject is 6e-8 / sqrt(n) of |y|).
+PERFECT_FIT = 1e-10
+
+
+def perfect_fits(rss: np.ndarray, response_ss: np.ndarray) -> np.ndarray:
+    """Which elements the model fits exactly (e.g. a constant response: coverage of 1 for every
+    subject): residual sum of squares ``rss`` at most PERFECT_FIT^2 of the response's own sum
+    of squares ``response_ss`` (uncentred; an all-zero response is fitted exactly). Their
+    residual variance is zero up to rounding, so every test would divide rounding noise by
+    rounding noise (R's lm computes t anyway and warns 'essentially perfect fit: summary may be
+    unreliable'; lme4 stops): every model writes their estimates and nothing else
+    (``blank_perfect_fits``)."""
+    return rss <= PERFECT_FIT**2 * response_ss
+
+
+def kept_at_perfect_fit(column: str) -> bool:
+    """The columns an exact fit keeps: its estimates and counts."""
+    return (
+        column in ("element_id", "model.nobs")
+        or column.endswith(".estimate")
+        or column.startswith("model.ngroups.")
+    )
+
+
+def blank_perfect_fits(columns: list[str], table: np.ndarray, perfect: np.ndarray) -> None:
+    """NaN at the elements fitted exactly (``perfect``, see ``perfect_fits``) in every column
+    but their estimates and counts; then each ``<x>.p.value.fdr`` column is the FDR of its
+    ``<x>.p.value`` over the elements left (in place)."""
+    if not perfect.any():
+        return
+    index = {name: i for i, name in enumerate(columns)}
+    for i, name in enumerate(columns):
+        if not kept_at_perfect_fit(name):
+            table[i, perfect] = np.nan
+    for name, i in index.items():
+        if name.endswith(".p.value.fdr") and name[: -len(".fdr")] in index:
+            table[i] = p_adjust_fdr(table[index[name[: -len(".fdr")]]])
 
 
 def p_adjust_fdr(p: np.ndarray) -> np.ndarray:
@@ -44,10 +83,13 @@ def write_results(
     table: np.ndarray,
     about: dict | None = None,
     overwrite: bool = True,
+    perfect: np.ndarray | None = None,
 ) -> list[str]:
     """results/<analysis>/results_matrix (columns x elements, float64) and column_names, as
     ModelArray's writeResults stores them, replacing an earlier one as a whole. ``about``
     (model, counts) is kept as the JSON attribute ``greyarray_about``, which R ignores.
+    ``perfect``: the elements the model fits exactly (``perfect_fits``): only their estimates
+    and counts are written (``blank_perfect_fits``), and a note says how many.
 
     The file is updated through ``updating_hdf5``: a crash at any moment leaves it as it was.
     What a user must know about the result (the model's own notes given in ``about["notes"]``,
@@ -55,12 +97,18 @@ def write_results(
     columns that are NaN everywhere, factor levels of one subject: ``result_notes``) is logged
     as warnings and recorded in ``about["notes"]``, where sidecars, summaries and reports read
     it. ``about`` keys read for it: ``scalar``, ``n_subjects``, ``threshold_abs``,
-    ``threshold_rel``, ``single_subject_levels``. Returns the notes."""
+    ``threshold_rel``, ``single_subject_levels``, ``unfitted_reasons`` (the model's own reasons
+    for elements it could not fit, with counts). Returns the notes."""
     about = dict(about or {})
+    if perfect is not None and perfect.any():
+        blank_perfect_fits(columns, table, perfect)
+        about["perfect_fits"] = int(perfect.sum())
     with updating_hdf5(h5_path, table.nbytes + 2**20, f"results/{analysis}") as h5:
         if f"results/{analysis}" in h5 and not overwrite:  # written meanwhile by another run
             raise OutputError(f"{h5_path}: results/{analysis} exists; use --overwrite")
-        notes = list(about.get("notes") or []) + result_notes(h5, analysis, columns, table, about)
+        notes = list(about.get("notes") or []) + result_notes(
+            h5, analysis, columns, table, about, perfect
+        )
         if notes:
             about["notes"] = notes
         results = h5.require_group("results")
@@ -147,21 +195,32 @@ THRESHOLD_OPTIONS = "--num-subj-lthr-abs and --num-subj-lthr-rel"  # ModelArray'
 
 
 def result_notes(
-    h5: h5py.File, analysis: str, columns: list[str], table: np.ndarray, about: dict
+    h5: h5py.File,
+    analysis: str,
+    columns: list[str],
+    table: np.ndarray,
+    about: dict,
+    perfect: np.ndarray | None = None,
 ) -> list[str]:
     """One line for each thing about a result that must not go unsaid: elements left unfitted
     (how many, and why: ModelArray's threshold with its numbers and the option that changes
-    it, or a design that cannot be fitted there), result columns that are NaN at every fitted
-    element, factor levels that a single subject has. Every model's writer calls this."""
+    it, or a design that cannot be fitted there), elements fitted exactly (``perfect``: only
+    their estimates written), result columns that are NaN at every other fitted element,
+    factor levels that a single subject has. Every model's writer calls this."""
     stats = [i for i, name in enumerate(columns) if name != "element_id"]
     notes = []
+    exact = np.zeros(table.shape[1], bool) if perfect is None else perfect
     if stats and table.shape[1]:
         finite = np.isfinite(table[stats])
-        fitted = finite.any(axis=0)
+        fitted = finite.any(axis=0) | exact
         if not fitted.all():
             notes.append(_unfitted(h5, analysis, fitted, about))
-        if fitted.any():
-            empty = [columns[i] for i, row in zip(stats, finite, strict=True) if not row.any()]
+        if exact.any():
+            notes.append(_exact(analysis, int(exact.sum()), table.shape[1]))
+        tested = fitted & ~exact
+        if tested.any():
+            rows = zip(stats, finite[:, tested], strict=True)
+            empty = [columns[i] for i, row in rows if not row.any()]
             if empty:
                 notes.append(
                     f"results/{analysis}: {_names(empty)} {'is' if len(empty) == 1 else 'are'} "
@@ -176,6 +235,17 @@ def result_notes(
     return notes
 
 
+def _exact(analysis: str, count: int, n: int) -> str:
+    return (
+        f"{count:,} of {n:,} elements {'is' if count == 1 else 'are'} fitted exactly (a "
+        "constant response, e.g. coverage of 1 for every subject, or one the model reproduces "
+        f"to rounding: residuals below {PERFECT_FIT:g} of the response): results/{analysis} "
+        "holds their estimates only; standard errors, statistics and p-values are NaN there, "
+        "as nothing is left to test (R's lm would divide rounding noise by rounding noise and "
+        "warn 'essentially perfect fit'; lme4 stops)"
+    )
+
+
 def _unfitted(h5: h5py.File, analysis: str, fitted: np.ndarray, about: dict) -> str:
     """How many elements are NaN, and why."""
     n, missing = fitted.size, int((~fitted).sum())
@@ -185,6 +255,7 @@ def _unfitted(h5: h5py.File, analysis: str, fitted: np.ndarray, about: dict) -> 
         else f"{missing:,} of {n:,} elements {_were(missing)} not fitted "
         f"(NaN in results/{analysis})"
     )
+    reasons = {str(k): int(v) for k, v in (about.get("unfitted_reasons") or {}).items() if v}
     try:
         lthr_abs, lthr_rel = float(about["threshold_abs"]), float(about["threshold_rel"])
         subjects = int(about["n_subjects"])
@@ -204,19 +275,23 @@ def _unfitted(h5: h5py.File, analysis: str, fitted: np.ndarray, about: dict) -> 
     if below is None:
         return f"{head}: {rule} ({THRESHOLD_OPTIONS} set it), or the design cannot be fitted"
     other = missing - below
-    reasons = []
+    parts = []
     if below:
-        reasons.append(
+        parts.append(
             f"{below:,} {'has' if below == 1 else 'have'} too few participants with a finite "
             f"value ({rule}; "
             f"{THRESHOLD_OPTIONS} set it)"
         )
     if other:
-        reasons.append(
-            f"{other:,} cannot be fitted with the subjects they have (a rank-deficient design, "
-            "e.g. a factor level without values there, or a constant response)"
-        )
-    return f"{head}: {'; '.join(reasons)}"
+        said = {reason: count for reason, count in reasons.items() if count <= other}
+        if said and sum(said.values()) == other:
+            parts += [f"{count:,} {reason}" for reason, count in said.items()]
+        else:
+            parts.append(
+                f"{other:,} cannot be fitted with the subjects they have (a rank-deficient "
+                "design, e.g. a factor level without values there)"
+            )
+    return f"{head}: {'; '.join(parts)}"
 
 
 def _were(count: int) -> str:
