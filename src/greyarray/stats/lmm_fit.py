@@ -1017,8 +1017,10 @@ def minimise(
     when the Hessian there has no direction of negative curvature (else it is left along
     that direction: a saddle, or a ridge at a bound), and when a diagonal at its bound 0 does
     not lead downhill once its column is reflected (``reflect``; then it goes on from the
-    reflected point). Elements that do not converge are
-    minimised again one by one (L-BFGS-B from several starts)."""
+    reflected point). A point where even a fresh Hessian's step finds no decrease (the
+    criterion's rounding) has the same checks once, so that a saddle or a reflection is not
+    missed there. Elements that do not converge are minimised again one by one (L-BFGS-B
+    from several starts)."""
     n_el = theta0.shape[0]
     theta = np.maximum(theta0.astype(np.float64), lower)
     everyone = np.arange(n_el)
@@ -1027,6 +1029,7 @@ def minimise(
     hess = _positive(_hessian(criterion, theta, grad, everyone))
     checked = np.zeros(n_el, dtype=bool)  # hess is a fresh difference Hessian
     converged = np.zeros(n_el, dtype=bool)
+    stalled = np.zeros(n_el, dtype=bool)  # stuck even with a fresh Hessian
     active = everyone
     for _ in range(max_iter):
         if not active.size:
@@ -1036,11 +1039,12 @@ def minimise(
         small = np.where(at_bound, 0.0, np.abs(g)).max(axis=1) <= gtol * (1 + np.abs(f))
         step = _newton_step(hess[active], g, at_bound)
         tiny = (np.abs(step) <= xtol * np.maximum(1, np.abs(th))).all(axis=1)
-        candidate = small | tiny
+        candidate = small | tiny | stalled[active]
         if candidate.any():  # check the curvature with a difference Hessian
             where = np.flatnonzero(candidate)
             exact = _hessian(criterion, th[where], g[where], active[where])
-            curvature = _curvature(exact, at_bound[where])
+            flat = at_bound[where] & (g[where] <= 1e-8 * (1 + np.abs(f[where]))[:, None])
+            curvature, direction = _curvature(exact, at_bound[where], flat)
             scale = 1 + np.abs(np.diagonal(exact, axis1=1, axis2=2)).max(axis=1)
             convex = curvature >= -1e-6 * scale
             better, new_th, new_g, new_h = _reflected(th[where], g[where], exact, reflect)
@@ -1050,10 +1054,10 @@ def minimise(
                 th[go], g[go] = new_th[better], new_g[better]
                 hess[active[go]] = _positive(new_h[better])
                 step[go] = _newton_step(hess[active[go]], g[go], np.zeros_like(g[go], bool))
-            converged[active[where[convex & ~better]]] = True
+            converged[active[where[convex & ~better & ~stalled[active[where]]]]] = True
             saddle = where[~convex & ~better]
             if saddle.size:
-                step[saddle] = _escape(exact[~convex & ~better], th[saddle], lower)
+                step[saddle] = _escape(direction[~convex & ~better], th[saddle], g[saddle], lower)
                 hess[active[saddle]] = _positive(exact[~convex & ~better])
             keep = ~np.isin(np.arange(active.size), where[convex & ~better])
             active, th, g, f, step = active[keep], th[keep], g[keep], f[keep], step[keep]
@@ -1075,12 +1079,17 @@ def minimise(
         retry = stuck[~checked[stuck]]
         if retry.size:
             hess[retry] = _positive(_hessian(criterion, theta[retry], grad[retry], retry))
-        checked[moved] = False
-        checked[retry] = True
-        active = np.sort(np.concatenate([moved, retry]))
+        again = stuck[checked[stuck] & ~stalled[stuck]]  # checked once more, then dropped
+        checked[moved], stalled[moved] = False, False
+        checked[retry], stalled[again] = True, True
+        active = np.sort(np.concatenate([moved, retry, again]))
     failed = np.flatnonzero(~converged)
     for e in failed:  # robust fallback, one element at a time
-        theta[e], dev[e], converged[e] = _fallback(criterion, theta[e], theta0[e], lower, e)
+        found = _fallback(criterion, theta[e], theta0[e], lower, e)
+        if found[1] <= dev[e]:
+            theta[e], dev[e], converged[e] = found
+        else:  # ended a rounding error above the point it started from: keep that point
+            converged[e] = found[2] and found[1] <= dev[e] + 1e-12 * (1 + abs(dev[e]))
     _check_boundary(criterion, theta, dev, lower)
     return Optimum(theta, dev, converged)
 
@@ -1133,18 +1142,45 @@ def _bfgs(hess: np.ndarray, s: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.where(ok[:, None, None], update, hess)
 
 
-def _curvature(hess: np.ndarray, at_bound: np.ndarray) -> np.ndarray:
-    """Smallest eigenvalue of the Hessian on the free parameters, and of the diagonal at the
-    bound (where only upward moves are allowed)."""
-    k = hess.shape[1]
+def _curvature(hess: np.ndarray, at_bound: np.ndarray, flat: np.ndarray):
+    """Smallest curvature of the Hessian over the directions a point may move in, and a unit
+    direction with it (feasible: upwards at a bound). Free parameters move either way; a
+    parameter at its bound with a positive gradient on its own (its diagonal); one at its
+    bound with a zero gradient (``flat``) upwards jointly with the free ones. At lme4's origin
+    (theta = 0) every diagonal is flat and the gradient 0, and the criterion may fall only
+    along a mixed direction (an intercept and a correlated slope growing together) that
+    neither the free block nor a diagonal shows: a saddle, not an optimum."""
+    n_el, k = hess.shape[:2]
+    eye = np.eye(k)[None]
+    big = 1e3 * (1 + np.abs(hess).max(axis=(1, 2)))[:, None, None]
     free = ~at_bound
-    h = (
-        np.where(free[:, :, None] & free[:, None, :], hess, 0.0)
-        + np.where(at_bound, 1e300, 0.0)[:, :, None] * np.eye(k)[None]
-    )
-    lowest = np.linalg.eigvalsh(h)[:, 0]
-    bound_diag = np.where(at_bound, np.diagonal(hess, axis1=1, axis2=2), np.inf).min(axis=1)
-    return np.minimum(lowest, bound_diag)
+    best, direction = np.full(n_el, np.inf), np.zeros((n_el, k))
+
+    def keep(value, vector):
+        lower = value < best
+        best[lower], direction[lower] = value[lower], vector[lower]
+
+    masks = [free] + [free | (flat & (np.arange(k) == j)) for j in range(k) if flat[:, j].any()]
+    if flat.any():
+        masks.append(free | flat)
+    for mask in masks:  # lowest eigenpair of the Hessian on the parameters in mask
+        pair = mask[:, :, None] & mask[:, None, :]
+        values, vectors = np.linalg.eigh(
+            np.where(pair, hess, 0.0) + np.where(mask, 0.0, 1.0)[:, :, None] * big * eye
+        )
+        vector = np.where(mask, vectors[:, :, 0], 0.0)
+        down = (np.where(flat, vector, 0.0) < 0).any(axis=1)
+        vector = np.where(down[:, None], -vector, vector)  # a single flat parameter: upwards
+        vector = np.where(flat, np.maximum(vector, 0.0), vector)  # several: the feasible part
+        norm = np.linalg.norm(vector, axis=1)
+        ok = (values[:, 0] < big[:, 0, 0]) & (norm > 0)
+        vector = vector / np.where(ok, norm, 1.0)[:, None]
+        value = np.einsum("ei,eij,ej->e", vector, hess, vector)
+        keep(np.where(ok, value, np.inf), vector)
+    diagonal = np.where(at_bound, np.diagonal(hess, axis1=1, axis2=2), np.inf)
+    j = np.argmin(diagonal, axis=1)
+    keep(diagonal[np.arange(n_el), j], eye[0][j])
+    return best, direction
 
 
 def _hessian(criterion: Criterion, theta: np.ndarray, grad: np.ndarray, idx: np.ndarray):
@@ -1173,16 +1209,19 @@ def _newton_step(hess: np.ndarray, grad: np.ndarray, at_bound: np.ndarray) -> np
     return np.where(free, -np.linalg.solve(h, g[..., None])[..., 0], 0.0)
 
 
-def _escape(hess: np.ndarray, theta: np.ndarray, lower: np.ndarray) -> np.ndarray:
-    """A step along the most negative curvature (feasible: upwards at a bound)."""
-    _, vectors = np.linalg.eigh(hess)
-    direction = vectors[:, :, 0]
-    at = theta <= lower
-    flip = (np.where(at, direction, 0.0) < 0).any(axis=1)
-    direction = np.where(flip[:, None], -direction, direction)
-    blocked = (np.where(at, direction, 0.0) < 0).any(axis=1)
-    direction = np.where(blocked[:, None], np.where(at, np.abs(direction), 0.0), direction)
-    return direction * 0.1 * np.maximum(1.0, np.abs(theta).max(axis=1))[:, None]
+def _escape(direction, theta, grad, lower) -> np.ndarray:
+    """A step along a direction of negative curvature (``_curvature``), with the sign that
+    the bounds cut least (near theta = 0 a free diagonal of 1e-28 is as good as at its bound:
+    the other sign would be projected back onto it), else the one that is downhill."""
+    size = 0.1 * np.maximum(1.0, np.abs(theta).max(axis=1))[:, None]
+
+    def cut(d):
+        return np.abs(np.maximum(theta + size * d, lower) - (theta + size * d)).sum(axis=1)
+
+    forward, backward = cut(direction), cut(-direction)
+    downhill = np.einsum("ek,ek->e", grad, direction) <= 0
+    flip = (backward < forward) | ((backward == forward) & ~downhill)
+    return np.where(flip[:, None], -direction, direction) * size
 
 
 def _line_search(criterion, theta, dev, grad, step, lower, idx, max_halvings: int = 40):
