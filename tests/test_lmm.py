@@ -174,6 +174,15 @@ def test_leaves_the_saddle_at_zero(tmp_path, reml):
         assert np.abs(dev - lme4["tight"]).max() <= 2e-6  # logLik within 1e-6
 
 
+def test_newton_step_of_a_singular_hessian():
+    """A damped BFGS update can leave a Hessian singular to rounding (seen on an ML slope
+    fit: entries 1e14 beside 1e-2); the step is then the least-squares one, not a crash."""
+    hess = np.array([[[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 2.0]], np.eye(3)])
+    grad = np.array([[1.0, 1.0, 4.0], [1.0, 2.0, 3.0]])
+    step = lmm_fit._newton_step(hess, grad, np.zeros((2, 3), bool))
+    assert np.allclose(step, [[-0.5, -0.5, -2.0], [-1.0, -2.0, -3.0]])
+
+
 def test_columns_named_as_varcorr():
     """lme4 orders terms by decreasing number of levels (rev(order(nl)), here putting the
     age term first) and VarCorr makes duplicated group names unique (participant_id.1)."""
