@@ -174,6 +174,31 @@ def test_leaves_the_saddle_at_zero(tmp_path, reml):
         assert np.abs(dev - lme4["tight"]).max() <= 2e-6  # logLik within 1e-6
 
 
+def test_restarts_a_singular_optimum(tmp_path):
+    """An ML random slope (tests/r/lmm_restart.py) with a singular local optimum (correlation
+    -1) 1.2e-3 in logLik below lmer's tight optimum, which has both variances positive: the
+    optimiser, even started at that local optimum, ends at lmer's, and so does fit-lmm."""
+    formula = "y ~ age + sex + (1 + age | participant_id)"
+    folder = DATA / "restart"
+    phenotypes = pd.read_csv(folder / "phenotypes.csv")
+    values = pd.read_csv(folder / "values.csv").to_numpy()
+    tight = expected("tight", "restart_ml")["lme4.criterion"].to_numpy(float)
+    default = expected("default", "restart_ml")["lme4.criterion"].to_numpy(float)
+    model = lmm.MixedModel(formula, phenotypes.assign(y=0.0), False)
+    y = values[model.design.rows]
+    rows = np.flatnonzero(np.isfinite(y[:, 0]))
+    engine = model.structure(rows)
+    criterion = lmm_fit.Criterion(engine, engine.stats(y[rows]), rows.size, 3, 3, False)
+    local = np.array([[0.00065914, -0.13155447, 0.0]])  # the old optimiser's optimum
+    assert criterion(local, np.arange(1), grad=False)["dev"][0] > tight[0] + 2e-3
+    optimum = lmm_fit.minimise(criterion, local, model.lower, model.reflect)
+    h5 = make_h5(tmp_path, phenotypes, values)
+    lmm.fit_lmm(h5, tmp_path / "cohort.csv", formula, "lmm", reml=False)
+    fitted = -2 * read_results(h5, "lmm")["model.logLik"].to_numpy()
+    for dev in (optimum.dev, fitted):
+        assert (dev <= tight + 1e-9 * np.abs(tight)).all() and (dev < default).all(), dev
+
+
 def test_newton_step_of_a_singular_hessian():
     """A damped BFGS update can leave a Hessian singular to rounding (seen on an ML slope
     fit: entries 1e14 beside 1e-2); the step is then the least-squares one, not a crash."""

@@ -25,3 +25,8 @@ for mode in default tight; do
       'y ~ age + sex + (1 + age | participant_id)' "$reml" "$data/${mode}_saddle$suffix.csv" "$mode"
   done
 done
+# tests/r/lmm_restart.py's response (an ML random slope with a singular local optimum)
+for mode in default tight; do
+  Rscript "$here/lmm_reference.R" "$data/restart/phenotypes.csv" "$data/restart/values.csv" \
+    'y ~ age + sex + (1 + age | participant_id)' FALSE "$data/${mode}_restart_ml.csv" "$mode"
+done

@@ -1009,6 +1009,7 @@ def minimise(
     max_iter: int = 200,
     gtol: float = 1e-10,
     xtol: float = 1e-9,
+    restart: bool = True,
 ) -> Optimum:
     """Projected quasi-Newton on every element at once, from ``theta0`` (E, k), with lme4's
     lower bounds: BFGS updates of a Hessian that starts, and is checked, by differences of the
@@ -1096,8 +1097,40 @@ def minimise(
             theta[e], dev[e], converged[e] = found
         else:  # ended a rounding error above the point it started from: keep that point
             converged[e] = found[2] and found[1] <= dev[e] + 1e-12 * (1 + abs(dev[e]))
+    if restart:
+        _restart_singular(criterion, theta, dev, converged, lower, reflect, max_iter)
     _check_boundary(criterion, theta, dev, lower)
     return Optimum(theta, dev, converged)
+
+
+class _Subset:
+    """A criterion restricted to elements ``ids`` (numbered 0.. in the restriction)."""
+
+    def __init__(self, criterion, ids):
+        self.criterion, self.ids = criterion, ids
+
+    def __call__(self, theta, idx, grad=True):
+        return self.criterion(theta, self.ids[idx], grad=grad)
+
+    def __getattr__(self, name):
+        return getattr(self.criterion, name)
+
+
+def _restart_singular(criterion, theta, dev, converged, lower, reflect, max_iter) -> None:
+    """A singular optimum (a diagonal at 0) can be a local one beside a better optimum with
+    that variance positive, reached across a nearby bound (seen: 1e-3 in logLik on an ML
+    random slope): such elements are minimised again from their point with the zero
+    diagonals at 0.1, and keep whichever criterion is lower."""
+    diagonal = lower == 0
+    ids = np.flatnonzero((theta[:, diagonal] < SINGULAR_TOL).any(axis=1) & np.isfinite(dev))
+    if not ids.size:
+        return
+    start = theta[ids].copy()
+    start[:, diagonal] = np.where(start[:, diagonal] < SINGULAR_TOL, 0.1, start[:, diagonal])
+    again = minimise(_Subset(criterion, ids), start, lower, reflect, max_iter, restart=False)
+    better = again.dev < dev[ids]
+    theta[ids[better]], dev[ids[better]] = again.theta[better], again.dev[better]
+    converged[ids[better]] = again.converged[better]
 
 
 def _reflected(theta, grad, hess, reflect):
