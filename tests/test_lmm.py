@@ -145,6 +145,69 @@ def test_criterion_never_worse_than_lmer_defaults(fits, name):
             assert value <= (0 if "ngroups" in kind else TOLERANCES[kind]), (kind, value)
 
 
+@pytest.mark.parametrize("reml", [True, False])
+def test_leaves_the_saddle_at_zero(tmp_path, reml):
+    """At theta = 0 the gradient is 0 and the diagonals are at their bound, each curving
+    upwards on its own, while the criterion falls along a mixed direction (an intercept and a
+    correlated slope growing together; tests/r/lmm_saddle.py): a saddle. Started there, the
+    optimiser leaves it for lme4's optimum (it used to stop, up to 0.8 above lme4's
+    criterion); fit-lmm's criterion is never worse than lmer's, by default or run tight."""
+    formula, suffix = "y ~ age + sex + (1 + age | participant_id)", "" if reml else "_ml"
+    phenotypes = pd.read_csv(DATA / "phenotypes.csv")
+    values = pd.read_csv(DATA / "saddle.csv").to_numpy()
+    lme4 = {m: expected(m, f"saddle{suffix}")["lme4.criterion"].to_numpy(float) for m in
+            ("default", "tight")}  # fmt: skip
+    model = lmm.MixedModel(formula, phenotypes.assign(y=0.0), reml)
+    rows = np.arange(len(model.design.rows))
+    engine = model.structure(rows)
+    y = values[model.design.rows]
+    criterion = lmm_fit.Criterion(engine, engine.stats(y), rows.size, 3, 3, reml)
+    origin = np.zeros((y.shape[1], model.n_theta))
+    assert (criterion(origin, np.arange(y.shape[1]))["grad"] == 0).all()
+    optimum = lmm_fit.minimise(criterion, origin, model.lower, model.reflect)
+    h5 = make_h5(tmp_path, phenotypes, values)
+    lmm.fit_lmm(h5, tmp_path / "cohort.csv", formula, "lmm", reml=reml)
+    fitted = -2 * read_results(h5, "lmm")["model.logLik"].to_numpy()
+    for dev in (optimum.dev, fitted):
+        for reference in lme4.values():
+            assert (dev <= reference + 1e-9 * np.abs(reference)).all(), (dev, reference)
+        assert np.abs(dev - lme4["tight"]).max() <= 2e-6  # logLik within 1e-6
+
+
+def test_restarts_a_singular_optimum(tmp_path):
+    """An ML random slope (tests/r/lmm_restart.py) with a singular local optimum (correlation
+    -1) 1.2e-3 in logLik below lmer's tight optimum, which has both variances positive: the
+    optimiser, even started at that local optimum, ends at lmer's, and so does fit-lmm."""
+    formula = "y ~ age + sex + (1 + age | participant_id)"
+    folder = DATA / "restart"
+    phenotypes = pd.read_csv(folder / "phenotypes.csv")
+    values = pd.read_csv(folder / "values.csv").to_numpy()
+    tight = expected("tight", "restart_ml")["lme4.criterion"].to_numpy(float)
+    default = expected("default", "restart_ml")["lme4.criterion"].to_numpy(float)
+    model = lmm.MixedModel(formula, phenotypes.assign(y=0.0), False)
+    y = values[model.design.rows]
+    rows = np.flatnonzero(np.isfinite(y[:, 0]))
+    engine = model.structure(rows)
+    criterion = lmm_fit.Criterion(engine, engine.stats(y[rows]), rows.size, 3, 3, False)
+    local = np.array([[0.00065914, -0.13155447, 0.0]])  # the old optimiser's optimum
+    assert criterion(local, np.arange(1), grad=False)["dev"][0] > tight[0] + 2e-3
+    optimum = lmm_fit.minimise(criterion, local, model.lower, model.reflect)
+    h5 = make_h5(tmp_path, phenotypes, values)
+    lmm.fit_lmm(h5, tmp_path / "cohort.csv", formula, "lmm", reml=False)
+    fitted = -2 * read_results(h5, "lmm")["model.logLik"].to_numpy()
+    for dev in (optimum.dev, fitted):
+        assert (dev <= tight + 1e-9 * np.abs(tight)).all() and (dev < default).all(), dev
+
+
+def test_newton_step_of_a_singular_hessian():
+    """A damped BFGS update can leave a Hessian singular to rounding (seen on an ML slope
+    fit: entries 1e14 beside 1e-2); the step is then the least-squares one, not a crash."""
+    hess = np.array([[[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 2.0]], np.eye(3)])
+    grad = np.array([[1.0, 1.0, 4.0], [1.0, 2.0, 3.0]])
+    step = lmm_fit._newton_step(hess, grad, np.zeros((2, 3), bool))
+    assert np.allclose(step, [[-0.5, -0.5, -2.0], [-1.0, -2.0, -3.0]])
+
+
 def test_columns_named_as_varcorr():
     """lme4 orders terms by decreasing number of levels (rev(order(nl)), here putting the
     age term first) and VarCorr makes duplicated group names unique (participant_id.1)."""

@@ -1010,6 +1010,7 @@ def minimise(
     max_iter: int = 200,
     gtol: float = 1e-10,
     xtol: float = 1e-9,
+    restart: bool = True,
 ) -> Optimum:
     """Projected quasi-Newton on every element at once, from ``theta0`` (E, k), with lme4's
     lower bounds: BFGS updates of a Hessian that starts, and is checked, by differences of the
@@ -1018,8 +1019,10 @@ def minimise(
     when the Hessian there has no direction of negative curvature (else it is left along
     that direction: a saddle, or a ridge at a bound), and when a diagonal at its bound 0 does
     not lead downhill once its column is reflected (``reflect``; then it goes on from the
-    reflected point). Elements that do not converge are
-    minimised again one by one (L-BFGS-B from several starts)."""
+    reflected point). A point where even a fresh Hessian's step finds no decrease (the
+    criterion's rounding) has the same checks once, so that a saddle or a reflection is not
+    missed there. Elements that do not converge are minimised again one by one (L-BFGS-B
+    from several starts)."""
     n_el = theta0.shape[0]
     theta = np.maximum(theta0.astype(np.float64), lower)
     everyone = np.arange(n_el)
@@ -1028,6 +1031,8 @@ def minimise(
     hess = _positive(_hessian(criterion, theta, grad, everyone))
     checked = np.zeros(n_el, dtype=bool)  # hess is a fresh difference Hessian
     converged = np.zeros(n_el, dtype=bool)
+    stalled = np.zeros(n_el, dtype=bool)  # stuck even with a fresh Hessian
+    escaping = np.zeros(n_el, dtype=bool)  # stepping off a saddle: a real decrease only
     active = everyone
     for _ in range(max_iter):
         if not active.size:
@@ -1037,13 +1042,17 @@ def minimise(
         small = np.where(at_bound, 0.0, np.abs(g)).max(axis=1) <= gtol * (1 + np.abs(f))
         step = _newton_step(hess[active], g, at_bound)
         tiny = (np.abs(step) <= xtol * np.maximum(1, np.abs(th))).all(axis=1)
-        candidate = small | tiny
+        candidate = small | tiny | stalled[active]
         if candidate.any():  # check the curvature with a difference Hessian
             where = np.flatnonzero(candidate)
             exact = _hessian(criterion, th[where], g[where], active[where])
-            curvature = _curvature(exact, at_bound[where])
+            flat = at_bound[where] & (g[where] <= 1e-8 * (1 + np.abs(f[where]))[:, None])
+            curvature, direction = _curvature(exact, at_bound[where], flat)
             scale = 1 + np.abs(np.diagonal(exact, axis1=1, axis2=2)).max(axis=1)
-            convex = curvature >= -1e-6 * scale
+            # next to a bound (a variance near 0), a tighter tolerance: where the other
+            # parameters' curvatures are 1e2, a diagonal's -1e-5 still leads to a better optimum
+            near = (th[where] - lower < 1e-4 * np.maximum(1, np.abs(th[where]))).any(axis=1)
+            convex = curvature >= -np.where(near, 1e-9, 1e-6) * scale
             better, new_th, new_g, new_h = _reflected(th[where], g[where], exact, reflect)
             if better.any():  # the other correlation's basin is downhill: go on there
                 go = where[better]
@@ -1051,18 +1060,20 @@ def minimise(
                 th[go], g[go] = new_th[better], new_g[better]
                 hess[active[go]] = _positive(new_h[better])
                 step[go] = _newton_step(hess[active[go]], g[go], np.zeros_like(g[go], bool))
-            converged[active[where[convex & ~better]]] = True
+            converged[active[where[convex & ~better & ~stalled[active[where]]]]] = True
             saddle = where[~convex & ~better]
             if saddle.size:
-                step[saddle] = _escape(exact[~convex & ~better], th[saddle], lower)
+                step[saddle] = _escape(direction[~convex & ~better], th[saddle], g[saddle], lower)
+                escaping[active[saddle]] = True
                 hess[active[saddle]] = _positive(exact[~convex & ~better])
             keep = ~np.isin(np.arange(active.size), where[convex & ~better])
             active, th, g, f, step = active[keep], th[keep], g[keep], f[keep], step[keep]
             if not active.size:
                 break
         new_theta, new_dev, new_grad, accepted = _line_search(
-            criterion, th, f, g, step, lower, active
+            criterion, th, f, g, step, lower, active, escaping[active]
         )
+        escaping[active] = False
         moved = active[accepted]
         s_k = new_theta[accepted] - th[accepted]
         y_k = new_grad[accepted] - g[accepted]
@@ -1076,14 +1087,51 @@ def minimise(
         retry = stuck[~checked[stuck]]
         if retry.size:
             hess[retry] = _positive(_hessian(criterion, theta[retry], grad[retry], retry))
-        checked[moved] = False
-        checked[retry] = True
-        active = np.sort(np.concatenate([moved, retry]))
+        again = stuck[checked[stuck] & ~stalled[stuck]]  # checked once more, then dropped
+        checked[moved], stalled[moved] = False, False
+        checked[retry], stalled[again] = True, True
+        active = np.sort(np.concatenate([moved, retry, again]))
     failed = np.flatnonzero(~converged)
     for e in failed:  # robust fallback, one element at a time
-        theta[e], dev[e], converged[e] = _fallback(criterion, theta[e], theta0[e], lower, e)
+        found = _fallback(criterion, theta[e], theta0[e], lower, e)
+        if found[1] <= dev[e]:
+            theta[e], dev[e], converged[e] = found
+        else:  # ended a rounding error above the point it started from: keep that point
+            converged[e] = found[2] and found[1] <= dev[e] + 1e-12 * (1 + abs(dev[e]))
+    if restart:
+        _restart_singular(criterion, theta, dev, converged, lower, reflect, max_iter)
     _check_boundary(criterion, theta, dev, lower)
     return Optimum(theta, dev, converged)
+
+
+class _Subset:
+    """A criterion restricted to elements ``ids`` (numbered 0.. in the restriction)."""
+
+    def __init__(self, criterion, ids):
+        self.criterion, self.ids = criterion, ids
+
+    def __call__(self, theta, idx, grad=True):
+        return self.criterion(theta, self.ids[idx], grad=grad)
+
+    def __getattr__(self, name):
+        return getattr(self.criterion, name)
+
+
+def _restart_singular(criterion, theta, dev, converged, lower, reflect, max_iter) -> None:
+    """A singular optimum (a diagonal at 0) can be a local one beside a better optimum with
+    that variance positive, reached across a nearby bound (seen: 1e-3 in logLik on an ML
+    random slope): such elements are minimised again from their point with the zero
+    diagonals at 0.1, and keep whichever criterion is lower."""
+    diagonal = lower == 0
+    ids = np.flatnonzero((theta[:, diagonal] < SINGULAR_TOL).any(axis=1) & np.isfinite(dev))
+    if not ids.size:
+        return
+    start = theta[ids].copy()
+    start[:, diagonal] = np.where(start[:, diagonal] < SINGULAR_TOL, 0.1, start[:, diagonal])
+    again = minimise(_Subset(criterion, ids), start, lower, reflect, max_iter, restart=False)
+    better = again.dev < dev[ids]
+    theta[ids[better]], dev[ids[better]] = again.theta[better], again.dev[better]
+    converged[ids[better]] = again.converged[better]
 
 
 def _reflected(theta, grad, hess, reflect):
@@ -1134,18 +1182,45 @@ def _bfgs(hess: np.ndarray, s: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.where(ok[:, None, None], update, hess)
 
 
-def _curvature(hess: np.ndarray, at_bound: np.ndarray) -> np.ndarray:
-    """Smallest eigenvalue of the Hessian on the free parameters, and of the diagonal at the
-    bound (where only upward moves are allowed)."""
-    k = hess.shape[1]
+def _curvature(hess: np.ndarray, at_bound: np.ndarray, flat: np.ndarray):
+    """Smallest curvature of the Hessian over the directions a point may move in, and a unit
+    direction with it (feasible: upwards at a bound). Free parameters move either way; a
+    parameter at its bound with a positive gradient on its own (its diagonal); one at its
+    bound with a zero gradient (``flat``) upwards jointly with the free ones. At lme4's origin
+    (theta = 0) every diagonal is flat and the gradient 0, and the criterion may fall only
+    along a mixed direction (an intercept and a correlated slope growing together) that
+    neither the free block nor a diagonal shows: a saddle, not an optimum."""
+    n_el, k = hess.shape[:2]
+    eye = np.eye(k)[None]
+    big = 1e3 * (1 + np.abs(hess).max(axis=(1, 2)))[:, None, None]
     free = ~at_bound
-    h = (
-        np.where(free[:, :, None] & free[:, None, :], hess, 0.0)
-        + np.where(at_bound, 1e300, 0.0)[:, :, None] * np.eye(k)[None]
-    )
-    lowest = np.linalg.eigvalsh(h)[:, 0]
-    bound_diag = np.where(at_bound, np.diagonal(hess, axis1=1, axis2=2), np.inf).min(axis=1)
-    return np.minimum(lowest, bound_diag)
+    best, direction = np.full(n_el, np.inf), np.zeros((n_el, k))
+
+    def keep(value, vector):
+        lower = value < best
+        best[lower], direction[lower] = value[lower], vector[lower]
+
+    masks = [free] + [free | (flat & (np.arange(k) == j)) for j in range(k) if flat[:, j].any()]
+    if flat.any():
+        masks.append(free | flat)
+    for mask in masks:  # lowest eigenpair of the Hessian on the parameters in mask
+        pair = mask[:, :, None] & mask[:, None, :]
+        values, vectors = np.linalg.eigh(
+            np.where(pair, hess, 0.0) + np.where(mask, 0.0, 1.0)[:, :, None] * big * eye
+        )
+        vector = np.where(mask, vectors[:, :, 0], 0.0)
+        down = (np.where(flat, vector, 0.0) < 0).any(axis=1)
+        vector = np.where(down[:, None], -vector, vector)  # a single flat parameter: upwards
+        vector = np.where(flat, np.maximum(vector, 0.0), vector)  # several: the feasible part
+        norm = np.linalg.norm(vector, axis=1)
+        ok = (values[:, 0] < big[:, 0, 0]) & (norm > 0)
+        vector = vector / np.where(ok, norm, 1.0)[:, None]
+        value = np.einsum("ei,eij,ej->e", vector, hess, vector)
+        keep(np.where(ok, value, np.inf), vector)
+    diagonal = np.where(at_bound, np.diagonal(hess, axis1=1, axis2=2), np.inf)
+    j = np.argmin(diagonal, axis=1)
+    keep(diagonal[np.arange(n_el), j], eye[0][j])
+    return best, direction
 
 
 def _hessian(criterion: Criterion, theta: np.ndarray, grad: np.ndarray, idx: np.ndarray):
@@ -1171,23 +1246,31 @@ def _newton_step(hess: np.ndarray, grad: np.ndarray, at_bound: np.ndarray) -> np
     h = np.where(free[:, :, None] & free[:, None, :], hess, 0.0)
     h = h + np.where(at_bound, 1.0, 0.0)[:, :, None] * np.eye(k)[None]
     g = np.where(free, grad, 0.0)
-    return np.where(free, -np.linalg.solve(h, g[..., None])[..., 0], 0.0)
+    try:
+        step = np.linalg.solve(h, g[..., None])[..., 0]
+    except np.linalg.LinAlgError:  # a BFGS update singular to rounding: least squares
+        step = np.einsum("eij,ej->ei", np.linalg.pinv(h, hermitian=True), g)
+    return np.where(free, -step, 0.0)
 
 
-def _escape(hess: np.ndarray, theta: np.ndarray, lower: np.ndarray) -> np.ndarray:
-    """A step along the most negative curvature (feasible: upwards at a bound)."""
-    _, vectors = np.linalg.eigh(hess)
-    direction = vectors[:, :, 0]
-    at = theta <= lower
-    flip = (np.where(at, direction, 0.0) < 0).any(axis=1)
-    direction = np.where(flip[:, None], -direction, direction)
-    blocked = (np.where(at, direction, 0.0) < 0).any(axis=1)
-    direction = np.where(blocked[:, None], np.where(at, np.abs(direction), 0.0), direction)
-    return direction * 0.1 * np.maximum(1.0, np.abs(theta).max(axis=1))[:, None]
+def _escape(direction, theta, grad, lower) -> np.ndarray:
+    """A step along a direction of negative curvature (``_curvature``), with the sign that
+    the bounds cut least (near theta = 0 a free diagonal of 1e-28 is as good as at its bound:
+    the other sign would be projected back onto it), else the one that is downhill."""
+    size = 0.1 * np.maximum(1.0, np.abs(theta).max(axis=1))[:, None]
+
+    def cut(d):
+        return np.abs(np.maximum(theta + size * d, lower) - (theta + size * d)).sum(axis=1)
+
+    forward, backward = cut(direction), cut(-direction)
+    downhill = np.einsum("ek,ek->e", grad, direction) <= 0
+    flip = (backward < forward) | ((backward == forward) & ~downhill)
+    return np.where(flip[:, None], -direction, direction) * size
 
 
-def _line_search(criterion, theta, dev, grad, step, lower, idx, max_halvings: int = 40):
-    """Backtracking (Armijo) along the projected path; returns the accepted points."""
+def _line_search(criterion, theta, dev, grad, step, lower, idx, strict=None, max_halvings=40):
+    """Backtracking (Armijo) along the projected path; returns the accepted points. Off a
+    saddle (``strict``), only a decrease beyond the criterion's rounding is a step."""
     n_el = theta.shape[0]
     new_theta, new_dev = theta.copy(), dev.copy()
     new_grad = np.zeros_like(grad)
@@ -1202,6 +1285,8 @@ def _line_search(criterion, theta, dev, grad, step, lower, idx, max_halvings: in
         state = criterion(trial, idx[todo])
         decrease = np.einsum("ek,ek->e", grad[todo], moved)
         roundoff = 1e-14 * np.abs(dev[todo])  # the criterion's own rounding noise
+        if strict is not None:
+            roundoff = np.where(strict[todo], -roundoff, roundoff)
         ok = (
             np.isfinite(state["dev"])
             & (state["dev"] <= dev[todo] + 1e-4 * np.minimum(decrease, 0) + roundoff)
@@ -1239,7 +1324,27 @@ def _fallback(criterion: Criterion, theta: np.ndarray, start: np.ndarray, lower,
         )
         if best is None or res.fun < best.fun:
             best = res
-    return best.x, best.fun, bool(best.success)
+    theta, value = _polish(criterion, best.x, best.fun, lower, idx)
+    return theta, value, bool(best.success)
+
+
+def _polish(criterion: Criterion, theta, value, lower, idx, steps: int = 200):
+    """Projected Newton steps with a difference Hessian from L-BFGS-B's point, kept while the
+    criterion decreases: L-BFGS-B stops up to 1e-6 short along an ill-conditioned valley."""
+    t = theta[None].astype(np.float64)
+    grad = criterion(t, idx)["grad"]
+    for _ in range(steps):
+        at_bound = (t <= lower) & (grad >= 0)
+        step = _newton_step(_positive(_hessian(criterion, t, grad, idx)), grad, at_bound)
+        for alpha in 0.5 ** np.arange(30):
+            trial = np.maximum(t + alpha * step, lower)
+            state = criterion(trial, idx)
+            if state["dev"][0] < value:
+                break
+        else:
+            break
+        t, value, grad = trial, state["dev"][0], state["grad"]
+    return t[0], value
 
 
 def _check_boundary(criterion: Criterion, theta, dev, lower) -> None:
