@@ -195,6 +195,8 @@ def main() -> None:
         report["cases"][name] = case
         h5.unlink()
     out = HERE / "results" / "lmm.json"
+    if out.exists() and set(args.cases) != set(CASES):  # --cases: keep the other cases' runs
+        report["cases"] = json.loads(out.read_text())["cases"] | report["cases"]
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
 
