@@ -2,7 +2,8 @@
 its own virtual environment: its pins are not ours). An S3 cohort converts to the HDF5 a local
 one gives (values, sha256 of the same bytes); public buckets are read unsigned; credentials come
 from boto3's chain; a missing key, denied access, a stopped server and transient 5xx answers end
-as they should (66, 77, 69, retried), with one error line and nothing written.
+as they should (66, 77, 69, retried), with one error line and nothing written. NIfTI maps with
+subject masks and fixel data on S3 convert to the HDF5 of the same files read locally.
 
 The venv is GREYARRAY_MOTO_VENV (default /tmp/greyarray-moto-venv), made here when missing
 (.ci/run makes it before the tests); without it the tests skip, except under CI=1.
@@ -190,9 +191,9 @@ def aws(monkeypatch, tmp_path):
     return use
 
 
-def convert(csv: Path, output: Path, workers: int = 4):
+def convert(csv: Path, output: Path, *flags: object, workers: int = 4):
     return run_greyarray(
-        "to-modelarray", "--cohort-file", csv, "--output", output, "--s3-workers", workers
+        "to-modelarray", "--cohort-file", csv, "--output", output, "--s3-workers", workers, *flags
     )
 
 
@@ -449,4 +450,131 @@ def test_not_an_object_url(tmp_path, url):
     pd.DataFrame({"scalar_name": ["fa"], "source_file": [url]}).to_csv(tmp_path / "c.csv")
     done = convert(tmp_path / "c.csv", tmp_path / "o.h5")
     one_error(done, 64, "c.csv: line 2:", repr(url), "not an S3 object (expected s3://bucket/key)")
+    nothing_left(tmp_path)
+
+
+MODELARRAYIO_DATA = Path(__file__).parent / "data" / "modelarrayio"
+VOXELS, FIXELS = MODELARRAYIO_DATA / "voxels", MODELARRAYIO_DATA / "fixels"
+GROUP_MASK = ("--mask", VOXELS / "group_mask.nii.gz")
+FIXEL_INDEX = (
+    "--index-file",
+    FIXELS / "template" / "index.mif",
+    "--directions-file",
+    FIXELS / "template" / "directions.mif",
+)
+URL_COLUMNS = ("column_names", "path", "mask_path")  # the cohort's strings: URLs or local paths
+
+
+def upload_cohort(s3, folder: Path, bucket: str, out: Path, drop: str | None = None) -> Path:
+    """``folder``'s cohort (and its files, but ``drop``) on S3: a CSV whose source_file and
+    source_mask_file are s3://BUCKET/<folder name>/<file>."""
+    table = pd.read_csv(folder / "cohort.csv", dtype=str)
+    s3.create_bucket(Bucket=bucket)
+    columns = [c for c in ("source_file", "source_mask_file") if c in table]
+    for name in {f for c in columns for f in table[c]} - {drop}:
+        s3.upload_file(str(folder / name), bucket, f"{folder.name}/{name}")
+    for column in columns:
+        table[column] = [f"s3://{bucket}/{folder.name}/{f}" for f in table[column]]
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "cohort.csv", index=False)
+    return out / "cohort.csv"
+
+
+def assert_same_hdf5(remote: Path, local: Path) -> None:
+    """Every dataset and attribute equal (values bit for bit, NaN where NaN), but the cohort's
+    strings, which are the S3 URLs of the local files' names, and the run's time and command."""
+    with h5py.File(remote) as a, h5py.File(local) as b:
+        names_a, names_b = [], []
+        a.visit(names_a.append), b.visit(names_b.append)
+        assert names_a == names_b
+        for name in names_a:
+            x, y = a[name], b[name]
+            if name != "greyarray":
+                assert sorted(x.attrs) == sorted(y.attrs), name
+                for key in x.attrs:
+                    np.testing.assert_array_equal(x.attrs[key], y.attrs[key], err_msg=name)
+            if not isinstance(x, h5py.Dataset):
+                continue
+            assert x.dtype == y.dtype and x.shape == y.shape, name
+            if name.rsplit("/", 1)[-1] in URL_COLUMNS:
+                urls, paths = x.asstr()[()], y.asstr()[()]
+                assert all(u.startswith("s3://") for u in urls), name
+                assert [u.rsplit("/", 1)[-1] for u in urls] == [Path(p).name for p in paths]
+            elif x.dtype.kind == "f":
+                assert np.array_equal(x[()], y[()], equal_nan=True), name
+            else:
+                assert np.array_equal(x[()], y[()]), name
+
+
+def test_nifti_cohort_with_subject_masks_on_s3(servers, aws, tmp_path):
+    """NIfTI maps (.nii and .nii.gz) and their subject masks as S3 objects, the group mask
+    local: the HDF5 equals the local conversion's (values, NaN outside subject masks, voxels
+    table, grid, sha256 of maps and masks), with the URLs as column names and paths; the
+    spool copies are gone."""
+    s3 = servers["open"].client()
+    aws(servers["open"].url, **KEYS)
+    csv = upload_cohort(s3, VOXELS, "voxels", tmp_path / "s3")
+    done = convert(csv, tmp_path / "out" / "s3.h5", *GROUP_MASK)
+    assert done.returncode == 0, done.stderr
+    local = run_greyarray(
+        "to-modelarray",
+        "--cohort-file",
+        VOXELS / "cohort.csv",
+        "--output",
+        tmp_path / "l.h5",
+        *GROUP_MASK,
+    )
+    assert local.returncode == 0, local.stderr
+    assert_same_hdf5(tmp_path / "out" / "s3.h5", tmp_path / "l.h5")
+    with h5py.File(tmp_path / "out" / "s3.h5") as h5:
+        masks = list(h5["greyarray/sources/FA/mask_path"].asstr()[()])
+        assert masks == list(pd.read_csv(csv)["source_mask_file"])
+        assert np.isnan(h5["scalars/FA/values"][()]).sum() > 100
+    assert not list(tmp_path.rglob(".greyarray-tmp*"))
+
+
+def test_fixel_cohort_on_s3(servers, aws, tmp_path):
+    """Fixel data (.mif and .mif.gz) as S3 objects, index and directions local: the HDF5
+    equals the local conversion's."""
+    s3 = servers["open"].client()
+    aws(servers["open"].url, **KEYS)
+    csv = upload_cohort(s3, FIXELS, "fixels", tmp_path / "s3")
+    done = convert(csv, tmp_path / "s3.h5", *FIXEL_INDEX, workers=2)
+    assert done.returncode == 0, done.stderr
+    local = run_greyarray(
+        "to-modelarray",
+        "--cohort-file",
+        FIXELS / "cohort.csv",
+        "--output",
+        tmp_path / "l.h5",
+        *FIXEL_INDEX,
+    )
+    assert local.returncode == 0, local.stderr
+    assert_same_hdf5(tmp_path / "s3.h5", tmp_path / "l.h5")
+    assert not list(tmp_path.rglob(".greyarray-tmp*"))
+
+
+def test_missing_subject_mask_object(servers, aws, tmp_path):
+    """A subject mask missing from the bucket: 66 naming the object, nothing written."""
+    s3 = servers["open"].client()
+    aws(servers["open"].url, **KEYS)
+    csv = upload_cohort(s3, VOXELS, "nomask", tmp_path / "c", drop="sub-03_mask.nii.gz")
+    done = convert(csv, tmp_path / "out.h5", *GROUP_MASK)
+    one_error(done, 66, "s3://nomask/voxels/sub-03_mask.nii.gz: no such key in bucket 'nomask'")
+    nothing_left(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("folder", "flags", "named"),
+    [
+        (VOXELS, ("--mask", "s3://b/group_mask.nii.gz"), "--mask s3://b/group_mask.nii.gz"),
+        (FIXELS, ("--index-file", "s3://b/i.mif", *FIXEL_INDEX[2:]), "--index-file s3://b/i"),
+        (FIXELS, (*FIXEL_INDEX[:2], "--directions-file", "s3://b/d.mif"), "--directions-file"),
+    ],
+)
+def test_space_files_are_local_only(tmp_path, folder, flags, named):
+    """The group mask and the fixel index and directions are read from local files: an
+    s3:// one is refused in one line (64) naming the flag, before anything is read."""
+    done = convert(folder / "cohort.csv", tmp_path / "o.h5", *flags)
+    one_error(done, 64, named, "local file only")
     nothing_left(tmp_path)

@@ -179,6 +179,14 @@ def _refuse_unsupported(args: argparse.Namespace) -> None:
         )
     if getattr(args, "workers", None) is not None:
         log.info("--workers has no effect on HDF5 output; --nprocs sets threads")
+    for name in ("mask", "index_file", "directions_file"):
+        value = getattr(args, name, None)
+        if value is not None and str(value).startswith("s3:/"):  # Path("s3://b/k"): "s3:/b/k"
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(
+                f"{flag} s3://{str(value)[4:]}: {flag} is read from a local file only (s3:// "
+                "is read for the cohort's source_file and source_mask_file); download it first"
+            )
 
 
 def _space_files_of(args: argparse.Namespace):

@@ -49,7 +49,7 @@ class Cohort:
         groups = self.table.groupby("scalar_name", sort=False)["source_file"]
         return {name: list(files) for name, files in groups}
 
-    def masks(self, scalar: str) -> list[Path | None]:
+    def masks(self, scalar: str) -> list[Path | remote.S3Url | None]:
         """Each file's subject mask (column ``source_mask_file``, resolved as source files
         are; None where empty or without the column), in the order of ``scalars[scalar]``."""
         if MASK_COLUMN not in self.table:
@@ -59,7 +59,8 @@ class Cohort:
 
     def data_type(self) -> str:
         """The cohort's data type from its files' names, as ModelArrayIO detects it: cifti,
-        nifti or mif (plain ``.nii`` files are CIFTI when the first one's header is CIFTI-2's).
+        nifti or mif (plain ``.nii`` files are CIFTI when the first one's header is CIFTI-2's;
+        S3 objects are told by name only, as ModelArrayIO tells every file: ``.nii`` is NIfTI).
         A cohort mixing types is refused."""
         from greyarray.io.formats import NAMES, data_type
 
@@ -67,7 +68,7 @@ class Cohort:
         plain = None  # CIFTI files named .nii: the first such file's header tells
         for source in self.table["source_file"]:
             kind = data_type(source)
-            if kind == "nifti" and source.endswith(".nii"):
+            if kind == "nifti" and source.endswith(".nii") and not remote.is_url(source):
                 plain = plain or data_type(self._resolve(source), sniff=True)
                 kind = plain
             first.setdefault(kind, source)

@@ -9,6 +9,10 @@ the HDF5. A stream that breaks is resumed from where it stopped with ``If-Match`
 so an object changed while being read is an error (65), never a mix of two versions. Memory:
 each of the ``--s3-workers`` threads holds one block of its object at a time.
 
+NIfTI maps, their subject masks and MRtrix fixel data (``fetched``) are copied whole, by the same
+streamed GET, into a spool file that the local reader then reads (hashing the bytes, as it does a
+local file's) and that is deleted at once: their masked values go to the check pass's ``Spill``.
+
 Credentials are boto3's standard chain (environment, shared files, SSO, instance role);
 ``MODELARRAYIO_S3_ANON=1`` sends unsigned requests, as ModelArrayIO does, for public buckets
 (fcp-indi); ``AWS_ENDPOINT_URL`` (read by boto3) points at any S3-compatible store. Connection
@@ -156,12 +160,33 @@ def opened(url: S3Url, spool: Path | None, workers: int) -> Iterator[RemoteObjec
     except BaseException:
         if kept is not None:
             kept.close()
+            with contextlib.suppress(OSError):
+                os.unlink(name)
         raise
     remote = RemoteObject(s3, url, response, kept, Path(name) if name else None)
     try:
         yield remote
     finally:
         remote.close()
+
+
+@contextlib.contextmanager
+def fetched(url: S3Url, spool: Path | None, workers: int) -> Iterator[Spooled]:
+    """The whole object, copied by one GET (streamed a piece at a time, resumed as ``opened``
+    resumes) into a new file of ``spool``, for a reader of local files (NIfTI, MRtrix); the
+    copy is deleted after the block. Memory: one piece."""
+    spool = spool or Path(tempfile.gettempdir())
+    remote = None
+    try:
+        with opened(url, spool, workers) as remote:
+            for start in range(0, remote.size, PIECE):
+                remote.keep(remote.read(start, min(PIECE, remote.size - start)))
+            copy = remote.done(0)
+        yield copy
+    finally:
+        if remote is not None:
+            with contextlib.suppress(OSError):
+                remote._spool_path.unlink()
 
 
 def read_file(url: S3Url):

@@ -11,6 +11,8 @@ file's identity is recorded, and the write pass reads only a file that is still 
 A compressed or volumetric file cannot be read by stripes, so its values (masked, in element
 order) go to a temporary file (``Spill``, in TMPDIR, deleted when closed or when the process
 dies) during the check pass: every input is read and inflated exactly once, in bounded memory.
+An S3 object of these (a NIfTI map or subject mask, fixel data) is first copied whole into the
+spool folder by remote.py, read there as a local file, and its copy deleted.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from greyarray.errors import DataError, OutputError, UsageError
+from greyarray.errors import DataError, OutputError
 from greyarray.io import inputs, remote
 from greyarray.io.formats import cifti
 from greyarray.io.spaces import ElementSpace
@@ -46,7 +48,7 @@ BLOCK_BYTES = 16 * 2**20  # data read per call while checking (memory bound per 
 class MapFile:
     """A NIfTI or MRtrix map: its path, its data type and the space it was checked against."""
 
-    path: Path
+    path: Path | remote.S3Url
     kind: str  # nifti | mif
     geometry: ElementSpace
     map_names: tuple[str, ...] = ()
@@ -56,7 +58,7 @@ class MapFile:
 class SubjectMask:
     """A subject's own mask (cohort column ``source_mask_file``) and what it left out."""
 
-    path: Path
+    path: Path | remote.S3Url
     sha256: str
     outside: int  # group-mask voxels outside this subject's mask (NaN in the HDF5)
 
@@ -187,22 +189,38 @@ class GeometryCheck:
         return replace(source, file=replace(source.file, geometry=ref))
 
 
+def _read_map(reader, path: Path | remote.S3Url, spool: Path | None, workers: int):
+    """``reader(path)`` of a local file; an S3 object is copied into ``spool`` and read there
+    (the copy is deleted once read)."""
+    if not remote.is_url(path):
+        return reader(path)
+    with remote.fetched(path, spool, workers) as copy:
+        return reader(copy.path, path)
+
+
 def inspect_volume(
-    path: Path, column_name: str, grid: VoxelGrid, spill: Spill, row: int, mask: Path | None
+    path: Path | remote.S3Url,
+    column_name: str,
+    grid: VoxelGrid,
+    spill: Spill,
+    row: int,
+    mask: Path | remote.S3Url | None,
+    spool: Path | None = None,
+    s3_workers: int = remote.DEFAULT_WORKERS,
 ) -> Source:
     """Read one NIfTI map (and its subject mask), check both against the group mask's grid,
     and put the group mask's voxels in the spill: NaN outside the subject's mask, as
-    ModelArrayIO does."""
+    ModelArrayIO does. S3 objects are copied into ``spool`` to be read."""
     from greyarray.io.formats import nifti
 
-    volume = nifti.read_volume(path)
+    volume = _read_map(nifti.read_volume, path, spool, s3_workers)
     if problem := grid.grid_difference(volume.shape, volume.affine):
         raise DataError(f"{path}: does not match the group mask ({grid.source}): {problem}")
     values = volume.values(grid.flat)
     finite = np.isfinite(values)
     subject = None
     if mask is not None:
-        own = nifti.read_volume(mask)
+        own = _read_map(nifti.read_volume, mask, spool, s3_workers)
         if problem := grid.grid_difference(own.shape, own.affine):
             raise DataError(
                 f"{mask}: the subject mask of {path.name} does not match the group mask "
@@ -230,14 +248,22 @@ def inspect_volume(
 
 
 def inspect_fixels(
-    path: Path, column_name: str, fixels: FixelSet, spill: Spill, row: int, mask: Path | None
+    path: Path | remote.S3Url,
+    column_name: str,
+    fixels: FixelSet,
+    spill: Spill,
+    row: int,
+    mask: Path | remote.S3Url | None,
+    spool: Path | None = None,
+    s3_workers: int = remote.DEFAULT_WORKERS,
 ) -> Source:
-    """Read one fixel data file (F x 1 x 1) of the index's F fixels into the spill."""
+    """Read one fixel data file (F x 1 x 1) of the index's F fixels into the spill (an S3
+    object is copied into ``spool`` to be read)."""
     from greyarray.io.formats import mif
 
     if mask is not None:
         raise DataError(f"{mask}: source_mask_file is for NIfTI maps, not fixel data")
-    image = mif.read_image(path)
+    image = _read_map(mif.read_image, path, spool, s3_workers)
     dim = image.header.dim
     if dim[0] != fixels.n_elements or any(d != 1 for d in dim[1:]):
         raise DataError(
@@ -324,28 +350,27 @@ def check_sources(
     s3_workers: int = remote.DEFAULT_WORKERS,
     *,
     space: ElementSpace | None = None,
-    masks: Sequence[Path | None] | None = None,
+    masks: Sequence[Path | remote.S3Url | None] | None = None,
     dtype: str = "float32",
 ) -> list[Source]:
     """Inspect (column name, path) pairs in parallel; all must share the first file's space
-    (CIFTI: ``s3_workers`` threads when some are S3 objects, whose data go to ``spool``), or be
-    on ``space`` (the group mask's voxels, an index's fixels: local files), with ``masks``
-    (each file's subject mask, or None)."""
+    (CIFTI), or be on ``space`` (the group mask's voxels, an index's fixels), with ``masks``
+    (each file's subject mask, or None). ``s3_workers`` threads when some files or masks are
+    S3 objects, whose data go to ``spool``."""
     files = list(files)
     inputs.check_present(path for _, path in files if not remote.is_url(path))
     masks = list(masks) if masks is not None else [None] * len(files)
-    if any(m is not None for m in masks):
-        inputs.check_present((m for m in masks if m is not None), "subject mask")
-    threads = max(1, s3_workers if any(remote.is_url(p) for _, p in files) else nprocs)
+    if any(m is not None and not remote.is_url(m) for m in masks):
+        local = (m for m in masks if m is not None and not remote.is_url(m))
+        inputs.check_present(local, "subject mask")
+    urls = any(remote.is_url(p) for p in [*(p for _, p in files), *masks])
+    threads = max(1, s3_workers if urls else nprocs)
     if space is None:
         read = partial(inspect, wanted_map=wanted_map, spool=spool, s3_workers=threads)
         jobs = [partial(read, path, name) for name, path in files]
     else:
-        remote_ = next((path for _, path in files if remote.is_url(path)), None)
-        if remote_ is not None:
-            raise UsageError(f"{remote_}: s3:// sources are read for CIFTI files only")
         spill = Spill(len(files), space.n_elements, np.dtype(dtype))
-        read = READERS[type(space)]
+        read = partial(READERS[type(space)], spool=spool, s3_workers=threads)
         jobs = [
             partial(read, path, name, space, spill, row, mask)
             for row, ((name, path), mask) in enumerate(zip(files, masks, strict=True))

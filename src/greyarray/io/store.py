@@ -139,7 +139,7 @@ def to_modelarray(
             )
     space = space_files.load(kind, f"{cohort.path} lists")
     checked = {}
-    needed = any(map(remote.is_url, cohort.table["source_file"]))
+    needed = any(map(remote.is_url, [*sources, *given]))  # source files or subject masks
     with remote.spool_folder(next(iter(plan)).parent, needed) as spool:  # S3 objects' data
         for path, names in plan.items():
             files = [(name, src) for name in names for src in cohort.scalars[name]]

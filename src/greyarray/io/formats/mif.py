@@ -22,6 +22,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +30,9 @@ from greyarray.errors import DataError
 from greyarray.io import inputs
 from greyarray.io.formats.stream import MAX_DATA_BYTES, ImageStream, gzip_bytes
 from greyarray.io.spaces.base import MapWriter
+
+if TYPE_CHECKING:
+    from greyarray.io.remote import S3Url
 
 EXTENSIONS = (".mif.gz", ".mif")
 MAGIC = b"mrtrix image"
@@ -100,9 +104,11 @@ class MifImage:
         return values
 
 
-def read_image(path: Path) -> MifImage:
-    """Read and check one MRtrix image (header and data, once)."""
+def read_image(path: Path, name: Path | S3Url | None = None) -> MifImage:
+    """Read and check one MRtrix image (header and data, once); ``name``: what the file is
+    called in messages and in the header (an S3 object whose copy ``path`` is)."""
     with inputs.open_regular(path) as (fd, stamp):
+        path = name or path
         stream = ImageStream(fd, path, stamp.size)
         header, read = read_header(stream, path)
         if not stream.gzipped and stamp.size < header.offset + header.nbytes:
@@ -256,6 +262,11 @@ def _data_file(path: Path, entries: list[str], end_of_header: int) -> int:
         raise DataError(f"{path}: MRtrix header names {len(entries)} data files; one expected")
     parts = entries[0].split()
     name = parts[0] if parts else ""
+    if name != "." and not isinstance(path, Path):  # an S3 object: no folder to look in
+        raise DataError(
+            f"{path}: its data are in another file ({name[:80]!r}); GreyArray reads single-file "
+            ".mif images (mrconvert IMAGE.mih IMAGE.mif)"
+        )
     if name != ".":
         folder = path.resolve().parent
         target = (folder / name).resolve() if name else folder

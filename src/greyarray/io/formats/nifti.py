@@ -16,6 +16,7 @@ import io
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,6 +24,9 @@ from greyarray.errors import DataError
 from greyarray.io import inputs
 from greyarray.io.formats.stream import MAX_DATA_BYTES, ImageStream, gzip_bytes
 from greyarray.io.spaces.base import MapWriter
+
+if TYPE_CHECKING:
+    from greyarray.io.remote import S3Url
 
 EXTENSIONS = (".nii.gz", ".nii")
 GZIP_LEVEL = 1  # nibabel's default for .nii.gz (what ModelArrayIO writes)
@@ -74,11 +78,12 @@ def _header_class(path: Path, first: bytes):
     raise DataError(f"{path}: not a NIfTI-1 or NIfTI-2 file (header size field {first[:4]!r})")
 
 
-def read_volume(path: Path) -> Volume:
-    """Read and check one 3-D NIfTI map (the whole data block, once)."""
+def read_volume(path: Path, name: Path | S3Url | None = None) -> Volume:
+    """Read and check one 3-D NIfTI map (the whole data block, once); ``name``: what the file
+    is called in messages and in the volume (an S3 object whose copy ``path`` is)."""
     with inputs.open_regular(path) as (fd, stamp):
-        volume = read_from(fd, path, stamp.size)
-        inputs.verify(path, fd, stamp)
+        volume = read_from(fd, name or path, stamp.size)
+        inputs.verify(name or path, fd, stamp)
     return volume
 
 
