@@ -145,8 +145,9 @@ class Fitter:
             return
         beta = np.linalg.solve(r, np.swapaxes(q, 1, 2) @ y)  # (k, p, 1)
         fitted = x @ beta  # (k, n, 1); zero on missing rows
-        rss = ((y - fitted) ** 2).sum(axis=(1, 2))
-        self.perfect[elements] = perfect_fits(rss, (y**2).sum(axis=(1, 2)))
+        resid = y - fitted
+        rss = np.einsum("kni,kni->k", resid, resid)  # no (k, n) temporaries of squares
+        self.perfect[elements] = perfect_fits(rss, np.einsum("kni,kni->k", y, y))
         df = n - p
         resvar = rss / df
         r_inv = np.linalg.inv(r)
