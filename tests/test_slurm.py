@@ -220,6 +220,15 @@ def _tmp_writer(out: Path, job: str, timeout: float = 60) -> int:
     pytest.fail(f"job {job} wrote no temporary output that could be caught")
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def test_cancelled_mid_write_then_the_next_run_cleans_up(jobs, local3):
     """scancel during the group level's write: the run removes its temporary files itself
     (SLURM sends SIGTERM; exit 143) and publishes nothing half-written. A process killed
@@ -230,10 +239,17 @@ def test_cancelled_mid_write_then_the_next_run_cleans_up(jobs, local3):
     group = SLURM / "group.sbatch"
     logs = f"--output={out}-%j.log"
     first = sbatch(logs, group, bids, out, "--no-report", "--nprocs", 1)
-    _tmp_writer(out, first)
+    pid = _tmp_writer(out, first)
     subprocess.run(["scancel", first], check=True)
     (state,) = wait(first)[first].values()
     assert state["JobState"] == "CANCELLED"
+    # SLURM may mark the job CANCELLED once the batch shell has died, while greyarray (its
+    # child) still removes its temporaries (proctrack/linuxproc does not wait for it): wait
+    # for greyarray itself, which SLURM kills outright after KillWait (5 s here)
+    deadline = time.monotonic() + 30
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(pid)
     assert not temporaries(out)
     assert "greyarray: error: interrupted by SIGTERM" in Path(f"{out}-{first}.log").read_text()
     for h5 in (out / "group").glob("*.h5"):  # those published before the signal are whole
