@@ -1036,13 +1036,16 @@ def build_design(
     if aliased:
         if len(aliased) == len(names):
             raise _problem(formula, "every column of the design is zero")
+        one = len(aliased) == 1
         log.warning(
-            "Formula %r: %s %s of the columns before: R's lm reports NA, and ModelArray NaN, "
-            "for %s",
+            "Formula %r: %s %s of the columns before, so %s left out of the fit (fit-lm writes "
+            "NaN for %s, as R's lm reports NA and ModelArray NaN; lme4 drops such a column; "
+            "fit-gam writes no column for %s, where mgcv pivots and may keep another instead)",
             formula,
             ", ".join(aliased),
-            "is a linear combination" if len(aliased) == 1 else "are linear combinations",
-            "it" if len(aliased) == 1 else "them",
+            "is a linear combination" if one else "are linear combinations",
+            "it is" if one else "they are",
+            *(["it"] * 2 if one else ["them"] * 2),
         )
     every = ["Intercept" if c == "(Intercept)" else c for c in names]
     if aliased:
